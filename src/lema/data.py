@@ -1,0 +1,388 @@
+"""Training-data pipeline: JSONL loading, tokenization with loss masks, batching.
+
+A dataset is a JSONL file whose non-blank lines each hold one example in one
+of three shapes::
+
+    {"text": "..."}                                     # plain language modelling
+    {"prompt": "...", "completion": "..."}              # loss on the completion only
+    {"messages": [{"role": "user", "content": "..."},   # chat; loss on assistant
+                  {"role": "assistant", "content": "..."}]}  # turns only
+
+Tokenization produces ``labels`` aligned with ``input_ids`` where positions
+that should not contribute to the loss hold ``IGNORE_INDEX`` (-100, the value
+``torch.nn.functional.cross_entropy`` ignores by default).  The shift between
+inputs and targets is left to the model/loss, as in Hugging Face models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+IGNORE_INDEX = -100
+VALID_ROLES = ("system", "user", "assistant", "tool")
+
+# Shown in every format error so the user can fix the file without docs.
+_VALID_SHAPES = (
+    'valid lines look like {"text": "..."} or {"prompt": "...", "completion": "..."} '
+    'or {"messages": [{"role": "user", "content": "..."}, '
+    '{"role": "assistant", "content": "..."}]}'
+)
+
+
+class DataError(ValueError):
+    """A dataset file or example cannot be used; the message says how to fix it."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _validate(obj: Any) -> str | None:
+    """Return what is wrong with one parsed line, or None if it is a valid example."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    keys = set(obj)
+    if keys == {"text"}:
+        if not isinstance(obj["text"], str):
+            return '"text" must be a string'
+        return None
+    if keys == {"prompt", "completion"}:
+        for k in ("prompt", "completion"):
+            if not isinstance(obj[k], str):
+                return f'"{k}" must be a string'
+        return None
+    if keys == {"messages"}:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return '"messages" must be a non-empty list'
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or set(m) != {"role", "content"}:
+                return f'messages[{i}] must be an object with exactly "role" and "content"'
+            if m["role"] not in VALID_ROLES:
+                return f"messages[{i}] has unknown role {m['role']!r} (expected one of {', '.join(VALID_ROLES)})"
+            if not isinstance(m["content"], str):
+                return f'messages[{i}]["content"] must be a string'
+        return None
+    return f"unrecognised keys {sorted(keys)}"
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    """Read and validate a JSONL dataset; every non-blank line is one example.
+
+    Raises DataError naming the file and 1-based line number for the first bad
+    line: failing early with a precise location is much cheaper than a crash
+    (or silent garbage) minutes into a training run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset file not found: {path}")
+    examples: list[dict] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); {_VALID_SHAPES}") from None
+            problem = _validate(obj)
+            if problem:
+                raise DataError(f"{path}:{lineno}: {problem}; {_VALID_SHAPES}")
+            examples.append(obj)
+    if not examples:
+        raise DataError(f"{path}: the dataset is empty (no examples); {_VALID_SHAPES}")
+    return examples
+
+
+# ---------------------------------------------------------------------- tokenization
+
+
+def _ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _with_eos(ids: list[int], tokenizer) -> list[int]:
+    # Ending every example with EOS teaches the model to stop; skip it if the
+    # tokenizer has none or already appended one.
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = ids + [eos]
+    return ids
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _assistant_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[int, int]]:
+    """Character spans of ``full`` holding assistant content plus end-of-turn marker.
+
+    Rather than relying on ``{% generation %}`` (which most chat templates lack),
+    each assistant turn is located by rendering prefixes of the conversation:
+    the text the template adds between "history + generation prompt" and
+    "history + this reply" is exactly the reply as the model must produce it.
+    Trailing whitespace after the turn's end marker (e.g. the newline after
+    ``<|im_end|>``) is left out because the model never needs to generate it.
+    """
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for k, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:k], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[: k + 1])
+        start = _common_prefix_len(before, upto)
+        # Some templates strip or rewrite content; prefer starting exactly at
+        # the content when it can be found, otherwise at the first divergence.
+        content = msg["content"].strip()
+        found = upto.find(content, start) if content else -1
+        if found != -1:
+            start = found
+        end = len(upto.rstrip())
+        if end <= start:
+            continue
+        # Templates that rewrite earlier turns (e.g. dropping reasoning) make
+        # the prefix render differ from the full one, so map the span by text.
+        segment = upto[start:end]
+        if full[start:end] != segment:
+            pos = full.find(segment, cursor)
+            if pos == -1:
+                raise DataError(
+                    "the chat template renders an assistant turn differently depending on "
+                    "what follows it, so its loss mask cannot be computed; "
+                    "use prompt/completion lines instead"
+                )
+            start, end = pos, pos + len(segment)
+        spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def _tokenize_messages(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "the tokenizer has no chat template, so 'messages' examples cannot be rendered; "
+            'use {"text": ...} or {"prompt": ..., "completion": ...} lines instead'
+        )
+    full = _render(tokenizer, messages)
+    spans = _assistant_spans(tokenizer, messages, full)
+    # The rendered template already contains any BOS it wants, so adding
+    # special tokens again would duplicate it.
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = []
+        for tok, (s, e) in zip(ids, enc["offset_mapping"]):
+            # A token counts as assistant output if it overlaps a span: a token
+            # straddling the boundary still carries reply characters, and
+            # dropping it would leave part of the reply unsupervised.
+            inside = e > s and any(s < b and e > a for a, b in spans)
+            labels.append(tok if inside else IGNORE_INDEX)
+        return ids, labels
+    # Slow tokenizers have no offsets: tokenize the pieces between span
+    # boundaries separately (may differ slightly from one-shot tokenization).
+    ids, labels, pos = [], [], 0
+    for a, b in spans + [(len(full), len(full))]:
+        for piece, supervised in ((full[pos:a], False), (full[a:b], True)):
+            if piece:
+                p = _ids(tokenizer, piece, add_special_tokens=False)
+                ids += p
+                labels += p if supervised else [IGNORE_INDEX] * len(p)
+        pos = b
+    return ids, labels
+
+
+def tokenize_example(example: dict, tokenizer, seq_len: int) -> tuple[list[int], list[int], bool]:
+    """Tokenize one validated example into ``(input_ids, labels, truncated)``.
+
+    * text: the whole text is supervised (tokenizer's default specials, + EOS).
+    * prompt/completion: prompt tokens are masked; completion (+ EOS) supervised.
+    * messages: chat-template rendering; only assistant turns are supervised.
+
+    Sequences longer than ``seq_len`` keep their start (the prompt), since the
+    end of a cut-off reply is less harmful to lose than its context.
+    """
+    if "text" in example:
+        ids = _with_eos(_ids(tokenizer, example["text"], add_special_tokens=True), tokenizer)
+        labels = list(ids)
+    elif "prompt" in example:
+        # Tokenizing the two parts separately keeps the boundary exact, so the
+        # supervised tokens decode to precisely the completion.
+        prompt = _ids(tokenizer, example["prompt"], add_special_tokens=True)
+        completion = _with_eos(_ids(tokenizer, example["completion"], add_special_tokens=False), tokenizer)
+        ids = prompt + completion
+        labels = [IGNORE_INDEX] * len(prompt) + completion
+    elif "messages" in example:
+        ids, labels = _tokenize_messages(example["messages"], tokenizer)
+    else:
+        raise DataError(f"unrecognised example keys {sorted(example)}; {_VALID_SHAPES}")
+    truncated = len(ids) > seq_len
+    return ids[:seq_len], labels[:seq_len], truncated
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Tokenized examples ready for :func:`collate`.
+
+    Examples with no supervised token left (e.g. a reply cut off entirely by
+    truncation) are dropped: they would contribute nothing but padding.
+
+    Attributes:
+        num_truncated: examples cut to ``seq_len`` (whether later kept or dropped).
+        num_dropped: examples dropped because no label survived.
+        num_tokens: total tokens across kept examples.
+        num_supervised_tokens: tokens with a label across kept examples.
+    """
+
+    def __init__(self, examples: list[dict], tokenizer, seq_len: int):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.seq_len = seq_len
+        self.items: list[dict[str, list[int]]] = []
+        self.num_truncated = 0
+        self.num_dropped = 0
+        for ex in examples:
+            ids, labels, truncated = tokenize_example(ex, tokenizer, seq_len)
+            self.num_truncated += truncated
+            if all(l == IGNORE_INDEX for l in labels):
+                self.num_dropped += 1
+                continue
+            self.items.append({"input_ids": ids, "labels": labels})
+        if not self.items:
+            raise DataError(
+                f"none of the {len(examples)} examples has a supervised token left "
+                f"after truncation to seq_len={seq_len}; increase seq_len or shorten prompts"
+            )
+        self.num_tokens = sum(len(it["input_ids"]) for it in self.items)
+        self.num_supervised_tokens = sum(
+            sum(l != IGNORE_INDEX for l in it["labels"]) for it in self.items
+        )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.items[i]
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of ``{"input_ids", "labels"}`` items to the longest one.
+
+    Padding gets ``attention_mask`` 0 and label IGNORE_INDEX, so the pad id
+    value itself never matters (it can safely equal EOS).
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(it["input_ids"]) for it in batch)
+    n = len(batch)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    for row, it in enumerate(batch):
+        k = len(it["input_ids"])
+        input_ids[row, :k] = torch.tensor(it["input_ids"], dtype=torch.long)
+        labels[row, :k] = torch.tensor(it["labels"], dtype=torch.long)
+        attention_mask[row, :k] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+# -------------------------------------------------------------------------- batching
+
+
+class BatchSampler:
+    """Endless, deterministic, resumable stream of index batches.
+
+    Epoch ``e`` visits ``torch.randperm(num_examples)`` drawn from a generator
+    seeded with ``seed + e``, cut into batches of ``batch_size`` (the last,
+    partial batch is kept).  Because each epoch's order depends only on
+    ``(seed, epoch)``, the state is just ``(epoch, position)`` where
+    ``position`` is the number of batches of that epoch already handed out.
+    Save ``state_dict()`` together with a checkpoint taken after a step and
+    ``load_state_dict()`` it on resume to get exactly the batches not yet seen.
+
+    Usage::
+
+        sampler = BatchSampler(len(ds), batch_size=8, seed=0)
+        for step in range(max_steps):
+            batch = collate([ds[i] for i in sampler.next_batch()], pad_id)
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int = 0):
+        if num_examples < 1:
+            raise ValueError("cannot sample batches from an empty dataset")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._perm_epoch: int | None = None
+        self._perm: list[int] = []
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return -(-self.num_examples // self.batch_size)
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._perm_epoch != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = torch.randperm(self.num_examples, generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next_batch(self) -> list[int]:
+        """Return the next batch of indices and advance the state past it."""
+        if self.position >= len(self):
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position * self.batch_size
+        batch = self._order(self.epoch)[start : start + self.batch_size]
+        self.position += 1
+        return batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_examples": self.num_examples,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore ``(epoch, position)``; refuse if the batch layout would differ."""
+        for key in ("seed", "num_examples", "batch_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume sampler: {key} was {state[key]} when saved but is "
+                    f"{getattr(self, key)} now, so the remaining batches would differ"
+                )
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
+
+def batches(
+    num_examples: int, batch_size: int, seed: int = 0, start_epoch: int = 0, start_batch: int = 0
+) -> Iterator[list[int]]:
+    """Functional form of :class:`BatchSampler` starting at ``(start_epoch, start_batch)``."""
+    sampler = BatchSampler(num_examples, batch_size, seed)
+    sampler.load_state_dict({"epoch": start_epoch, "position": start_batch})
+    return iter(sampler)

@@ -1,0 +1,176 @@
+"""The model skeleton: Transformers' own classes on the meta device, PEFT's LoRA injected.
+
+No weight is allocated here. Parameters stay on `meta` until the engine binds streamed weights
+into a decoder layer for the time of its forward, or assigns the small resident units (the input
+embedding and the head) once. Buffers that no checkpoint holds (the rotary `inv_freq`) are built
+for real, because `init_empty_weights(include_buffers=False)` leaves buffers out of the meta
+context. Only the LoRA modules are materialised, then initialised by PEFT's own code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+EMBED, HEAD = "embed", "head"
+
+
+def layer_unit(i: int) -> str:
+    return f"layer.{i}"
+
+
+class ArchitectureError(ValueError):
+    """A checkpoint whose architecture LEMA cannot stream; the message names it and what is missing."""
+
+
+def load_hf_config(folder: str):
+    from transformers import AutoConfig
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder {folder!r} does not exist; give a Transformers checkpoint folder "
+                                "(or run `lema convert SRC OUT` to make one)")
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder!r} has no config.json, so it is not a Transformers checkpoint folder; "
+                                "for a .gguf or .bin model run `lema convert SRC OUT` first")
+    try:
+        with open(path) as f:
+            model_type = json.load(f).get("model_type")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path!r} is not valid JSON ({e})") from None
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError) as e:
+        raise ArchitectureError(f"{path!r} names model_type={model_type!r}, which this Transformers version does "
+                                f"not know ({e}); upgrade transformers or use a supported architecture") from None
+
+
+def build_meta_model(hf_config, dtype: torch.dtype):
+    """The causal-LM class for `hf_config`, parameters on meta, buffers real (on the CPU)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    except ValueError as e:
+        raise ArchitectureError(f"architecture {getattr(hf_config, 'architectures', None) or hf_config.model_type!r} "
+                                f"has no causal-LM class in Transformers ({str(e).splitlines()[0]}); LEMA streams "
+                                "models shaped embedding -> decoder layers -> norm -> lm_head") from None
+    model.config.use_cache = False
+    if getattr(model.config, "tie_word_embeddings", False) or getattr(
+            model.config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()  # not always done on meta; makes lm_head.weight *be* the embedding
+    return model
+
+
+def find_decoder_layers(model) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers: the one whose class is in `_no_split_modules`, else the longest."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    preferred = [(n, m) for n, m in candidates if type(m[0]).__name__ in no_split]
+    pool = preferred or [(n, m) for n, m in candidates if len(m) == n_layers] or candidates
+    if not pool:
+        raise ArchitectureError(f"{type(model).__name__}: no list of decoder layers found (no nn.ModuleList); "
+                                "LEMA streams models shaped embedding -> decoder layers -> norm -> lm_head")
+    name, layers = max(pool, key=lambda nm: len(nm[1]))
+    return name, layers
+
+
+@dataclass
+class UnitMap:
+    """Which model parameters make up each streaming unit (embed, layer.i, head)."""
+
+    layers_prefix: str                  # e.g. "model.layers"
+    units: dict[str, list[str]]         # unit name -> model parameter names, in model order
+    num_layers: int
+
+    def unit_of(self, name: str) -> str:
+        for unit, names in self.units.items():
+            if name in names:
+                return unit
+        raise KeyError(name)
+
+
+def unit_map(model) -> UnitMap:
+    """Partition the model's (deduplicated, so tied weights count once) parameters into units."""
+    prefix, layers = find_decoder_layers(model)
+    units: dict[str, list[str]] = {EMBED: []}
+    units.update({layer_unit(i): [] for i in range(len(layers))})
+    units[HEAD] = []
+    embedding_modules = {name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    for name, _ in model.named_parameters():
+        m = pattern.match(name)
+        if m:
+            units[layer_unit(int(m.group(1)))].append(name)
+        elif name.rsplit(".", 1)[0] in embedding_modules:
+            units[EMBED].append(name)
+        else:
+            units[HEAD].append(name)
+    return UnitMap(prefix, units, len(layers))
+
+
+def default_lora_targets(layers: nn.ModuleList) -> list[str]:
+    """Leaf names of every linear layer inside a decoder layer (nn.Linear, or GPT-2's Conv1D)."""
+    names: list[str] = []
+    for name, module in layers[0].named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in names:
+                names.append(leaf)
+    return names
+
+
+def check_lora_targets(model, prefix: str, targets: list[str]) -> None:
+    """Every target must match a module inside the decoder layers, and nothing outside them."""
+    inside, outside = set(), set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in targets:
+            (inside if name.startswith(prefix + ".") else outside).add(leaf)
+    unmatched = [t for t in targets if t not in inside and t not in outside]
+    if unmatched:
+        _, layers = find_decoder_layers(model)
+        raise ValueError(f"lora_target_modules {unmatched} match no module of {type(model).__name__}; the linear "
+                         f"layers inside its decoder layers are {default_lora_targets(layers)}")
+    if outside - inside:
+        raise ValueError(f"lora_target_modules {sorted(outside - inside)} lie outside the decoder layers; LEMA "
+                         "adapts modules inside the decoder layers only")
+
+
+def inject_lora(model, rank: int, alpha: float, dropout: float, targets: list[str], device: torch.device):
+    """PEFT's LoRA into the meta skeleton; the LoRA modules alone are materialised (float32) on `device`."""
+    from peft import LoraConfig, get_peft_model
+
+    is_conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    lora_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                             bias="none", task_type="CAUSAL_LM", fan_in_fan_out=is_conv1d)
+    peft_model = get_peft_model(model, lora_config)
+    for module in lora_modules(peft_model):
+        for container in (module.lora_A, module.lora_B):
+            for sub in container.values():
+                sub.to_empty(device=device)
+                sub.to(torch.float32)
+    return peft_model
+
+
+def lora_modules(peft_model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+
+
+def reset_lora(peft_model, seed: int) -> None:
+    """PEFT's initialisation (A Kaiming-uniform, B zero), drawn from a generator seeded with `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in lora_modules(peft_model):
+            for adapter in module.lora_A:
+                module.reset_lora_parameters(adapter, True)

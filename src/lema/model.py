@@ -1,0 +1,293 @@
+"""LemaModel: a Transformers causal LM with PEFT LoRA whose decoder layers stream from disk.
+
+Setup, in data-path order:
+  config.json ──▶ meta skeleton (engine/skeleton.py) ──▶ PEFT LoRA injected, LoRA materialised
+  *.safetensors ──mmap──▶ WeightStore (store/) ──keymap──▶ each parameter's source
+  embed + head units ──▶ loaded once, resident on the device
+  decoder layers ──▶ WeightRing (stream/ring.py) or ResidentLayers ──▶ bound per layer run
+                                                                      (engine/streamed_layer.py)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import LemaConfig, MemoryStrategy
+from .engine.skeleton import (EMBED, HEAD, ArchitectureError, build_meta_model, check_lora_targets,
+                              default_lora_targets, find_decoder_layers, inject_lora, layer_unit,
+                              load_hf_config, lora_modules, reset_lora, unit_map)
+from .engine.streamed_layer import StreamedLayers
+from .store import WeightStore, WeightsFileError
+from .store.keymap import map_checkpoint, reader_for
+from .stream.layout import UnitLayout
+from .stream.ring import WeightRing
+
+
+class ResidentLayers:
+    """The RESIDENT strategy's weight source: every layer loaded once, same interface as the ring."""
+
+    def __init__(self, layouts: list[UnitLayout], load):
+        self.weights = [load(layout) for layout in layouts]
+        self.nbytes = sum(t.numel() * t.element_size() for w in self.weights for t in w.values())
+
+    def begin(self, schedule):  # nothing to prefetch
+        pass
+
+    def acquire(self, unit: int) -> dict:
+        return self.weights[unit]
+
+    def release(self, unit: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LemaModel(nn.Module):
+    """See the module docstring; `forward` takes Transformers' arguments and returns its output."""
+
+    def __init__(self, config: LemaConfig):
+        super().__init__()
+        self.config = config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        self.hf_config = load_hf_config(config.model_name_or_path)
+        base = build_meta_model(self.hf_config, self.dtype)
+        self.units = unit_map(base)
+        self.store = WeightStore(config.model_name_or_path, config.gbi_path)
+        self.sources, unexpected = map_checkpoint(base, self.store)
+        self._check_checkpoint(base)
+        self._read = reader_for(self.sources, self.store, base)
+
+        shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}  # before PEFT renames them
+        prefix, layers = find_decoder_layers(base)
+        self.lora_targets = list(config.lora_target_modules or default_lora_targets(layers))
+        check_lora_targets(base, prefix, self.lora_targets)
+        self.peft_model = inject_lora(base, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                                      self.lora_targets, self.device)
+        self.peft_model.peft_config["default"].base_model_name_or_path = config.model_name_or_path
+        self.base_model = base
+        base.requires_grad_(False)
+        for p in self.get_trainable_parameters():
+            p.requires_grad_(True)
+        self._load_resident_units(base)
+        self._move_buffers(base)
+
+        direct = {n: s.key for n, s in self.sources.items()}
+        layer_names = [self.units.units[layer_unit(i)] for i in range(self.units.num_layers)]
+        self.layouts = [UnitLayout.build(layer_unit(i), names, shapes, self.dtype, self.store, direct)
+                        for i, names in enumerate(layer_names)]
+        if config.strategy == MemoryStrategy.STREAMING:
+            zero_copy = self._zero_copy if self.device.type == "cpu" else None
+            self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
+                                     config.num_buffers, prefetch=config.prefetch)
+        else:
+            self.source = ResidentLayers(self.layouts, self._load_resident)
+        recompute = config.strategy == MemoryStrategy.STREAMING or config.gradient_checkpointing
+        self.streamed = StreamedLayers(layers, prefix, layer_names, self.source, recompute=recompute)
+        owner = base.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else base
+        owner.register_forward_pre_hook(self._begin_pass)
+
+    # ----- setup --------------------------------------------------------------------------
+    def _check_checkpoint(self, base) -> None:
+        """Every parameter present, with the right shape, before any compute."""
+        names = [n for n, _ in base.named_parameters()]
+        missing = [n for n in names if n not in self.sources]
+        if missing:
+            raise WeightsFileError(
+                f"the weights in {self.config.model_name_or_path!r} lack {len(missing)} tensor(s) that "
+                f"{type(base).__name__} needs, e.g. {missing[:3]}; the weights do not belong to this config.json")
+        params = dict(base.named_parameters())
+        for name, src in self.sources.items():
+            if src.key is None or name not in params:
+                continue
+            have, want = self.store.entry(src.key).shape, tuple(params[name].shape)
+            if have != want:
+                raise WeightsFileError(f"tensor {src.key!r} has shape {have} in the weights file but config.json "
+                                       f"implies {want}; the weights do not belong to this config.json")
+            if not self.store.entry(src.key).dtype.is_floating_point:
+                raise WeightsFileError(f"tensor {src.key!r} is {self.store.entry(src.key).dtype}; quantized "
+                                       "checkpoints are not streamed yet, convert to float with `lema convert`")
+
+    def _load_resident_units(self, base) -> None:
+        """The embedding and the head: loaded once, frozen, tied weights kept tied."""
+        by_id: dict[int, list[str]] = {}
+        for name, p in base.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(p), []).append(name)
+        for unit in (EMBED, HEAD):
+            for name in self.units.units[unit]:
+                tensor = self._read(name).to(device=self.device, dtype=self.dtype, copy=True)
+                param = nn.Parameter(tensor, requires_grad=False)
+                for alias in by_id[id(base.get_parameter(name))]:
+                    owner, attr = alias.rsplit(".", 1)
+                    base.get_submodule(owner)._parameters[attr] = param
+
+    def _move_buffers(self, base) -> None:
+        for name, buf in list(base.named_buffers()):
+            owner, attr = name.rsplit(".", 1)
+            module = base.get_submodule(owner)
+            if buf.device != self.device:
+                module._buffers[attr] = buf.to(self.device)
+
+    def _fill(self, layout: UnitLayout, dst: torch.Tensor) -> None:
+        layout.fill(dst, self._read, self.store)
+
+    def _zero_copy(self, layout: UnitLayout) -> dict:
+        return {p.name: self._read(p.name).to(self.dtype) for p in layout.placements}
+
+    def _hint(self, layout: UnitLayout) -> None:
+        for f, start, end in layout.byte_ranges(self.store, {n: s.key for n, s in self.sources.items()}):
+            f.advise_willneed(start, end)
+
+    def _load_resident(self, layout: UnitLayout) -> dict:
+        return {p.name: self._read(p.name).to(device=self.device, dtype=self.dtype, copy=True)
+                for p in layout.placements}
+
+    def _begin_pass(self, module, args) -> None:
+        """Tell the ring the order of the coming pass: F0..F(L-1), then B(L-1)..B0 when training."""
+        L = self.units.num_layers
+        schedule = list(range(L))
+        if torch.is_grad_enabled() and self.streamed.recompute:
+            schedule += list(reversed(range(L)))
+        self.source.begin(schedule)
+
+    # ----- public API ---------------------------------------------------------------------
+    def initialize_lora(self, seed: int = 0) -> None:
+        """PEFT's initialisation: A Kaiming-uniform from `seed`, B zero (so the model starts as the base)."""
+        reset_lora(self.peft_model, seed)
+
+    def get_trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.peft_model.named_parameters() if ".lora_" in n]
+
+    def get_trainer(self, optimizer, gradient_accumulation_steps: int = 1, max_grad_norm: Optional[float] = None):
+        from .trainer import LemaTrainer
+
+        return LemaTrainer(self, optimizer, gradient_accumulation_steps, max_grad_norm)
+
+    def _check_inputs(self, input_ids, labels, attention_mask):
+        if not torch.is_tensor(input_ids) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor of token ids, got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids))}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        vocab = self.base_model.get_input_embeddings().num_embeddings
+        if input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):  # host sync
+            raise ValueError(f"input_ids holds token id {int(input_ids.max())} (min {int(input_ids.min())}) but "
+                             f"the vocabulary has {vocab} entries; tokenize with this model's tokenizer")
+        limit = getattr(self.hf_config, "max_position_embeddings", None) or getattr(self.hf_config, "n_positions", None)
+        if limit and input_ids.shape[1] > limit:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's {limit} positions; "
+                             f"truncate inputs to at most {limit} tokens")
+        for name, t in (("labels", labels), ("attention_mask", attention_mask)):
+            if t is not None:
+                t = t.unsqueeze(0) if t.dim() == 1 else t
+                if tuple(t.shape) != tuple(input_ids.shape):
+                    raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has "
+                                     f"{tuple(input_ids.shape)}; they must match")
+        to = lambda t: None if t is None else (t.unsqueeze(0) if t.dim() == 1 else t).to(self.device)
+        return to(input_ids), to(labels), to(attention_mask)
+
+    def forward(self, input_ids, labels=None, attention_mask=None, **kwargs):
+        """Transformers' causal-LM forward; `.loss` (labels shifted inside, -100 ignored) and `.logits`."""
+        input_ids, labels, attention_mask = self._check_inputs(input_ids, labels, attention_mask)
+        kwargs.setdefault("use_cache", False)
+        return self.peft_model(input_ids=input_ids, labels=labels, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, **kwargs):
+        """Transformers' `generate` (KV cache on): each new token is one streamed pass over the layers."""
+        input_ids, _, attention_mask = self._check_inputs(input_ids, None, kwargs.pop("attention_mask", None))
+        kwargs.setdefault("use_cache", True)
+        self.peft_model.eval()
+        return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def save_adapter(self, path: str) -> None:
+        """PEFT format (adapter_model.safetensors + adapter_config.json), written atomically."""
+        parent = os.path.dirname(os.path.abspath(path)) or "."
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
+        try:
+            self.peft_model.save_pretrained(tmp)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def load_adapter(self, path: str) -> None:
+        """Load a PEFT adapter made for this model and rank; anything else is refused with the reason."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        cfg_path = os.path.join(path, "adapter_config.json")
+        weights = os.path.join(path, "adapter_model.safetensors")
+        if not (os.path.isfile(cfg_path) and os.path.isfile(weights)):
+            raise FileNotFoundError(f"{path!r} is not a PEFT adapter folder (needs adapter_config.json and "
+                                    "adapter_model.safetensors, as written by save_adapter)")
+        with open(cfg_path) as f:
+            acfg = json.load(f)
+        if acfg.get("r") != self.config.lora_rank:
+            raise ValueError(f"adapter {path!r} has rank r={acfg.get('r')} but this model was set up with "
+                             f"lora_rank={self.config.lora_rank}; set lora_rank={acfg.get('r')}")
+        state = load_file(weights)
+        own = {n.replace(".default.", "."): p for n, p in self.peft_model.named_parameters() if ".lora_" in n}
+        own_short = {n.split("base_model.model.", 1)[-1]: p for n, p in own.items()}
+        wrong = [k for k in state if k.split("base_model.model.", 1)[-1] not in own_short]
+        bad_shape = [(k, tuple(v.shape)) for k, v in state.items() if k not in wrong and
+                     tuple(own_short[k.split("base_model.model.", 1)[-1]].shape) != tuple(v.shape)]
+        if wrong or bad_shape or len(state) != len(own):
+            detail = (f"unknown tensors {wrong[:2]}" if wrong else f"shape mismatch {bad_shape[:2]}" if bad_shape
+                      else f"{len(state)} tensors where this model has {len(own)}")
+            raise ValueError(f"adapter {path!r} was made for another model or other target modules "
+                             f"({detail}); base model here: {self.config.model_name_or_path!r}, "
+                             f"targets {self.lora_targets}")
+        set_peft_model_state_dict(self.peft_model, {k: v.to(self.device) for k, v in state.items()})
+
+    def memory_stats(self, optimizer=None) -> dict[str, int]:
+        """Bytes: frozen weights in device memory now and at peak, activations, adapters, optimizer state."""
+        def nbytes(ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+
+        resident = nbytes(self.base_model.get_input_embeddings().parameters()) + sum(
+            nbytes([self.base_model.get_parameter(n)]) for n in self.units.units[HEAD]
+            if self.base_model.get_parameter(n) is not self.base_model.get_input_embeddings().weight)
+        if isinstance(self.source, WeightRing):
+            per_layer = max(l.nbytes for l in self.layouts)
+            layers_now = self.source.bytes_on_device() or sum(
+                s.occupant is not None for s in self.source.slots) * per_layer
+            layers_peak = self.source.stats.peak_occupied * per_layer if not self.source.bytes_on_device() \
+                else self.source.bytes_on_device()
+        else:
+            layers_now = layers_peak = self.source.nbytes
+        stats = {
+            "frozen_weights_now": resident + layers_now,
+            "frozen_weights_peak": resident + layers_peak,
+            "adapters": nbytes(self.get_trainable_parameters()),
+            "optimizer_state": 0,
+        }
+        if optimizer is not None:
+            stats["optimizer_state"] = nbytes(t for s in optimizer.state.values() for t in s.values()
+                                              if torch.is_tensor(t))
+        if self.device.type == "cuda":
+            stats["device_allocated"] = torch.cuda.memory_allocated(self.device)
+            stats["device_peak"] = torch.cuda.max_memory_allocated(self.device)
+        return stats
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __del__(self):
+        try:
+            self.source.close()
+        except Exception:
+            pass

@@ -1,0 +1,101 @@
+"""Checkpoint keys -> the model's parameter names, through Transformers' own conversion rules.
+
+Transformers 5 renames and fuses some checkpoint tensors on load (Mixtral's per-expert
+`block_sparse_moe.experts.N.w1.weight` become one `mlp.experts.gate_up_proj`, prefixes such as
+`transformer.` come and go). We apply the same `WeightRenaming`/`WeightConverter` list that
+`from_pretrained` uses, so every architecture Transformers can load maps here without code
+written for it. A parameter is then either *direct* (one file tensor, viewable zero-copy and,
+in a packed file, copied as raw bytes) or *converted* (computed from several file tensors).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .checkpoint import WeightStore
+
+
+@dataclass
+class ParamSource:
+    """How to produce one model parameter from the store."""
+
+    name: str                # the model's parameter name, e.g. model.layers.3.mlp.experts.gate_up_proj
+    key: str | None = None   # direct: the file key holding exactly this tensor
+    group: "ConvertedGroup | None" = None  # converted: the group computing it
+
+
+@dataclass
+class ConvertedGroup:
+    """Several file tensors -> one or more parameters, by a Transformers WeightConverter."""
+
+    target: str
+    converter: object
+    sources: list[tuple[str, str]] = field(default_factory=list)  # (file key, source pattern)
+
+    def materialize(self, store: WeightStore, model) -> dict[str, torch.Tensor]:
+        conv = copy.deepcopy(self.converter)
+        for key, pattern in self.sources:
+            conv.add_tensor(self.target, key, pattern, store.view(key))
+        return conv.convert(self.target, model=model, config=model.config)
+
+    def output_names(self) -> list[str]:
+        first = self.converter.target_patterns[0]
+        return [self.target.replace(first, t) for t in self.converter.target_patterns]
+
+
+def map_checkpoint(model, store: WeightStore) -> tuple[dict[str, ParamSource], list[str]]:
+    """Map every file key onto the (meta) model. Returns (param name -> source, unexpected keys)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    meta = dict(model.state_dict(keep_vars=True))
+    transforms = get_model_conversion_mapping(model) or []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    sources: dict[str, ParamSource] = {}
+    groups: dict[str, ConvertedGroup] = {}
+    unexpected: list[str] = []
+    for key in sorted(store.keys(), key=dot_natural_key):
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if renamed not in meta and key in meta:
+            renamed, pattern = key, None
+        if renamed not in meta:
+            unexpected.append(key)
+            continue
+        if pattern is None:
+            sources[renamed] = ParamSource(renamed, key=key)
+        else:
+            group = groups.setdefault(renamed, ConvertedGroup(renamed, by_pattern[pattern]))
+            group.sources.append((key, pattern))
+    for group in groups.values():
+        for name in group.output_names():
+            sources[name] = ParamSource(name, group=group)
+    return sources, unexpected
+
+
+def reader_for(sources: dict[str, ParamSource], store: WeightStore, model) -> Callable[[str], torch.Tensor]:
+    """A function name -> CPU tensor (a zero-copy view for direct params; computed for converted ones).
+
+    Converted groups are cached for the duration of one unit's read by the caller, which asks
+    for every name of a unit in turn; the cache holds at most one group.
+    """
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def read(name: str) -> torch.Tensor:
+        src = sources[name]
+        if src.key is not None:
+            return store.view(src.key)
+        group = src.group
+        if group.target not in cache:
+            cache.clear()
+            cache[group.target] = group.materialize(store, model)
+        return cache[group.target][name]
+
+    return read

@@ -1,0 +1,123 @@
+"""One safetensors file, memory-mapped: its header parsed once, its tensors as zero-copy views.
+
+A safetensors file is `u64 header_len | JSON header | data`. The header gives each tensor's
+dtype, shape and byte range relative to the data section. We parse it ourselves (instead of
+`safe_open`) because the streaming path needs the *byte ranges*: a unit of a layer-packed file
+is copied to pinned memory in one memcpy, and that needs file offsets, not tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class WeightsFileError(ValueError):
+    """A weights file that is missing, truncated or malformed; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes are: absolute offsets into its file."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file. `view(key)` is a zero-copy CPU tensor over the mmap."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isfile(path):
+            raise WeightsFileError(f"weights file {path!r} does not exist")
+        self.size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise WeightsFileError(f"{path!r} is {self.size} bytes, too short to be a safetensors file "
+                                       "(truncated download or copy?); fetch or convert it again")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(self.size - 8, 100 * 2**20):
+                raise WeightsFileError(f"{path!r} has a header length of {header_len} bytes but the file has "
+                                       f"{self.size}: it is truncated or not a safetensors file")
+            raw = f.read(header_len)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsFileError(f"{path!r}: the safetensors header is not valid JSON ({e}); "
+                                   "the file is corrupt, fetch or convert it again") from None
+        self.data_start = 8 + header_len
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, TensorEntry] = {}
+        for key, info in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                begin, end = info["data_offsets"]
+                shape = tuple(int(s) for s in info["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise WeightsFileError(f"{path!r}: tensor {key!r} has a malformed header entry {info!r}") from None
+            entry = TensorEntry(key, dtype, shape, self.data_start + begin, self.data_start + end)
+            numel = 1
+            for s in shape:
+                numel *= s
+            if entry.nbytes != numel * dtype.itemsize:
+                raise WeightsFileError(f"{path!r}: tensor {key!r} of shape {shape} and dtype {dtype} should take "
+                                       f"{numel * dtype.itemsize} bytes but its range holds {entry.nbytes}")
+            self.entries[key] = entry
+        needed = max((e.end for e in self.entries.values()), default=self.data_start)
+        if needed > self.size:
+            raise WeightsFileError(f"{path!r} is truncated: its header needs {needed} bytes but the file has "
+                                   f"{self.size} ({needed - self.size} missing); fetch or convert it again")
+        self._file = open(path, "rb")
+        self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+        # A read-only mmap cannot be wrapped by torch.frombuffer without a warning about writability;
+        # the views we hand out are never written (frozen weights), which the engine guarantees.
+        self._buffer = memoryview(self._mmap) if self._mmap is not None else None
+
+    def bytes_view(self, start: int, end: int) -> torch.Tensor:
+        """uint8 CPU tensor over file bytes [start, end), zero-copy."""
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": we never write it
+            return torch.frombuffer(self._buffer, dtype=torch.uint8, count=end - start, offset=start)
+
+    def view(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        if e.nbytes == 0:
+            return torch.empty(e.shape, dtype=e.dtype)
+        return self.bytes_view(e.start, e.end).view(e.dtype).view(e.shape)
+
+    def advise_willneed(self, start: int, end: int) -> None:
+        """Ask the kernel to read [start, end) into the page cache in the background (disk -> RAM stage)."""
+        if self._mmap is None or not hasattr(self._mmap, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        lo = (start // page) * page
+        self._mmap.madvise(mmap.MADV_WILLNEED, lo, min(end, self.size) - lo)
+
+    def close(self) -> None:
+        # Views handed out keep the mapping alive (they hold buffer exports); dropping our
+        # references lets the OS unmap once the last view dies.
+        self._buffer = None
+        self._mmap = None
+        self._file.close()

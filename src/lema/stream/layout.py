@@ -1,0 +1,102 @@
+"""A unit's bytes and how they become weights.
+
+A `UnitLayout` says where each of a unit's tensors sits inside one flat slot buffer (dtype,
+shape, byte offset) and how to fill that buffer from the weight store:
+
+- *packed*: the unit is one contiguous byte range of a layer-packed file, already in the compute
+  dtype, laid out exactly as in the slot: the fill is one memcpy of that range;
+- otherwise tensor by tensor, converting dtype (and running Transformers' conversions, e.g.
+  Mixtral's expert fusion) on the way.
+
+This is the seam for quantized units: an int8/NF4 unit is another layout whose `views` turn
+slot bytes into weights (or into weight + scales that a quantized linear consumes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..store import SafetensorsFile, WeightStore
+
+ALIGN = 64  # bytes; keeps every tensor view aligned for vectorised kernels
+
+
+@dataclass(frozen=True)
+class Placement:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class UnitLayout:
+    """Placement of one unit's tensors in a flat uint8 slot, and the recipe to fill it."""
+
+    def __init__(self, unit: str, placements: list[Placement], nbytes: int,
+                 packed: Optional[tuple[SafetensorsFile, int, int]] = None):
+        self.unit = unit
+        self.placements = placements
+        self.nbytes = nbytes
+        self.packed = packed  # (file, start, end) when the fill is a single memcpy
+
+    @classmethod
+    def build(cls, unit: str, names: list[str], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+              store: WeightStore, direct_keys: dict[str, Optional[str]]) -> "UnitLayout":
+        packed = store.units.get(unit)
+        if packed is not None and all(direct_keys.get(n) for n in names):
+            f, start, end = packed
+            entries = [store.entry(direct_keys[n]) for n in names]
+            inside = all(start <= e.start and e.end <= end and e.dtype == dtype and store.file_of(e.key) is f
+                         for e in entries)
+            if inside:
+                placements = [Placement(n, dtype, shapes[n], e.start - start) for n, e in zip(names, entries)]
+                return cls(unit, placements, end - start, packed)
+        offset, placements = 0, []
+        for n in names:
+            p = Placement(n, dtype, tuple(shapes[n]), offset)
+            placements.append(p)
+            offset += -(-p.nbytes // ALIGN) * ALIGN
+        return cls(unit, placements, offset)
+
+    def byte_ranges(self, store: WeightStore, direct_keys: dict[str, Optional[str]]):
+        """(file, start, end) ranges the unit reads, for the page-cache prefetch hint."""
+        if self.packed is not None:
+            return [self.packed]
+        out = []
+        for p in self.placements:
+            key = direct_keys.get(p.name)
+            if key:
+                e = store.entry(key)
+                out.append((store.file_of(key), e.start, e.end))
+        return out
+
+    def fill(self, dst: torch.Tensor, read: Callable[[str], torch.Tensor], store: WeightStore) -> None:
+        """Write the unit into `dst` (uint8, >= nbytes, CPU, usually pinned)."""
+        if self.packed is not None:
+            f, start, end = self.packed
+            dst[: end - start].copy_(f.bytes_view(start, end))  # the one memcpy
+            return
+        for p in self.placements:
+            src = read(p.name)
+            if tuple(src.shape) != p.shape:
+                raise ValueError(f"weight {p.name!r} has shape {tuple(src.shape)} in the checkpoint but the model "
+                                 f"config expects {p.shape}; the checkpoint does not match its config.json")
+            self.view(dst, p).copy_(src)  # converts dtype when the file's differs
+
+    @staticmethod
+    def view(buf: torch.Tensor, p: Placement) -> torch.Tensor:
+        return buf[p.offset: p.offset + p.nbytes].view(p.dtype).view(p.shape)
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unit's weights as views of a filled slot buffer (no copy)."""
+        return {p.name: self.view(buf, p) for p in self.placements}

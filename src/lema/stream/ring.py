@@ -1,0 +1,243 @@
+"""The ring: `num_slots` weight slots filled by a loader thread in the order the step needs them.
+
+NOTE [ring protocol] — every sync point in this file points here.
+
+    schedule (set by the engine per pass):  F0 F1 ... F(L-1) | B(L-1) ... B1 B0
+    slots s = 0..k-1, each: pinned host buffer P[s] and device buffer D[s] (CUDA),
+                            or one host buffer (CPU, dtype conversion), or none (CPU zero-copy)
+
+    main thread (acquire/release)           loader thread                  copy stream        compute stream
+    ------------------------------          -------------                  -----------        --------------
+    pick slot s for unit u (bookkeeping     wait h2d_done[s] (host):
+      is main-thread only)                    P[s] free again
+    put request(s, u) on the queue  ──────▶  fill P[s] from the mmap
+                                             (one memcpy for a packed unit)
+                                             copy stream waits done[s] ──▶ wait done[s]
+                                                                           D[s] <- P[s] (async)
+                                                                           record ready[s], h2d_done[s]
+                                             set request.loaded  ─────┐
+    acquire(u): wait request.loaded (host)  ◀─────────────────────────┘
+      compute stream waits ready[s]  ──────────────────────────────────────────────────────▶ wait ready[s]
+      bind views of D[s]; layer runs                                                         layer kernels
+    release(u): record done[s] on compute stream ───────────────────────────────────────────▶ record done[s]
+
+- Nothing calls torch.cuda.synchronize(); the host waits only on `request.loaded` (the loader
+  has *issued* the copy) and, in the loader thread, on h2d_done[s] before overwriting P[s].
+- A slot is chosen for refill only when it is not in use and its occupant is not needed within
+  the look-ahead window; among those, the one whose next use is farthest (never, best). That is
+  why the last forward layers' slots serve the first backward layers without a reload.
+- A layer recomputed in backward stays in use until the next acquire or the end of the backward
+  pass: autograd runs the layer's backward *after* the recompute returned, reading the bound
+  weights (see engine/streamed_layer.py).
+- Shutdown: `close()` sets the stop event and joins; the worker polls the queue with a timeout,
+  so it exits within one poll interval. A loader exception is carried to the consumer, re-raised
+  at the acquire that waits for that unit, with the unit named.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .layout import UnitLayout
+
+POLL_S = 0.1
+
+
+@dataclass
+class _Request:
+    slot: int
+    unit: int
+    loaded: threading.Event = field(default_factory=threading.Event)
+    error: Optional[BaseException] = None
+
+
+@dataclass
+class _Slot:
+    occupant: Optional[int] = None
+    request: Optional[_Request] = None
+    in_use: bool = False
+    host: Optional[torch.Tensor] = None       # pinned staging (CUDA) or the slot itself (CPU conversion)
+    device: Optional[torch.Tensor] = None     # device buffer (CUDA)
+    views: Optional[dict] = None              # the unit's weights, bound by the engine
+    ready: object = None                      # CUDA events (see NOTE [ring protocol])
+    done: object = None
+    h2d_done: object = None
+
+
+@dataclass
+class RingStats:
+    loads: int = 0              # units loaded into a slot
+    hits: int = 0               # acquires served by a slot that already held the unit
+    bytes_loaded: int = 0
+    peak_in_use: int = 0        # most units bound at the same time
+    peak_occupied: int = 0      # most slots holding a unit at the same time
+
+
+class WeightRing:
+    """Serves decoder layers' weights through `num_slots` slots. See NOTE [ring protocol]."""
+
+    def __init__(self, layouts: list[UnitLayout], fill: Callable[[UnitLayout, torch.Tensor], None],
+                 zero_copy: Optional[Callable[[UnitLayout], dict]], hint: Callable[[UnitLayout], None],
+                 device: torch.device, num_slots: int, prefetch: bool = True):
+        self.layouts = layouts
+        self._fill = fill
+        self._zero_copy = zero_copy   # CPU, dtype already right: views of the mmap, no buffer at all
+        self._hint = hint
+        self.device = device
+        self.slots = [_Slot() for _ in range(num_slots)]
+        self.stats = RingStats()
+        self.schedule: list[int] = []
+        self.cursor = 0
+        self._lock = threading.RLock()
+        self.slot_bytes = max(l.nbytes for l in layouts) if layouts else 0
+        cuda = device.type == "cuda"
+        if zero_copy is None:
+            for s in self.slots:
+                # Preallocated once at the exact size: no allocation in the per-layer path.
+                s.host = torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=cuda)
+                if cuda:
+                    s.device = torch.empty(self.slot_bytes, dtype=torch.uint8, device=device)
+                    s.ready, s.done, s.h2d_done = (torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event())
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self._queue: "queue.Queue[_Request]" = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = None
+        if prefetch:
+            self._thread = threading.Thread(target=self._worker, name="lema-loader", daemon=True)
+            self._thread.start()
+
+    # ----- schedule -----------------------------------------------------------------------
+    def begin(self, schedule: list[int]) -> None:
+        """Start a pass: the units will be acquired in this order."""
+        with self._lock:
+            self.schedule = list(schedule)
+            self.cursor = 0
+
+    def _next_use(self, unit: int) -> int:
+        for pos in range(self.cursor, len(self.schedule)):
+            if self.schedule[pos] == unit:
+                return pos
+        return len(self.schedule) + 1  # never again in this pass
+
+    # ----- main-thread side ---------------------------------------------------------------
+    def acquire(self, unit: int) -> dict:
+        with self._lock:
+            if self.cursor < len(self.schedule) and self.schedule[self.cursor] == unit:
+                self.cursor += 1
+            else:  # off-schedule (an unusual call order): serve it, then carry on from here
+                self.schedule = [unit]
+                self.cursor = 1
+            slot = self._find(unit)
+            if slot is not None:
+                self.stats.hits += 1
+            else:
+                slot = self._start_load(unit, protect={unit})
+            protect = set(self.schedule[self.cursor: self.cursor + len(self.slots) - 1]) | {unit}
+            for upcoming in self.schedule[self.cursor: self.cursor + len(self.slots) - 1]:
+                if self._find(upcoming) is None:  # prefetch what comes next into a free slot
+                    if self._victim(protect) is None:
+                        break
+                    self._start_load(upcoming, protect)
+            s = self.slots[slot]
+            s.in_use = True
+            self.stats.peak_in_use = max(self.stats.peak_in_use, sum(x.in_use for x in self.slots))
+            request = s.request
+        request.loaded.wait()  # host waits until the loader has issued this unit (NOTE [ring protocol])
+        if request.error is not None:
+            raise RuntimeError(f"loading {self.layouts[unit].unit} failed in the loader thread: "
+                               f"{request.error}") from request.error
+        if s.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(s.ready)  # GPU-side wait, no host sync
+        return s.views
+
+    def release(self, unit: int) -> None:
+        with self._lock:
+            slot = self._find(unit)
+            if slot is None:
+                return
+            s = self.slots[slot]
+            s.in_use = False
+            if s.done is not None:
+                s.done.record(torch.cuda.current_stream(self.device))  # NOTE [ring protocol]
+
+    def _find(self, unit: int) -> Optional[int]:
+        for i, s in enumerate(self.slots):
+            if s.occupant == unit:
+                return i
+        return None
+
+    def _victim(self, protect: set) -> Optional[int]:
+        best, best_use = None, -1
+        for i, s in enumerate(self.slots):
+            if s.in_use or (s.occupant is not None and s.occupant in protect):
+                continue
+            use = len(self.schedule) + 2 if s.occupant is None else self._next_use(s.occupant)
+            if use > best_use:
+                best, best_use = i, use
+        return best
+
+    def _start_load(self, unit: int, protect: set) -> int:
+        slot = self._victim(protect)
+        if slot is None:
+            raise RuntimeError(f"all {len(self.slots)} ring slots are in use; raise num_buffers")
+        s = self.slots[slot]
+        s.occupant, s.views = unit, None
+        s.request = _Request(slot, unit)
+        self.stats.loads += 1
+        self.stats.bytes_loaded += self.layouts[unit].nbytes
+        self.stats.peak_occupied = max(self.stats.peak_occupied, sum(x.occupant is not None for x in self.slots))
+        if self._thread is not None:
+            self._queue.put(s.request)
+        else:
+            self._load(s.request)
+        return slot
+
+    # ----- loader side --------------------------------------------------------------------
+    def _load(self, req: _Request) -> None:
+        s = self.slots[req.slot]
+        layout = self.layouts[req.unit]
+        try:
+            if self._zero_copy is not None:
+                self._hint(layout)               # disk -> page cache, asynchronously in the kernel
+                s.views = self._zero_copy(layout)
+            elif self.copy_stream is None:       # CPU with dtype conversion: the host buffer is the slot
+                self._fill(layout, s.host)
+                s.views = layout.views(s.host)
+            else:
+                s.h2d_done.synchronize()         # P[s] no longer read by the previous H2D copy
+                self._fill(layout, s.host)       # mmap -> pinned
+                with torch.cuda.stream(self.copy_stream):
+                    self.copy_stream.wait_event(s.done)  # D[s]'s previous occupant is finished with
+                    s.device[: layout.nbytes].copy_(s.host[: layout.nbytes], non_blocking=True)
+                    s.ready.record(self.copy_stream)
+                    s.h2d_done.record(self.copy_stream)
+                s.views = layout.views(s.device)
+        except BaseException as e:  # carried to the consumer (NOTE [ring protocol])
+            req.error = e
+        finally:
+            req.loaded.set()
+
+    def _worker(self) -> None:
+        torch.set_num_threads(1)
+        while not self._stop.is_set():
+            try:
+                req = self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            self._load(req)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10 * POLL_S)
+            self._thread = None
+
+    def bytes_on_device(self) -> int:
+        """Frozen-weight bytes the ring holds in device memory (its preallocated slots)."""
+        return sum(s.device.numel() for s in self.slots if s.device is not None) or (
+            sum(s.host.numel() for s in self.slots if s.host is not None) if self.device.type == "cpu" else 0)

@@ -1,0 +1,48 @@
+"""LemaTrainer: one explicit training step — forward, backward, and every n-th call an optimizer step."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class LemaTrainer:
+    """`train_step(ids, labels=…) -> (logits, loss)`.
+
+    With `gradient_accumulation_steps = n`, each call runs forward and backward on its micro-batch
+    with the loss divided by n, so gradients add up to the mean over the n micro-batches; the
+    optimizer steps (after clipping to `max_grad_norm`, if set) on every n-th call and then zeroes
+    the gradients. Every call returns that micro-batch's logits (detached) and its *undivided*
+    loss (a detached scalar); `last_step_applied` says whether this call stepped the optimizer.
+    """
+
+    def __init__(self, model, optimizer, gradient_accumulation_steps: int = 1,
+                 max_grad_norm: Optional[float] = None):
+        if gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be >= 1")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0, or None for no clipping")
+        self.model = model
+        self.optimizer = optimizer
+        self.accum = gradient_accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.micro_step = 0
+        self.last_step_applied = False
+        self.last_grad_norm: Optional[float] = None
+
+    def train_step(self, input_ids, labels=None, attention_mask=None):
+        self.model.peft_model.train()
+        if labels is None:
+            labels = input_ids
+        out = self.model(input_ids, labels=labels, attention_mask=attention_mask)
+        (out.loss / self.accum).backward()  # streams B(L-1) .. B0 (NOTE [ring protocol])
+        self.micro_step += 1
+        self.last_step_applied = self.micro_step % self.accum == 0
+        if self.last_step_applied:
+            params = self.model.get_trainable_parameters()
+            if self.max_grad_norm is not None:
+                self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))  # host sync
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return out.logits.detach(), out.loss.detach()

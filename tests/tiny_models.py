@@ -1,0 +1,46 @@
+"""Tiny random Transformers models of each architecture, built and saved locally (no hub)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def make_config(arch: str):
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
+
+    if arch == "llama":
+        return LlamaConfig(**COMMON, tie_word_embeddings=False)
+    if arch == "llama-tied":
+        return LlamaConfig(**COMMON, tie_word_embeddings=True)
+    if arch == "mistral":
+        return MistralConfig(**COMMON, sliding_window=None)
+    if arch == "qwen2":
+        return Qwen2Config(**COMMON)
+    if arch == "mixtral":
+        return MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=96, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                          bos_token_id=0, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    raise KeyError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "gpt2", "mixtral"]
+
+
+def save_tiny(arch: str, folder: str, seed: int = 0, dtype=torch.float32, **save_kwargs) -> str:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config(arch), dtype=dtype)
+    with torch.no_grad():  # random init is small; scale up so layers matter in the parity checks
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, **save_kwargs)
+    return folder
