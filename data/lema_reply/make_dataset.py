@@ -367,7 +367,7 @@ MATH = [
     ("What is 3/4 as a percentage?", "75%", "Three quarters of 100 is 75."),
     ("What is 0.5 as a fraction?", "1/2", "Five tenths simplifies to one half."),
     ("A pen costs $3. How much do 4 pens cost?", "$12", "Four pens at $3 each cost 4 times 3 dollars."),
-    ("A train goes 60 km each hour. How far does it go in 3 hours?", "180 km", "60 km per hour times 3 hours is 180 km."),
+    ("A train moves at 60 km/h. How far does it go in 3 hours?", "180 km", "Distance is speed multiplied by time."),
     ("What is the perimeter of a square with 5 cm sides?", "20 cm", "A square's perimeter is four times its side length."),
     ("What is the area of a 4 m by 6 m rectangle?", "24 square meters", "A rectangle's area is its length times its width."),
     ("What is the Roman numeral for 10?", "X", "In Roman numerals X stands for ten."),

@@ -1,0 +1,74 @@
+"""`lema COMMAND …`: one entry point, a table from command to the module that implements it.
+
+Each module in `lema/commands/` exposes `HELP` (one line), `EXAMPLE` (shown in `--help`),
+`add_arguments(parser)` and `run(args) -> int`. Modules import torch and Transformers inside
+`run`, so `lema --help` stays fast. A usage error exits with status 2 and a one-line reason;
+an error in the user's input (`ValueError`, `FileNotFoundError`) exits with status 1 and its
+message, without a traceback (set LEMA_DEBUG=1 to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = {
+    "convert": "lema.commands.convert",
+    "plan": "lema.commands.plan",
+    "train": "lema.commands.train",
+    "generate": "lema.commands.generate",
+    "merge": "lema.commands.merge",
+    "bench": "lema.commands.bench",
+}
+
+EPILOG = """examples:
+  lema convert --default runs/smollm2            # the embedded SmolLM2-135M, as a layer-packed folder
+  lema train --model runs/smollm2 --data data/lema_reply/train.jsonl --output runs/reply --steps 100
+  lema generate --model runs/smollm2 --adapter runs/reply/adapter --chat --prompt "What is LEMA?"
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lema", description="LoRA fine-tuning of models larger than the GPU.",
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # a command not built yet in this checkout
+            continue
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                           epilog="example:\n  " + module.EXAMPLE,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("lema: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as e:
+        if os.environ.get("LEMA_DEBUG"):
+            raise
+        print(f"lema {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

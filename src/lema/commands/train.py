@@ -1,0 +1,64 @@
+"""`lema train`: fine-tune a LoRA adapter (the recipe is lema/training.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+HELP = "fine-tune a LoRA adapter on a JSONL dataset, streaming the base weights"
+EXAMPLE = ("lema train --model runs/smollm2 --data data/lema_reply/train.jsonl --output runs/reply "
+           "--steps 100 --lr 1e-3")
+
+
+def add_arguments(parser) -> None:
+    from ..config import field_docs
+    from ..training import TrainArgs
+
+    docs = field_docs(TrainArgs)
+    hints = typing.get_type_hints(TrainArgs)
+    for f in dataclasses.fields(TrainArgs):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=docs[f.name])
+            continue
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        base = inner[0] if inner else kind
+        if typing.get_origin(base) is list:
+            parser.add_argument(flag, nargs="+", default=None, help=docs[f.name])
+        else:
+            parser.add_argument(flag, type=base, default=None, metavar=f.name.upper(),
+                                help=f"{docs[f.name]} (default: {f.default})")
+    parser.add_argument("--config", default=None, metavar="RUN.yaml",
+                        help="read settings from a YAML file (keys as the flags, with underscores); "
+                             "flags given on the command line win")
+
+
+def args_from_namespace(ns) -> "TrainArgs":
+    from ..training import TrainArgs
+
+    values = {}
+    if ns.config:
+        import yaml
+
+        with open(ns.config) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {ns.config!r} must hold a mapping of settings")
+        known = {f.name for f in dataclasses.fields(TrainArgs)}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise ValueError(f"--config {ns.config!r}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        values.update(loaded)
+    for f in dataclasses.fields(TrainArgs):
+        v = getattr(ns, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return TrainArgs(**values)
+
+
+def run(args) -> int:
+    from ..training import train
+
+    summary = train(args_from_namespace(args))
+    return 130 if summary["interrupted"] else 0

@@ -1,0 +1,77 @@
+"""Text generation through the streamed model: KV cache on, each new token one pass over the layers."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+
+def adapter_settings(adapter: Optional[str]) -> dict:
+    """LoRA settings a LemaModel needs to load `adapter` (rank, alpha, targets), read from its config."""
+    if adapter is None:
+        return {}
+    path = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--adapter {adapter!r} is not a PEFT adapter folder (no adapter_config.json); "
+                                "give the adapter/ folder that `lema train` wrote")
+    with open(path) as f:
+        cfg = json.load(f)
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        raise ValueError(f"adapter {adapter!r} selects modules by a regex ({targets!r}); LEMA loads adapters "
+                         "whose target_modules is a list of names")
+    return {"lora_rank": cfg["r"], "lora_alpha": cfg.get("lora_alpha", cfg["r"]),
+            "lora_target_modules": sorted(targets) if targets else None}
+
+
+def load_for_generation(model_dir: str, adapter: Optional[str] = None, device: str = "cpu",
+                        dtype: str = "float32", strategy: str = "streaming"):
+    """(LemaModel with the adapter loaded — or B = 0, i.e. the base model —, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from . import LemaConfig, LemaModel
+
+    config = LemaConfig(model_name_or_path=model_dir, device=device, dtype=dtype, strategy=strategy,
+                        **adapter_settings(adapter))
+    model = LemaModel(config)
+    model.initialize_lora(seed=0)  # B = 0: exactly the base model until an adapter is loaded
+    if adapter is not None:
+        model.load_adapter(adapter)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool, system: Optional[str] = None) -> torch.Tensor:
+    if chat:
+        if not tokenizer.chat_template:
+            raise ValueError("--chat: this model's tokenizer has no chat template; drop --chat")
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def generate_text(model, tokenizer, prompt: str, chat: bool = False, system: Optional[str] = None,
+                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                  stream: bool = False) -> str:
+    """Greedy at temperature 0; prints tokens as they come when `stream`."""
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={max_new_tokens} must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"--temperature={temperature} must be >= 0 and --top-p={top_p} in (0, 1]")
+    ids = encode_prompt(tokenizer, prompt, chat, system)
+    kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if stream:
+        from transformers import TextStreamer
+
+        kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

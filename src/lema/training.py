@@ -1,0 +1,299 @@
+"""The fine-tuning recipe behind `lema train`: setup, train, save_checkpoint — one explicit loop.
+
+setup: data (validated before anything is written) -> LemaModel -> AdamW + warmup/decay schedule
+       -> resume state (newest complete checkpoint) -> the plan, printed
+train: micro-batches through LemaTrainer.train_step; every optimizer step a log line
+       (OUT/log.jsonl) and the progress bar; every `save_steps` a checkpoint; eval every
+       `eval_steps`; Ctrl-C finishes the step in flight, saves a checkpoint and exits
+save:  OUT/adapter (PEFT format) at the end
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+from .checkpointing import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainArgs:
+    """Settings of one `lema train` run."""
+
+    model: str = ""
+    """Model folder (a Transformers checkpoint, e.g. from `lema convert`)."""
+    data: str = ""
+    """Training data, JSONL: {"text"}, {"prompt","completion"} or {"messages"} per line."""
+    output: str = ""
+    """Output folder: checkpoints, log.jsonl and the final adapter/."""
+    steps: Optional[int] = None
+    """Optimizer steps to run (default: one epoch)."""
+    epochs: Optional[float] = None
+    """Epochs to run instead of --steps."""
+    batch_size: int = 4
+    """Examples per micro-batch."""
+    seq_len: int = 512
+    """Longest example in tokens; longer ones are truncated (and counted)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate of AdamW."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to --lr."""
+    schedule: str = "cosine"
+    """Decay after warmup: cosine, linear or constant."""
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the LoRA gradients' global norm to this (0 or none: no clipping)."""
+    lora_rank: int = 16
+    """LoRA rank r."""
+    lora_alpha: float = 32
+    """LoRA alpha (scale alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: Optional[list[str]] = None
+    """Module names to adapt; default every linear layer inside the decoder layers."""
+    save_steps: int = 100
+    """Write a checkpoint every this many steps (and at the end)."""
+    save_total_limit: Optional[int] = 3
+    """Keep only the newest this many checkpoints."""
+    eval_data: Optional[str] = None
+    """Evaluation data (JSONL, same formats); its mean loss goes to the log."""
+    eval_steps: Optional[int] = None
+    """Evaluate every this many steps (default: at --save-steps)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in --output."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda or cuda:N."""
+    strategy: str = "streaming"
+    """streaming or resident."""
+    dtype: str = "float32"
+    """Compute dtype of the frozen weights: float32, bfloat16, float16."""
+    num_buffers: int = 3
+    """Ring depth for streaming."""
+    max_vram: Optional[str] = None
+    """Device memory budget, e.g. 16GB; the run is refused before it starts if the plan does not fit."""
+    seed: int = 0
+    """Seed of LoRA init, data order and dropout."""
+    quiet: bool = False
+    """No progress bar (log lines still go to log.jsonl)."""
+
+    def __post_init__(self):
+        for name in ("model", "data", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        for name in ("batch_size", "seq_len", "grad_accum", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"--schedule={self.schedule!r}: use cosine, linear or constant")
+        if self.lr <= 0:
+            raise ValueError(f"--lr={self.lr} must be > 0")
+        if not self.max_grad_norm:
+            self.max_grad_norm = None
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class _Interrupt:
+    """Ctrl-C sets a flag; the loop finishes the step, saves a checkpoint and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nlema train: interrupt received, saving a checkpoint after this step "
+              "(Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+
+
+def evaluate(model, dataset, batch_size: int, pad_id: int) -> float:
+    from .data import collate
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(dataset), batch_size):
+            batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))], pad_id)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            out = model(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"])
+            total += float(out.loss) * n  # host sync, once per eval batch
+            count += n
+    return total / max(count, 1)
+
+
+def train(args: TrainArgs, out=sys.stdout) -> dict:
+    """Run the recipe; returns a summary (steps, final loss, paths)."""
+    from transformers import AutoTokenizer
+
+    from . import LemaConfig, LemaModel
+    from .data import BatchSampler, TokenizedDataset, collate, load_jsonl
+
+    # ---- setup: validate every input before anything is written --------------------------
+    examples = load_jsonl(args.data)
+    eval_examples = load_jsonl(args.eval_data) if args.eval_data else None
+    checkpoints = list_checkpoints(args.output)
+    if args.resume and not checkpoints:
+        raise CheckpointError(f"--resume: no complete checkpoint in {args.output!r}; run without --resume to "
+                              "start a new run")
+    if not args.resume and checkpoints:
+        raise CheckpointError(f"{args.output!r} already holds checkpoints (newest: {checkpoints[-1][1]}); add "
+                              "--resume to continue that run, or choose a new --output")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"no tokenizer in {args.model!r} ({str(e).splitlines()[0]}); convert the model "
+                                "with `lema convert`, which writes the tokenizer files") from None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    dataset = TokenizedDataset(examples, tokenizer, args.seq_len)
+    eval_set = TokenizedDataset(eval_examples, tokenizer, args.seq_len) if eval_examples else None
+
+    torch.manual_seed(args.seed)
+    config = LemaConfig(model_name_or_path=args.model, strategy=args.strategy, device=args.device,
+                        dtype=args.dtype, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                        lora_dropout=args.lora_dropout, lora_target_modules=args.target_modules,
+                        num_buffers=args.num_buffers, max_vram=args.max_vram)
+    plan_text = _plan_text(config, args)  # raises before allocating if a budget cannot fit
+    model = LemaModel(config)
+    model.initialize_lora(seed=args.seed)
+    params = model.get_trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    sampler = BatchSampler(len(dataset), args.batch_size, seed=args.seed)
+    total_steps = args.steps or max(1, math.ceil(len(sampler) * (args.epochs or 1) / args.grad_accum))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule))
+    identity = {"model": os.path.abspath(args.model), "lora_rank": args.lora_rank,
+                "lora_alpha": args.lora_alpha, "lora_target_modules": model.lora_targets}
+    step = 0
+    if args.resume:
+        state = load_checkpoint(checkpoints[-1][1], model, optimizer, scheduler, identity)
+        sampler.load_state_dict(state["sampler"])
+        step = state["step"]
+    trainer = model.get_trainer(optimizer, gradient_accumulation_steps=args.grad_accum,
+                                max_grad_norm=args.max_grad_norm)
+
+    n_params = sum(p.numel() for p in model.base_model.parameters())
+    n_frozen = sum(len(l.placements) and sum(int(torch.Size(p.shape).numel()) for p in l.placements)
+                   for l in model.layouts)
+    n_train = sum(p.numel() for p in params)
+    print(f"LEMA train  model {args.model}  ({type(model.base_model).__name__}, {model.units.num_layers} layers)\n"
+          f"  parameters: {n_frozen + n_params - n_train:,} frozen, {n_train:,} trainable (LoRA r={args.lora_rank}, "
+          f"targets {', '.join(model.lora_targets)})\n"
+          f"  data: {len(dataset)} examples, {dataset.num_tokens:,} tokens, {dataset.num_truncated} truncated to "
+          f"{args.seq_len}, {dataset.num_dropped} dropped (nothing to learn)\n"
+          f"  steps: {step} -> {total_steps}, batch {args.batch_size} x {args.grad_accum} accumulation, lr {args.lr} "
+          f"({args.schedule}, warmup {args.warmup_steps})\n{plan_text}", file=out, flush=True)
+
+    # ---- train -------------------------------------------------------------------------------
+    os.makedirs(args.output, exist_ok=True)
+    log = open(os.path.join(args.output, "log.jsonl"), "a")
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=out, dynamic_ncols=True)
+    eval_every = args.eval_steps or args.save_steps
+    last_loss, interrupted = None, False
+    tokens_total, t_start = 0, time.perf_counter()
+    with _Interrupt() as interrupt:
+        while step < total_steps:
+            t0, step_loss, step_tokens = time.perf_counter(), 0.0, 0
+            for _ in range(args.grad_accum):
+                batch = collate([dataset[i] for i in sampler.next_batch()], pad_id)
+                _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
+                                             attention_mask=batch["attention_mask"])
+                step_loss += float(loss) / args.grad_accum  # host sync, once per micro-batch
+                step_tokens += int(batch["attention_mask"].sum())
+            scheduler.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            tokens_total += step_tokens
+            last_loss = step_loss
+            mem = model.memory_stats(optimizer)
+            used = mem.get("device_allocated", _rss_bytes())
+            record = {"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": round(step_tokens / dt, 1), "step_s": round(dt, 3),
+                      "grad_norm": trainer.last_grad_norm, "memory_bytes": used}
+            if eval_set is not None and (step % eval_every == 0 or step == total_steps):
+                record["eval_loss"] = round(evaluate(model, eval_set, args.batch_size, pad_id), 6)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}", mem=_fmt_bytes(used))
+                bar.update(1)
+            if step % args.save_steps == 0 or step == total_steps or interrupt.requested:
+                save_checkpoint(args.output, step, model, optimizer, scheduler, sampler.state_dict(),
+                                identity, args.save_total_limit)
+            if interrupt.requested:
+                interrupted = True
+                break
+    if bar is not None:
+        bar.close()
+    log.close()
+    adapter_dir = os.path.join(args.output, "adapter")
+    if not interrupted:
+        model.save_adapter(adapter_dir)
+    model.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {"steps": step, "loss": last_loss, "interrupted": interrupted, "adapter": adapter_dir,
+               "tokens_per_s": tokens_total / elapsed if elapsed else 0.0}
+    if interrupted:
+        print(f"stopped at step {step}; checkpoint saved. Continue with the same command plus --resume.", file=out)
+    else:
+        print(f"done: {step} steps, last loss {last_loss:.4f}, adapter in {adapter_dir}", file=out)
+    return summary
+
+
+def _plan_text(config, args: TrainArgs) -> str:
+    """The memory plan table, from the planner when it is available."""
+    try:
+        from .planner import plan_for_config
+    except ImportError:
+        return "  plan: (planner not available in this build)"
+    return plan_for_config(config, batch_size=args.batch_size, seq_len=args.seq_len).table()
