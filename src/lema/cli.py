@@ -14,6 +14,8 @@ import importlib
 import os
 import sys
 
+from .cli_errors import UsageError
+
 COMMANDS = {
     "convert": "lema.commands.convert",
     "plan": "lema.commands.plan",
@@ -60,6 +62,9 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except UsageError as e:
+        print(f"lema {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lema: interrupted", file=sys.stderr)
         return 130

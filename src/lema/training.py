@@ -218,12 +218,10 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     trainer = model.get_trainer(optimizer, gradient_accumulation_steps=args.grad_accum,
                                 max_grad_norm=args.max_grad_norm)
 
-    n_params = sum(p.numel() for p in model.base_model.parameters())
-    n_frozen = sum(len(l.placements) and sum(int(torch.Size(p.shape).numel()) for p in l.placements)
-                   for l in model.layouts)
     n_train = sum(p.numel() for p in params)
+    n_frozen = sum(p.numel() for p in model.base_model.parameters()) - n_train  # meta params count too
     print(f"LEMA train  model {args.model}  ({type(model.base_model).__name__}, {model.units.num_layers} layers)\n"
-          f"  parameters: {n_frozen + n_params - n_train:,} frozen, {n_train:,} trainable (LoRA r={args.lora_rank}, "
+          f"  parameters: {n_frozen:,} frozen, {n_train:,} trainable (LoRA r={args.lora_rank}, "
           f"targets {', '.join(model.lora_targets)})\n"
           f"  data: {len(dataset)} examples, {dataset.num_tokens:,} tokens, {dataset.num_truncated} truncated to "
           f"{args.seq_len}, {dataset.num_dropped} dropped (nothing to learn)\n"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+from ..cli_errors import UsageError
+
 HELP = "fine-tune a LoRA adapter on a JSONL dataset, streaming the base weights"
 EXAMPLE = ("lema train --model runs/smollm2 --data data/lema_reply/train.jsonl --output runs/reply "
            "--steps 100 --lr 1e-3")
@@ -54,6 +56,9 @@ def args_from_namespace(ns) -> "TrainArgs":
         v = getattr(ns, f.name, None)
         if v is not None:
             values[f.name] = v
+    missing = [f"--{k}" for k in ("model", "data", "output") if not values.get(k)]
+    if missing:  # not argparse-required, since --config may give them
+        raise UsageError(f"the following arguments are required: {', '.join(missing)}")
     return TrainArgs(**values)
 
 

@@ -1,0 +1,73 @@
+"""`lema merge`: fold a LoRA adapter into the base weights, one tensor at a time.
+
+W' = W + (alpha / r) · B A   (transposed for GPT-2's Conv1D, whose weight is stored fan-in first)
+
+The output is written by `lema convert`'s packed writer, so it is a layer-packed Transformers
+folder and memory stays at about one tensor: the base weight is read through its mmap view, the
+delta is computed from the (small) adapter, the sum is written, and the next tensor follows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable
+
+import torch
+
+
+def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """A transform (param name, base tensor) -> merged tensor, from a PEFT adapter folder."""
+    from safetensors.torch import load_file
+
+    cfg_path = os.path.join(adapter, "adapter_config.json")
+    weights_path = os.path.join(adapter, "adapter_model.safetensors")
+    if not (os.path.isfile(cfg_path) and os.path.isfile(weights_path)):
+        raise FileNotFoundError(f"--adapter {adapter!r} is not a PEFT adapter folder (needs adapter_config.json "
+                                "and adapter_model.safetensors)")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
+        raise ValueError(f"adapter {adapter!r} is {cfg.get('peft_type')}{' with DoRA' if cfg.get('use_dora') else ''}; "
+                         "lema merge folds plain LoRA adapters")
+    r = cfg["r"]
+    scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
+    state = load_file(weights_path)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, _, rest = key.partition(".lora_")
+        module = module.removeprefix("base_model.model.")
+        pairs.setdefault(module + ".weight", {})[rest.split(".")[0]] = tensor
+    unused = set(pairs)
+
+    def transform(name: str, base: torch.Tensor) -> torch.Tensor:
+        ab = pairs.get(name)
+        if ab is None:
+            return base
+        unused.discard(name)
+        delta = (ab["B"].float() @ ab["A"].float()) * scale
+        if fan_in_fan_out:
+            delta = delta.T
+        if tuple(delta.shape) != tuple(base.shape):
+            raise ValueError(f"adapter {adapter!r}: the update of {name!r} has shape {tuple(delta.shape)} but the "
+                             f"base weight has {tuple(base.shape)}; the adapter was made for another model")
+        return (base.float() + delta).to(base.dtype)
+
+    def finish() -> None:
+        if unused:
+            raise ValueError(f"adapter {adapter!r} adapts weights this model does not have, e.g. "
+                             f"{sorted(unused)[:3]}; it was made for another model")
+
+    transform.finish = finish
+    return transform
+
+
+def merge(model: str, adapter: str, out: str, dtype: str = "float32", overwrite: bool = False,
+          progress: bool = True) -> str:
+    from .convert import convert
+
+    transform = lora_deltas(adapter)
+    return convert(model, out, dtype=dtype, overwrite=overwrite, progress=progress, transform=transform,
+                   before_commit=transform.finish)
