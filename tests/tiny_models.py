@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -10,33 +11,42 @@ COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_la
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 
-def make_config(arch: str):
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
+def make_config(arch: str, num_layers: Optional[int] = None):
+    """The tiny config of `arch`; `num_layers` overrides the default of 3 decoder layers."""
+    from transformers import (Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, OPTConfig,
+                              Qwen2Config)
 
+    common = dict(COMMON, num_hidden_layers=num_layers or COMMON["num_hidden_layers"])
     if arch == "llama":
-        return LlamaConfig(**COMMON, tie_word_embeddings=False)
+        return LlamaConfig(**common, tie_word_embeddings=False)
     if arch == "llama-tied":
-        return LlamaConfig(**COMMON, tie_word_embeddings=True)
+        return LlamaConfig(**common, tie_word_embeddings=True)
     if arch == "mistral":
-        return MistralConfig(**COMMON, sliding_window=None)
+        return MistralConfig(**common, sliding_window=None)
     if arch == "qwen2":
-        return Qwen2Config(**COMMON)
+        return Qwen2Config(**common)
     if arch == "mixtral":
-        return MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+        return MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     if arch == "gpt2":
-        return GPT2Config(vocab_size=96, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+        return GPT2Config(vocab_size=96, n_embd=32, n_layer=common["num_hidden_layers"], n_head=4, n_positions=64,
                           bos_token_id=0, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if arch == "opt":  # dropout 0.1 in the base layers, learned positions (an nn.Embedding with an offset)
+        return OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=common["num_hidden_layers"],
+                         num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64)
+    if arch == "gemma2":  # no SDPA attention in Transformers (soft-capping): runs with eager attention
+        return Gemma2Config(**common, head_dim=8)
     raise KeyError(arch)
 
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt2", "mixtral"]
 
 
-def save_tiny(arch: str, folder: str, seed: int = 0, dtype=torch.float32, **save_kwargs) -> str:
+def save_tiny(arch: str, folder: str, seed: int = 0, dtype=torch.float32, num_layers: Optional[int] = None,
+              **save_kwargs) -> str:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(arch), dtype=dtype)
+    model = AutoModelForCausalLM.from_config(make_config(arch, num_layers), dtype=dtype)
     with torch.no_grad():  # random init is small; scale up so layers matter in the parity checks
         for p in model.parameters():
             if p.dim() >= 2:

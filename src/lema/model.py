@@ -63,8 +63,8 @@ class LemaModel(nn.Module):
         self.units = unit_map(base)
         self.store = WeightStore(config.model_name_or_path, config.gbi_path)
         self.sources, unexpected = map_checkpoint(base, self.store)
-        self._check_checkpoint(base)
         self._read = reader_for(self.sources, self.store, base)
+        self._check_checkpoint(base)
 
         shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}  # before PEFT renames them
         prefix, layers = find_decoder_layers(base)
@@ -85,7 +85,7 @@ class LemaModel(nn.Module):
         self.layouts = [UnitLayout.build(layer_unit(i), names, shapes, self.dtype, self.store, direct)
                         for i, names in enumerate(layer_names)]
         if config.strategy == MemoryStrategy.STREAMING:
-            zero_copy = self._zero_copy if self.device.type == "cpu" else None
+            zero_copy = self._zero_copy if self._file_dtype_is_compute_dtype(layer_names) else None
             self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
                                      config.num_buffers, prefetch=config.prefetch)
         else:
@@ -94,6 +94,7 @@ class LemaModel(nn.Module):
         self.streamed = StreamedLayers(layers, prefix, layer_names, self.source, recompute=recompute)
         owner = base.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else base
         owner.register_forward_pre_hook(self._begin_pass)
+        self.eval()  # as `from_pretrained` leaves a model: no dropout until a trainer calls .train()
 
     # ----- setup --------------------------------------------------------------------------
     def _check_checkpoint(self, base) -> None:
@@ -115,6 +116,23 @@ class LemaModel(nn.Module):
             if not self.store.entry(src.key).dtype.is_floating_point:
                 raise WeightsFileError(f"tensor {src.key!r} is {self.store.entry(src.key).dtype}; quantized "
                                        "checkpoints are not streamed yet, convert to float with `lema convert`")
+        # Converted parameters (e.g. Mixtral's fused experts) have no file tensor of their own: build
+        # the first layer's and compare. Every load checks again (`_read_checked`), at no cost.
+        first = set(self.units.units.get(layer_unit(0), []))
+        for name, src in self.sources.items():
+            if src.key is None and name in params and (name in first or self.units.unit_of(name) in (EMBED, HEAD)):
+                self._read_checked(name, tuple(params[name].shape))
+
+    def _read_checked(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The parameter `name` from the store, refused unless it has the model's `shape`."""
+        t = self._read(name)
+        if tuple(t.shape) != tuple(shape):
+            src = self.sources[name]
+            keys = [src.key] if src.key is not None else [k for k, _ in src.group.sources]
+            raise WeightsFileError(f"weight {name!r} (from {keys[:2]}{' ...' if len(keys) > 2 else ''}) has shape "
+                                   f"{tuple(t.shape)} in {self.config.model_name_or_path!r} but config.json implies "
+                                   f"{tuple(shape)}; the weights do not belong to this config.json")
+        return t
 
     def _load_resident_units(self, base) -> None:
         """The embedding and the head: loaded once, frozen, tied weights kept tied."""
@@ -139,19 +157,29 @@ class LemaModel(nn.Module):
     def _fill(self, layout: UnitLayout, dst: torch.Tensor) -> None:
         layout.fill(dst, self._read, self.store)
 
+    def _file_dtype_is_compute_dtype(self, layer_names: list[list[str]]) -> bool:
+        """On the CPU the ring serves mmap views only when no layer tensor needs a dtype conversion;
+        otherwise it converts into its preallocated slot buffers (no allocation per layer load)."""
+        if self.device.type != "cpu":
+            return False
+        sources = [self.sources[n] for names in layer_names for n in names]
+        keys = [k for src in sources for k in ([src.key] if src.key is not None else [k for k, _ in src.group.sources])]
+        return all(self.store.entry(k).dtype == self.dtype for k in keys)
+
     def _zero_copy(self, layout: UnitLayout) -> dict:
-        return {p.name: self._read(p.name).to(self.dtype) for p in layout.placements}
+        return {p.name: self._read_checked(p.name, p.shape).to(self.dtype) for p in layout.placements}
 
     def _hint(self, layout: UnitLayout) -> None:
         for f, start, end in layout.byte_ranges(self.store, {n: s.key for n, s in self.sources.items()}):
             f.advise_willneed(start, end)
 
     def _load_resident(self, layout: UnitLayout) -> dict:
-        return {p.name: self._read(p.name).to(device=self.device, dtype=self.dtype, copy=True)
+        return {p.name: self._read_checked(p.name, p.shape).to(device=self.device, dtype=self.dtype, copy=True)
                 for p in layout.placements}
 
     def _begin_pass(self, module, args) -> None:
         """Tell the ring the order of the coming pass: F0..F(L-1), then B(L-1)..B0 when training."""
+        self.streamed.release_backward_holds()  # left over if the last backward raised
         L = self.units.num_layers
         schedule = list(range(L))
         if torch.is_grad_enabled() and self.streamed.recompute:
@@ -180,9 +208,19 @@ class LemaModel(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
         vocab = self.base_model.get_input_embeddings().num_embeddings
-        if input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):  # host sync
-            raise ValueError(f"input_ids holds token id {int(input_ids.max())} (min {int(input_ids.min())}) but "
-                             f"the vocabulary has {vocab} entries; tokenize with this model's tokenizer")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())  # host sync
+            if hi >= vocab or lo < 0:
+                raise ValueError(f"input_ids holds token id {hi if hi >= vocab else lo}, outside the vocabulary of "
+                                 f"{vocab} entries (ids 0..{vocab - 1}); tokenize with this model's tokenizer")
+        if labels is not None:
+            if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"labels must be an integer tensor of token ids (-100 where ignored), got "
+                                 f"{getattr(labels, 'dtype', type(labels))}")
+            bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab))]
+            if bad.numel():  # host sync
+                raise ValueError(f"labels hold {int(bad[0])}, which is neither a token id (0..{vocab - 1}) nor "
+                                 "-100 (ignored position)")
         limit = getattr(self.hf_config, "max_position_embeddings", None) or getattr(self.hf_config, "n_positions", None)
         if limit and input_ids.shape[1] > limit:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's {limit} positions; "
@@ -207,8 +245,12 @@ class LemaModel(nn.Module):
         """Transformers' `generate` (KV cache on): each new token is one streamed pass over the layers."""
         input_ids, _, attention_mask = self._check_inputs(input_ids, None, kwargs.pop("attention_mask", None))
         kwargs.setdefault("use_cache", True)
-        self.peft_model.eval()
-        return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        was_training = self.training
+        self.eval()
+        try:
+            return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            self.train(was_training)
 
     def save_adapter(self, path: str) -> None:
         """PEFT format (adapter_model.safetensors + adapter_config.json), written atomically."""
@@ -239,6 +281,14 @@ class LemaModel(nn.Module):
         if acfg.get("r") != self.config.lora_rank:
             raise ValueError(f"adapter {path!r} has rank r={acfg.get('r')} but this model was set up with "
                              f"lora_rank={self.config.lora_rank}; set lora_rank={acfg.get('r')}")
+        if acfg.get("lora_alpha") is not None and float(acfg["lora_alpha"]) != float(self.config.lora_alpha):
+            # the LoRA update is scaled by alpha / r: loading with another alpha silently changes the model
+            raise ValueError(f"adapter {path!r} has lora_alpha={acfg['lora_alpha']} but this model was set up "
+                             f"with lora_alpha={self.config.lora_alpha}; set lora_alpha={acfg['lora_alpha']}")
+        unsupported = [k for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if acfg.get(k)]
+        if unsupported:
+            raise ValueError(f"adapter {path!r} uses {unsupported}, which LEMA's LoRA does not; "
+                             "train or convert a plain LoRA adapter")
         state = load_file(weights)
         own = {n.replace(".default.", "."): p for n, p in self.peft_model.named_parameters() if ".lora_" in n}
         own_short = {n.split("base_model.model.", 1)[-1]: p for n, p in own.items()}

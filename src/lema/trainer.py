@@ -15,6 +15,8 @@ class LemaTrainer:
     optimizer steps (after clipping to `max_grad_norm`, if set) on every n-th call and then zeroes
     the gradients. Every call returns that micro-batch's logits (detached) and its *undivided*
     loss (a detached scalar); `last_step_applied` says whether this call stepped the optimizer.
+    A call runs in train mode (dropout on) and leaves the model in the mode it found it in, so an
+    evaluation between steps runs without dropout.
     """
 
     def __init__(self, model, optimizer, gradient_accumulation_steps: int = 1,
@@ -32,11 +34,15 @@ class LemaTrainer:
         self.last_grad_norm: Optional[float] = None
 
     def train_step(self, input_ids, labels=None, attention_mask=None):
-        self.model.peft_model.train()
-        if labels is None:
-            labels = input_ids
-        out = self.model(input_ids, labels=labels, attention_mask=attention_mask)
-        (out.loss / self.accum).backward()  # streams B(L-1) .. B0 (NOTE [ring protocol])
+        if labels is None:  # predict the inputs themselves, but not the padding
+            labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+        was_training = self.model.training
+        self.model.train()  # dropout on for this step only: an evaluation between steps runs in eval mode
+        try:
+            out = self.model(input_ids, labels=labels, attention_mask=attention_mask)
+            (out.loss / self.accum).backward()  # streams B(L-1) .. B0 (NOTE [ring protocol])
+        finally:
+            self.model.train(was_training)
         self.micro_step += 1
         self.last_step_applied = self.micro_step % self.accum == 0
         if self.last_step_applied:

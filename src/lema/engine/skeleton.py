@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,13 @@ def build_meta_model(hf_config, dtype: torch.dtype):
 
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+            try:
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+            except ValueError as e:
+                if "scaled_dot_product_attention" not in str(e):
+                    raise
+                # no SDPA for this architecture (e.g. Gemma 2's soft-capping): Transformers' eager attention
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="eager")
     except ValueError as e:
         raise ArchitectureError(f"architecture {getattr(hf_config, 'architectures', None) or hf_config.model_type!r} "
                                 f"has no causal-LM class in Transformers ({str(e).splitlines()[0]}); LEMA streams "
@@ -152,7 +159,9 @@ def inject_lora(model, rank: int, alpha: float, dropout: float, targets: list[st
     is_conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
     lora_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              bias="none", task_type="CAUSAL_LM", fan_in_fan_out=is_conv1d)
-    peft_model = get_peft_model(model, lora_config)
+    with warnings.catch_warnings():  # PEFT asks the model about a deprecated gradient-checkpointing flag
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, lora_config)
     for module in lora_modules(peft_model):
         for container in (module.lora_A, module.lora_B):
             for sub in container.values():
@@ -169,8 +178,10 @@ def lora_modules(peft_model):
 
 def reset_lora(peft_model, seed: int) -> None:
     """PEFT's initialisation (A Kaiming-uniform, B zero), drawn from a generator seeded with `seed`."""
-    with torch.random.fork_rng(devices=[]):
+    modules = lora_modules(peft_model)
+    cuda = sorted({p.device.index or 0 for m in modules for p in m.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda):  # the caller's RNG streams (CPU and CUDA) are left as they were
         torch.manual_seed(seed)
-        for module in lora_modules(peft_model):
+        for module in modules:
             for adapter in module.lora_A:
                 module.reset_lora_parameters(adapter, True)

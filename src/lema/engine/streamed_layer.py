@@ -76,7 +76,7 @@ class StreamedLayers:
             meta = {plain: module._parameters[attr] for module, attr, plain in binder.targets}
             layer.forward = self._make_forward(i, layer.forward, binder, meta)
 
-    def _release_backward_holds(self) -> None:
+    def release_backward_holds(self) -> None:
         while self.held_in_backward:
             self.source.release(self.held_in_backward.pop())
 
@@ -84,7 +84,7 @@ class StreamedLayers:
         def run(*args, **kwargs):
             backward = _in_backward()
             if backward:
-                self._release_backward_holds()  # the previous layer's backward has finished
+                self.release_backward_holds()  # the previous layer's backward has finished
             weights = self.source.acquire(index)
             binder.bind(weights)
             self.bound_now += 1
@@ -96,7 +96,7 @@ class StreamedLayers:
                 self.bound_now -= 1
                 if backward:
                     if not self.held_in_backward:
-                        torch.autograd.Variable._execution_engine.queue_callback(self._release_backward_holds)
+                        torch.autograd.Variable._execution_engine.queue_callback(self.release_backward_holds)
                     self.held_in_backward.append(index)
                 else:
                     self.source.release(index)

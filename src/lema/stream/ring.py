@@ -30,14 +30,17 @@ NOTE [ring protocol] — every sync point in this file points here.
   pass: autograd runs the layer's backward *after* the recompute returned, reading the bound
   weights (see engine/streamed_layer.py).
 - Shutdown: `close()` sets the stop event and joins; the worker polls the queue with a timeout,
-  so it exits within one poll interval. A loader exception is carried to the consumer, re-raised
-  at the acquire that waits for that unit, with the unit named.
+  so it exits within one poll interval. The worker holds the ring only by a weak reference, so a
+  ring dropped without close() is freed too, and its worker exits at the next poll.
+- Errors: a loader exception is carried to the consumer, re-raised at the acquire that waits for
+  that unit, with the unit named; that slot is then freed, so a later acquire loads it afresh.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -108,7 +111,9 @@ class WeightRing:
         self._stop = threading.Event()
         self._thread = None
         if prefetch:
-            self._thread = threading.Thread(target=self._worker, name="lema-loader", daemon=True)
+            # Weakly: a ring (and the model owning it) dropped without close() is still freed (NOTE [ring protocol]).
+            self._thread = threading.Thread(target=_worker, args=(weakref.ref(self), self._queue, self._stop),
+                                            name="lema-loader", daemon=True)
             self._thread.start()
 
     # ----- schedule -----------------------------------------------------------------------
@@ -127,9 +132,10 @@ class WeightRing:
     # ----- main-thread side ---------------------------------------------------------------
     def acquire(self, unit: int) -> dict:
         with self._lock:
-            if self.cursor < len(self.schedule) and self.schedule[self.cursor] == unit:
-                self.cursor += 1
-            else:  # off-schedule (an unusual call order): serve it, then carry on from here
+            pos = self._next_use(unit)
+            if pos < len(self.schedule):  # on schedule, or skipping ahead in it: carry on from there
+                self.cursor = pos + 1
+            else:  # off-schedule (an unusual call order): serve it, prefetch nothing until the next begin()
                 self.schedule = [unit]
                 self.cursor = 1
             slot = self._find(unit)
@@ -149,8 +155,12 @@ class WeightRing:
             request = s.request
         request.loaded.wait()  # host waits until the loader has issued this unit (NOTE [ring protocol])
         if request.error is not None:
-            raise RuntimeError(f"loading {self.layouts[unit].unit} failed in the loader thread: "
-                               f"{request.error}") from request.error
+            with self._lock:  # free the slot, so that a retry loads the unit afresh
+                if s.request is request:
+                    s.occupant, s.request, s.views, s.in_use = None, None, None, False
+            where = "in the loader thread" if self._thread is not None else "at acquire"
+            raise RuntimeError(f"loading {self.layouts[unit].unit} ({self.layouts[unit].nbytes} bytes) failed "
+                               f"{where}: {type(request.error).__name__}: {request.error}") from request.error
         if s.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(s.ready)  # GPU-side wait, no host sync
         return s.views
@@ -222,22 +232,31 @@ class WeightRing:
         finally:
             req.loaded.set()
 
-    def _worker(self) -> None:
-        torch.set_num_threads(1)
-        while not self._stop.is_set():
-            try:
-                req = self._queue.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            self._load(req)
-
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=10 * POLL_S)
+            if self._thread is not threading.current_thread():  # a finalizer may run on the worker itself
+                self._thread.join(timeout=10 * POLL_S)
             self._thread = None
 
     def bytes_on_device(self) -> int:
         """Frozen-weight bytes the ring holds in device memory (its preallocated slots)."""
         return sum(s.device.numel() for s in self.slots if s.device is not None) or (
             sum(s.host.numel() for s in self.slots if s.host is not None) if self.device.type == "cpu" else 0)
+
+
+def _worker(ring_ref: "weakref.ref[WeightRing]", requests: "queue.Queue[_Request]", stop: threading.Event) -> None:
+    """The loader thread (NOTE [ring protocol]); holds the ring strongly only while loading."""
+    torch.set_num_threads(1)
+    while not stop.is_set():
+        try:
+            req = requests.get(timeout=POLL_S)
+        except queue.Empty:
+            if ring_ref() is None:
+                return
+            continue
+        ring = ring_ref()
+        if ring is None:
+            return
+        ring._load(req)
+        del ring

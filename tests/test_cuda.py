@@ -1,0 +1,165 @@
+"""The CUDA path of the ring: pinned host slots, device slots, the copy stream and its events.
+
+Skipped without a GPU. On a GPU these check that streaming through the ring (host -> pinned ->
+device, copy stream synchronised by events, NOTE [ring protocol] in stream/ring.py) gives the
+same numbers as the resident strategy, and that the weights a layer runs with are views of the
+preallocated device slots (nothing allocated per layer load).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lema import MemoryStrategy
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+LAYERS = 5
+VOCAB = 96
+
+
+def batch(seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.peft_model.named_parameters() if ".lora_" in n}
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 matmuls without TF32, so the streamed and resident runs can be compared tightly."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+CASES = [  # (arch, file dtype, compute dtype, relative tolerance)
+    ("llama", torch.float32, "float32", 1e-5),
+    ("llama", torch.bfloat16, "float32", 1e-5),   # converted into the pinned slot on the way
+    ("gpt2", torch.float32, "float32", 1e-5),     # Conv1D layers, tied head
+    ("mixtral", torch.float32, "bfloat16", 1e-3),  # fused experts; bf16 so the experts may use grouped_mm
+]
+
+
+@pytest.mark.parametrize("num_buffers", [2, 3])
+@pytest.mark.parametrize("arch,file_dtype,dtype,rel", CASES, ids=[f"{c[0]}-{c[2]}" + ("-bf16file" if c[1] ==
+                                                                   torch.bfloat16 else "") for c in CASES])
+def test_streaming_matches_resident_on_cuda(arch, file_dtype, dtype, rel, num_buffers, tiny_dir, make_lema):
+    path = tiny_dir(arch, num_layers=LAYERS, dtype=file_dtype)
+    models = {s: make_lema(path, strategy=s, device="cuda", dtype=dtype, num_buffers=num_buffers)
+              for s in (MemoryStrategy.STREAMING, MemoryStrategy.RESIDENT)}
+    trainers = {s: m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2, weight_decay=0.0))
+                for s, m in models.items()}
+    for step in range(3):
+        ids = batch(step).cuda()
+        out = {s: t.train_step(ids, labels=ids) for s, t in trainers.items()}
+        (logits, loss), (ref_logits, ref_loss) = out[MemoryStrategy.STREAMING], out[MemoryStrategy.RESIDENT]
+        assert logits.is_cuda and torch.isfinite(loss)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=rel)  # host sync
+        torch.testing.assert_close(logits.float(), ref_logits.float(), atol=10 * rel, rtol=10 * rel)
+    streamed, resident = (lora_state(models[s]) for s in (MemoryStrategy.STREAMING, MemoryStrategy.RESIDENT))
+    assert streamed.keys() == resident.keys()
+    for name in resident:
+        torch.testing.assert_close(streamed[name], resident[name], atol=10 * rel, rtol=0, msg=name)
+    ring = models[MemoryStrategy.STREAMING].source
+    L, k = LAYERS, num_buffers
+    assert ring.stats.loads == (2 * L - k) + 2 * 2 * (L - k)  # see test_ring.py for the derivation
+    assert ring.stats.peak_occupied <= num_buffers
+    assert not any(s.in_use for s in ring.slots)
+
+
+def test_layer_packed_file_on_cuda(tiny_dir, make_lema, tmp_path_factory):
+    """A `lema convert` output: each layer moves as one memcpy into the pinned slot, one H2D copy."""
+    from lema.convert import convert
+
+    src = tiny_dir("llama", num_layers=LAYERS)
+    out = convert(src, str(tmp_path_factory.mktemp("packed") / "out"), progress=False)
+    model = make_lema(out, device="cuda", num_buffers=2)
+    resident = make_lema(src, device="cuda", strategy=MemoryStrategy.RESIDENT)
+    assert all(layout.packed is not None for layout in model.layouts)
+    trainers = [m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)) for m in (model, resident)]
+    for step in range(2):
+        ids = batch(step).cuda()
+        (_, loss), (_, ref_loss) = (t.train_step(ids) for t in trainers)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    for name, want in lora_state(resident).items():
+        torch.testing.assert_close(lora_state(model)[name], want, atol=1e-4, rtol=0, msg=name)
+
+
+def test_ring_slots_are_pinned_host_and_device_buffers(tiny_dir, make_lema):
+    model = make_lema(tiny_dir("llama", num_layers=LAYERS), device="cuda", num_buffers=3)
+    ring = model.source
+    assert ring.copy_stream is not None and ring.copy_stream != torch.cuda.current_stream()
+    assert len(ring.slots) == 3
+    for s in ring.slots:
+        assert s.host is not None and s.host.device.type == "cpu" and s.host.is_pinned()
+        assert s.device is not None and s.device.is_cuda and s.device.dtype == torch.uint8
+        assert s.host.numel() == s.device.numel() == ring.slot_bytes >= max(l.nbytes for l in model.layouts)
+        assert all(isinstance(e, torch.cuda.Event) for e in (s.ready, s.done, s.h2d_done))
+
+    # Every weight a layer runs with is a view into one of the device slots: no allocation per load.
+    ranges = [(s.device.data_ptr(), s.device.data_ptr() + s.device.numel()) for s in ring.slots]
+    outside = []
+    original = ring.acquire
+
+    def acquire(unit):
+        weights = original(unit)
+        for name, t in weights.items():
+            lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+            if not t.is_cuda or not any(a <= lo and hi <= b for a, b in ranges):
+                outside.append(name)
+        return weights
+
+    ring.acquire = acquire
+    trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-2))
+    trainer.train_step(batch(0).cuda())
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    for step in (1, 2):
+        trainer.train_step(batch(step).cuda())
+    torch.cuda.synchronize()
+    assert not outside, f"weights not served from the device slots: {outside[:3]}"
+    assert torch.cuda.memory_allocated() <= allocated + 2**20  # steady state: nothing grows per step
+
+    stats = model.memory_stats(trainer.optimizer)
+    assert {"device_allocated", "device_peak"} <= stats.keys()
+    assert stats["frozen_weights_now"] == stats["frozen_weights_peak"]
+    assert stats["frozen_weights_peak"] - ring.bytes_on_device() > 0  # embedding + head, resident
+    assert ring.bytes_on_device() == 3 * ring.slot_bytes
+
+
+def test_streaming_on_cuda_matches_cpu_reference(tiny_dir, make_lema):
+    """The same adapter and batch on the CPU (fp32) and streamed on CUDA give the same loss."""
+    path = tiny_dir("llama", num_layers=LAYERS)
+    ids = batch(7)
+    losses = {}
+    for device in ("cpu", "cuda"):
+        model = make_lema(path, device=device, num_buffers=2)
+        with torch.no_grad():
+            losses[device] = model(ids.to(device), labels=ids.to(device)).loss.item()
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-4)
+
+
+def test_loader_error_on_cuda_names_the_unit(tiny_dir, make_lema):
+    model = make_lema(tiny_dir("llama", num_layers=LAYERS), device="cuda", num_buffers=2)
+    ring = model.source
+    fill = ring._fill
+
+    def broken(layout, dst):
+        if layout.unit == "layer.3":
+            raise OSError("simulated read error")
+        fill(layout, dst)
+
+    ring._fill = broken
+    ids = batch(0).cuda()
+    with pytest.raises(RuntimeError, match=r"layer\.3.*simulated read error"):
+        with torch.no_grad():
+            model(ids)
+    ring._fill = fill
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, labels=ids).loss)
+    assert not any(s.in_use for s in ring.slots)

@@ -1,0 +1,277 @@
+"""Bad inputs fail early, as ValueError / FileNotFoundError (or their subclasses), with a message
+that names the bad value and says what to do. No deep traceback from inside Transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from lema import LemaConfig, LemaModel, MemoryStrategy
+from lema.engine.skeleton import ArchitectureError
+from lema.store import WeightsFileError
+
+VOCAB, POSITIONS = 96, 64
+
+
+def copy_model(src: str, dst) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def edit_config(folder: str, **changes) -> None:
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
+def build(path: str, **config) -> LemaModel:
+    config.setdefault("lora_rank", 4)
+    model = LemaModel(LemaConfig(model_name_or_path=path, **config))
+    model.close()
+    return model
+
+
+def raises(exc_type, *fragments):
+    """pytest.raises that also checks the message holds every fragment (plain substrings)."""
+    class Check:
+        def __enter__(self):
+            self.ctx = pytest.raises(exc_type)
+            self.info = self.ctx.__enter__()
+            return self.info
+
+        def __exit__(self, *exc):
+            handled = self.ctx.__exit__(*exc)
+            message = str(self.info.value)
+            for fragment in fragments:
+                assert fragment in message, f"{fragment!r} not in the message: {message}"
+            return handled
+
+    return Check()
+
+
+# ------------------------------------------------------------------------------ the checkpoint
+def test_missing_folder(tmp_path):
+    path = str(tmp_path / "no-such-model")
+    with raises(FileNotFoundError, path, "does not exist"):
+        build(path)
+
+
+def test_empty_model_name():
+    with raises(ValueError, "model_name_or_path is empty"):
+        LemaConfig(model_name_or_path="")
+
+
+def test_missing_config_json(tiny_dir, tmp_path):
+    path = copy_model(tiny_dir("llama"), tmp_path / "m")
+    os.remove(os.path.join(path, "config.json"))
+    with raises(FileNotFoundError, "no config.json", path):
+        build(path)
+
+
+def test_missing_weights_file(tiny_dir, tmp_path):
+    path = copy_model(tiny_dir("llama"), tmp_path / "m")
+    os.remove(os.path.join(path, "model.safetensors"))
+    with raises(WeightsFileError, "no weights in", path, "model.safetensors"):
+        build(path)
+
+
+def test_missing_gbi_path(tiny_dir, tmp_path):
+    missing = str(tmp_path / "packed.safetensors")
+    with raises(WeightsFileError, f"gbi_path={missing!r}", "lema convert"):
+        build(tiny_dir("llama"), gbi_path=missing)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 5 / (2**20)], ids=["half", "last-bytes", "header"])
+def test_truncated_safetensors(keep, tiny_dir, tmp_path):
+    path = copy_model(tiny_dir("llama"), tmp_path / "m")
+    weights = os.path.join(path, "model.safetensors")
+    size = os.path.getsize(weights)
+    with open(weights, "r+b") as f:
+        f.truncate(max(1, int(size * keep)) if keep > 0.001 else 5)
+    with raises(WeightsFileError, weights) as info:
+        build(path)
+    assert "truncated" in str(info.value) or "too short" in str(info.value)
+
+
+def test_corrupt_header(tiny_dir, tmp_path):
+    path = copy_model(tiny_dir("llama"), tmp_path / "m")
+    weights = os.path.join(path, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.seek(8)
+        f.write(b"\xff\xfe not json")
+    with raises(WeightsFileError, weights, "not valid JSON"):
+        build(path)
+
+
+@pytest.mark.parametrize("strategy", ["streaming", "resident"])
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])  # mixtral: experts fused by a converter, no file tensor
+def test_weights_of_another_shape(arch, strategy, tiny_dir, tmp_path):
+    path = copy_model(tiny_dir(arch), tmp_path / "m")
+    edit_config(path, intermediate_size=80)  # the file's MLP weights are 64 wide
+    # mixtral's gate_up_proj fuses w1 and w3 of each expert: (experts, 2 * 64, 32) against (4, 160, 32)
+    have, want = (("(4, 128, 32)", "(4, 160, 32)") if arch == "mixtral" else ("64", "80"))
+    with raises(WeightsFileError, "model.layers.0.mlp", have, want, "config.json implies"):
+        build(path, strategy=strategy)
+
+
+def test_weights_missing_a_layer(tiny_dir, tmp_path):
+    path = copy_model(tiny_dir("llama"), tmp_path / "m")
+    edit_config(path, num_hidden_layers=4)  # the file has 3
+    with raises(WeightsFileError, "lack", "model.layers.3."):
+        build(path)
+
+
+def test_unknown_architecture(tiny_dir, tmp_path):
+    path = copy_model(tiny_dir("llama"), tmp_path / "m")
+    edit_config(path, model_type="nonexistent")
+    with raises(ArchitectureError, "model_type='nonexistent'", "upgrade transformers"):
+        build(path)
+
+
+def test_architecture_without_causal_lm_class(tmp_path):
+    from transformers import ViTConfig
+
+    path = str(tmp_path / "vit")
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(path)
+    with raises(ArchitectureError, "no causal-LM class", "vit"):
+        build(path)
+
+
+def test_invalid_config_json(tiny_dir, tmp_path):
+    path = copy_model(tiny_dir("llama"), tmp_path / "m")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write("{ not json")
+    with raises(ValueError, "config.json", "not valid JSON"):
+        build(path)
+
+
+# ------------------------------------------------------------------------------------ settings
+@pytest.mark.parametrize("rank", [0, -1, 2.5])
+def test_lora_rank_must_be_positive(rank, tiny_dir):
+    with raises(ValueError, f"lora_rank={rank!r}", "positive integer"):
+        LemaConfig(model_name_or_path=tiny_dir("llama"), lora_rank=rank)
+
+
+def test_lora_targets_that_match_nothing(tiny_dir):
+    with raises(ValueError, "['nope_proj']", "match no module", "q_proj"):
+        build(tiny_dir("llama"), lora_target_modules=["q_proj", "nope_proj"])
+
+
+def test_lora_targets_outside_decoder_layers(tiny_dir):
+    with raises(ValueError, "['lm_head']", "outside the decoder layers"):
+        build(tiny_dir("llama"), lora_target_modules=["lm_head"])
+
+
+@pytest.mark.parametrize("n", [1, 0])
+def test_num_buffers_at_least_two(n, tiny_dir):
+    with raises(ValueError, f"num_buffers={n}", ">= 2"):
+        LemaConfig(model_name_or_path=tiny_dir("llama"), num_buffers=n)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is absent")
+def test_cuda_without_cuda(tiny_dir):
+    with raises(ValueError, "device='cuda'", "CUDA is not available", "device='cpu'"):
+        LemaConfig(model_name_or_path=tiny_dir("llama"), device="cuda")
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu0", "mps"])
+def test_unknown_device(device, tiny_dir):
+    with raises(ValueError, f"device={device!r}"):
+        LemaConfig(model_name_or_path=tiny_dir("llama"), device=device)
+
+
+@pytest.mark.parametrize("dtype", ["float8", "int8", "fp64"])
+def test_unknown_dtype(dtype, tiny_dir):
+    with raises(ValueError, f"dtype={dtype!r}", "float32, bfloat16, float16"):
+        LemaConfig(model_name_or_path=tiny_dir("llama"), dtype=dtype)
+
+
+def test_unknown_strategy(tiny_dir):
+    with raises(ValueError, "strategy='offload'", "streaming"):
+        LemaConfig(model_name_or_path=tiny_dir("llama"), strategy="offload")
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1])
+def test_lora_dropout_range(p, tiny_dir):
+    with raises(ValueError, f"lora_dropout={p!r}"):
+        LemaConfig(model_name_or_path=tiny_dir("llama"), lora_dropout=p)
+
+
+def test_bad_max_vram(tiny_dir):
+    with raises(ValueError, "max_vram='lots'", "16GB"):
+        LemaConfig(model_name_or_path=tiny_dir("llama"), max_vram="lots")
+
+
+def test_trainer_settings(tiny_dir, make_lema):
+    model = make_lema(tiny_dir("llama"))
+    opt = torch.optim.SGD(model.get_trainable_parameters(), lr=0.1)
+    with raises(ValueError, "gradient_accumulation_steps=0"):
+        model.get_trainer(opt, gradient_accumulation_steps=0)
+    with raises(ValueError, "max_grad_norm=0"):
+        model.get_trainer(opt, max_grad_norm=0)
+
+
+# --------------------------------------------------------------------------------------- inputs
+@pytest.fixture
+def llama(tiny_dir, make_lema):
+    return make_lema(tiny_dir("llama"), strategy=MemoryStrategy.STREAMING)
+
+
+@pytest.mark.parametrize("bad", [VOCAB, VOCAB + 100, -1])
+def test_token_id_outside_vocab(bad, llama):
+    ids = torch.randint(0, VOCAB, (2, 8))
+    ids[1, 3] = bad
+    with raises(ValueError, str(bad), f"{VOCAB} entries"):
+        llama(ids, labels=ids)
+    assert not any(s.in_use for s in llama.source.slots)
+
+
+def test_labels_shape_differs(llama):
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with raises(ValueError, "labels has shape (2, 7)", "(2, 8)"):
+        llama(ids, labels=ids[:, :7])
+    with raises(ValueError, "attention_mask has shape (1, 8)", "(2, 8)"):
+        llama(ids, attention_mask=torch.ones(1, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bad", [VOCAB, -5])
+def test_labels_outside_vocab(bad, llama):
+    ids = torch.randint(0, VOCAB, (2, 8))
+    labels = ids.clone()
+    labels[0, 0] = -100  # ignored positions are fine
+    labels[1, 2] = bad
+    with raises(ValueError, f"labels hold {bad}", "-100"):
+        llama(ids, labels=labels)
+    with raises(ValueError, "labels must be an integer tensor", "float32"):
+        llama(ids, labels=ids.float())
+
+
+def test_sequence_longer_than_positions(llama):
+    ids = torch.randint(0, VOCAB, (1, POSITIONS + 1))
+    with raises(ValueError, f"sequence length {POSITIONS + 1}", f"{POSITIONS} positions"):
+        llama(ids, labels=ids)
+
+
+def test_input_ids_not_integer(llama):
+    with raises(ValueError, "input_ids must be an integer tensor", "float32"):
+        llama(torch.zeros(2, 8), labels=None)
+    with raises(ValueError, "(batch, seq)", "(2, 2, 2)"):
+        llama(torch.zeros(2, 2, 2, dtype=torch.long))
+
+
+def test_trainer_reports_input_errors_and_recovers(llama):
+    """A refused batch leaves the model usable: the next step runs and nothing is left bound."""
+    opt = torch.optim.AdamW(llama.get_trainable_parameters(), lr=1e-2)
+    trainer = llama.get_trainer(opt)
+    with raises(ValueError, "labels has shape"):
+        trainer.train_step(torch.randint(0, VOCAB, (2, 8)), labels=torch.randint(0, VOCAB, (2, 9)))
+    ids = torch.randint(0, VOCAB, (2, 8))
+    _, loss = trainer.train_step(ids, labels=ids)
+    assert torch.isfinite(loss) and trainer.last_step_applied

@@ -1,0 +1,446 @@
+"""The streaming engine against Transformers + PEFT resident (the reference), fp32 on the CPU.
+
+Every test goes through the production path (LemaModel -> get_trainer -> train_step, or
+`model(...)`), on tiny random checkpoints of each architecture (tests/tiny_models.py), both
+strategies. LoRA tensors are compared by name (PEFT's adapter-file names), never by order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+
+import pytest
+import torch
+
+from lema import LemaConfig, LemaModel, MemoryStrategy
+from tiny_models import ARCHS
+
+STRATEGIES = [MemoryStrategy.STREAMING, MemoryStrategy.RESIDENT]
+VOCAB = 96
+LR = 1e-2
+
+
+# ----------------------------------------------------------------------------- helpers
+def lora_params(peft_model) -> dict[str, torch.nn.Parameter]:
+    """LoRA parameters by their adapter-file name (`...q_proj.lora_A.weight`, adapter name dropped)."""
+    return {n.replace(".default.", "."): p for n, p in peft_model.named_parameters() if ".lora_" in n}
+
+
+def snapshot(peft_model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in lora_params(peft_model).items()}
+
+
+def reference(path: str, adapter_dir: str = None, train: bool = True):
+    """Transformers' model, all weights resident, with the adapter loaded by PEFT itself."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    try:
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    except ValueError:  # no SDPA for this architecture (Gemma 2); LEMA falls back to eager as well
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    if adapter_dir is None:
+        return ref.eval()
+    with warnings.catch_warnings():  # PEFT asks the model about a deprecated gradient-checkpointing flag
+        warnings.simplefilter("ignore", FutureWarning)
+        pm = PeftModel.from_pretrained(ref, adapter_dir, is_trainable=True)
+    return pm.train() if train else pm.eval()
+
+
+def reference_step(pm, batches, attention_masks=None):
+    """One AdamW step on the reference over `batches` concatenated; returns (loss, logits)."""
+    ids = torch.cat(batches)
+    mask = None if attention_masks is None else torch.cat(attention_masks)
+    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(list(lora_params(pm).values()), lr=LR, weight_decay=0.0)
+    out = pm(input_ids=ids, labels=labels, attention_mask=mask, use_cache=False)
+    out.loss.backward()
+    opt.step()
+    return out.loss.detach(), out.logits.detach()
+
+
+def assert_lora_equal(got: dict, want: dict, atol: float, what: str) -> None:
+    assert got.keys() == want.keys(), f"{what}: LoRA names differ: {sorted(got.keys() ^ want.keys())[:4]}"
+    bad = {n: float((got[n] - want[n]).abs().max()) for n in want if not torch.allclose(got[n], want[n], atol=atol,
+                                                                                          rtol=0)}
+    assert not bad, f"{what}: {len(bad)} of {len(want)} LoRA tensors differ, e.g. {list(bad.items())[:3]}"
+
+
+def assert_all_moved(before: dict, after: dict, what: str) -> None:
+    still = [n for n in before if torch.equal(before[n], after[n])]
+    assert not still, f"{what}: {len(still)} of {len(before)} LoRA tensors did not move, e.g. {still[:3]}"
+
+
+def batch(rows: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# ------------------------------------------------------------------ one AdamW step = reference
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adamw_step_matches_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
+    check_adamw_step(tiny_dir(arch), strategy, make_lema, tmp_path)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
+@pytest.mark.parametrize("arch", ["opt", "gemma2"])
+def test_more_architectures_match_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
+    """OPT: dropout 0.1 inside the base layers, which the recompute must draw again (seeded alike);
+    Gemma 2: no SDPA attention in Transformers, so the skeleton falls back to eager attention."""
+    check_adamw_step(tiny_dir(arch), strategy, make_lema, tmp_path)
+
+
+def test_eval_mode_outside_train_steps(tiny_dir, make_lema):
+    """Like `from_pretrained`, a new model has no dropout (OPT has 0.1 in its base layers); a train
+    step turns dropout on for itself only, so an evaluation between steps is deterministic."""
+    path = tiny_dir("opt")
+    model = make_lema(path, lora_seed=None, lora_dropout=0.1)
+    assert not model.training and not model.peft_model.training
+    ids = batch()
+    with torch.no_grad():
+        first, second = model(ids).logits, model(ids).logits
+        want = reference(path)(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    torch.testing.assert_close(first, want, atol=1e-5, rtol=1e-5)
+
+    trainer = model.get_trainer(torch.optim.SGD(model.get_trainable_parameters(), lr=0.0))
+    torch.manual_seed(0)
+    _, loss_a = trainer.train_step(ids)
+    torch.manual_seed(1)
+    _, loss_b = trainer.train_step(ids)
+    assert loss_a.item() != loss_b.item(), "no dropout inside the train step"
+    assert not model.training and not any(m.training for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, first, atol=0, rtol=0)
+    model.train()  # a caller's own mode is kept too
+    trainer.train_step(ids)
+    assert model.training
+
+
+@pytest.mark.parametrize("variant", ["llama-tied", "sharded"])
+def test_tied_or_sharded_checkpoint_matches_peft(variant, tiny_dir, make_lema, tmp_path):
+    """Tied embedding/lm_head (one resident tensor), and a checkpoint in 4 shards with an index."""
+    if variant == "sharded":
+        path = tiny_dir("llama", max_shard_size="40KB")
+        assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    else:
+        path = tiny_dir(variant)
+    model = check_adamw_step(path, MemoryStrategy.STREAMING, make_lema, tmp_path)
+    if variant == "llama-tied":
+        base = model.base_model
+        assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+
+
+def check_adamw_step(path, strategy, make_lema, tmp_path):
+    arch = os.path.basename(path)
+    model = make_lema(path, strategy=strategy)
+    model.save_adapter(str(tmp_path / "start"))
+    before = snapshot(model.peft_model)
+    ids = batch()
+
+    opt = torch.optim.AdamW(model.get_trainable_parameters(), lr=LR, weight_decay=0.0)
+    torch.manual_seed(0)  # the same dropout masks, for architectures with dropout in the base layers
+    logits, loss = model.get_trainer(opt).train_step(ids, labels=ids)
+
+    pm = reference(path, str(tmp_path / "start"))
+    assert_lora_equal(snapshot(pm), before, 0.0, "adapter as loaded by PEFT")
+    torch.manual_seed(0)
+    ref_loss, ref_logits = reference_step(pm, [ids])
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    after = snapshot(model.peft_model)
+    assert_all_moved(before, after, f"{arch}/{strategy.value}")
+    assert_all_moved(before, snapshot(pm), f"{arch} reference")
+    assert_lora_equal(after, snapshot(pm), 1e-4, f"{arch}/{strategy.value} after one AdamW step")
+    return model
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_batch_matches_peft(arch, side, tiny_dir, make_lema, tmp_path):
+    """Rows of different lengths padded on one side; labels -100 at the pads."""
+    path = tiny_dir(arch)
+    model = make_lema(path, strategy=MemoryStrategy.STREAMING)
+    model.save_adapter(str(tmp_path / "start"))
+    before = snapshot(model.peft_model)
+    ids = batch(3, 12, seed=2)
+    mask = torch.ones_like(ids)
+    for row, pad in ((1, 4), (2, 7)):
+        if side == "left":
+            mask[row, :pad] = 0
+        else:
+            mask[row, -pad:] = 0
+    ids = ids.masked_fill(mask == 0, 0)  # pad token id
+    labels = ids.masked_fill(mask == 0, -100)
+
+    opt = torch.optim.AdamW(model.get_trainable_parameters(), lr=LR, weight_decay=0.0)
+    logits, loss = model.get_trainer(opt).train_step(ids, labels=labels, attention_mask=mask)
+
+    pm = reference(path, str(tmp_path / "start"))
+    ref_loss, ref_logits = reference_step(pm, [ids], [mask])
+    assert torch.isfinite(loss)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], ref_logits[real], atol=1e-4, rtol=1e-4)
+    after = snapshot(model.peft_model)
+    assert_all_moved(before, after, f"{arch} padded {side}")
+    assert_lora_equal(after, snapshot(pm), 1e-4, f"{arch} padded {side}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+def test_gradient_accumulation_equals_one_big_batch(arch, strategy, tiny_dir, make_lema, tmp_path):
+    """Two micro-batches with gradient_accumulation_steps=2 == one reference step on both together
+    (equal-length rows without padding, so the mean of the micro-batch means is the batch mean)."""
+    path = tiny_dir(arch)
+    model = make_lema(path, strategy=strategy)
+    model.save_adapter(str(tmp_path / "start"))
+    before = snapshot(model.peft_model)
+    first, second = batch(2, 10, seed=4), batch(2, 10, seed=5)
+
+    opt = torch.optim.AdamW(model.get_trainable_parameters(), lr=LR, weight_decay=0.0)
+    trainer = model.get_trainer(opt, gradient_accumulation_steps=2)
+    _, loss1 = trainer.train_step(first, labels=first)
+    assert not trainer.last_step_applied
+    assert_lora_equal(snapshot(model.peft_model), before, 0.0, "after the first micro-batch (no step yet)")
+    _, loss2 = trainer.train_step(second, labels=second)
+    assert trainer.last_step_applied
+
+    pm = reference(path, str(tmp_path / "start"))
+    ref_loss, _ = reference_step(pm, [first, second])
+    mean = (loss1.item() + loss2.item()) / 2
+    assert abs(mean - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    after = snapshot(model.peft_model)
+    assert_all_moved(before, after, f"{arch} accumulated")
+    assert_lora_equal(after, snapshot(pm), 1e-4, f"{arch}/{strategy.value} accumulated step")
+
+
+def test_gradient_clipping_matches_peft(tiny_dir, make_lema, tmp_path):
+    """max_grad_norm clips the LoRA gradients' global norm before the step, as torch's clip_grad_norm_."""
+    path = tiny_dir("qwen2")
+    model = make_lema(path)
+    model.save_adapter(str(tmp_path / "start"))
+    ids = batch()
+    trainer = model.get_trainer(torch.optim.SGD(model.get_trainable_parameters(), lr=1.0), max_grad_norm=0.05)
+    trainer.train_step(ids)
+
+    pm = reference(path, str(tmp_path / "start"))
+    params = lora_params(pm)
+    pm(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), 0.05))
+    torch.optim.SGD(list(params.values()), lr=1.0).step()
+    assert norm > 0.05, "the gradients were not large enough for the clip to matter"
+    assert trainer.last_grad_norm == pytest.approx(norm, rel=1e-5)
+    assert_lora_equal(snapshot(model.peft_model), snapshot(pm), 1e-5, "clipped SGD step")
+
+
+def lora_grads(model, ids, seed: int) -> dict[str, torch.Tensor]:
+    """Gradients of one forward/backward in train mode (the trainer's path), RNG seeded first."""
+    model.peft_model.train()
+    for p in model.get_trainable_parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    model(ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in lora_params(model.peft_model).items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+def test_lora_dropout_same_masks_streaming_resident_peft(arch, tiny_dir, make_lema, tmp_path):
+    """lora_dropout=0.1: the recompute in backward draws the forward's masks again, so STREAMING,
+    RESIDENT and PEFT resident give the same gradients under the same seed."""
+    path = tiny_dir(arch)
+    ids = batch()
+    streaming = make_lema(path, strategy=MemoryStrategy.STREAMING, lora_dropout=0.1)
+    resident = make_lema(path, strategy=MemoryStrategy.RESIDENT, lora_dropout=0.1)
+    streaming.save_adapter(str(tmp_path / "start"))
+
+    g_stream = lora_grads(streaming, ids, seed=11)
+    g_res = lora_grads(resident, ids, seed=11)
+    assert_lora_equal(g_stream, g_res, 1e-6, "streaming vs resident gradients, dropout 0.1")
+    g_other = lora_grads(streaming, ids, seed=12)
+    assert any(not torch.allclose(g_other[n], g_stream[n]) for n in g_stream), "dropout had no effect"
+
+    pm = reference(path, str(tmp_path / "start"))
+    assert pm.peft_config["default"].lora_dropout == 0.1
+    torch.manual_seed(11)
+    pm(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    g_ref = {n: p.grad for n, p in lora_params(pm).items()}
+    assert_lora_equal(g_stream, g_ref, 1e-5, "streaming vs PEFT gradients, dropout 0.1")
+
+
+# --------------------------------------------------------------------------- LoRA invariants
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_zero_b_gives_the_base_model(arch, strategy, tiny_dir, make_lema):
+    path = tiny_dir(arch)
+    model = make_lema(path, lora_seed=None, strategy=strategy)  # PEFT init: B = 0
+    assert all(float(p.detach().abs().max()) == 0 for n, p in lora_params(model.peft_model).items() if ".lora_B." in n)
+    ids = batch()
+    with torch.no_grad():
+        got = model(ids).logits
+        want = reference(path)(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
+def test_base_weights_untouched_by_a_step(strategy, tiny_dir, make_lema):
+    path = tiny_dir("llama")
+    weights = os.path.join(path, "model.safetensors")
+    digest = sha256(weights)
+    model = make_lema(path, strategy=strategy)
+    opt = torch.optim.AdamW(model.get_trainable_parameters(), lr=LR)
+    trainer = model.get_trainer(opt)
+    for seed in (1, 2):
+        trainer.train_step(batch(seed=seed))
+
+    assert sha256(weights) == digest
+    want = dict(reference(path).named_parameters())
+    base = model.base_model
+    for name in model.units.units["embed"] + model.units.units["head"]:
+        torch.testing.assert_close(base.get_parameter(name), want[name], atol=0, rtol=0)
+    for i in range(model.units.num_layers):
+        weights_i = model.source.acquire(i)
+        try:
+            assert weights_i.keys() == {n for n in want if n.startswith(f"model.layers.{i}.")}
+            for name, t in weights_i.items():
+                torch.testing.assert_close(t, want[name], atol=0, rtol=0, msg=name)
+        finally:
+            model.source.release(i)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
+def test_no_grad_forward_keeps_nothing(strategy, tiny_dir, make_lema):
+    model = make_lema(tiny_dir("llama"), strategy=strategy)
+    with torch.no_grad():
+        out = model(batch(), labels=batch())
+    assert out.logits.grad_fn is None and out.loss.grad_fn is None
+    assert model.streamed.bound_now == 0 and not model.streamed.held_in_backward
+    if strategy == MemoryStrategy.STREAMING:
+        assert not any(s.in_use for s in model.source.slots), "a slot is still in use after the pass"
+    # ... and after a training step (the backward holds are released at the end of backward)
+    opt = torch.optim.AdamW(model.get_trainable_parameters(), lr=LR)
+    model.get_trainer(opt).train_step(batch())
+    assert model.streamed.bound_now == 0 and not model.streamed.held_in_backward
+    if strategy == MemoryStrategy.STREAMING:
+        assert not any(s.in_use for s in model.source.slots)
+
+
+# ------------------------------------------------------------------------------------ adapter
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+def test_saved_adapter_loads_in_peft_with_same_logits(arch, tiny_dir, make_lema, tmp_path):
+    path = tiny_dir(arch)
+    model = make_lema(path)
+    model.save_adapter(str(tmp_path / "adapter"))
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["README.md", "adapter_config.json",
+                                                        "adapter_model.safetensors"] or \
+        {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "adapter"))
+    ids = batch()
+    with torch.no_grad():
+        got = model(ids).logits
+        want = reference(path, str(tmp_path / "adapter"), train=False)(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    base = reference(path)(input_ids=ids, use_cache=False).logits
+    assert (got - base).abs().max() > 1e-3, "the adapter does not change the output; the check would be vacuous"
+
+
+def test_load_adapter_round_trip(tiny_dir, make_lema, tmp_path):
+    path = tiny_dir("llama")
+    src = make_lema(path, lora_seed=5)
+    src.save_adapter(str(tmp_path / "adapter"))
+    dst = make_lema(path, lora_seed=None, strategy=MemoryStrategy.RESIDENT)
+    dst.load_adapter(str(tmp_path / "adapter"))
+    assert_lora_equal(snapshot(dst.peft_model), snapshot(src.peft_model), 0.0, "after load_adapter")
+    ids = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(dst(ids).logits, src(ids).logits, atol=1e-5, rtol=1e-5)
+    src.save_adapter(str(tmp_path / "adapter"))  # overwriting an adapter folder is fine
+    dst.load_adapter(str(tmp_path / "adapter"))
+
+
+def test_load_adapter_refuses_other_model_or_rank(tiny_dir, make_lema, tmp_path):
+    llama = make_lema(tiny_dir("llama"), lora_rank=4)
+    make_lema(tiny_dir("gpt2"), lora_rank=4).save_adapter(str(tmp_path / "gpt2"))
+    make_lema(tiny_dir("llama"), lora_rank=8).save_adapter(str(tmp_path / "rank8"))
+    make_lema(tiny_dir("llama"), lora_rank=4, lora_target_modules=["q_proj"]).save_adapter(str(tmp_path / "q"))
+    make_lema(tiny_dir("llama"), lora_rank=4, lora_alpha=16).save_adapter(str(tmp_path / "alpha16"))
+    before = snapshot(llama.peft_model)
+    with pytest.raises(ValueError, match="another model"):
+        llama.load_adapter(str(tmp_path / "gpt2"))
+    with pytest.raises(ValueError, match=r"r=8.*lora_rank=4"):
+        llama.load_adapter(str(tmp_path / "rank8"))
+    with pytest.raises(ValueError, match=r"lora_alpha=16.*lora_alpha=8"):  # alpha / r scales the update
+        llama.load_adapter(str(tmp_path / "alpha16"))
+    with pytest.raises(ValueError, match="target modules"):
+        llama.load_adapter(str(tmp_path / "q"))
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
+        llama.load_adapter(str(tmp_path / "nothing-here"))
+    assert_lora_equal(snapshot(llama.peft_model), before, 0.0, "a refused adapter changed the model")
+
+
+def test_train_step_without_labels_ignores_padding(tiny_dir, make_lema):
+    """labels=None trains on the inputs themselves, with the padded positions left out (-100)."""
+    model = make_lema(tiny_dir("llama"), strategy=MemoryStrategy.RESIDENT)
+    ids = batch(2, 10)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    opt = torch.optim.SGD(model.get_trainable_parameters(), lr=0.0)
+    _, loss = model.get_trainer(opt).train_step(ids, attention_mask=mask)
+    with torch.no_grad():
+        want = model(ids, labels=ids.masked_fill(mask == 0, -100), attention_mask=mask).loss
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------ the seed's example
+def test_seed_example_runs_as_written(tiny_dir):
+    config = LemaConfig(
+        model_name_or_path=tiny_dir("llama"),
+        gbi_path=None,
+        strategy=MemoryStrategy.STREAMING,
+        lora_rank=16,
+        gradient_checkpointing=True,
+    )
+    model = LemaModel(config)
+    try:
+        model.initialize_lora()
+        optimizer = torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-4)
+        trainer = model.get_trainer(optimizer)
+        input_ids = torch.randint(0, VOCAB, (2, 16))
+        logits, loss = trainer.train_step(input_ids, labels=input_ids)
+        assert logits.shape == (2, 16, VOCAB)
+        assert loss.dim() == 0 and torch.isfinite(loss)
+        assert logits.grad_fn is None and loss.grad_fn is None
+    finally:
+        model.close()
+
+
+# ------------------------------------------------------------------------------ memory_stats
+def test_memory_stats(tiny_dir, make_lema):
+    path = tiny_dir("llama", num_layers=5)
+    ref = reference(path)
+    total = sum(p.numel() * 4 for p in ref.parameters())  # fp32, tied weights counted once
+    per_layer = sum(p.numel() * 4 for n, p in ref.named_parameters() if n.startswith("model.layers.0."))
+    stats = {}
+    for strategy in STRATEGIES:
+        model = make_lema(path, strategy=strategy, num_buffers=2)
+        opt = torch.optim.AdamW(model.get_trainable_parameters(), lr=LR)
+        model.get_trainer(opt).train_step(batch())
+        s = model.memory_stats(opt)
+        assert {"frozen_weights_now", "frozen_weights_peak", "adapters", "optimizer_state"} <= s.keys()
+        assert all(isinstance(v, int) and v >= 0 for v in s.values()), s
+        adapters = sum(p.numel() * 4 for p in model.get_trainable_parameters())
+        assert s["adapters"] == adapters
+        assert 2 * adapters <= s["optimizer_state"] <= 2 * adapters + 8 * len(opt.state)  # exp_avg(_sq) + step
+        assert model.memory_stats()["optimizer_state"] == 0
+        assert s["frozen_weights_now"] <= s["frozen_weights_peak"]
+        stats[strategy] = s
+    resident, streaming = stats[MemoryStrategy.RESIDENT], stats[MemoryStrategy.STREAMING]
+    assert resident["frozen_weights_peak"] == total
+    assert streaming["frozen_weights_peak"] == total - 3 * per_layer  # 2 of the 5 layers at a time
+    assert streaming["frozen_weights_peak"] < resident["frozen_weights_peak"]
