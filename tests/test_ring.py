@@ -213,7 +213,12 @@ def test_dropped_model_is_freed_and_its_loader_thread_ends(tiny_dir):
 
     from lema import LemaConfig, LemaModel
 
-    model = LemaModel(LemaConfig(model_name_or_path=tiny_dir("llama"), lora_rank=4))
+    # CPU zero-copy (file dtype == compute dtype) loads inline, without a thread ...
+    inline = LemaModel(LemaConfig(model_name_or_path=tiny_dir("llama"), lora_rank=4))
+    assert inline.source._thread is None
+    inline.close()
+    # ... a bf16 file computed in fp32 converts in the loader thread
+    model = LemaModel(LemaConfig(model_name_or_path=tiny_dir("llama", dtype=torch.bfloat16), lora_rank=4))
     thread = model.source._thread
     assert thread is not None and thread.is_alive()
     ref = weakref.ref(model)

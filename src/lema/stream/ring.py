@@ -29,6 +29,8 @@ NOTE [ring protocol] — every sync point in this file points here.
 - A layer recomputed in backward stays in use until the next acquire or the end of the backward
   pass: autograd runs the layer's backward *after* the recompute returned, reading the bound
   weights (see engine/streamed_layer.py).
+- On the CPU with zero-copy views there is no loader thread: `_load` runs inline at prefetch
+  time; the disk -> page-cache stage is the kernel's read-ahead started by madvise(WILLNEED).
 - Shutdown: `close()` sets the stop event and joins; the worker polls the queue with a timeout,
   so it exits within one poll interval. The worker holds the ring only by a weak reference, so a
   ring dropped without close() is freed too, and its worker exits at the next poll.
@@ -110,7 +112,9 @@ class WeightRing:
         self._queue: "queue.Queue[_Request]" = queue.Queue()
         self._stop = threading.Event()
         self._thread = None
-        if prefetch:
+        # CPU zero-copy: a "load" is an madvise(WILLNEED) hint (the kernel reads ahead on its own) and a
+        # few views; it runs inline, since a thread handoff per layer would cost more than the work.
+        if prefetch and zero_copy is None:
             # Weakly: a ring (and the model owning it) dropped without close() is still freed (NOTE [ring protocol]).
             self._thread = threading.Thread(target=_worker, args=(weakref.ref(self), self._queue, self._stop),
                                             name="lema-loader", daemon=True)
