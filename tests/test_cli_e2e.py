@@ -33,15 +33,8 @@ def lema(*args, check=True, **kw):
 
 
 @pytest.fixture(scope="session")
-def smol(tmp_path_factory):
-    pytest.importorskip("gguf")
-    from lema.default_model import default_gguf_path, ensure_default_model
-
-    try:
-        default_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    return ensure_default_model(str(tmp_path_factory.mktemp("smollm2")), progress=False)
+def smol(smollm2_dir):
+    return smollm2_dir  # `lema convert --default`, once per session (conftest.py)
 
 
 @pytest.fixture(scope="session")

