@@ -55,11 +55,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lema.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "demo"))
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--show", type=int, default=3, help="held-back questions shown before training")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=80)
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from .checkpointing import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from .planner import human, plan_for_config
 
 
 @dataclass
@@ -111,14 +112,6 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _rss_bytes() -> int:
@@ -263,7 +256,7 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
             log.flush()
             if bar is not None:
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}", mem=_fmt_bytes(used))
+                                tok_s=f"{record['tokens_per_s']:.0f}", mem=human(used))
                 bar.update(1)
             if step % args.save_steps == 0 or step == total_steps or interrupt.requested:
                 save_checkpoint(args.output, step, model, optimizer, scheduler, sampler.state_dict(),
@@ -289,9 +282,5 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
 
 
 def _plan_text(config, args: TrainArgs) -> str:
-    """The memory plan table, from the planner when it is available."""
-    try:
-        from .planner import plan_for_config
-    except ImportError:
-        return "  plan: (planner not available in this build)"
+    """The memory plan table; raises PlanError (a ValueError) before anything is allocated if it cannot fit."""
     return plan_for_config(config, batch_size=args.batch_size, seq_len=args.seq_len).table()

@@ -1,0 +1,534 @@
+"""Benchmark helpers for `lema bench`: model shapes, random-weight models on disk, timed workers.
+
+- `SHAPES`: Transformers configs of well-known models (config only, no weights).
+- `build_shape(name, cache)`: writes a random-weight checkpoint of that shape once, into
+  `<cache>/shapes/<name>/`, tensor by tensor (a 27 GB model never sits in RAM). The file is a
+  valid safetensors checkpoint (Transformers loads it) whose tensors are ordered unit by unit,
+  with the `lema.units` byte ranges of a layer-packed file, so each layer is one contiguous read.
+- `Worker`: one contender (Transformers + PEFT, LEMA RESIDENT, LEMA STREAMING) in its own
+  process. The parent runs the contenders in interleaved rounds (one step each, in turn), so
+  machine drift hits all of them alike, and only one runs at a time. Separate processes keep
+  each contender's peak memory its own.
+
+Peak memory on the CPU is the peak *anonymous* resident memory (`RssAnon` in /proc/self/status),
+sampled every millisecond by a thread in the worker. `VmHWM` is not used: it counts file-backed
+pages too, i.e. the page cache that the mmap'd weights occupy, which is not memory the run owns.
+We report the peak both absolute and above the worker's baseline taken after imports (the Python
++ torch + Transformers runtime, a few hundred MB), and compare the latter with the planner.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import struct
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+from .planner import human
+
+if TYPE_CHECKING:  # for annotations; the functions import torch themselves
+    import torch
+
+# ----- shapes ---------------------------------------------------------------------------------
+
+_LLAMA_COMMON = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
+                     rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2)
+
+SHAPES: dict[str, dict] = {
+    "llama-2-7b": dict(_LLAMA_COMMON, vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False),
+    "tinyllama-1.1b": dict(_LLAMA_COMMON, vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                           num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                           max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False),
+    "smollm2-135m": dict(_LLAMA_COMMON, vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+                         bos_token_id=0, eos_token_id=0),
+    # for tests: seconds to build and run
+    "tiny-llama": dict(_LLAMA_COMMON, vocab_size=128, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False),
+}
+
+
+def shape_config(name: str):
+    """The Transformers config of a named shape."""
+    from transformers import AutoConfig
+
+    if name not in SHAPES:
+        raise ValueError(f"--shape {name!r} is not known; use one of {', '.join(SHAPES)}")
+    kwargs = dict(SHAPES[name])
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def default_cache() -> str:
+    return os.environ.get("LEMA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lema")
+
+
+def build_shape(name: str, cache: Optional[str] = None, dtype: Optional["torch.dtype"] = None, seed: int = 0,
+                log=print) -> str:
+    """A random-weight checkpoint of shape `name` in `<cache>/shapes/<name>-<dtype>/` (default float32); built once."""
+    import torch
+
+    dtype = dtype or torch.float32
+    from .engine.skeleton import build_meta_model, unit_map
+    from .store import PACKED_FORMAT
+    from .store.safetensors_file import DTYPE_NAMES
+
+    folder = os.path.join(cache or default_cache(), "shapes", f"{name}-{str(dtype).split('.')[-1]}")
+    weights = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(os.path.join(folder, "complete")):
+        return folder
+    hf_config = shape_config(name)
+    meta = build_meta_model(hf_config, dtype)
+    units = unit_map(meta)
+    params = dict(meta.named_parameters())  # deduplicated: a tied lm_head is not written
+    order = [n for names in units.units.values() for n in names]
+    total = sum(params[n].numel() * dtype.itemsize for n in order)
+    free = _free_bytes(os.path.dirname(folder) if os.path.isdir(os.path.dirname(folder)) else cache or default_cache())
+    if total > free - 2 * 2**30:
+        raise OSError(f"building shape {name!r} needs {human(total)} on disk but {human(free)} is free "
+                      f"under {cache or default_cache()}; free space or set --cache-dir elsewhere")
+    os.makedirs(folder, exist_ok=True)
+
+    # Header first (offsets known from shapes alone), then each tensor's bytes in unit order.
+    header, offset, spans = {}, 0, {}
+    for unit, names in units.units.items():
+        start = offset
+        for n in names:
+            nbytes = params[n].numel() * dtype.itemsize
+            header[n] = {"dtype": DTYPE_NAMES[dtype], "shape": list(params[n].shape),
+                         "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        spans[unit] = (start, offset)
+    header_len = 0
+    for _ in range(2):  # the units' absolute offsets depend on the header length, and vice versa
+        data_start = 8 + header_len
+        meta_units = {u: [data_start + a, data_start + b] for u, (a, b) in spans.items() if b > a}
+        header["__metadata__"] = {"format": "pt", "lema.format": PACKED_FORMAT,
+                                  "lema.units": json.dumps(meta_units), "lema.random_shape": name}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        header_len = -(-(len(raw) + 8) // 64) * 64 - 8  # data section starts 64-byte aligned
+    raw = raw.ljust(header_len, b" ")
+    gen = torch.Generator().manual_seed(seed)
+    chunk = 16 * 2**20  # elements per random draw: bounds RAM to ~64 MB whatever the model size
+    tmp = weights + ".tmp"
+    t0, written = time.perf_counter(), 0
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", header_len) + raw)
+        for n in order:
+            p = params[n]
+            numel, std = p.numel(), (0.02 if p.dim() >= 2 else 0.0)
+            for lo in range(0, numel, chunk):
+                k = min(chunk, numel - lo)
+                t = torch.ones(k) if std == 0.0 else torch.randn(k, generator=gen).mul_(std)
+                f.write(t.to(dtype).numpy().tobytes() if dtype != torch.bfloat16
+                        else t.to(dtype).view(torch.int16).numpy().tobytes())
+                written += k * dtype.itemsize
+            if total > 2**30 and log is not None and n.endswith("down_proj.weight"):
+                log(f"  building {name}: {human(written)} / {human(total)} "
+                    f"({time.perf_counter() - t0:.0f} s)")
+    os.replace(tmp, weights)
+    hf_config.dtype = str(dtype).split(".")[-1]
+    hf_config.save_pretrained(folder)
+    with open(os.path.join(folder, "complete"), "w") as f:
+        f.write(f"{total}\n")
+    return folder
+
+
+def _free_bytes(path: str) -> int:
+    os.makedirs(path, exist_ok=True)
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+# ----- measurement helpers ----------------------------------------------------------------------
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_anon() -> int:
+    """Anonymous resident bytes of this process (heap, tensors; not the mmap'd page cache)."""
+    return _status_kib("RssAnon") * 1024
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process caused to be read from the block device (page faults and reads)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class PeakSampler:
+    """A thread sampling RssAnon every `interval` seconds while active; `peak` is the largest value seen.
+
+    Sampling runs only between `start()` and `pause()` (the steps), so idle contenders waiting
+    for their turn cost no CPU.
+    """
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.peak = rss_anon()
+        self._active = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lema-peak-rss", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            if not self._active.wait(0.05):
+                continue
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(self.interval)
+
+    def start(self) -> None:
+        self.peak = max(self.peak, rss_anon())
+        self._active.set()
+
+    def pause(self) -> None:
+        self._active.clear()
+        self.peak = max(self.peak, rss_anon())
+
+    def reset(self) -> None:
+        self.peak = rss_anon()
+
+    def stop(self) -> None:
+        self._active.clear()
+        self._stop.set()
+        self._thread.join()
+
+
+def read_ceiling(path: str, cold: bool = False, limit: int = 4 * 2**30) -> float:
+    """Bytes/s of a sequential read of `path` (up to `limit` bytes) in 64 MiB blocks.
+
+    Warm (default): what the page cache serves, the ceiling for a model that fits in RAM.
+    `cold=True` first drops the range from the page cache (posix_fadvise DONTNEED) so the disk
+    itself is measured: the ceiling for a model larger than RAM.
+    """
+    size = min(os.path.getsize(path), limit)
+    buf = bytearray(64 * 2**20)
+    with open(path, "rb", buffering=0) as f:
+        if cold:
+            os.posix_fadvise(f.fileno(), 0, size, os.POSIX_FADV_DONTNEED)
+        else:  # warm it first
+            while f.tell() < size and f.readinto(buf):
+                pass
+            f.seek(0)
+        t0, done = time.perf_counter(), 0
+        while done < size:
+            n = f.readinto(buf)
+            if not n:
+                break
+            done += n
+        dt = time.perf_counter() - t0
+    return done / dt if dt > 0 else float("inf")
+
+
+# ----- contenders -----------------------------------------------------------------------------
+
+CONTENDERS = ("peft", "resident", "streaming")
+LABELS = {"peft": "Transformers + PEFT", "resident": "LEMA RESIDENT", "streaming": "LEMA STREAMING"}
+
+
+@dataclass
+class BenchSpec:
+    model: str
+    dtype: str = "float32"
+    batch_size: int = 4
+    seq_len: int = 256
+    lora_rank: int = 16
+    targets: Optional[list[str]] = None
+    num_buffers: int = 3
+    seed: int = 0
+
+
+class _Contender:
+    """Builds one contender and runs one training step at a time (AdamW on the LoRA parameters)."""
+
+    def __init__(self, name: str, spec: BenchSpec):
+        self.name, self.spec = name, spec
+        import torch
+
+        vocab = _vocab(spec.model)
+        gen = torch.Generator().manual_seed(spec.seed)
+        self.ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len), generator=gen)
+        self.ring = None
+        if name == "peft":
+            self._build_peft()
+        else:
+            self._build_lema()
+
+    def _build_peft(self):
+        import torch
+
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        from .config import parse_dtype
+        from .engine.skeleton import default_lora_targets, find_decoder_layers
+
+        spec = self.spec
+        model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=parse_dtype(spec.dtype),
+                                                     attn_implementation="sdpa")
+        model.config.use_cache = False
+        targets = spec.targets or default_lora_targets(find_decoder_layers(model)[1])
+        model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
+                                                 lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        for n, p in model.named_parameters():  # LoRA in float32, as LEMA keeps it
+            if ".lora_" in n:
+                p.data = p.data.float()
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        model.train()
+        self.model = model
+
+        def step():
+            out = model(input_ids=self.ids, labels=self.ids)
+            out.loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            return out.loss.detach()
+        self.step = step
+
+    def _build_lema(self):
+        import torch
+
+        from .config import LemaConfig, MemoryStrategy
+        from .model import LemaModel
+        from .stream.ring import WeightRing
+
+        spec = self.spec
+        strategy = MemoryStrategy.STREAMING if self.name == "streaming" else MemoryStrategy.RESIDENT
+        cfg = LemaConfig(model_name_or_path=spec.model, strategy=strategy, dtype=spec.dtype,
+                         lora_rank=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
+                         lora_target_modules=spec.targets, num_buffers=spec.num_buffers)
+        self.model = LemaModel(cfg)
+        self.model.initialize_lora(spec.seed)
+        self.opt = torch.optim.AdamW(self.model.get_trainable_parameters(), lr=1e-4)
+        trainer = self.model.get_trainer(self.opt)
+        self.ring = self.model.source if isinstance(self.model.source, WeightRing) else None
+        self.step = lambda: trainer.train_step(self.ids, labels=self.ids)[1]
+
+    def bytes_loaded(self) -> int:
+        return self.ring.stats.bytes_loaded if self.ring is not None else 0
+
+
+def _vocab(folder: str) -> int:
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+
+
+def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
+    """Runs in the contender's process: build, then serve 'step' / 'profile' / 'stop' requests."""
+    import torch
+
+    try:
+        torch.set_num_threads(threads)
+        import transformers  # noqa: F401  (imports before the baseline: the runtime is not the run's memory)
+        import peft  # noqa: F401
+
+        sampler = PeakSampler()
+        baseline = rss_anon()
+        t0 = time.perf_counter()
+        contender = _Contender(name, BenchSpec(**spec_dict))
+        conn.send({"ok": True, "baseline": baseline, "build_s": time.perf_counter() - t0})
+        while True:
+            cmd = conn.recv()
+            if cmd["op"] == "stop":
+                break
+            if cmd["op"] == "step":
+                if cmd.get("reset_peak"):
+                    sampler.reset()
+                b0, d0 = contender.bytes_loaded(), disk_read_bytes()
+                sampler.start()
+                t = time.perf_counter()
+                loss = float(contender.step())  # host sync: the step is finished when its loss is read
+                dt = time.perf_counter() - t
+                sampler.pause()
+                conn.send({"ok": True, "time": dt, "loss": loss, "bytes": contender.bytes_loaded() - b0,
+                           "disk": disk_read_bytes() - d0, "peak": sampler.peak})
+            elif cmd["op"] == "profile":
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+                    float(contender.step())
+                prof.export_chrome_trace(cmd["path"])
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+                conn.send({"ok": True, "table": table})
+        sampler.stop()
+        if contender.ring is not None:
+            contender.model.close()
+    except BaseException as e:  # carried to the parent with the traceback
+        conn.send({"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
+    finally:
+        conn.close()
+
+
+class Worker:
+    """The parent's handle on one contender process."""
+
+    def __init__(self, name: str, spec: BenchSpec, threads: int):
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(name, asdict(spec), child, threads), daemon=True)
+        self.proc.start()
+        child.close()
+        self.info: Optional[dict] = None
+
+    def wait_ready(self) -> dict:
+        """Block until the contender is built (its baseline memory and build time)."""
+        self.info = self._recv()
+        return self.info
+
+    def _recv(self) -> dict:
+        try:
+            msg = self.conn.recv()
+        except EOFError:
+            self.proc.join()
+            raise RuntimeError(f"{LABELS[self.name]} worker died (exit code {self.proc.exitcode}); "
+                               "out of memory?") from None
+        if not msg["ok"]:
+            raise RuntimeError(f"{LABELS[self.name]} failed: {msg['error']}\n{msg['trace']}")
+        return msg
+
+    def request(self, **cmd) -> dict:
+        self.conn.send(cmd)
+        return self._recv()
+
+    def close(self) -> None:
+        try:
+            self.conn.send({"op": "stop"})
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+@dataclass
+class ContenderResult:
+    name: str
+    label: str
+    times: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    bytes_per_step: int = 0
+    disk_bytes_per_step: int = 0
+    baseline_rss: int = 0
+    peak_rss: int = 0
+    build_s: float = 0.0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else math.nan
+
+
+def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, threads: Optional[int] = None,
+               log=print) -> tuple[dict[str, ContenderResult], dict[str, "Worker"]]:
+    """Warm-up steps, then `steps` interleaved rounds: each contender one step per round, in turn."""
+    import torch
+
+    threads = threads or torch.get_num_threads()
+    results = {n: ContenderResult(n, LABELS[n]) for n in names}
+    workers: dict[str, Worker] = {}
+    try:
+        log(f"building {', '.join(LABELS[n] for n in names)} (in parallel) ...")
+        for n in names:  # builds overlap; steps never do
+            workers[n] = Worker(n, spec, threads)
+        for n in names:
+            workers[n].wait_ready()
+            results[n].baseline_rss = workers[n].info["baseline"]
+            results[n].build_s = workers[n].info["build_s"]
+        for _ in range(warmup):
+            for n in names:
+                workers[n].request(op="step")
+        for r in range(steps):
+            order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+            for n in order:
+                m = workers[n].request(op="step", reset_peak=False)
+                res = results[n]
+                res.times.append(m["time"])
+                res.losses.append(m["loss"])
+                res.bytes_per_step = m["bytes"]
+                res.disk_bytes_per_step = max(res.disk_bytes_per_step, m["disk"])
+                res.peak_rss = max(res.peak_rss, m["peak"])
+            log(f"round {r + 1}/{steps}: " + ", ".join(f"{n} {results[n].times[-1]:.3f} s" for n in names))
+        return results, workers
+    except BaseException:
+        for w in workers.values():
+            w.close()
+        raise
+
+
+def profile_contenders(workers: dict[str, "Worker"], trace: str) -> dict[str, str]:
+    """One profiled step per contender; the Chrome trace goes to TRACE (or TRACE-<name>.json)."""
+    tables = {}
+    root, ext = os.path.splitext(trace)
+    for n, w in workers.items():
+        path = trace if len(workers) == 1 else f"{root}-{n}{ext or '.json'}"
+        tables[n] = w.request(op="profile", path=os.path.abspath(path))["table"]
+    return tables
+
+
+def compute_floor_time(model: str, spec: BenchSpec, layers=(1, 2), repeats: int = 2) -> dict:
+    """Compute time of one training step with every layer resident, from models of 1 and 2 layers.
+
+    Builds the same shape with `layers[i]` decoder layers, in RAM (random weights), with PEFT LoRA
+    on the same targets and non-reentrant checkpointing (so forward, recompute and backward, as
+    LEMA does); t(n) = t_rest + n * t_layer, so the full model's compute is t_rest + L * t_layer.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .config import parse_dtype
+    from .engine.skeleton import default_lora_targets, find_decoder_layers
+
+    cfg = AutoConfig.from_pretrained(model)
+    L = cfg.num_hidden_layers
+    times = {}
+    for n in layers:
+        cfg.num_hidden_layers = n
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(spec.dtype), attn_implementation="sdpa")
+        m.config.use_cache = False
+        targets = spec.targets or default_lora_targets(find_decoder_layers(m)[1])
+        m = get_peft_model(m, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules=targets))
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        ids = torch.randint(0, cfg.vocab_size, (spec.batch_size, spec.seq_len))
+        ts = []
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            m(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ts.append(time.perf_counter() - t)
+        times[n] = statistics.median(ts[1:])
+        del m, opt
+    a, b = layers
+    t_layer = (times[b] - times[a]) / (b - a)
+    t_rest = times[a] - a * t_layer
+    return {"t_layer": t_layer, "t_rest": t_rest, "compute_s": t_rest + L * t_layer, "layers_timed": times}

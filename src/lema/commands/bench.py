@@ -1,0 +1,180 @@
+"""`lema bench`: Transformers + PEFT, LEMA RESIDENT and LEMA STREAMING side by side (lema/bench.py)."""
+
+from __future__ import annotations
+
+HELP = "time training steps of Transformers + PEFT, LEMA RESIDENT and LEMA STREAMING side by side"
+EXAMPLE = "lema bench --shape smollm2-135m --batch-size 4 --seq-len 256 --steps 10"
+
+
+def add_arguments(parser) -> None:
+    from ..bench import CONTENDERS, SHAPES
+
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="FOLDER", help="a Transformers checkpoint folder with weights")
+    src.add_argument("--shape", choices=list(SHAPES),
+                     help="a random-weight model of this shape, built once in the cache folder")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where --shape models are built (default: $LEMA_CACHE_DIR or ~/.cache/lema)")
+    parser.add_argument("--steps", type=int, default=5, help="measured rounds (default: 5), after 1 warm-up step")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (default: float32)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: 16), on every linear layer")
+    parser.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
+                        help="modules to adapt (default: every linear layer inside the decoder layers)")
+    parser.add_argument("--num-buffers", type=int, default=3, help="LEMA's ring depth (default: 3)")
+    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=None,
+                        help="which to run (default: all three; only streaming when the weights exceed RAM)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per contender (default: all)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure the floor: compute time of the step (from 1- and 2-layer models, "
+                             "scaled to all layers) and disk-read time of the bytes read per step")
+    parser.add_argument("--profile", default=None, metavar="TRACE.json",
+                        help="after timing, profile one step of each contender (torch.profiler Chrome trace; "
+                             "TRACE-<contender>.json when several)")
+    parser.add_argument("--exact-memory", action="store_true",
+                        help="run the contenders with glibc's MALLOC_MMAP_THRESHOLD_=131072, so freed tensors go "
+                             "back to the OS and the peak RssAnon is the peak of live tensors (to compare with the "
+                             "planner); slower, every large allocation is a fresh mmap")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def _mem_total() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run(args) -> int:
+    import json
+    import os
+    import platform
+    import sys
+
+    import torch
+
+    from .. import bench
+    from ..config import parse_dtype
+    from ..planner import plan
+
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    for name in ("steps", "batch_size", "seq_len", "lora_rank"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+    dtype = parse_dtype(args.dtype)
+    if args.shape:
+        log(f"model: random weights of shape {args.shape} ({args.dtype}) ...")
+        folder = bench.build_shape(args.shape, args.cache_dir, dtype, log=log)
+    else:
+        folder = args.model
+    weights = os.path.join(folder, "model.safetensors")
+    files = [weights] if os.path.isfile(weights) else sorted(
+        os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {folder!r}; `lema convert` it first")
+    weight_bytes = sum(os.path.getsize(f) for f in files)
+    big = weight_bytes > 0.6 * _mem_total()
+    names = args.contenders or (["streaming"] if big else list(bench.CONTENDERS))
+    if big and not args.contenders:
+        log(f"weights are {bench.human(weight_bytes)}, more than this machine's RAM allows resident: "
+            "running LEMA STREAMING only")
+
+    # The ceiling: what reading the weights can deliver here (CPU: a sequential file read;
+    # from the page cache when the model fits in RAM, from the disk when it does not).
+    ceiling = bench.read_ceiling(files[0], cold=big)
+    ceiling_kind = "disk (cold sequential read)" if big else "page cache (warm sequential read)"
+
+    spec = bench.BenchSpec(model=folder, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
+                           lora_rank=args.lora_rank, targets=args.lora_target_modules, num_buffers=args.num_buffers)
+    predicted = {}
+    for n in names:
+        p = plan(folder, dtype, args.lora_rank, args.lora_target_modules, "adamw", args.batch_size, args.seq_len,
+                 None, "cpu", args.num_buffers, "streaming" if n == "streaming" else "resident")
+        predicted[n] = p.peak_bytes
+    if args.exact_memory:  # read by glibc when each contender's process starts (spawn)
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    results, workers = bench.run_rounds(names, spec, args.steps, threads=args.threads, log=log)
+    try:
+        tables = bench.profile_contenders(workers, args.profile) if args.profile else {}
+    finally:
+        for w in workers.values():
+            w.close()
+    floor = bench.compute_floor_time(folder, spec) if args.floor else None
+
+    tokens = args.batch_size * args.seq_len
+    ref = {k: results[k].median for k in ("peft", "resident") if k in results}
+    out = {
+        "date": __import__("datetime").date.today().isoformat(),
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {bench.human(_mem_total())} RAM, "
+                   f"torch {torch.__version__}",
+        "command": "lema " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None,
+        "model": folder, "weights_bytes": weight_bytes, "dtype": args.dtype, "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "lora_rank": args.lora_rank, "steps": args.steps,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "ceiling_bytes_per_s": ceiling, "ceiling_kind": ceiling_kind,
+        "contenders": {},
+    }
+    for n, r in results.items():
+        peak_run = r.peak_rss - r.baseline_rss
+        gbps = r.bytes_per_step / r.median if r.median else 0.0
+        out["contenders"][n] = {
+            "label": r.label, "median_step_s": r.median, "step_times_s": r.times,
+            "tokens_per_s": tokens / r.median, "losses": r.losses,
+            "peak_anon_bytes": r.peak_rss, "baseline_anon_bytes": r.baseline_rss, "peak_run_bytes": peak_run,
+            "predicted_peak_bytes": predicted[n],
+            "predicted_over_measured": predicted[n] / peak_run if peak_run > 0 else None,
+            "bytes_streamed_per_step": r.bytes_per_step, "disk_bytes_read_per_step": r.disk_bytes_per_step,
+            "achieved_bytes_per_s": gbps, "achieved_over_ceiling": gbps / ceiling if ceiling else None,
+            "vs_peft": r.median / ref["peft"] if "peft" in ref else None,
+            "vs_resident": r.median / ref["resident"] if "resident" in ref else None,
+            "build_s": r.build_s,
+        }
+    if floor is not None and "streaming" in results:
+        s = out["contenders"]["streaming"]
+        disk_s = s["disk_bytes_read_per_step"] / ceiling if ceiling else 0.0
+        floor_s = max(disk_s, floor["compute_s"])
+        out["floor"] = dict(floor, disk_s=disk_s, floor_s=floor_s,
+                            streaming_over_floor=s["median_step_s"] / floor_s if floor_s else None)
+    if tables:
+        out["profile_tables"] = tables
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_table(out))
+        for n, t in tables.items():
+            print(f"\nprofile, {bench.LABELS[n]} (self CPU time, top 15):\n{t}")
+    return 0
+
+
+def format_table(out: dict) -> str:
+    from ..bench import human
+
+    gb = 1e9
+    lines = [f"lema bench: {out['model']} ({human(out['weights_bytes'])}), {out['dtype']}, batch {out['batch_size']}"
+             f" x seq {out['seq_len']}, LoRA r{out['lora_rank']}, AdamW; {out['steps']} interleaved rounds",
+             f"machine: {out['machine']}; ceiling: {out['ceiling_bytes_per_s'] / gb:.2f} GB/s, {out['ceiling_kind']}",
+             ""]
+    hdr = (f"{'contender':<20} {'median s':>9} {'tok/s':>8} {'peak anon':>10} {'run peak':>10} {'predicted':>10}"
+           f" {'pred/run':>8} {'streamed/step':>13} {'GB/s':>6} {'/ceil':>6} {'x PEFT':>7} {'x RESID':>7}")
+    lines += [hdr, "-" * len(hdr)]
+    f = lambda v, spec: "-" if v is None else format(v, spec)
+    for c in out["contenders"].values():
+        lines.append(f"{c['label']:<20} {c['median_step_s']:>9.3f} {c['tokens_per_s']:>8.0f} "
+                     f"{human(c['peak_anon_bytes']):>10} {human(c['peak_run_bytes']):>10} "
+                     f"{human(c['predicted_peak_bytes']):>10} {f(c['predicted_over_measured'], '.2f'):>8} "
+                     f"{human(c['bytes_streamed_per_step']):>13} {c['achieved_bytes_per_s'] / gb:>6.2f} "
+                     f"{f(c['achieved_over_ceiling'], '.2f'):>6} {f(c['vs_peft'], '.2f'):>7} "
+                     f"{f(c['vs_resident'], '.2f'):>7}")
+    lines.append("")
+    lines.append("peak anon: peak RssAnon of the contender's process; run peak: above its baseline after imports "
+                 "(compared with the planner's predicted peak)")
+    if "floor" in out:
+        fl = out["floor"]
+        s = out["contenders"]["streaming"]
+        lines.append(f"floor: compute {fl['compute_s']:.2f} s (rest {fl['t_rest']:.2f} s + {fl['t_layer']:.3f} s "
+                     f"x layers), disk {fl['disk_s']:.2f} s ({human(s['disk_bytes_read_per_step'])} read per step "
+                     f"at {out['ceiling_bytes_per_s'] / gb:.2f} GB/s) -> floor {fl['floor_s']:.2f} s; STREAMING "
+                     f"is {fl['streaming_over_floor']:.2f}x the floor")
+    return "\n".join(lines)

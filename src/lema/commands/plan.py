@@ -1,0 +1,46 @@
+"""`lema plan`: print the memory plan of a training run without training (lema/planner.py)."""
+
+from __future__ import annotations
+
+HELP = "print the memory plan of a training run (what goes where, the predicted peak) without training"
+EXAMPLE = "lema plan --shape llama-2-7b --max-vram 16GB --batch-size 8 --seq-len 512 --dtype bfloat16"
+
+
+def add_arguments(parser) -> None:
+    from ..bench import SHAPES
+
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="FOLDER", help="a Transformers checkpoint folder (only config.json is read)")
+    src.add_argument("--shape", choices=[s for s in SHAPES], help="a known model shape (config only, no weights)")
+    parser.add_argument("--max-vram", default=None, metavar="SIZE",
+                        help="device memory budget, e.g. 16GB or 12GiB; a plan over it is refused")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: 512)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (default: 16)")
+    parser.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
+                        help="modules to adapt (default: every linear layer inside the decoder layers)")
+    parser.add_argument("--dtype", default="bfloat16", help="compute dtype of the frozen weights (default: bfloat16)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="where the step would run (default: cuda; no GPU is needed to plan)")
+    parser.add_argument("--num-buffers", type=int, default=3, help="ring depth (default: 3)")
+    parser.add_argument("--strategy", default="streaming", choices=["streaming", "resident"],
+                        help="streaming (default) or resident")
+    parser.add_argument("--optimizer", default="adamw", help="adamw (default), adam, sgd or sgd-momentum")
+
+
+def run(args) -> int:
+    from ..config import parse_bytes
+    from ..planner import plan
+
+    if args.shape:
+        from ..bench import shape_config
+
+        model = shape_config(args.shape)
+    else:
+        model = args.model
+    p = plan(model, dtype=args.dtype, lora_rank=args.lora_rank, targets=args.lora_target_modules,
+             optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
+             max_vram_bytes=parse_bytes(args.max_vram), device_type=args.device,
+             num_buffers=args.num_buffers, strategy=args.strategy)
+    print(p.table())
+    return 0

@@ -1,0 +1,424 @@
+"""The memory planner: what one training step needs, where it lives, and whether it fits.
+
+Everything comes from the model's config alone: the skeleton is built on the meta device and
+PEFT's LoRA is injected into it (so the LoRA sizes are PEFT's own); no weight is read.
+
+Notation: B batch, T sequence length, a = B*T tokens, H hidden size, I MLP intermediate size,
+nh / nkv attention / key-value heads, d head dim, V vocabulary, L decoder layers, r LoRA rank,
+s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (num_buffers).
+
+    frozen units   embed, head: their parameters x s, resident on the device (tied = once)
+                   layer i: its parameters x s; a ring slot holds the largest layer, each tensor
+                   padded to 64 bytes (stream/layout.py)
+    ring           k slots x slot bytes on the device; on CUDA also k pinned host slots of that
+                   size. On the CPU with the weights file already in the compute dtype the ring
+                   hands out views of the mmap: page cache, no anonymous memory.
+    LoRA           sum over adapted linears of r x (in + out) parameters, float32
+    gradients      = LoRA bytes (float32)
+    optimizer      AdamW/Adam: 2 x LoRA bytes (exp_avg, exp_avg_sq, float32); SGD: 0
+    optimizer step AdamW/Adam: + 1 x LoRA bytes while `step()` runs (foreach sqrt(exp_avg_sq))
+    boundary       L x a x H x s: each layer's input, kept by the checkpoint for the recompute
+    logits kept    a x V x s: the output's logits, alive until the step returns
+    head work      a x V x (s + 12) [+ a x V x (4 + s) when s != 4]: the logits; log-softmax output
+                   (fp32, saved for backward), the NLL gradient and the log-softmax gradient (fp32)
+                   alive together in backward; plus the fp32 upcast and its gradient when the
+                   compute dtype is not fp32
+    layer work     the recompute + backward of one layer (the largest transient while layers
+                   run backward), per token, in elements of size s unless marked:
+                     norms        2 x (H + H x 4/s)      RMSNorm's fp32 normalised input + output
+                     q, k, v      nh d + 2 nkv d         projections
+                     rope         nh d + nkv d           rotated q, k (saved by attention)
+                     repeat_kv    2 nh d when nkv < nh   expanded k, v for SDPA
+                     attention    3 H                    SDPA output, its reshape, o_proj output
+                                  + nh x 4/s             logsumexp (flash/efficient kernels: no T x T)
+                     residuals    2 H                    the two residual sums
+                     mlp          4 I                    gate, up, act(gate), act(gate) x up
+                     lora         n_t x r x 4/s          each adapted linear's A output (fp32)
+                     backward     2 H + 3 I              gradients alive at once in the MLP backward
+
+Peak = frozen (embed + head + ring or all layers) + LoRA + gradients + optimizer
+       + max(boundary + head work, boundary + logits kept + layer work, logits kept + optimizer step).
+
+Decisions: the ring depth (applied through `num_buffers`), where boundary activations live, how
+many layers could stay resident, whether a chunked loss or skipping the recompute would pay. Only
+the ring depth is something the engine carries out today; the rest is printed as advice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # for annotations; the functions import torch themselves
+    import torch
+
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
+"""Float32 tensors of optimizer state per trainable parameter."""
+OPTIMIZER_TEMPS = {"adamw": 1, "adam": 1, "sgd": 0, "sgd-momentum": 0}
+"""Float32 temporaries per trainable parameter inside `step()` (torch's foreach Adam: sqrt(exp_avg_sq))."""
+
+ALIGN = 64  # stream/layout.py pads each tensor of an unpacked slot to this many bytes
+
+
+class PlanError(ValueError):
+    """The run cannot fit its budget; the message gives the numbers and the setting to change."""
+
+
+@dataclass
+class Row:
+    item: str
+    where: str
+    nbytes: int
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """A plan for one training step. Byte counts are exact for weights and LoRA, estimates for activations."""
+
+    model_type: str
+    dtype: torch.dtype
+    device_type: str
+    strategy: str
+    batch_size: int
+    seq_len: int
+    lora_rank: int
+    max_vram_bytes: Optional[int]
+    num_layers: int
+    unit_bytes: dict[str, int]
+    slot_bytes: int
+    lora_params: int
+    lora_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    boundary_bytes: int
+    logits_bytes: int
+    head_work_bytes: int
+    layer_work_bytes: int
+    layer_saved_bytes: int
+    ring_depth: int
+    ring_device_bytes: int
+    ring_host_bytes: int
+    frozen_device_bytes: int
+    peak_bytes: int
+    peak_phase: str
+    activations_on: str = "device"
+    resident_layers_fit: int = 0
+    resident_layer_indices: list[int] = field(default_factory=list)
+    ring_depth_fit: int = 0
+    skip_recompute_fit: int = 0
+    chunked_loss_saves: int = 0
+    advice: list[str] = field(default_factory=list)
+    layer_terms: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def layer_bytes(self) -> int:
+        return max((b for u, b in self.unit_bytes.items() if u.startswith("layer.")), default=0)
+
+    def rows(self) -> list[Row]:
+        L = self.num_layers
+        dev = self.device_type
+        ring_note = f"{self.ring_depth} slots x {human(self.slot_bytes)}"
+        if self.strategy == "resident":
+            ring = Row(f"decoder layers ({L})", dev, self.frozen_device_bytes - self.unit_bytes["embed"]
+                       - self.unit_bytes["head"], "resident (strategy resident)")
+        elif self.ring_device_bytes == 0:
+            ring = Row(f"ring ({self.ring_depth} slots)", "page cache", 0,
+                       f"views of the mmap'd weights; {ring_note} of page cache")
+        else:
+            ring = Row(f"ring ({self.ring_depth} slots)", dev, self.ring_device_bytes, ring_note)
+        rows = [
+            Row("embedding", dev, self.unit_bytes["embed"], "frozen, resident"),
+            Row("head (norm + lm_head)", dev, self.unit_bytes["head"],
+                "frozen, resident" + (" (tied to the embedding)" if self.unit_bytes["head"] < 1024 else "")),
+            ring,
+            Row("LoRA adapters", dev, self.lora_bytes, f"{self.lora_params:,} params, r={self.lora_rank}, fp32"),
+            Row("LoRA gradients", dev, self.grad_bytes, "fp32"),
+            Row("optimizer state", dev, self.optimizer_bytes, "AdamW: 2 x LoRA, fp32"),
+            Row("boundary activations", dev if self.activations_on == "device" else "host", self.boundary_bytes,
+                f"{L} x B{self.batch_size} x T{self.seq_len} x H x {self.dtype.itemsize} B"),
+            Row("logits kept", dev, self.logits_bytes, "B x T x V x s, until the step returns"),
+            Row("head work (loss)", dev, self.head_work_bytes, "transient: log-softmax + grads, fp32"),
+            Row("one layer's recompute", dev, self.layer_work_bytes, "transient: saved + backward tensors"),
+        ]
+        if self.ring_host_bytes:
+            rows.append(Row("pinned host slots", "host", self.ring_host_bytes, ring_note + " (not in the budget)"))
+        return rows
+
+    def table(self) -> str:
+        """The plan as a printable table, the predicted peak and the decisions."""
+        head = (f"memory plan: {self.model_type}, {str(self.dtype).split('.')[-1]}, {self.strategy}, "
+                f"device {self.device_type}, batch {self.batch_size} x seq {self.seq_len}, LoRA r{self.lora_rank}")
+        w = max(len(r.item) for r in self.rows())
+        lines = [head, "",
+                 f"  {'what':<{w}}  {'where':<10}  {'bytes':>15}  {'':>10}  note",
+                 f"  {'-' * w}  {'-' * 10}  {'-' * 15}  {'-' * 10}  ----"]
+        for r in self.rows():
+            lines.append(f"  {r.item:<{w}}  {r.where:<10}  {r.nbytes:>15,}  {human(r.nbytes):>10}  {r.note}")
+        lines.append("")
+        lines.append(f"  predicted peak: {human(self.peak_bytes)} ({self.peak_bytes:,} B), at {self.peak_phase}")
+        if self.max_vram_bytes is not None:
+            lines.append(f"  budget:         {human(self.max_vram_bytes)}, headroom "
+                         f"{human(self.max_vram_bytes - self.peak_bytes)}")
+        lines.append("")
+        lines.append("  decisions:")
+        lines.append(f"    ring depth: {self.ring_depth} (applied: num_buffers)"
+                     + (f"; the budget would allow {self.ring_depth_fit}" if self.ring_depth_fit > self.ring_depth
+                        else ""))
+        lines.append(f"    boundary activations: {self.activations_on}"
+                     + (" (applied)" if self.activations_on == "device" else " (advice: engine keeps them on device)"))
+        if self.strategy == "streaming":
+            where = (f", e.g. layers {_short(self.resident_layer_indices)}" if self.resident_layer_indices else "")
+            lines.append(f"    resident layers: 0 applied (engine: streams all), {self.resident_layers_fit} would fit"
+                         + where)
+        for a in self.advice:
+            lines.append(f"    advice: {a}")
+        return "\n".join(lines)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _short(idx: list[int]) -> str:
+    return str(idx) if len(idx) <= 8 else f"[{', '.join(map(str, idx[:6]))}, ..., {idx[-1]}] (every ~{idx[1] - idx[0]})"
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def spread(n: int, L: int) -> list[int]:
+    """n layer indices spread evenly through 0..L-1 (not the first n: transfers keep overlapping compute)."""
+    if n <= 0:
+        return []
+    if n >= L:
+        return list(range(L))
+    return sorted({int((i + 0.5) * L / n) for i in range(n)})
+
+
+def _text_config(hf_config):
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
+def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int) -> dict[str, int]:
+    """Bytes of one layer's recompute + backward working set, term by term (see the module docstring)."""
+    c = _text_config(hf_config)
+    H = c.hidden_size
+    nh = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
+    nkv = getattr(c, "num_key_value_heads", None) or nh
+    d = getattr(c, "head_dim", None) or H // nh
+    I = (getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * H)
+    if getattr(c, "num_experts_per_tok", None):  # MoE: the routed experts' intermediates
+        I *= c.num_experts_per_tok
+    f32 = 4
+    terms = {
+        "norms": a * 2 * (H * s + H * f32),
+        "q, k, v": a * s * (nh * d + 2 * nkv * d),
+        "rope": a * s * (nh * d + nkv * d),
+        "repeat_kv": a * s * 2 * nh * d if nkv < nh else 0,
+        "attention": a * (3 * H * s + nh * f32),
+        "residuals": a * s * 2 * H,
+        "mlp": a * s * 4 * I,
+        "lora": a * n_targets * lora_rank * f32,
+        "backward": a * s * (2 * H + 3 * I),
+    }
+    return terms
+
+
+def head_work_bytes(a: int, V: int, s: int) -> int:
+    extra = a * V * (4 + s) if s != 4 else 0
+    return a * V * (s + 12) + extra
+
+
+def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str]] = None,
+         optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 512,
+         max_vram_bytes: Optional[int] = None, device_type: str = "cuda", num_buffers: int = 3,
+         strategy: str = "streaming", zero_copy: Optional[bool] = None) -> Plan:
+    """Plan one training step of `model` (a Transformers config, or a checkpoint folder).
+
+    `zero_copy` (CPU only): whether the ring serves views of the mmap (weights file already in the
+    compute dtype); None: read from the folder's weights-file header when `model` is a folder, else True.
+    Raises PlanError when `max_vram_bytes` is given and the predicted peak exceeds it.
+    """
+    from .config import parse_dtype
+    from .engine.skeleton import (EMBED, HEAD, build_meta_model, default_lora_targets, find_decoder_layers,
+                                  load_hf_config, unit_map)
+
+    dtype = parse_dtype(dtype)
+    strategy = getattr(strategy, "value", strategy)
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(OPTIMIZER_STATES)}")
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("lora_rank", lora_rank)):
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name}={v!r} must be a positive integer")
+    if num_buffers < 2:
+        raise ValueError(f"num_buffers={num_buffers} must be >= 2")
+    folder = model if isinstance(model, str) else None
+    hf_config = load_hf_config(folder) if folder else model
+    if zero_copy is None:
+        zero_copy = _file_dtype(folder) == dtype if folder else True
+
+    base = build_meta_model(hf_config, dtype)
+    units = unit_map(base)
+    params = dict(base.named_parameters())
+    s = dtype.itemsize
+    unit_bytes = {u: sum(params[n].numel() for n in names) * s for u, names in units.units.items()}
+    slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
+                      for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
+
+    # LoRA sizes from PEFT itself, injected into the meta skeleton.
+    from peft import LoraConfig, get_peft_model
+
+    prefix, layers = find_decoder_layers(base)
+    targets = list(targets or default_lora_targets(layers))
+    peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
+    lora = [p for n, p in peft_model.named_parameters() if ".lora_" in n]
+    lora_params = sum(p.numel() for p in lora)
+    n_targets = sum(1 for n, _ in peft_model.named_parameters()
+                    if ".lora_A." in n and f"{prefix}.0." in n)
+    lora_bytes = lora_params * 4
+    grad_bytes = lora_bytes
+    optimizer_bytes = OPTIMIZER_STATES[optimizer] * lora_bytes
+    optimizer_temp = OPTIMIZER_TEMPS[optimizer] * lora_bytes
+
+    c = _text_config(hf_config)
+    L = units.num_layers
+    a = batch_size * seq_len
+    V = c.vocab_size
+    boundary = L * a * c.hidden_size * s
+    logits = a * V * s
+    head_work = head_work_bytes(a, V, s)
+    terms = layer_work_terms(hf_config, a, s, lora_rank, n_targets)
+    layer_work = sum(terms.values())
+    layer_saved = layer_work - terms["backward"]
+
+    cpu = device_type == "cpu"
+    layers_total = sum(b for u, b in unit_bytes.items() if u not in (EMBED, HEAD))
+
+    def peak_of(depth: int, on_device_acts: bool = True) -> tuple[int, int, int, str]:
+        if strategy == "resident":
+            ring_dev = 0
+            frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + layers_total
+        else:
+            ring_dev = 0 if (cpu and zero_copy) else depth * slot_bytes
+            frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + ring_dev
+        fixed = frozen + lora_bytes + grad_bytes + optimizer_bytes
+        static = fixed + (boundary if on_device_acts else 0)
+        phases = {"the loss (head forward/backward)": static + head_work,
+                  "the first layer's recompute in backward": static + logits + layer_work,
+                  "the optimizer step": fixed + logits + optimizer_temp}
+        phase = max(phases, key=phases.get)
+        return phases[phase], ring_dev, frozen, phase
+
+    depth = num_buffers
+    peak, ring_dev, frozen, phase = peak_of(depth)
+    p = Plan(model_type=c.model_type, dtype=dtype, device_type=device_type, strategy=strategy,
+             batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, max_vram_bytes=max_vram_bytes,
+             num_layers=L, unit_bytes=unit_bytes, slot_bytes=slot_bytes, lora_params=lora_params,
+             lora_bytes=lora_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
+             boundary_bytes=boundary, logits_bytes=logits, head_work_bytes=head_work,
+             layer_work_bytes=layer_work, layer_saved_bytes=layer_saved, ring_depth=depth,
+             ring_device_bytes=ring_dev, ring_host_bytes=0 if cpu or strategy == "resident" else depth * slot_bytes,
+             frozen_device_bytes=frozen, peak_bytes=peak, peak_phase=phase, layer_terms=terms)
+    _decide(p, peak_of, num_buffers, zero_copy)
+    return p
+
+
+def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
+    """Fill the decisions and advice of `p`; raise PlanError when it cannot fit."""
+    budget = p.max_vram_bytes
+    L = p.num_layers
+    streaming = p.strategy == "streaming"
+    ring_costs = streaming and not (p.device_type == "cpu" and zero_copy)
+    if budget is None:
+        p.resident_layers_fit = 0
+        if streaming:
+            p.advice.append("no --max-vram given: nothing checked against a budget")
+        _loss_advice(p)
+        return
+    if p.peak_bytes > budget and ring_costs and num_buffers > 2 and peak_of(2)[0] <= budget:
+        p.advice.append(f"--num-buffers {num_buffers} does not fit, 2 does: set --num-buffers 2 "
+                        "(loads then overlap compute less)")
+    if p.peak_bytes > budget:
+        no_acts = peak_of(p.ring_depth, on_device_acts=False)[0]
+        if no_acts <= budget:
+            p.activations_on = "host"
+        _refuse(p, budget, no_acts)
+    free = budget - p.peak_bytes
+    if ring_costs:
+        extra = int(free // p.slot_bytes) if p.slot_bytes else 0
+        p.ring_depth_fit = p.ring_depth + min(extra, max(0, L - p.ring_depth))
+        if extra >= 1:
+            p.advice.append(f"a ring of {p.ring_depth + 1} would fit; it helps only when single loads are "
+                            "uneven (compute-bound runs gain nothing)")
+    if streaming and p.layer_bytes:
+        p.resident_layers_fit = min(L, int(free // p.layer_bytes))
+        p.resident_layer_indices = spread(p.resident_layers_fit, L)
+    if p.layer_saved_bytes:
+        p.skip_recompute_fit = min(L, int(free // p.layer_saved_bytes))
+        if p.skip_recompute_fit:
+            p.advice.append(f"{p.skip_recompute_fit} of {L} layers could keep their activations and skip the "
+                            f"recompute ({human(p.layer_saved_bytes)} each; engine: recomputes all)")
+    _loss_advice(p)
+
+
+def _loss_advice(p: Plan) -> None:
+    """A chunked loss never builds the a x V fp32 tensors: the head's work shrinks to one chunk."""
+    if p.head_work_bytes > p.layer_work_bytes + p.logits_bytes:
+        p.chunked_loss_saves = p.head_work_bytes - (p.layer_work_bytes + p.logits_bytes)
+        p.advice.append(f"the loss dominates the peak: a chunked loss would save ~{human(p.chunked_loss_saves)} "
+                        "(engine: full logits)")
+
+
+def _refuse(p: Plan, budget: int, without_acts: int) -> None:
+    over = p.peak_bytes - budget
+    acts = p.boundary_bytes + max(p.head_work_bytes, p.logits_bytes + p.layer_work_bytes)
+    fixed = p.peak_bytes - acts
+    lines = [f"the run needs {human(p.peak_bytes)} of {p.device_type} memory at its peak ({p.peak_phase}) "
+             f"but --max-vram is {human(budget)} ({human(over)} over)."]
+    if fixed >= budget:
+        lines.append(f"Weights, ring, LoRA and optimizer alone take {human(fixed)}: raise --max-vram above "
+                     f"{human(fixed + acts)}, or lower --lora-rank / --num-buffers.")
+    else:
+        # activations scale with batch x seq: the largest batch that fits at this seq_len
+        per_token = acts / (p.batch_size * p.seq_len)
+        tokens = int((budget - fixed) // per_token) if per_token else 0
+        lines.append(f"Activations (batch {p.batch_size} x seq {p.seq_len}) take {human(acts)}; "
+                     f"about {tokens:,} tokens per step fit: lower --batch-size to "
+                     f"{max(0, tokens // p.seq_len)} or --seq-len to {max(0, tokens // p.batch_size)}, "
+                     f"or raise --max-vram to at least {human(p.peak_bytes)}.")
+        if p.activations_on == "host":
+            lines.append(f"(With boundary activations in pinned host memory it would need {human(without_acts)}, "
+                         "but the engine keeps them on the device.)")
+    raise PlanError(" ".join(lines))
+
+
+def _file_dtype(folder: str) -> Optional[torch.dtype]:
+    """The dtype of the first floating tensor of the folder's weights (header read only)."""
+    try:
+        from .store import WeightStore
+
+        store = WeightStore(folder)
+        try:
+            for key in store.keys():
+                e = store.entry(key)
+                if e.dtype.is_floating_point:
+                    return e.dtype
+        finally:
+            store.close()
+    except (ValueError, OSError):
+        return None
+    return None
+
+
+def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "adamw") -> Plan:
+    """The plan of a `LemaConfig` run (for `lema train` to print before it allocates)."""
+    return plan(config.model_name_or_path, config.torch_dtype, config.lora_rank, config.lora_target_modules,
+                optimizer, batch_size, seq_len, config.max_vram_bytes, config.torch_device.type,
+                config.num_buffers, config.strategy)

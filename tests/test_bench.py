@@ -1,0 +1,53 @@
+"""`lema bench` on a tiny shape: the shape builder, the JSON it prints, the planner compared. Never timing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from lema.bench import build_shape, shape_config
+from lema.cli import main
+from lema.commands.bench import format_table
+
+KEYS = {"median_step_s", "tokens_per_s", "peak_anon_bytes", "peak_run_bytes", "predicted_peak_bytes",
+        "predicted_over_measured", "bytes_streamed_per_step", "achieved_bytes_per_s", "achieved_over_ceiling",
+        "vs_peft", "vs_resident", "losses"}
+
+
+def test_build_shape_writes_a_packed_checkpoint_once(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lema.store import WeightStore
+
+    folder = build_shape("tiny-llama", str(tmp_path))
+    cfg = shape_config("tiny-llama")
+    model = AutoModelForCausalLM.from_pretrained(folder)  # a valid Transformers checkpoint
+    assert model.config.hidden_size == cfg.hidden_size
+    store = WeightStore(folder)
+    assert {f"layer.{i}" for i in range(cfg.num_hidden_layers)} <= set(store.units)
+    f, start, end = store.units["layer.1"]
+    assert start % 64 == 0 and end - start == sum(p.numel() * 4 for p in model.model.layers[1].parameters())
+    store.close()
+    mtime = os.path.getmtime(os.path.join(folder, "model.safetensors"))
+    assert build_shape("tiny-llama", str(tmp_path)) == folder
+    assert os.path.getmtime(os.path.join(folder, "model.safetensors")) == mtime  # not rebuilt
+
+
+def test_lema_bench_json(tmp_path, capsys):
+    rc = main(["bench", "--shape", "tiny-llama", "--cache-dir", str(tmp_path), "--steps", "2",
+               "--batch-size", "2", "--seq-len", "16", "--num-buffers", "2", "--threads", "1", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["contenders"]) == {"peft", "resident", "streaming"}
+    for name, c in out["contenders"].items():
+        assert KEYS <= set(c), name
+        assert len(c["step_times_s"]) == 2 and c["predicted_peak_bytes"] > 0
+    s, r = out["contenders"]["streaming"], out["contenders"]["resident"]
+    assert s["bytes_streamed_per_step"] > 0 and r["bytes_streamed_per_step"] == 0  # 3 layers, 2 slots
+    torch.testing.assert_close(torch.tensor(s["losses"]), torch.tensor(r["losses"]))  # same engine, same numbers
+    assert out["contenders"]["peft"]["vs_peft"] == 1.0 and r["vs_resident"] == 1.0
+    assert out["ceiling_bytes_per_s"] > 0
+    table = format_table(out)
+    assert "LEMA STREAMING" in table and "pred/run" in table

@@ -1,0 +1,138 @@
+"""The memory planner's arithmetic and decisions on tiny configs; `lema plan` end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lema.cli import main
+from lema.planner import PlanError, head_work_bytes, layer_work_terms, plan, plan_for_config, spread
+from tiny_models import make_config, save_tiny
+
+B, T = 2, 16
+
+
+def real_param_bytes(cfg, dtype):
+    """Unit bytes counted on a real (materialised) model, independently of the planner's meta model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    embed = layers = head = 0
+    for name, p in model.named_parameters():  # deduplicated: a tied lm_head counts once
+        n = p.numel() * p.element_size()
+        if ".layers." in name:
+            layers += n
+        elif "embed_tokens" in name:
+            embed += n
+        else:
+            head += n
+    return embed, layers, head
+
+
+def lora_param_count(cfg, rank):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_config(cfg),
+                           LoraConfig(r=rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                              "gate_proj", "up_proj", "down_proj"]))
+    return sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plan_arithmetic(dtype):
+    cfg = make_config("llama")
+    p = plan(cfg, dtype, lora_rank=4, batch_size=B, seq_len=T, device_type="cuda", num_buffers=3)
+    s = dtype.itemsize
+    embed, layers, head = real_param_bytes(cfg, dtype)
+    L, H, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    assert p.unit_bytes["embed"] == embed and p.unit_bytes["head"] == head
+    assert sum(b for u, b in p.unit_bytes.items() if u.startswith("layer.")) == layers
+    assert p.layer_bytes == layers // L
+    assert p.slot_bytes >= p.layer_bytes and p.slot_bytes % 64 == 0
+
+    assert p.lora_params == lora_param_count(cfg, 4)
+    assert p.lora_bytes == 4 * p.lora_params  # fp32 adapters
+    assert p.grad_bytes == p.lora_bytes
+    assert p.optimizer_bytes == 2 * p.lora_bytes  # AdamW: exp_avg + exp_avg_sq
+    assert p.boundary_bytes == L * B * T * H * s
+    assert p.logits_bytes == B * T * V * s
+    assert p.head_work_bytes == head_work_bytes(B * T, V, s)
+    assert p.layer_work_bytes == sum(layer_work_terms(cfg, B * T, s, 4, 7).values())
+    assert p.ring_depth == 3 and p.ring_device_bytes == 3 * p.slot_bytes == p.ring_host_bytes
+
+    fixed = embed + head + p.ring_device_bytes + 4 * p.lora_bytes
+    assert p.peak_bytes == max(fixed + p.boundary_bytes + p.head_work_bytes,
+                               fixed + p.boundary_bytes + p.logits_bytes + p.layer_work_bytes,
+                               fixed + p.logits_bytes + p.lora_bytes)  # AdamW step: one fp32 temporary
+
+
+def test_activation_terms_scale_with_tokens():
+    cfg = make_config("llama")
+    one = plan(cfg, "float32", batch_size=1, seq_len=T)
+    four = plan(cfg, "float32", batch_size=4, seq_len=T)
+    for name in ("boundary_bytes", "logits_bytes", "head_work_bytes", "layer_work_bytes"):
+        assert getattr(four, name) == 4 * getattr(one, name), name
+    assert four.lora_bytes == one.lora_bytes and four.unit_bytes == one.unit_bytes
+
+
+def test_cpu_zero_copy_ring_costs_no_memory_and_resident_holds_every_layer():
+    cfg = make_config("llama")
+    streaming = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu")
+    assert streaming.ring_device_bytes == 0 and streaming.ring_host_bytes == 0
+    resident = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", strategy="resident")
+    layers = sum(b for u, b in resident.unit_bytes.items() if u.startswith("layer."))
+    assert resident.peak_bytes - streaming.peak_bytes == layers
+
+
+def test_too_small_budget_is_refused_naming_the_setting():
+    cfg = make_config("llama")
+    fits = plan(cfg, "float32", batch_size=B, seq_len=T)
+    with pytest.raises(PlanError) as e:
+        plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=fits.peak_bytes - 1)
+    msg = str(e.value)
+    assert "--batch-size" in msg and "--seq-len" in msg and "--max-vram" in msg
+    assert isinstance(e.value, ValueError)
+    # weights alone over the budget: raising the budget is the fix
+    with pytest.raises(PlanError, match="raise --max-vram"):
+        plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=fits.unit_bytes["embed"])
+
+
+def test_budget_decides_resident_layers_spread_through_the_stack():
+    cfg = make_config("llama")
+    base = plan(cfg, "float32", batch_size=B, seq_len=T)
+    p = plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=base.peak_bytes + 2 * base.layer_bytes)
+    assert p.resident_layers_fit == 2
+    assert p.resident_layer_indices == spread(2, cfg.num_hidden_layers)
+    assert "resident layers: 0 applied" in p.table() and "2 would fit" in p.table()
+    assert spread(4, 32) == [4, 12, 20, 28]
+    assert spread(40, 32) == list(range(32))
+
+
+def test_plan_from_folder_and_from_lema_config(tmp_path):
+    from lema import LemaConfig
+
+    folder = save_tiny("llama", str(tmp_path / "m"))
+    from_cfg = plan(make_config("llama"), "float32", batch_size=B, seq_len=T, device_type="cpu")
+    from_folder = plan(folder, "float32", batch_size=B, seq_len=T, device_type="cpu")
+    assert from_folder.peak_bytes == from_cfg.peak_bytes
+    p = plan_for_config(LemaConfig(model_name_or_path=folder, lora_rank=4, max_vram="1GB"), B, T)
+    assert p.max_vram_bytes == 10**9 and p.lora_rank == 4
+
+
+def test_lema_plan_prints_the_table(tmp_path, capsys):
+    folder = save_tiny("llama", str(tmp_path / "m"))
+    rc = main(["plan", "--model", folder, "--device", "cpu", "--dtype", "float32",
+               "--batch-size", "2", "--seq-len", "16", "--max-vram", "1GB"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for text in ("embedding", "boundary activations", "optimizer state", "predicted peak", "ring depth: 3"):
+        assert text in out
+
+
+def test_lema_plan_refuses_with_status_1(tmp_path, capsys):
+    folder = save_tiny("llama", str(tmp_path / "m"))
+    rc = main(["plan", "--model", folder, "--device", "cpu", "--batch-size", "2", "--seq-len", "16",
+               "--max-vram", "10KB"])
+    assert rc == 1
+    assert "--max-vram" in capsys.readouterr().err
