@@ -200,3 +200,25 @@ def test_merge_equals_peft_merge_and_unload(smol, trained, tmp_path):
     proc = lema("merge", "--model", smol, "--adapter", os.path.join(trained[0], "adapter"), "--output",
                 tmp_path / "bad", "--dtype", "int3", check=False)
     assert proc.returncode == 1 and "int3" in proc.stderr and not (tmp_path / "bad").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits(smol, small_data, tmp_path):
+    out = tmp_path / "interrupted"
+    args = list(map(str, TRAIN_ARGS))
+    args[args.index("--save-steps") + 1] = "100"  # no interval checkpoint: the one found comes from Ctrl-C
+    proc = subprocess.Popen([sys.executable, "-m", "lema", "train", "--model", smol, "--data", small_data,
+                             "--output", str(out), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    deadline = time.time() + 300
+    while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first step"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "--resume" in stdout
+    steps = [int(n.split("-")[1]) for n in os.listdir(out) if n.startswith("checkpoint-")]
+    assert len(steps) == 1 and 1 <= steps[0] < 4
+    assert not (out / "adapter").exists()  # the run did not finish
+    lema("train", "--model", smol, "--data", small_data, "--output", out, *args, "--resume")
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
