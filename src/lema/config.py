@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import enum
 import inspect
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Optional
 
 import torch
@@ -13,12 +11,9 @@ def adapter_settings(adapter: Optional[str]) -> dict:
     """LoRA settings a LemaModel needs to load `adapter` (rank, alpha, targets), read from its config."""
     if adapter is None:
         return {}
-    path = os.path.join(adapter, "adapter_config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--adapter {adapter!r} is not a PEFT adapter folder (no adapter_config.json); "
-                                "give the adapter/ folder that `lema train` wrote")
-    with open(path) as f:
-        cfg = json.load(f)
+    from .adapter_files import read_adapter
+
+    cfg, _ = read_adapter(adapter)
     targets = cfg.get("target_modules")
     if isinstance(targets, str):
         raise ValueError(f"adapter {adapter!r} selects modules by a regex ({targets!r}); LEMA loads adapters "

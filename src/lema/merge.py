@@ -9,9 +9,7 @@ delta is computed from the (small) adapter, the sum is written, and the next ten
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Callable
 
 import torch
@@ -21,13 +19,9 @@ def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """A transform (param name, base tensor) -> merged tensor, from a PEFT adapter folder."""
     from safetensors.torch import load_file
 
-    cfg_path = os.path.join(adapter, "adapter_config.json")
-    weights_path = os.path.join(adapter, "adapter_model.safetensors")
-    if not (os.path.isfile(cfg_path) and os.path.isfile(weights_path)):
-        raise FileNotFoundError(f"--adapter {adapter!r} is not a PEFT adapter folder (needs adapter_config.json "
-                                "and adapter_model.safetensors)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    from .adapter_files import read_adapter
+
+    cfg, weights_path = read_adapter(adapter)
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
         raise ValueError(f"adapter {adapter!r} is {cfg.get('peft_type')}{' with DoRA' if cfg.get('use_dora') else ''}; "
                          "lema merge folds plain LoRA adapters")

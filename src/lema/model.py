@@ -10,7 +10,6 @@ Setup, in data-path order:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -20,9 +19,9 @@ import torch
 from torch import nn
 
 from .config import LemaConfig, MemoryStrategy
-from .engine.skeleton import (EMBED, HEAD, ArchitectureError, build_meta_model, check_lora_targets,
+from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
                               default_lora_targets, find_decoder_layers, inject_lora, layer_unit,
-                              load_hf_config, lora_modules, reset_lora, unit_map)
+                              load_hf_config, reset_lora, unit_map)
 from .engine.streamed_layer import StreamedLayers
 from .store import WeightStore, WeightsFileError
 from .store.keymap import map_checkpoint, reader_for
@@ -170,7 +169,7 @@ class LemaModel(nn.Module):
         return {p.name: self._read_checked(p.name, p.shape).to(self.dtype) for p in layout.placements}
 
     def _hint(self, layout: UnitLayout) -> None:
-        for f, start, end in layout.byte_ranges(self.store, {n: s.key for n, s in self.sources.items()}):
+        for f, start, end in layout.ranges:
             f.advise_willneed(start, end)
 
     def _load_resident(self, layout: UnitLayout) -> dict:
@@ -271,13 +270,9 @@ class LemaModel(nn.Module):
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        cfg_path = os.path.join(path, "adapter_config.json")
-        weights = os.path.join(path, "adapter_model.safetensors")
-        if not (os.path.isfile(cfg_path) and os.path.isfile(weights)):
-            raise FileNotFoundError(f"{path!r} is not a PEFT adapter folder (needs adapter_config.json and "
-                                    "adapter_model.safetensors, as written by save_adapter)")
-        with open(cfg_path) as f:
-            acfg = json.load(f)
+        from .adapter_files import read_adapter
+
+        acfg, weights = read_adapter(path)
         if acfg.get("r") != self.config.lora_rank:
             raise ValueError(f"adapter {path!r} has rank r={acfg.get('r')} but this model was set up with "
                              f"lora_rank={self.config.lora_rank}; set lora_rank={acfg.get('r')}")

@@ -36,7 +36,7 @@ def add_arguments(parser) -> None:
                              "flags given on the command line win")
 
 
-def args_from_namespace(ns) -> "TrainArgs":
+def args_from_namespace(ns):
     from ..training import TrainArgs
 
     values = {}

@@ -43,11 +43,14 @@ class UnitLayout:
     """Placement of one unit's tensors in a flat uint8 slot, and the recipe to fill it."""
 
     def __init__(self, unit: str, placements: list[Placement], nbytes: int,
-                 packed: Optional[tuple[SafetensorsFile, int, int]] = None):
+                 packed: Optional[tuple[SafetensorsFile, int, int]] = None,
+                 ranges: Optional[list[tuple[SafetensorsFile, int, int]]] = None):
         self.unit = unit
         self.placements = placements
         self.nbytes = nbytes
         self.packed = packed  # (file, start, end) when the fill is a single memcpy
+        # (file, start, end) byte ranges the unit reads, for the page-cache prefetch hint
+        self.ranges = ranges if ranges is not None else ([packed] if packed is not None else [])
 
     @classmethod
     def build(cls, unit: str, names: list[str], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
@@ -61,24 +64,15 @@ class UnitLayout:
             if inside:
                 placements = [Placement(n, dtype, shapes[n], e.start - start) for n, e in zip(names, entries)]
                 return cls(unit, placements, end - start, packed)
-        offset, placements = 0, []
+        offset, placements, ranges = 0, [], []
         for n in names:
             p = Placement(n, dtype, tuple(shapes[n]), offset)
             placements.append(p)
             offset += -(-p.nbytes // ALIGN) * ALIGN
-        return cls(unit, placements, offset)
-
-    def byte_ranges(self, store: WeightStore, direct_keys: dict[str, Optional[str]]):
-        """(file, start, end) ranges the unit reads, for the page-cache prefetch hint."""
-        if self.packed is not None:
-            return [self.packed]
-        out = []
-        for p in self.placements:
-            key = direct_keys.get(p.name)
-            if key:
-                e = store.entry(key)
-                out.append((store.file_of(key), e.start, e.end))
-        return out
+            if direct_keys.get(n):
+                e = store.entry(direct_keys[n])
+                ranges.append((store.file_of(e.key), e.start, e.end))
+        return cls(unit, placements, offset, ranges=ranges)
 
     def fill(self, dst: torch.Tensor, read: Callable[[str], torch.Tensor], store: WeightStore) -> None:
         """Write the unit into `dst` (uint8, >= nbytes, CPU, usually pinned)."""
