@@ -432,7 +432,9 @@ def test_memory_stats(tiny_dir, make_lema):
         opt = torch.optim.AdamW(model.get_trainable_parameters(), lr=LR)
         model.get_trainer(opt).train_step(batch())
         s = model.memory_stats(opt)
-        assert {"frozen_weights_now", "frozen_weights_peak", "adapters", "optimizer_state"} <= s.keys()
+        assert {"frozen_weights_now", "frozen_weights_peak", "activations", "adapters", "optimizer_state"} <= s.keys()
+        # the recompute keeps each layer's input: 5 layers x (B, T, hidden) fp32
+        assert s["activations"] == 5 * batch().numel() * ref.config.hidden_size * 4
         assert all(isinstance(v, int) and v >= 0 for v in s.values()), s
         adapters = sum(p.numel() * 4 for p in model.get_trainable_parameters())
         assert s["adapters"] == adapters

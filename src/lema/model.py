@@ -179,6 +179,7 @@ class LemaModel(nn.Module):
     def _begin_pass(self, module, args) -> None:
         """Tell the ring the order of the coming pass: F0..F(L-1), then B(L-1)..B0 when training."""
         self.streamed.release_backward_holds()  # left over if the last backward raised
+        self.streamed.boundary_bytes = 0
         L = self.units.num_layers
         schedule = list(range(L))
         if torch.is_grad_enabled() and self.streamed.recompute:
@@ -307,16 +308,16 @@ class LemaModel(nn.Module):
             nbytes([self.base_model.get_parameter(n)]) for n in self.units.units[HEAD]
             if self.base_model.get_parameter(n) is not self.base_model.get_input_embeddings().weight)
         if isinstance(self.source, WeightRing):
+            slots = self.source.bytes_on_device()  # preallocated slot buffers; 0 for zero-copy views of the mmap
             per_layer = max(l.nbytes for l in self.layouts)
-            layers_now = self.source.bytes_on_device() or sum(
-                s.occupant is not None for s in self.source.slots) * per_layer
-            layers_peak = self.source.stats.peak_occupied * per_layer if not self.source.bytes_on_device() \
-                else self.source.bytes_on_device()
+            layers_now = slots or per_layer * sum(s.occupant is not None for s in self.source.slots)
+            layers_peak = slots or per_layer * self.source.stats.peak_occupied
         else:
             layers_now = layers_peak = self.source.nbytes
         stats = {
             "frozen_weights_now": resident + layers_now,
             "frozen_weights_peak": resident + layers_peak,
+            "activations": self.streamed.boundary_bytes,  # layer inputs kept for the recompute, last pass
             "adapters": nbytes(self.get_trainable_parameters()),
             "optimizer_state": 0,
         }

@@ -69,6 +69,8 @@ class StreamedLayers:
         self.source = source
         self.recompute = recompute
         self.held_in_backward: list[int] = []
+        self.boundary_bytes = 0  # inputs kept for the recompute in the current pass (NOTE: shared tensors
+        #                          such as rotary cos/sin and the mask are counted once per model, not here)
         self.bound_now = 0
         self.peak_bound = 0
         for i, layer in enumerate(layers):
@@ -103,6 +105,9 @@ class StreamedLayers:
 
         def forward(*args, **kwargs):
             if self.recompute and torch.is_grad_enabled():
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if torch.is_tensor(hidden):  # what checkpoint keeps of this layer: its input
+                    self.boundary_bytes += hidden.numel() * hidden.element_size()
                 return checkpoint(run, *args, use_reentrant=False, **kwargs)
             return run(*args, **kwargs)
 
