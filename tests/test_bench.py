@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 from lema.bench import build_shape, shape_config
@@ -49,5 +50,24 @@ def test_lema_bench_json(tmp_path, capsys):
     torch.testing.assert_close(torch.tensor(s["losses"]), torch.tensor(r["losses"]))  # same engine, same numbers
     assert out["contenders"]["peft"]["vs_peft"] == 1.0 and r["vs_resident"] == 1.0
     assert out["ceiling_bytes_per_s"] > 0
+    for name in ("resident", "streaming"):  # what LEMA decided, and the plan it is compared with, agree
+        c = out["contenders"][name]
+        assert c["kept_layers"] == 3 and c["chunked_loss"] is False  # tiny: everything fits, small logits
     table = format_table(out)
-    assert "LEMA STREAMING" in table and "pred/run" in table
+    assert "LEMA STREAMING" in table and "pred/run" in table and "3 layers kept" in table
+
+
+def test_lema_bench_floor_is_timed_in_the_rounds(tmp_path, capsys):
+    rc = main(["bench", "--shape", "tiny-llama", "--cache-dir", str(tmp_path), "--steps", "2", "--batch-size", "2",
+               "--seq-len", "16", "--threads", "1", "--contenders", "streaming", "--floor", "--keep-activations",
+               "0", "--chunked-loss", "on", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["contenders"]) == {"streaming"}  # the floor probes are not contenders
+    s, fl = out["contenders"]["streaming"], out["floor"]
+    assert s["kept_layers"] == 0 and s["chunked_loss"] is True
+    assert fl["interleaved"] and set(fl["layers_timed"]) == {"1", "2"}
+    t1, t2 = fl["layers_timed"]["1"], fl["layers_timed"]["2"]
+    assert fl["t_layer"] == pytest.approx(t2 - t1) and fl["compute_s"] == pytest.approx(t1 + 2 * (t2 - t1))
+    assert fl["floor_s"] == pytest.approx(max(fl["compute_s"], fl["disk_s"]))
+    assert fl["streaming_over_floor"] == pytest.approx(s["median_step_s"] / fl["floor_s"])

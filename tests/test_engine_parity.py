@@ -86,7 +86,8 @@ def sha256(path: str) -> str:
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adamw_step_matches_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
-    check_adamw_step(tiny_dir(arch), strategy, make_lema, tmp_path)
+    """Every layer recomputed in backward (keep_activations=0); kept layers: test_kept_activations_*."""
+    check_adamw_step(tiny_dir(arch), strategy, make_lema, tmp_path, keep_activations=0)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
@@ -94,7 +95,7 @@ def test_adamw_step_matches_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
 def test_more_architectures_match_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
     """OPT: dropout 0.1 inside the base layers, which the recompute must draw again (seeded alike);
     Gemma 2: no SDPA attention in Transformers, so the skeleton falls back to eager attention."""
-    check_adamw_step(tiny_dir(arch), strategy, make_lema, tmp_path)
+    check_adamw_step(tiny_dir(arch), strategy, make_lema, tmp_path, keep_activations=0)
 
 
 def test_eval_mode_outside_train_steps(tiny_dir, make_lema):
@@ -138,9 +139,9 @@ def test_tied_or_sharded_checkpoint_matches_peft(variant, tiny_dir, make_lema, t
         assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
 
 
-def check_adamw_step(path, strategy, make_lema, tmp_path):
+def check_adamw_step(path, strategy, make_lema, tmp_path, **config):
     arch = os.path.basename(path)
-    model = make_lema(path, strategy=strategy)
+    model = make_lema(path, strategy=strategy, **config)
     model.save_adapter(str(tmp_path / "start"))
     before = snapshot(model.peft_model)
     ids = batch()
@@ -428,7 +429,7 @@ def test_memory_stats(tiny_dir, make_lema):
     per_layer = sum(p.numel() * 4 for n, p in ref.named_parameters() if n.startswith("model.layers.0."))
     stats = {}
     for strategy in STRATEGIES:
-        model = make_lema(path, strategy=strategy, num_buffers=2)
+        model = make_lema(path, strategy=strategy, num_buffers=2, keep_activations=0)
         opt = torch.optim.AdamW(model.get_trainable_parameters(), lr=LR)
         model.get_trainer(opt).train_step(batch())
         s = model.memory_stats(opt)
@@ -446,3 +447,123 @@ def test_memory_stats(tiny_dir, make_lema):
     assert resident["frozen_weights_peak"] == total
     assert streaming["frozen_weights_peak"] == total - 3 * per_layer  # 2 of the 5 layers at a time
     assert streaming["frozen_weights_peak"] < resident["frozen_weights_peak"]
+
+
+# ------------------------------------------------------------------------- kept activations
+@pytest.mark.parametrize("keep", [1, 99], ids=["one-layer-kept", "all-kept"])
+@pytest.mark.parametrize("arch", ARCHS + ["opt", "gemma2"])
+def test_kept_activations_match_peft(arch, keep, tiny_dir, make_lema, tmp_path):
+    """Layers that keep their activations (no recompute; weights re-acquired in backward through the
+    saved-tensor hooks) give PEFT's loss and AdamW step; with one kept layer, the other layers recompute."""
+    model = check_adamw_step(tiny_dir(arch), MemoryStrategy.STREAMING, make_lema, tmp_path, keep_activations=keep)
+    L = model.units.num_layers
+    assert model.streamed.keep == frozenset(model.kept_layers(batch().numel()))
+    assert len(model.streamed.keep) == min(keep, L)
+    assert model.streamed.kept_bytes > 0
+    assert model.streamed.boundary_bytes == (L - min(keep, L)) * batch().numel() * model.hf_config.hidden_size * 4
+
+
+def test_kept_layers_reacquire_weights_from_reused_slots(tiny_dir, make_lema):
+    """bf16 file, fp32 compute: weights live in 2 host slots that later layers overwrite. A kept layer's
+    backward must read its weights re-acquired, not the slot as it was in forward: equal to RESIDENT."""
+    path = tiny_dir("llama", num_layers=5, dtype=torch.bfloat16)
+    streamed = make_lema(path, strategy=MemoryStrategy.STREAMING, num_buffers=2, keep_activations=99)
+    resident = make_lema(path, strategy=MemoryStrategy.RESIDENT, keep_activations=0)
+    assert all(s.host is not None for s in streamed.source.slots)
+    for m in (streamed, resident):
+        opt = torch.optim.AdamW(m.get_trainable_parameters(), lr=LR)
+        m.get_trainer(opt).train_step(batch())
+    assert len(streamed.streamed.keep) == 5
+    assert streamed.source.stats.peak_occupied <= 2 and streamed.streamed.peak_bound == 1
+    assert_lora_equal(snapshot(streamed.peft_model), snapshot(resident.peft_model), 1e-5, "kept, reused slots")
+
+
+def test_keep_activations_none_follows_the_budget(tiny_dir, make_lema):
+    """None: as many layers as the budget leaves room for (the planner's decision), spread; 0: none."""
+    from lema.planner import plan_for_config, spread
+
+    path = tiny_dir("llama", num_layers=5)
+    probe = make_lema(path, keep_activations=0)
+    tokens = batch().numel()
+    p = plan_for_config(probe.config, 1, tokens, free_bytes=0)
+    budget = p.peak_bytes + 2 * p.kept_extra_bytes + p.kept_extra_bytes // 2  # room for 2.5 layers
+    model = make_lema(path, max_vram=str(budget))
+    assert model.kept_layers(tokens) == spread(2, 5)
+    assert make_lema(path, max_vram=str(p.peak_bytes)).kept_layers(tokens) == []
+    assert probe.kept_layers(tokens) == []
+    with torch.no_grad():
+        model(batch(), labels=batch())
+    assert model.streamed.keep == frozenset(), "nothing is kept without grad"
+
+
+# ------------------------------------------------------------------------------ chunked loss
+@pytest.mark.parametrize("arch", ARCHS + ["llama-tied", "opt", "gemma2"])
+def test_chunked_loss_matches_peft(arch, tiny_dir, make_lema, tmp_path, monkeypatch):
+    """The head + loss in chunks of 5 tokens (several chunks, ignored labels skipped) == Transformers'
+    full-logits loss: the loss, the gradient of every LoRA tensor, and the eval loss.
+    Gemma 2 checks the final logit soft-capping inside the chunks. (Gradients, not an AdamW step:
+    Adam's first step divides by |g|, which turns float32 summation-order noise on the tiniest
+    gradient entries into visible differences.)"""
+    from lema.engine import chunked_loss
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_BYTES", 5 * 4 * VOCAB)
+    assert chunked_loss.chunk_rows(VOCAB) == 5
+    path = tiny_dir(arch)
+    model = make_lema(path, strategy=MemoryStrategy.STREAMING, chunked_loss=True)
+    assert model.chunked_loss_unsupported is None
+    model.save_adapter(str(tmp_path / "start"))
+    ids = batch(3, 12, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row: its labels are ignored there
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[2, :6] = -100  # a prompt whose tokens are not trained on
+
+    opt = torch.optim.SGD(model.get_trainable_parameters(), lr=1.0)  # not stepped: zero_grad only below
+    trainer = model.get_trainer(opt, gradient_accumulation_steps=2)  # no optimizer step after one call
+    torch.manual_seed(0)
+    logits, loss = trainer.train_step(ids, labels=labels, attention_mask=mask)
+    assert logits is None, "the chunked loss never builds the logits"
+    got = {n: p.grad * 2 for n, p in lora_params(model.peft_model).items()}  # the step divided the loss by 2
+
+    pm = reference(path, str(tmp_path / "start"))
+    torch.manual_seed(0)
+    ref = pm(input_ids=ids, labels=labels, attention_mask=mask, use_cache=False)
+    ref.loss.backward()
+    want = {n: p.grad for n, p in lora_params(pm).items()}
+    assert abs(loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    assert all(float(g.abs().max()) > 0 for g in want.values())
+    assert_lora_equal(got, want, 1e-6, f"{arch} chunked loss, LoRA gradients")
+
+    model.eval(), pm.eval()
+    with torch.no_grad():
+        got = model(ids, labels=labels, attention_mask=mask).loss
+        want = pm(input_ids=ids, labels=labels, attention_mask=mask, use_cache=False).loss
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+
+
+def test_chunked_loss_is_automatic_for_large_logits(tiny_dir, make_lema, monkeypatch):
+    """By default the full logits are built (and returned) while they are small, not past CHUNK_BYTES;
+    chunked_loss=False never chunks."""
+    from lema.engine import chunked_loss
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_BYTES", 100 * 4 * VOCAB)
+    import lema.model
+
+    monkeypatch.setattr(lema.model, "CHUNK_BYTES", 100 * 4 * VOCAB)
+    model = make_lema(tiny_dir("llama"))
+    assert model.uses_chunked_loss(100) is False and model.uses_chunked_loss(101) is True
+    opt = torch.optim.AdamW(model.get_trainable_parameters(), lr=LR)
+    small, large = batch(2, 12), batch(9, 12)
+    assert model.get_trainer(opt).train_step(small)[0].shape == (2, 12, VOCAB)
+    assert model.get_trainer(opt).train_step(large)[0] is None
+    off = make_lema(tiny_dir("llama"), chunked_loss=False)
+    assert off.uses_chunked_loss(10**6) is False
+
+
+def test_all_labels_ignored_gives_nan_like_transformers(tiny_dir, make_lema):
+    model = make_lema(tiny_dir("llama"), chunked_loss=True)
+    ids = batch()
+    with torch.no_grad():
+        loss = model(ids, labels=torch.full_like(ids, -100)).loss
+        want = reference(tiny_dir("llama"))(input_ids=ids, labels=torch.full_like(ids, -100), use_cache=False).loss
+    assert torch.isnan(loss) and torch.isnan(want)

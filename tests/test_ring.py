@@ -77,12 +77,17 @@ CASES = [  # (arch, file dtype, prefetch)
 ]
 
 
+@pytest.mark.parametrize("keep", [0, None], ids=["recompute", "kept"])
 @pytest.mark.parametrize("num_buffers", [2, 3])
 @pytest.mark.parametrize("arch,file_dtype,prefetch", CASES,
                          ids=[f"{a}-{str(d).split('.')[-1]}-{'prefetch' if p else 'sync'}" for a, d, p in CASES])
-def test_ring_bounds_live_layers_and_matches_resident(arch, file_dtype, prefetch, num_buffers, tiny_dir, make_lema):
+def test_ring_bounds_live_layers_and_matches_resident(arch, file_dtype, prefetch, num_buffers, keep, tiny_dir,
+                                                      make_lema):
+    """Recomputed layers, and layers keeping their activations (keep_activations=None: all of them fit
+    here), hold the same ring bound: the autograd graph of a kept layer holds no weight tensor."""
     path = tiny_dir(arch, num_layers=LAYERS, dtype=file_dtype)
-    model = make_lema(path, strategy=MemoryStrategy.STREAMING, num_buffers=num_buffers, prefetch=prefetch)
+    model = make_lema(path, strategy=MemoryStrategy.STREAMING, num_buffers=num_buffers, prefetch=prefetch,
+                      keep_activations=keep)
     resident = make_lema(path, strategy=MemoryStrategy.RESIDENT)
     ring = model.source
     assert len(ring.slots) == num_buffers
@@ -97,6 +102,7 @@ def test_ring_bounds_live_layers_and_matches_resident(arch, file_dtype, prefetch
         ids = batch(step)
         (_, loss), (_, ref_loss) = (t.train_step(ids) for t in trainers)
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+        assert len(model.streamed.keep) == (0 if keep == 0 else LAYERS)
         # Forward F0..F(L-1), backward B(L-1)..B0: one acquire each.
         assert watch.acquires[-2 * L:] == list(range(L)) + list(reversed(range(L)))
         # Loads: step 1 starts empty, so the forward loads all L layers; the first k backward layers are

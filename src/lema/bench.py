@@ -245,7 +245,8 @@ def read_ceiling(path: str, cold: bool = False, limit: int = 4 * 2**30) -> float
 # ----- contenders -----------------------------------------------------------------------------
 
 CONTENDERS = ("peft", "resident", "streaming")
-LABELS = {"peft": "Transformers + PEFT", "resident": "LEMA RESIDENT", "streaming": "LEMA STREAMING"}
+LABELS = {"peft": "Transformers + PEFT", "resident": "LEMA RESIDENT", "streaming": "LEMA STREAMING",
+          "floor-1": "floor probe, 1 layer", "floor-2": "floor probe, 2 layers"}
 
 
 @dataclass
@@ -258,6 +259,9 @@ class BenchSpec:
     targets: Optional[list[str]] = None
     num_buffers: int = 3
     seed: int = 0
+    keep_activations: Optional[int] = None   # LEMA contenders (LemaConfig.keep_activations; None: the planner's)
+    chunked_loss: Optional[bool] = None      # LEMA contenders (LemaConfig.chunked_loss)
+    floor_checkpointing: bool = True         # floor-N contenders: recompute as LEMA does (False: LEMA keeps all)
 
 
 class _Contender:
@@ -271,8 +275,11 @@ class _Contender:
         gen = torch.Generator().manual_seed(spec.seed)
         self.ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len), generator=gen)
         self.ring = None
+        self.info: dict = {}
         if name == "peft":
             self._build_peft()
+        elif name.startswith("floor-"):
+            self._build_floor(int(name.split("-")[1]))
         else:
             self._build_lema()
 
@@ -301,14 +308,15 @@ class _Contender:
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         model.train()
         self.model = model
+        self.step = self._hf_step
 
-        def step():
-            out = model(input_ids=self.ids, labels=self.ids)
-            out.loss.backward()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            return out.loss.detach()
-        self.step = step
+    def _hf_step(self):
+        """One step of a Transformers + PEFT model (the PEFT contender and the floor probes)."""
+        out = self.model(input_ids=self.ids, labels=self.ids)
+        out.loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return out.loss.detach()
 
     def _build_lema(self):
         import torch
@@ -321,13 +329,44 @@ class _Contender:
         strategy = MemoryStrategy.STREAMING if self.name == "streaming" else MemoryStrategy.RESIDENT
         cfg = LemaConfig(model_name_or_path=spec.model, strategy=strategy, dtype=spec.dtype,
                          lora_rank=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
-                         lora_target_modules=spec.targets, num_buffers=spec.num_buffers)
+                         lora_target_modules=spec.targets, num_buffers=spec.num_buffers,
+                         keep_activations=spec.keep_activations, chunked_loss=spec.chunked_loss)
         self.model = LemaModel(cfg)
+        tokens = spec.batch_size * spec.seq_len
+        self.info = {"kept_layers": len(self.model.kept_layers(tokens)),
+                     "chunked_loss": self.model.uses_chunked_loss(tokens)}
         self.model.initialize_lora(spec.seed)
         self.opt = torch.optim.AdamW(self.model.get_trainable_parameters(), lr=1e-4)
         trainer = self.model.get_trainer(self.opt)
         self.ring = self.model.source if isinstance(self.model.source, WeightRing) else None
         self.step = lambda: trainer.train_step(self.ids, labels=self.ids)[1]
+
+    def _build_floor(self, layers: int):
+        """The floor's compute probe: this shape with `layers` decoder layers, all in RAM (random weights),
+        Transformers + PEFT with the same LoRA and checkpointing as LEMA's streamed step. Run in the rounds
+        beside the other contenders, so it sees the same machine."""
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .config import parse_dtype
+        from .engine.skeleton import default_lora_targets, find_decoder_layers
+
+        spec = self.spec
+        cfg = AutoConfig.from_pretrained(spec.model)
+        cfg.num_hidden_layers = layers
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(spec.dtype), attn_implementation="sdpa")
+        m.config.use_cache = False
+        targets = spec.targets or default_lora_targets(find_decoder_layers(m)[1])
+        m = get_peft_model(m, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules=targets))
+        if spec.floor_checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.enable_input_require_grads()
+        self.opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        m.train()
+        self.model = m
+        self.step = self._hf_step
 
     def bytes_loaded(self) -> int:
         return self.ring.stats.bytes_loaded if self.ring is not None else 0
@@ -352,7 +391,7 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
         baseline = rss_anon()
         t0 = time.perf_counter()
         contender = _Contender(name, BenchSpec(**spec_dict))
-        conn.send({"ok": True, "baseline": baseline, "build_s": time.perf_counter() - t0})
+        conn.send({"ok": True, "baseline": baseline, "build_s": time.perf_counter() - t0, **contender.info})
         while True:
             cmd = conn.recv()
             if cmd["op"] == "stop":
@@ -438,6 +477,7 @@ class ContenderResult:
     baseline_rss: int = 0
     peak_rss: int = 0
     build_s: float = 0.0
+    info: dict = field(default_factory=dict)  # LEMA contenders: kept_layers, chunked_loss
 
     @property
     def median(self) -> float:
@@ -460,6 +500,7 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
             workers[n].wait_ready()
             results[n].baseline_rss = workers[n].info["baseline"]
             results[n].build_s = workers[n].info["build_s"]
+            results[n].info = {k: v for k, v in workers[n].info.items() if k not in ("ok", "baseline", "build_s")}
         for _ in range(warmup):
             for n in names:
                 workers[n].request(op="step")
@@ -491,44 +532,18 @@ def profile_contenders(workers: dict[str, "Worker"], trace: str) -> dict[str, st
     return tables
 
 
-def compute_floor_time(model: str, spec: BenchSpec, layers=(1, 2), repeats: int = 2) -> dict:
-    """Compute time of one training step with every layer resident, from models of 1 and 2 layers.
+FLOOR_LAYERS = (1, 2)
 
-    Builds the same shape with `layers[i]` decoder layers, in RAM (random weights), with PEFT LoRA
-    on the same targets and non-reentrant checkpointing (so forward, recompute and backward, as
-    LEMA does); t(n) = t_rest + n * t_layer, so the full model's compute is t_rest + L * t_layer.
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .config import parse_dtype
-    from .engine.skeleton import default_lora_targets, find_decoder_layers
+def floor_from_rounds(model: str, results: dict[str, ContenderResult]) -> dict:
+    """The floor's compute time from the floor-1 and floor-2 contenders timed in the same rounds:
+    t(n) = t_rest + n * t_layer, so the full model's compute is t_rest + L * t_layer."""
+    from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(model)
-    L = cfg.num_hidden_layers
-    times = {}
-    for n in layers:
-        cfg.num_hidden_layers = n
-        torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(spec.dtype), attn_implementation="sdpa")
-        m.config.use_cache = False
-        targets = spec.targets or default_lora_targets(find_decoder_layers(m)[1])
-        m = get_peft_model(m, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules=targets))
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        m.enable_input_require_grads()
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-        ids = torch.randint(0, cfg.vocab_size, (spec.batch_size, spec.seq_len))
-        ts = []
-        for _ in range(repeats + 1):
-            t = time.perf_counter()
-            m(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ts.append(time.perf_counter() - t)
-        times[n] = statistics.median(ts[1:])
-        del m, opt
-    a, b = layers
-    t_layer = (times[b] - times[a]) / (b - a)
-    t_rest = times[a] - a * t_layer
-    return {"t_layer": t_layer, "t_rest": t_rest, "compute_s": t_rest + L * t_layer, "layers_timed": times}
+    L = AutoConfig.from_pretrained(model).num_hidden_layers
+    a, b = FLOOR_LAYERS
+    ta, tb = results[f"floor-{a}"].median, results[f"floor-{b}"].median
+    t_layer = (tb - ta) / (b - a)
+    t_rest = ta - a * t_layer
+    return {"t_layer": t_layer, "t_rest": t_rest, "compute_s": t_rest + L * t_layer,
+            "layers_timed": {a: ta, b: tb}, "interleaved": True}

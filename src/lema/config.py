@@ -104,6 +104,14 @@ class LemaConfig:
     """Device memory budget for the planner, e.g. '16GB'; None: no budget check."""
     prefetch: bool = True
     """Load the next units in a background thread while the current one computes."""
+    keep_activations: Optional[int] = None
+    """How many decoder layers keep their activations from forward to backward instead of being recomputed
+    (faster: no second forward; costs their activations' memory). None: as many as the memory budget allows
+    (max_vram; else half the free memory); 0: recompute every layer."""
+    chunked_loss: Optional[bool] = None
+    """Compute the head and the loss in chunks of tokens, never building the full logits (a forward with
+    labels then returns logits=None). None: only when a step's float32 logits would exceed 64 MiB;
+    False: always Transformers' own head and loss, logits returned."""
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -121,6 +129,10 @@ class LemaConfig:
         if not isinstance(self.num_buffers, int) or self.num_buffers < 2:
             raise ValueError(f"num_buffers={self.num_buffers!r} must be an integer >= 2: one slot computes "
                              "while the next loads (3 gives the triple buffer)")
+        if self.keep_activations is not None and (not isinstance(self.keep_activations, int)
+                                                  or self.keep_activations < 0):
+            raise ValueError(f"keep_activations={self.keep_activations!r} must be a non-negative integer, "
+                             "or None to let the planner choose")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
         self.torch_dtype: torch.dtype = parse_dtype(self.dtype)

@@ -17,11 +17,13 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import LemaConfig, MemoryStrategy
 from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
                               default_lora_targets, find_decoder_layers, inject_lora, layer_unit,
                               load_hf_config, reset_lora, unit_map)
+from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, fused_head_supported
 from .engine.streamed_layer import StreamedLayers
 from .store import WeightStore, WeightsFileError
 from .store.keymap import map_checkpoint, reader_for
@@ -93,6 +95,12 @@ class LemaModel(nn.Module):
         self.streamed = StreamedLayers(layers, prefix, layer_names, self.source, recompute=recompute)
         owner = base.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else base
         owner.register_forward_pre_hook(self._begin_pass)
+        self.decoder = base.base_model  # the stack without the head (LlamaModel, GPT2Model, ...)
+        why_not = fused_head_supported(self.hf_config, base.get_output_embeddings())
+        self._budget = None  # planner.ActivationBudget, made at the first training forward
+        self.chunked_loss_unsupported = why_not if self.decoder is not base else "the model has no separate decoder"
+        text = self.hf_config.get_text_config() if hasattr(self.hf_config, "get_text_config") else self.hf_config
+        self._softcap = getattr(text, "final_logit_softcapping", None)
         self.eval()  # as `from_pretrained` leaves a model: no dropout until a trainer calls .train()
 
     # ----- setup --------------------------------------------------------------------------
@@ -180,6 +188,7 @@ class LemaModel(nn.Module):
         """Tell the ring the order of the coming pass: F0..F(L-1), then B(L-1)..B0 when training."""
         self.streamed.release_backward_holds()  # left over if the last backward raised
         self.streamed.boundary_bytes = 0
+        self.streamed.kept_bytes = 0
         L = self.units.num_layers
         schedule = list(range(L))
         if torch.is_grad_enabled() and self.streamed.recompute:
@@ -235,10 +244,51 @@ class LemaModel(nn.Module):
         return to(input_ids), to(labels), to(attention_mask)
 
     def forward(self, input_ids, labels=None, attention_mask=None, **kwargs):
-        """Transformers' causal-LM forward; `.loss` (labels shifted inside, -100 ignored) and `.logits`."""
+        """Transformers' causal-LM forward; `.loss` (labels shifted inside, -100 ignored) and `.logits`.
+
+        With labels, when `uses_chunked_loss` (LemaConfig.chunked_loss: by default when the float32
+        logits would exceed 64 MiB), the head and the loss run chunk by chunk (engine/chunked_loss.py)
+        and `.logits` is None: the full logits are never built."""
         input_ids, labels, attention_mask = self._check_inputs(input_ids, labels, attention_mask)
         kwargs.setdefault("use_cache", False)
+        self.streamed.keep = frozenset(self.kept_layers(input_ids.numel())) if torch.is_grad_enabled() else frozenset()
+        if labels is not None and self.uses_chunked_loss(labels.numel()) and set(kwargs) <= {"use_cache"} \
+                and not kwargs.get("use_cache"):
+            # engine/chunked_loss.py: the head and the loss chunk by chunk; the full logits are never built
+            hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            loss = causal_lm_loss(hidden, self.base_model.get_output_embeddings(), labels, self._softcap)
+            return CausalLMOutputWithPast(loss=loss, logits=None)
         return self.peft_model(input_ids=input_ids, labels=labels, attention_mask=attention_mask, **kwargs)
+
+    def kept_layers(self, tokens: int) -> list[int]:
+        """The decoder layers that keep their activations (no recompute) in a training step of `tokens` tokens.
+
+        LemaConfig.keep_activations, or (None) as many as fit the budget beside the step's planned peak
+        (planner.keepable_layers), spread through the stack."""
+        from .planner import spread
+
+        L = self.units.num_layers
+        if not self.streamed.recompute:
+            return []
+        n = self.config.keep_activations
+        if n is None:
+            n = self._activation_budget().keepable_layers(tokens)
+        return spread(min(n, L), L)
+
+    def _activation_budget(self):
+        if self._budget is None:
+            from .planner import ActivationBudget
+
+            with torch.random.fork_rng(devices=[]):  # building PEFT's meta skeleton must not move the CPU RNG
+                self._budget = ActivationBudget(self.config)
+        return self._budget
+
+    def uses_chunked_loss(self, tokens: int) -> bool:
+        """Whether a forward with labels over `tokens` tokens takes the chunked loss (LemaConfig.chunked_loss)."""
+        if self.config.chunked_loss is False or self.chunked_loss_unsupported:
+            return False
+        vocab = self.base_model.get_output_embeddings().out_features
+        return bool(self.config.chunked_loss) or tokens * vocab * 4 > CHUNK_BYTES
 
     @torch.no_grad()
     def generate(self, input_ids, **kwargs):
@@ -317,7 +367,8 @@ class LemaModel(nn.Module):
         stats = {
             "frozen_weights_now": resident + layers_now,
             "frozen_weights_peak": resident + layers_peak,
-            "activations": self.streamed.boundary_bytes,  # layer inputs kept for the recompute, last pass
+            # layer inputs kept for the recompute + everything the kept layers saved, last pass
+            "activations": self.streamed.boundary_bytes + self.streamed.kept_bytes,
             "adapters": nbytes(self.get_trainable_parameters()),
             "optimizer_state": 0,
         }

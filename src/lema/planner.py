@@ -24,24 +24,34 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                    alive together in backward; plus the fp32 upcast and its gradient when the
                    compute dtype is not fp32
     layer work     the recompute + backward of one layer (the largest transient while layers
-                   run backward), per token, in elements of size s unless marked:
-                     norms        2 x (H + H x 4/s)      RMSNorm's fp32 normalised input + output
-                     q, k, v      nh d + 2 nkv d         projections
-                     rope         nh d + nkv d           rotated q, k (saved by attention)
-                     repeat_kv    2 nh d when nkv < nh   expanded k, v for SDPA
-                     attention    3 H                    SDPA output, its reshape, o_proj output
-                                  + nh x 4/s             logsumexp (flash/efficient kernels: no T x T)
-                     residuals    2 H                    the two residual sums
-                     mlp          4 I                    gate, up, act(gate), act(gate) x up
-                     lora         n_t x r x 4/s          each adapted linear's A output (fp32)
-                     backward     2 H + 3 I              gradients alive at once in the MLP backward
+                   run backward), per token, in elements of size s unless marked; all but
+                   `backward` are the tensors autograd saves (a kept layer keeps exactly those):
+                     norms         2 x H x (8/s [+ 1])    RMSNorm's fp32 input and normalised output
+                                                          (+ the cast-back output when s != 4)
+                     attention in  nh d + 2 nh d          rotated q; k, v as SDPA gets them (repeated
+                                   (2 nkv d if nkv = nh)  to nh heads when nkv < nh)
+                     attention out nh d + H + nh x 4/s    SDPA output, o_proj's input, logsumexp
+                     mlp           4 I                    gate, up, act(gate), act(gate) x up
+                     lora          n_t x r x 4/s          each adapted linear's A output (fp32)
+                     backward      2 H + 3 I              gradients alive at once in the MLP backward
+                   (measured on SmolLM2-135M fp32 with the kept-layer hooks: the saved terms
+                   over-estimate what is saved by ~11%; rotary cos/sin and the mask are shared)
+
+    kept           n_keep x (saved terms - a x H x s): layers that keep what autograd saves instead of
+                   being recomputed (their input is already counted in the boundary)
+    chunked loss   (engine/chunked_loss.py) logits kept 0; head work = one chunk of c tokens'
+                   float32 logits (+ casts) + 2 a H s, c = 64 MiB / (4 V)
 
 Peak = frozen (embed + head + ring or all layers) + LoRA + gradients + optimizer
-       + max(boundary + head work, boundary + logits kept + layer work, logits kept + optimizer step).
+       + max(boundary + kept + head work, boundary + kept + logits kept + layer work,
+             logits kept + optimizer step).
 
-Decisions: the ring depth (applied through `num_buffers`), where boundary activations live, how
-many layers could stay resident, whether a chunked loss or skipping the recompute would pay. Only
-the ring depth is something the engine carries out today; the rest is printed as advice.
+Decisions: the ring depth (applied through `num_buffers`); the loss, chunked when the float32
+logits would pass 64 MiB (applied, LemaConfig.chunked_loss); how many layers keep their
+activations: as many as the budget leaves room for, or, with no budget, half the free memory
+(applied, LemaConfig.keep_activations; the engine asks `ActivationBudget` at each new step size);
+where boundary activations live and how many layers could stay resident: printed as advice, the
+engine keeps activations on the device and streams every layer.
 """
 
 from __future__ import annotations
@@ -106,8 +116,10 @@ class Plan:
     resident_layers_fit: int = 0
     resident_layer_indices: list[int] = field(default_factory=list)
     ring_depth_fit: int = 0
-    skip_recompute_fit: int = 0
-    chunked_loss_saves: int = 0
+    chunked_loss: bool = False
+    kept_layers: int = 0            # decoder layers keeping their activations (no recompute)
+    kept_extra_bytes: int = 0       # what one kept layer saves beyond its input
+    keep_decided_at_run_time: bool = False
     advice: list[str] = field(default_factory=list)
     layer_terms: dict[str, int] = field(default_factory=dict)
 
@@ -137,8 +149,13 @@ class Plan:
             Row("optimizer state", dev, self.optimizer_bytes, "AdamW: 2 x LoRA, fp32"),
             Row("boundary activations", dev if self.activations_on == "device" else "host", self.boundary_bytes,
                 f"{L} x B{self.batch_size} x T{self.seq_len} x H x {self.dtype.itemsize} B"),
-            Row("logits kept", dev, self.logits_bytes, "B x T x V x s, until the step returns"),
-            Row("head work (loss)", dev, self.head_work_bytes, "transient: log-softmax + grads, fp32"),
+            Row(f"kept activations ({self.kept_layers} layers)", dev, self.kept_layers * self.kept_extra_bytes,
+                f"saved for backward, no recompute: {human(self.kept_extra_bytes)} per layer"),
+            Row("logits kept", dev, self.logits_bytes,
+                "none: chunked loss" if self.chunked_loss else "B x T x V x s, until the step returns"),
+            Row("head work (loss)", dev, self.head_work_bytes,
+                "transient: one chunk's logits + grads" if self.chunked_loss
+                else "transient: log-softmax + grads, fp32"),
             Row("one layer's recompute", dev, self.layer_work_bytes, "transient: saved + backward tensors"),
         ]
         if self.ring_host_bytes:
@@ -171,6 +188,13 @@ class Plan:
             where = (f", e.g. layers {_short(self.resident_layer_indices)}" if self.resident_layer_indices else "")
             lines.append(f"    resident layers: 0 applied (engine: streams all), {self.resident_layers_fit} would fit"
                          + where)
+        lines.append(f"    loss: {'chunked, the full logits never built' if self.chunked_loss else 'full logits'}"
+                     " (applied)")
+        if self.keep_decided_at_run_time:
+            lines.append(f"    kept activations: decided at run time from free memory "
+                         f"({human(self.kept_extra_bytes)} per layer kept instead of recomputed)")
+        else:
+            lines.append(f"    kept activations: {self.kept_layers} of {self.num_layers} layers skip the recompute (applied)")
         for a in self.advice:
             lines.append(f"    advice: {a}")
         return "\n".join(lines)
@@ -217,12 +241,9 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int) 
         I *= c.num_experts_per_tok
     f32 = 4
     terms = {
-        "norms": a * 2 * (H * s + H * f32),
-        "q, k, v": a * s * (nh * d + 2 * nkv * d),
-        "rope": a * s * (nh * d + nkv * d),
-        "repeat_kv": a * s * 2 * nh * d if nkv < nh else 0,
-        "attention": a * (3 * H * s + nh * f32),
-        "residuals": a * s * 2 * H,
+        "norms": a * 2 * H * (2 * f32 + (s if s != 4 else 0)),
+        "attention in": a * s * (nh * d + 2 * (nh if nkv < nh else nkv) * d),
+        "attention out": a * (s * (nh * d + H) + nh * f32),
         "mlp": a * s * 4 * I,
         "lora": a * n_targets * lora_rank * f32,
         "backward": a * s * (2 * H + 3 * I),
@@ -231,23 +252,86 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int) 
 
 
 def head_work_bytes(a: int, V: int, s: int) -> int:
+    """Transformers' head + loss over the full logits (see the module docstring)."""
     extra = a * V * (4 + s) if s != 4 else 0
     return a * V * (s + 12) + extra
+
+
+def chunked_head_work_bytes(a: int, V: int, H: int, s: int, rows: int, softcap: bool = False) -> int:
+    """engine/chunked_loss.py: one chunk of `rows` tokens' logits (float32, plus the compute-dtype matmul
+    output and the cast gradient when s != 4; soft-capping adds ~3 float32 temporaries), and the hidden
+    states' gradient (a x H x s) with its scaled copy in backward."""
+    r = min(a, rows)
+    per_row = V * (4 + (2 * s if s != 4 else 0)) + (3 * V * 4 if softcap else 0) + H * s
+    return r * per_row + 2 * a * H * s
+
+
+@dataclass
+class ModelFacts:
+    """What the plan needs from the model itself: sizes from the meta skeleton with PEFT's LoRA in it."""
+
+    hf_config: object
+    model_type: str
+    unit_bytes: dict[str, int]
+    slot_bytes: int
+    lora_params: int
+    n_targets: int      # adapted linears per decoder layer
+    L: int
+    V: int
+    H: int
+    chunk_ok: bool      # the chunked loss reproduces this model's head (engine/chunked_loss.py)
+    softcap: bool
+
+
+def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = None) -> ModelFacts:
+    """Build the meta skeleton of `model` (config or folder), inject PEFT's LoRA, and measure it (~1 s for 7B)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .config import parse_dtype
+    from .engine.chunked_loss import fused_head_supported
+    from .engine.skeleton import (EMBED, HEAD, build_meta_model, default_lora_targets, find_decoder_layers,
+                                  load_hf_config, unit_map)
+
+    dtype = parse_dtype(dtype)
+    hf_config = load_hf_config(model) if isinstance(model, str) else model
+    base = build_meta_model(hf_config, dtype)
+    units = unit_map(base)
+    params = dict(base.named_parameters())
+    s = dtype.itemsize
+    unit_bytes = {u: sum(params[n].numel() for n in names) * s for u, names in units.units.items()}
+    slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
+                      for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
+    base.requires_grad_(False)  # as LemaModel: only LoRA trains, the head is frozen
+    chunk_ok = fused_head_supported(hf_config, base.get_output_embeddings()) is None and base.base_model is not base
+    prefix, layers = find_decoder_layers(base)
+    targets = list(targets or default_lora_targets(layers))
+    peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
+    lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
+    n_targets = sum(1 for n, _ in peft_model.named_parameters() if ".lora_A." in n and f"{prefix}.0." in n)
+    c = _text_config(hf_config)
+    return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, units.num_layers,
+                      c.vocab_size, c.hidden_size, chunk_ok, bool(getattr(c, "final_logit_softcapping", None)))
 
 
 def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str]] = None,
          optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 512,
          max_vram_bytes: Optional[int] = None, device_type: str = "cuda", num_buffers: int = 3,
-         strategy: str = "streaming", zero_copy: Optional[bool] = None) -> Plan:
+         strategy: str = "streaming", zero_copy: Optional[bool] = None, chunked_loss: Optional[bool] = None,
+         keep_activations: Optional[int] = None, free_bytes: Optional[int] = None,
+         gradient_checkpointing: bool = True, facts: Optional["ModelFacts"] = None) -> Plan:
     """Plan one training step of `model` (a Transformers config, or a checkpoint folder).
 
     `zero_copy` (CPU only): whether the ring serves views of the mmap (weights file already in the
     compute dtype); None: read from the folder's weights-file header when `model` is a folder, else True.
+    `chunked_loss`, `keep_activations`: as in LemaConfig (None: decided here, as the engine decides).
+    `free_bytes`: memory the run may take beyond the plan's own peak when no budget is given (the engine
+    passes half the free memory); with neither, no layer keeps its activations.
+    `facts`: `model_facts(model, dtype, lora_rank, targets)` computed before (it is the slow part).
     Raises PlanError when `max_vram_bytes` is given and the predicted peak exceeds it.
     """
     from .config import parse_dtype
-    from .engine.skeleton import (EMBED, HEAD, build_meta_model, default_lora_targets, find_decoder_layers,
-                                  load_hf_config, unit_map)
+    from .engine.skeleton import EMBED, HEAD
 
     dtype = parse_dtype(dtype)
     strategy = getattr(strategy, "value", strategy)
@@ -259,49 +343,37 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     if num_buffers < 2:
         raise ValueError(f"num_buffers={num_buffers} must be >= 2")
     folder = model if isinstance(model, str) else None
-    hf_config = load_hf_config(folder) if folder else model
     if zero_copy is None:
         zero_copy = _file_dtype(folder) == dtype if folder else True
-
-    base = build_meta_model(hf_config, dtype)
-    units = unit_map(base)
-    params = dict(base.named_parameters())
+    f = facts or model_facts(model, dtype, lora_rank, targets)
+    hf_config, unit_bytes, slot_bytes, L, V, H = f.hf_config, f.unit_bytes, f.slot_bytes, f.L, f.V, f.H
+    lora_params = f.lora_params
     s = dtype.itemsize
-    unit_bytes = {u: sum(params[n].numel() for n in names) * s for u, names in units.units.items()}
-    slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
-                      for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
-
-    # LoRA sizes from PEFT itself, injected into the meta skeleton.
-    from peft import LoraConfig, get_peft_model
-
-    prefix, layers = find_decoder_layers(base)
-    targets = list(targets or default_lora_targets(layers))
-    peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
-    lora = [p for n, p in peft_model.named_parameters() if ".lora_" in n]
-    lora_params = sum(p.numel() for p in lora)
-    n_targets = sum(1 for n, _ in peft_model.named_parameters()
-                    if ".lora_A." in n and f"{prefix}.0." in n)
     lora_bytes = lora_params * 4
     grad_bytes = lora_bytes
     optimizer_bytes = OPTIMIZER_STATES[optimizer] * lora_bytes
     optimizer_temp = OPTIMIZER_TEMPS[optimizer] * lora_bytes
 
-    c = _text_config(hf_config)
-    L = units.num_layers
+    from .engine.chunked_loss import CHUNK_BYTES, chunk_rows
+
     a = batch_size * seq_len
-    V = c.vocab_size
-    boundary = L * a * c.hidden_size * s
-    logits = a * V * s
-    head_work = head_work_bytes(a, V, s)
-    terms = layer_work_terms(hf_config, a, s, lora_rank, n_targets)
+    boundary = L * a * H * s
+    chunked = f.chunk_ok and chunked_loss is not False and (bool(chunked_loss) or a * V * 4 > CHUNK_BYTES)
+    if chunked:
+        logits = 0
+        head_work = chunked_head_work_bytes(a, V, H, s, chunk_rows(V), f.softcap)
+    else:
+        logits = a * V * s
+        head_work = head_work_bytes(a, V, s)
+    terms = layer_work_terms(hf_config, a, s, lora_rank, f.n_targets)
     layer_work = sum(terms.values())
     layer_saved = layer_work - terms["backward"]
+    kept_extra = max(0, layer_saved - a * H * s)  # a kept layer saves these beyond its input (the boundary)
 
     cpu = device_type == "cpu"
     layers_total = sum(b for u, b in unit_bytes.items() if u not in (EMBED, HEAD))
 
-    def peak_of(depth: int, on_device_acts: bool = True) -> tuple[int, int, int, str]:
+    def peak_of(depth: int, on_device_acts: bool = True, keep: int = 0) -> tuple[int, int, int, str]:
         if strategy == "resident":
             ring_dev = 0
             frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + layers_total
@@ -309,7 +381,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
             ring_dev = 0 if (cpu and zero_copy) else depth * slot_bytes
             frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + ring_dev
         fixed = frozen + lora_bytes + grad_bytes + optimizer_bytes
-        static = fixed + (boundary if on_device_acts else 0)
+        static = fixed + (boundary + keep * kept_extra if on_device_acts else 0)
         phases = {"the loss (head forward/backward)": static + head_work,
                   "the first layer's recompute in backward": static + logits + layer_work,
                   "the optimizer step": fixed + logits + optimizer_temp}
@@ -317,16 +389,27 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         return phases[phase], ring_dev, frozen, phase
 
     depth = num_buffers
-    peak, ring_dev, frozen, phase = peak_of(depth)
-    p = Plan(model_type=c.model_type, dtype=dtype, device_type=device_type, strategy=strategy,
+    recompute = strategy == "streaming" or gradient_checkpointing
+    if not recompute:
+        keep = 0
+    elif keep_activations is not None:
+        keep = min(keep_activations, L)
+    else:
+        room = (max_vram_bytes - peak_of(depth)[0]) if max_vram_bytes is not None else free_bytes
+        keep = max(0, min(L, int(room // kept_extra))) if room is not None and kept_extra else 0
+    peak, ring_dev, frozen, phase = peak_of(depth, keep=keep)
+    p = Plan(model_type=f.model_type, dtype=dtype, device_type=device_type, strategy=strategy,
              batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, max_vram_bytes=max_vram_bytes,
              num_layers=L, unit_bytes=unit_bytes, slot_bytes=slot_bytes, lora_params=lora_params,
              lora_bytes=lora_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
              boundary_bytes=boundary, logits_bytes=logits, head_work_bytes=head_work,
              layer_work_bytes=layer_work, layer_saved_bytes=layer_saved, ring_depth=depth,
              ring_device_bytes=ring_dev, ring_host_bytes=0 if cpu or strategy == "resident" else depth * slot_bytes,
-             frozen_device_bytes=frozen, peak_bytes=peak, peak_phase=phase, layer_terms=terms)
-    _decide(p, peak_of, num_buffers, zero_copy)
+             frozen_device_bytes=frozen, peak_bytes=peak, peak_phase=phase, layer_terms=terms,
+             chunked_loss=chunked, kept_layers=keep, kept_extra_bytes=kept_extra,
+             keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None
+             and free_bytes is None)
+    _decide(p, lambda d, on_device_acts=True: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
     return p
 
 
@@ -340,7 +423,6 @@ def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
         p.resident_layers_fit = 0
         if streaming:
             p.advice.append("no --max-vram given: nothing checked against a budget")
-        _loss_advice(p)
         return
     if p.peak_bytes > budget and ring_costs and num_buffers > 2 and peak_of(2)[0] <= budget:
         p.advice.append(f"--num-buffers {num_buffers} does not fit, 2 does: set --num-buffers 2 "
@@ -360,25 +442,12 @@ def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
     if streaming and p.layer_bytes:
         p.resident_layers_fit = min(L, int(free // p.layer_bytes))
         p.resident_layer_indices = spread(p.resident_layers_fit, L)
-    if p.layer_saved_bytes:
-        p.skip_recompute_fit = min(L, int(free // p.layer_saved_bytes))
-        if p.skip_recompute_fit:
-            p.advice.append(f"{p.skip_recompute_fit} of {L} layers could keep their activations and skip the "
-                            f"recompute ({human(p.layer_saved_bytes)} each; engine: recomputes all)")
-    _loss_advice(p)
-
-
-def _loss_advice(p: Plan) -> None:
-    """A chunked loss never builds the a x V fp32 tensors: the head's work shrinks to one chunk."""
-    if p.head_work_bytes > p.layer_work_bytes + p.logits_bytes:
-        p.chunked_loss_saves = p.head_work_bytes - (p.layer_work_bytes + p.logits_bytes)
-        p.advice.append(f"the loss dominates the peak: a chunked loss would save ~{human(p.chunked_loss_saves)} "
-                        "(engine: full logits)")
 
 
 def _refuse(p: Plan, budget: int, without_acts: int) -> None:
     over = p.peak_bytes - budget
-    acts = p.boundary_bytes + max(p.head_work_bytes, p.logits_bytes + p.layer_work_bytes)
+    kept = p.kept_layers * p.kept_extra_bytes
+    acts = p.boundary_bytes + kept + max(p.head_work_bytes, p.logits_bytes + p.layer_work_bytes)
     fixed = p.peak_bytes - acts
     lines = [f"the run needs {human(p.peak_bytes)} of {p.device_type} memory at its peak ({p.peak_phase}) "
              f"but --max-vram is {human(budget)} ({human(over)} over)."]
@@ -393,6 +462,9 @@ def _refuse(p: Plan, budget: int, without_acts: int) -> None:
                      f"about {tokens:,} tokens per step fit: lower --batch-size to "
                      f"{max(0, tokens // p.seq_len)} or --seq-len to {max(0, tokens // p.batch_size)}, "
                      f"or raise --max-vram to at least {human(p.peak_bytes)}.")
+        if kept:
+            lines.append(f"{p.kept_layers} layers keep their activations ({human(kept)}): lower "
+                         "--keep-activations to trade memory for recompute.")
         if p.activations_on == "host":
             lines.append(f"(With boundary activations in pinned host memory it would need {human(without_acts)}, "
                          "but the engine keeps them on the device.)")
@@ -417,8 +489,49 @@ def _file_dtype(folder: str) -> Optional[torch.dtype]:
     return None
 
 
-def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "adamw") -> Plan:
-    """The plan of a `LemaConfig` run (for `lema train` to print before it allocates)."""
+def free_memory_bytes(device) -> int:
+    """Memory free for activations now: the device's free memory on CUDA, MemAvailable on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "adamw",
+                    facts: Optional[ModelFacts] = None, free_bytes: Optional[int] = None) -> Plan:
+    """The plan of a `LemaConfig` run (for `lema train` to print before it allocates). Without a budget
+    (max_vram), `free_bytes` (default: half the free memory now) bounds the kept activations, as in the engine."""
+    if free_bytes is None and config.max_vram_bytes is None:
+        free_bytes = free_memory_bytes(config.torch_device) // 2
     return plan(config.model_name_or_path, config.torch_dtype, config.lora_rank, config.lora_target_modules,
                 optimizer, batch_size, seq_len, config.max_vram_bytes, config.torch_device.type,
-                config.num_buffers, config.strategy)
+                config.num_buffers, config.strategy, chunked_loss=config.chunked_loss,
+                keep_activations=config.keep_activations, free_bytes=free_bytes,
+                gradient_checkpointing=config.gradient_checkpointing, facts=facts)
+
+
+class ActivationBudget:
+    """The engine's run-time answer to "how many layers keep their activations" for a step of `tokens`
+    tokens: the plan's own decision (LemaModel.kept_layers), computed once per token count."""
+
+    def __init__(self, config, free_bytes: Optional[int] = None):
+        self.config = config
+        self.facts = model_facts(config.model_name_or_path, config.torch_dtype, config.lora_rank,
+                                 config.lora_target_modules)
+        self.free_bytes = free_bytes if free_bytes is not None or config.max_vram_bytes is not None \
+            else free_memory_bytes(config.torch_device) // 2
+        self._cache: dict[int, int] = {}
+
+    def keepable_layers(self, tokens: int) -> int:
+        if tokens not in self._cache:
+            try:
+                p = plan_for_config(self.config, 1, max(1, tokens), facts=self.facts, free_bytes=self.free_bytes)
+                self._cache[tokens] = p.kept_layers
+            except PlanError:  # over budget even recomputing everything: keep nothing (the plan printed said so)
+                self._cache[tokens] = 0
+        return self._cache[tokens]

@@ -51,4 +51,5 @@ class LemaTrainer:
                 self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))  # host sync
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return out.logits.detach(), out.loss.detach()
+        logits = out.logits.detach() if out.logits is not None else None
+        return logits, out.loss.detach()

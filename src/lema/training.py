@@ -81,6 +81,9 @@ class TrainArgs:
     """Ring depth for streaming."""
     max_vram: Optional[str] = None
     """Device memory budget, e.g. 16GB; the run is refused before it starts if the plan does not fit."""
+    keep_activations: Optional[int] = None
+    """Decoder layers that keep their activations instead of recomputing them in backward (default: as many as
+    --max-vram, or half the free memory, allows; 0: recompute all, least memory)."""
     seed: int = 0
     """Seed of LoRA init, data order and dropout."""
     quiet: bool = False
@@ -191,7 +194,8 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     config = LemaConfig(model_name_or_path=args.model, strategy=args.strategy, device=args.device,
                         dtype=args.dtype, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, lora_target_modules=args.target_modules,
-                        num_buffers=args.num_buffers, max_vram=args.max_vram)
+                        num_buffers=args.num_buffers, max_vram=args.max_vram,
+                        keep_activations=args.keep_activations)
     plan_text = _plan_text(config, args)  # raises before allocating if a budget cannot fit
     model = LemaModel(config)
     model.initialize_lora(seed=args.seed)

@@ -26,9 +26,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=None,
                         help="which to run (default: all three; only streaming when the weights exceed RAM)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per contender (default: all)")
+    parser.add_argument("--keep-activations", type=int, default=None, metavar="N",
+                        help="LEMA: layers keeping their activations instead of recomputing "
+                             "(default: the planner's choice, as in training; 0: recompute all)")
+    parser.add_argument("--chunked-loss", choices=["auto", "on", "off"], default="auto",
+                        help="LEMA: head + loss in chunks (default auto: when the logits pass 64 MiB)")
     parser.add_argument("--floor", action="store_true",
-                        help="also measure the floor: compute time of the step (from 1- and 2-layer models, "
-                             "scaled to all layers) and disk-read time of the bytes read per step")
+                        help="also measure the floor: compute time of the step (1- and 2-layer models in RAM, "
+                             "timed in the same interleaved rounds, scaled to all layers) and disk-read time "
+                             "of the bytes read per step")
     parser.add_argument("--profile", default=None, metavar="TRACE.json",
                         help="after timing, profile one step of each contender (torch.profiler Chrome trace; "
                              "TRACE-<contender>.json when several)")
@@ -57,7 +63,8 @@ def run(args) -> int:
 
     from .. import bench
     from ..config import parse_dtype
-    from ..planner import plan
+    from ..config import LemaConfig
+    from ..planner import plan, plan_for_config
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     for name in ("steps", "batch_size", "seq_len", "lora_rank"):
@@ -86,22 +93,36 @@ def run(args) -> int:
     ceiling = bench.read_ceiling(files[0], cold=big)
     ceiling_kind = "disk (cold sequential read)" if big else "page cache (warm sequential read)"
 
+    chunked = {"auto": None, "on": True, "off": False}[args.chunked_loss]
+    # The floor probes recompute like LEMA STREAMING will: not at all when it keeps every layer's activations.
+    expected = plan_for_config(LemaConfig(model_name_or_path=folder, dtype=args.dtype, lora_rank=args.lora_rank,
+                                          lora_target_modules=args.lora_target_modules, num_buffers=args.num_buffers,
+                                          keep_activations=args.keep_activations, chunked_loss=chunked),
+                               args.batch_size, args.seq_len)
     spec = bench.BenchSpec(model=folder, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
-                           lora_rank=args.lora_rank, targets=args.lora_target_modules, num_buffers=args.num_buffers)
-    predicted = {}
-    for n in names:
-        p = plan(folder, dtype, args.lora_rank, args.lora_target_modules, "adamw", args.batch_size, args.seq_len,
-                 None, "cpu", args.num_buffers, "streaming" if n == "streaming" else "resident")
-        predicted[n] = p.peak_bytes
+                           lora_rank=args.lora_rank, targets=args.lora_target_modules, num_buffers=args.num_buffers,
+                           keep_activations=args.keep_activations, chunked_loss=chunked,
+                           floor_checkpointing=expected.kept_layers < expected.num_layers)
+    floor_names = [f"floor-{n}" for n in bench.FLOOR_LAYERS] if args.floor else []
     if args.exact_memory:  # read by glibc when each contender's process starts (spawn)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    results, workers = bench.run_rounds(names, spec, args.steps, threads=args.threads, log=log)
+    results, workers = bench.run_rounds(names + floor_names, spec, args.steps, threads=args.threads, log=log)
     try:
-        tables = bench.profile_contenders(workers, args.profile) if args.profile else {}
+        tables = bench.profile_contenders({n: workers[n] for n in names}, args.profile) if args.profile else {}
     finally:
         for w in workers.values():
             w.close()
-    floor = bench.compute_floor_time(folder, spec) if args.floor else None
+    floor = bench.floor_from_rounds(folder, results) if args.floor else None
+    for n in floor_names:
+        results.pop(n)
+    predicted = {}
+    for n in names:  # the plan of what each contender did (its kept layers and loss, as it decided them)
+        info = results[n].info
+        p = plan(folder, dtype, args.lora_rank, args.lora_target_modules, "adamw", args.batch_size, args.seq_len,
+                 None, "cpu", args.num_buffers, "streaming" if n == "streaming" else "resident",
+                 keep_activations=info.get("kept_layers", 0), chunked_loss=info.get("chunked_loss", False),
+                 gradient_checkpointing=True)
+        predicted[n] = p.peak_bytes
 
     tokens = args.batch_size * args.seq_len
     ref = {k: results[k].median for k in ("peft", "resident") if k in results}
@@ -129,7 +150,7 @@ def run(args) -> int:
             "achieved_bytes_per_s": gbps, "achieved_over_ceiling": gbps / ceiling if ceiling else None,
             "vs_peft": r.median / ref["peft"] if "peft" in ref else None,
             "vs_resident": r.median / ref["resident"] if "resident" in ref else None,
-            "build_s": r.build_s,
+            "build_s": r.build_s, **r.info,
         }
     if floor is not None and "streaming" in results:
         s = out["contenders"]["streaming"]
@@ -168,12 +189,16 @@ def format_table(out: dict) -> str:
                      f"{f(c['achieved_over_ceiling'], '.2f'):>6} {f(c['vs_peft'], '.2f'):>7} "
                      f"{f(c['vs_resident'], '.2f'):>7}")
     lines.append("")
+    for c in out["contenders"].values():
+        if "kept_layers" in c:
+            lines.append(f"{c['label']}: {c['kept_layers']} layers kept their activations (the rest recomputed), "
+                         f"loss {'chunked' if c['chunked_loss'] else 'on full logits'}")
     lines.append("peak anon: peak RssAnon of the contender's process; run peak: above its baseline after imports "
                  "(compared with the planner's predicted peak)")
     if "floor" in out:
         fl = out["floor"]
         s = out["contenders"]["streaming"]
-        lines.append(f"floor: compute {fl['compute_s']:.2f} s (rest {fl['t_rest']:.2f} s + {fl['t_layer']:.3f} s "
+        lines.append(f"floor: compute {fl['compute_s']:.2f} s, timed in the same rounds (rest {fl['t_rest']:.2f} s + {fl['t_layer']:.3f} s "
                      f"x layers), disk {fl['disk_s']:.2f} s ({human(s['disk_bytes_read_per_step'])} read per step "
                      f"at {out['ceiling_bytes_per_s'] / gb:.2f} GB/s) -> floor {fl['floor_s']:.2f} s; STREAMING "
                      f"is {fl['streaming_over_floor']:.2f}x the floor")

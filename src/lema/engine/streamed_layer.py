@@ -1,9 +1,14 @@
 """A decoder layer whose frozen weights are bound only while it runs.
 
 Each decoder layer of the skeleton gets, on the instance, a `forward` that
-- under grad: calls `torch.utils.checkpoint.checkpoint(run, ..., use_reentrant=False)`, which
-  keeps only the layer's inputs (and the RNG state, so LoRA dropout draws the same mask again)
-  and calls `run` a second time in backward, in the order B(L-1) ... B0;
+- under grad, recomputed (the default): calls `torch.utils.checkpoint.checkpoint(run, ...,
+  use_reentrant=False)`, which keeps only the layer's inputs (and the RNG state, so LoRA dropout
+  draws the same mask again) and calls `run` a second time in backward, in the order B(L-1) ... B0;
+- under grad, for a layer in `keep` (activations kept, no recompute): calls `run` under
+  `saved_tensors_hooks` that replace every saved tensor viewing the layer's streamed weights by a
+  `WeightRef` (layer, name, size, stride, offset) and keep everything else. In backward the
+  layer's weights are acquired again from the source (B order, as for the recompute) and the
+  views rebuilt from the reference: the activations stay, the weights' slots do not;
 - under no_grad: calls `run` directly (nothing is kept).
 
 `run` acquires the layer's weights from the source (the ring, or the resident store), binds them
@@ -18,6 +23,8 @@ in stream/ring.py.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -32,6 +39,42 @@ class WeightSource(Protocol):
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A saved tensor that views streamed weight `name` of layer `layer`: rebuilt in backward."""
+
+    layer: int
+    name: str
+    size: tuple
+    stride: tuple
+    offset: int  # elements from the weight's first element
+
+
+class _WeightIndex:
+    """Which bound weight (if any) a tensor views, by storage and address range. Holds no tensor: the
+    autograd graph keeps the pack hook (and so this index) alive until backward."""
+
+    def __init__(self, layer: int, weights: dict[str, torch.Tensor]):
+        self.layer = layer
+        self.storages = {w.untyped_storage().data_ptr() for w in weights.values()}
+        self.ranges = [(w.data_ptr(), w.data_ptr() + w.numel() * w.element_size(), name, w.dtype, w.element_size())
+                       for name, w in weights.items()]
+
+    def find(self, t: torch.Tensor):
+        """A WeightRef for `t` when it views a bound weight, None when it is unrelated to them."""
+        if t.device.type == "meta" or t.untyped_storage().data_ptr() not in self.storages:
+            return None
+        ptr = t.data_ptr()
+        for lo, hi, name, dtype, itemsize in self.ranges:
+            if lo <= ptr < hi and t.dtype == dtype:
+                return WeightRef(self.layer, name, tuple(t.shape), tuple(t.stride()), (ptr - lo) // itemsize)
+        # It shares the slot's storage but is none of the weights: keeping it would read whatever the slot
+        # holds in backward. Refuse rather than compute a wrong gradient.
+        raise RuntimeError(f"layer {self.layer} saves a tensor ({tuple(t.shape)}, {t.dtype}) inside its streamed "
+                           "weights' buffer that is not a view of one weight; LEMA cannot keep this layer's "
+                           "activations: set keep_activations=0 (recompute every layer)")
 
 
 class LayerBinder:
@@ -67,10 +110,13 @@ class StreamedLayers:
     def __init__(self, layers: nn.ModuleList, prefix: str, names_per_layer: list[list[str]],
                  source: WeightSource, recompute: bool = True):
         self.source = source
-        self.recompute = recompute
+        self.recompute = recompute  # under grad: checkpoint the layers, except those in `keep`
+        self.keep: frozenset[int] = frozenset()  # layers that keep their activations (no recompute)
         self.held_in_backward: list[int] = []
+        self.backward_weights: dict[int, dict[str, torch.Tensor]] = {}  # kept layers' weights, re-acquired
         self.boundary_bytes = 0  # inputs kept for the recompute in the current pass (NOTE: shared tensors
         #                          such as rotary cos/sin and the mask are counted once per model, not here)
+        self.kept_bytes = 0      # tensors saved by the kept layers in the current pass (weights excluded)
         self.bound_now = 0
         self.peak_bound = 0
         for i, layer in enumerate(layers):
@@ -79,8 +125,40 @@ class StreamedLayers:
             layer.forward = self._make_forward(i, layer.forward, binder, meta)
 
     def release_backward_holds(self) -> None:
+        self.backward_weights.clear()
         while self.held_in_backward:
             self.source.release(self.held_in_backward.pop())
+
+    def _hold_in_backward(self, index: int) -> None:
+        if not self.held_in_backward:
+            torch.autograd.Variable._execution_engine.queue_callback(self.release_backward_holds)
+        self.held_in_backward.append(index)
+
+    def _weights_for_backward(self, index: int) -> dict[str, torch.Tensor]:
+        """A kept layer's weights, acquired again when its backward first needs them (NOTE [ring protocol])."""
+        weights = self.backward_weights.get(index)
+        if weights is None:
+            self.release_backward_holds()  # the previous layer's backward has finished
+            weights = self.source.acquire(index)
+            self.backward_weights[index] = weights
+            self._hold_in_backward(index)
+        return weights
+
+    def _pack(self, index: _WeightIndex, seen: set, t: torch.Tensor):
+        ref = index.find(t)
+        if ref is not None:
+            return ref
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            self.kept_bytes += storage.nbytes()
+        return t
+
+    def _unpack(self, x):
+        if isinstance(x, WeightRef):
+            w = self._weights_for_backward(x.layer)[x.name]
+            return w.as_strided(x.size, x.stride, w.storage_offset() + x.offset)
+        return x
 
     def _make_forward(self, index: int, original, binder: LayerBinder, meta):
         def run(*args, **kwargs):
@@ -97,13 +175,27 @@ class StreamedLayers:
                 binder.unbind(meta)
                 self.bound_now -= 1
                 if backward:
-                    if not self.held_in_backward:
-                        torch.autograd.Variable._execution_engine.queue_callback(self.release_backward_holds)
-                    self.held_in_backward.append(index)
+                    self._hold_in_backward(index)
                 else:
                     self.source.release(index)
 
+        def run_kept(*args, **kwargs):
+            weights = self.source.acquire(index)
+            binder.bind(weights)
+            self.bound_now += 1
+            self.peak_bound = max(self.peak_bound, self.bound_now)
+            pack = functools.partial(self._pack, _WeightIndex(index, weights), set())
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
+                    return original(*args, **kwargs)
+            finally:
+                binder.unbind(meta)
+                self.bound_now -= 1
+                self.source.release(index)
+
         def forward(*args, **kwargs):
+            if self.recompute and torch.is_grad_enabled() and index in self.keep:
+                return run_kept(*args, **kwargs)
             if self.recompute and torch.is_grad_enabled():
                 hidden = args[0] if args else kwargs.get("hidden_states")
                 if torch.is_tensor(hidden):  # what checkpoint keeps of this layer: its input

@@ -1,0 +1,97 @@
+"""The head and the causal-LM loss in chunks of tokens: the (tokens x vocab) logits are never built.
+
+Transformers' causal-LM loss builds the full logits, upcasts them to float32 and keeps the
+log-softmax for backward: for 8 x 512 tokens and a 32k vocabulary that is ~2.4 GB at the peak,
+more than the rest of a streamed step. Here, for each chunk of at most `chunk_rows` tokens:
+
+    z = h_c W^T (+ b)            compute dtype, then float32; [softcap: z = c tanh(z / c)]
+    loss += sum(logsumexp(z) - z[y])
+    dz = (softmax(z) - onehot(y)) / n      [softcap: dz *= 1 - tanh(z / c)^2]
+    dh_c = dz W                  (only when the hidden states need a gradient)
+
+Both the loss and the gradient of the hidden states are done in the forward (the head is frozen,
+so nothing else needs a gradient); backward only scales the stored gradient by the incoming one.
+Positions whose label is ignored (-100: padding, prompt tokens) are skipped, not computed.
+
+Numerics match Transformers' `ForCausalLMLoss` (labels shifted left, -100 ignored, mean over the
+counted tokens, float32 log-softmax; the logits gradient cast to the compute dtype before the
+matmul, as autograd does for a bf16 head).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+IGNORE = -100
+CHUNK_BYTES = 64 * 2**20
+"""Float32 logits of one chunk; the chunk's working set is about twice this."""
+
+
+def chunk_rows(vocab: int, chunk_bytes: Optional[int] = None) -> int:
+    """Tokens per chunk: as many as keep one chunk's float32 logits within `chunk_bytes` (CHUNK_BYTES)."""
+    return max(1, (chunk_bytes or CHUNK_BYTES) // (4 * vocab))
+
+
+def fused_head_supported(hf_config, head: Optional[nn.Module]) -> Optional[str]:
+    """None when the fused loss reproduces this model's head + loss; else why not."""
+    c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    if not isinstance(head, nn.Linear) or type(head) is not nn.Linear:
+        return f"the output head is {type(head).__name__}, not a plain Linear"
+    if any(p.requires_grad for p in head.parameters()):
+        return "the output head is trained"
+    for attr in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(c, attr, None) not in (None, 1, 1.0):
+            return f"config.{attr} scales the logits"
+    if getattr(c, "output_router_logits", False):
+        return "config.output_router_logits adds an auxiliary loss"
+    return None
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, rows, softcap):
+        H = hidden.shape[-1]
+        h = hidden.detach().reshape(-1, H)
+        y = labels.reshape(-1)
+        keep = (y != IGNORE).nonzero().squeeze(1)
+        n = keep.numel()
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(h) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, n, rows):
+            idx = keep[s: s + rows]
+            hc, yc = h.index_select(0, idx), y.index_select(0, idx)
+            z = nn.functional.linear(hc, weight, bias).float()
+            if softcap:
+                t = torch.tanh(z / softcap)
+                z = t * softcap
+            lse = torch.logsumexp(z, dim=-1)
+            total += (lse - z.gather(1, yc.unsqueeze(1)).squeeze(1)).sum()
+            if need_grad:
+                dz = z.sub_(lse.unsqueeze(1)).exp_()                  # softmax, in place of z
+                dz[torch.arange(idx.numel(), device=dz.device), yc] -= 1.0
+                dz.div_(n)
+                if softcap:
+                    dz.mul_(1.0 - t * t)
+                grad.index_copy_(0, idx, dz.to(h.dtype) @ weight)
+        ctx.save_for_backward(grad if need_grad else None)
+        ctx.shape = hidden.shape
+        return total / n  # 0 / 0 = nan when nothing is counted, as Transformers' mean gives
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None, None
+        return (grad * grad_out.to(grad.dtype)).view(ctx.shape), None, None, None, None, None
+
+
+def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
+                   softcap: Optional[float] = None, rows: Optional[int] = None) -> torch.Tensor:
+    """Mean next-token loss of `hidden` (batch, seq, H) under `head`; `labels` unshifted, -100 ignored."""
+    shift = nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:].to(hidden.device)
+    rows = rows or chunk_rows(head.out_features)
+    return _FusedHeadLoss.apply(hidden, head.weight, head.bias, shift, rows, softcap or None)
