@@ -264,17 +264,23 @@ def test_ring_skips_ahead_in_the_schedule():
         ring.close()
 
 
+@pytest.mark.parametrize("zero_copy", [None, False], ids=["views", "slots"])
 @pytest.mark.parametrize("num_buffers", [2, 3])
-def test_layer_packed_file_streams_like_the_original(num_buffers, tiny_dir, make_lema, tmp_path_factory):
+def test_layer_packed_file_streams_like_the_original(num_buffers, zero_copy, tiny_dir, make_lema, tmp_path_factory):
     """A `lema convert` output (each layer one contiguous byte range) streams through the ring with
-    the same bound and schedule, and trains exactly like the original folder held resident."""
+    the same bound and schedule, and trains exactly like the original folder held resident; as
+    views of the mmap, or (zero_copy=False) read by the loader thread into the slots with one pread."""
     from lema.convert import convert
 
     src = tiny_dir("llama", num_layers=LAYERS)
     out = convert(src, str(tmp_path_factory.mktemp("packed") / "out"), progress=False)
-    model = make_lema(out, num_buffers=num_buffers, gbi_path=out + "/model.safetensors")
+    model = make_lema(out, num_buffers=num_buffers, gbi_path=out + "/model.safetensors", zero_copy=zero_copy)
     resident = make_lema(src, strategy=MemoryStrategy.RESIDENT)
     assert all(layout.packed is not None for layout in model.layouts)
+    if zero_copy is False:
+        assert all(s.host is not None for s in model.source.slots) and model.source._thread is not None
+    else:
+        assert all(s.host is None for s in model.source.slots)
     watch = LiveWeights(model.source)
     trainers = [m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)) for m in (model, resident)]
     for step in range(2):

@@ -261,6 +261,8 @@ class BenchSpec:
     seed: int = 0
     keep_activations: Optional[int] = None   # LEMA contenders (LemaConfig.keep_activations; None: the planner's)
     chunked_loss: Optional[bool] = None      # LEMA contenders (LemaConfig.chunked_loss)
+    zero_copy: Optional[bool] = None         # LEMA contenders (LemaConfig.zero_copy)
+    max_vram: Optional[str] = None           # LEMA contenders: the budget their plan (kept layers) fits in
     floor_checkpointing: bool = True         # floor-N contenders: recompute as LEMA does (False: LEMA keeps all)
 
 
@@ -330,10 +332,12 @@ class _Contender:
         cfg = LemaConfig(model_name_or_path=spec.model, strategy=strategy, dtype=spec.dtype,
                          lora_rank=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
                          lora_target_modules=spec.targets, num_buffers=spec.num_buffers,
-                         keep_activations=spec.keep_activations, chunked_loss=spec.chunked_loss)
+                         keep_activations=spec.keep_activations, chunked_loss=spec.chunked_loss,
+                         zero_copy=spec.zero_copy, max_vram=spec.max_vram)
         self.model = LemaModel(cfg)
         tokens = spec.batch_size * spec.seq_len
         self.info = {"kept_layers": len(self.model.kept_layers(tokens)),
+                     "zero_copy": isinstance(self.model.source, WeightRing) and self.model.source._zero_copy is not None,
                      "chunked_loss": self.model.uses_chunked_loss(tokens)}
         self.model.initialize_lora(spec.seed)
         self.opt = torch.optim.AdamW(self.model.get_trainable_parameters(), lr=1e-4)

@@ -104,6 +104,9 @@ class LemaConfig:
     """Device memory budget for the planner, e.g. '16GB'; None: no budget check."""
     prefetch: bool = True
     """Load the next units in a background thread while the current one computes."""
+    zero_copy: Optional[bool] = None
+    """CPU only: hand out views of the memory-mapped weights (no copy, page cache only) instead of reading each
+    layer into a ring slot in the loader thread. None: views whenever the file is in the compute dtype."""
     keep_activations: Optional[int] = None
     """How many decoder layers keep their activations from forward to backward instead of being recomputed
     (faster: no second forward; costs their activations' memory). None: as many as the memory budget allows

@@ -86,7 +86,8 @@ class LemaModel(nn.Module):
         self.layouts = [UnitLayout.build(layer_unit(i), names, shapes, self.dtype, self.store, direct)
                         for i, names in enumerate(layer_names)]
         if config.strategy == MemoryStrategy.STREAMING:
-            zero_copy = self._zero_copy if self._file_dtype_is_compute_dtype(layer_names) else None
+            views_ok = self._file_dtype_is_compute_dtype(layer_names) and config.zero_copy is not False
+            zero_copy = self._zero_copy if views_ok else None
             self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
                                      config.num_buffers, prefetch=config.prefetch)
         else:

@@ -510,7 +510,8 @@ def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "ada
         free_bytes = free_memory_bytes(config.torch_device) // 2
     return plan(config.model_name_or_path, config.torch_dtype, config.lora_rank, config.lora_target_modules,
                 optimizer, batch_size, seq_len, config.max_vram_bytes, config.torch_device.type,
-                config.num_buffers, config.strategy, chunked_loss=config.chunked_loss,
+                config.num_buffers, config.strategy, zero_copy=False if config.zero_copy is False else None,
+                chunked_loss=config.chunked_loss,
                 keep_activations=config.keep_activations, free_bytes=free_bytes,
                 gradient_checkpointing=config.gradient_checkpointing, facts=facts)
 

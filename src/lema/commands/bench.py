@@ -31,6 +31,12 @@ def add_arguments(parser) -> None:
                              "(default: the planner's choice, as in training; 0: recompute all)")
     parser.add_argument("--chunked-loss", choices=["auto", "on", "off"], default="auto",
                         help="LEMA: head + loss in chunks (default auto: when the logits pass 64 MiB)")
+    parser.add_argument("--max-vram", default=None, metavar="SIZE",
+                        help="LEMA: the memory budget its plan must fit (bounds the kept activations); "
+                             "on the CPU it bounds anonymous memory")
+    parser.add_argument("--zero-copy", choices=["auto", "on", "off"], default="auto",
+                        help="LEMA STREAMING on the CPU: views of the mmap (on, the default when the file is in the "
+                             "compute dtype) or each layer read into ring slots by the loader thread (off)")
     parser.add_argument("--floor", action="store_true",
                         help="also measure the floor: compute time of the step (1- and 2-layer models in RAM, "
                              "timed in the same interleaved rounds, scaled to all layers) and disk-read time "
@@ -63,7 +69,7 @@ def run(args) -> int:
 
     from .. import bench
     from ..config import parse_dtype
-    from ..config import LemaConfig
+    from ..config import LemaConfig, parse_bytes
     from ..planner import plan, plan_for_config
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
@@ -97,11 +103,15 @@ def run(args) -> int:
     # The floor probes recompute like LEMA STREAMING will: not at all when it keeps every layer's activations.
     expected = plan_for_config(LemaConfig(model_name_or_path=folder, dtype=args.dtype, lora_rank=args.lora_rank,
                                           lora_target_modules=args.lora_target_modules, num_buffers=args.num_buffers,
-                                          keep_activations=args.keep_activations, chunked_loss=chunked),
+                                          keep_activations=args.keep_activations, chunked_loss=chunked,
+                                          max_vram=args.max_vram,
+                                          zero_copy={"auto": None, "on": True, "off": False}[args.zero_copy]),
                                args.batch_size, args.seq_len)
     spec = bench.BenchSpec(model=folder, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                            lora_rank=args.lora_rank, targets=args.lora_target_modules, num_buffers=args.num_buffers,
                            keep_activations=args.keep_activations, chunked_loss=chunked,
+                           zero_copy={"auto": None, "on": True, "off": False}[args.zero_copy],
+                           max_vram=args.max_vram,
                            floor_checkpointing=expected.kept_layers < expected.num_layers)
     floor_names = [f"floor-{n}" for n in bench.FLOOR_LAYERS] if args.floor else []
     if args.exact_memory:  # read by glibc when each contender's process starts (spawn)
@@ -119,8 +129,9 @@ def run(args) -> int:
     for n in names:  # the plan of what each contender did (its kept layers and loss, as it decided them)
         info = results[n].info
         p = plan(folder, dtype, args.lora_rank, args.lora_target_modules, "adamw", args.batch_size, args.seq_len,
-                 None, "cpu", args.num_buffers, "streaming" if n == "streaming" else "resident",
-                 keep_activations=info.get("kept_layers", 0), chunked_loss=info.get("chunked_loss", False),
+                 parse_bytes(args.max_vram), "cpu", args.num_buffers, "streaming" if n == "streaming" else "resident",
+                 zero_copy=info.get("zero_copy"), keep_activations=info.get("kept_layers", 0),
+                 chunked_loss=info.get("chunked_loss", False),
                  gradient_checkpointing=True)
         predicted[n] = p.peak_bytes
 
@@ -192,7 +203,8 @@ def format_table(out: dict) -> str:
     for c in out["contenders"].values():
         if "kept_layers" in c:
             lines.append(f"{c['label']}: {c['kept_layers']} layers kept their activations (the rest recomputed), "
-                         f"loss {'chunked' if c['chunked_loss'] else 'on full logits'}")
+                         f"loss {'chunked' if c['chunked_loss'] else 'on full logits'}"
+                         + (", weights as mmap views" if c.get("zero_copy") else ""))
     lines.append("peak anon: peak RssAnon of the contender's process; run peak: above its baseline after imports "
                  "(compared with the planner's predicted peak)")
     if "floor" in out:

@@ -101,6 +101,19 @@ class SafetensorsFile:
             warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": we never write it
             return torch.frombuffer(self._buffer, dtype=torch.uint8, count=end - start, offset=start)
 
+    def read_into(self, start: int, end: int, dst: torch.Tensor) -> None:
+        """File bytes [start, end) into `dst` (uint8, CPU, contiguous, pinned or not) with pread: one
+        sequential read the kernel reads ahead for, no page faults on the mmap, the GIL released."""
+        want = end - start
+        view = memoryview(dst.numpy()).cast("B")
+        done = 0
+        while done < want:
+            n = os.preadv(self._file.fileno(), [view[done:want]], start + done)
+            if n <= 0:
+                raise WeightsFileError(f"{self.path!r}: read {done} of {want} bytes at offset {start}, then end of "
+                                       "file: the file shrank after it was opened; fetch or convert it again")
+            done += n
+
     def view(self, key: str) -> torch.Tensor:
         e = self.entries[key]
         if e.nbytes == 0:

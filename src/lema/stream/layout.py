@@ -4,7 +4,7 @@ A `UnitLayout` says where each of a unit's tensors sits inside one flat slot buf
 shape, byte offset) and how to fill that buffer from the weight store:
 
 - *packed*: the unit is one contiguous byte range of a layer-packed file, already in the compute
-  dtype, laid out exactly as in the slot: the fill is one memcpy of that range;
+  dtype, laid out exactly as in the slot: the fill is one `pread` of that range into the slot;
 - otherwise tensor by tensor, converting dtype (and running Transformers' conversions, e.g.
   Mixtral's expert fusion) on the way.
 
@@ -48,7 +48,7 @@ class UnitLayout:
         self.unit = unit
         self.placements = placements
         self.nbytes = nbytes
-        self.packed = packed  # (file, start, end) when the fill is a single memcpy
+        self.packed = packed  # (file, start, end) when the fill is a single read
         # (file, start, end) byte ranges the unit reads, for the page-cache prefetch hint
         self.ranges = ranges if ranges is not None else ([packed] if packed is not None else [])
 
@@ -78,7 +78,7 @@ class UnitLayout:
         """Write the unit into `dst` (uint8, >= nbytes, CPU, usually pinned)."""
         if self.packed is not None:
             f, start, end = self.packed
-            dst[: end - start].copy_(f.bytes_view(start, end))  # the one memcpy
+            f.read_into(start, end, dst[: end - start])  # the one read
             return
         for p in self.placements:
             src = read(p.name)

@@ -1,0 +1,28 @@
+"""SafetensorsFile.read_into: the packed-unit fill (one pread into a slot)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lema.store import SafetensorsFile, WeightsFileError
+
+
+def test_read_into_equals_the_mapped_bytes_and_refuses_a_shrunk_file(tmp_path):
+    path = str(tmp_path / "w.safetensors")
+    save_file({"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(7, 3)}, path)
+    f = SafetensorsFile(path)
+    e = f.entries["a"]
+    dst = torch.zeros(e.nbytes + 16, dtype=torch.uint8)
+    f.read_into(e.start, e.end, dst[: e.nbytes])
+    assert torch.equal(dst[: e.nbytes].view(torch.float32), torch.arange(1000, dtype=torch.float32))
+    assert int(dst[e.nbytes:].count_nonzero()) == 0  # nothing written past the range
+    size = os.path.getsize(path)
+    with open(path, "r+b") as fh:  # the file shrinks after it was opened and checked
+        fh.truncate(size - 100)
+    with pytest.raises(WeightsFileError, match="shrank"):
+        f.read_into(f.entries["b"].start, size, torch.empty(size - f.entries["b"].start, dtype=torch.uint8))
+    f.close()
