@@ -101,7 +101,8 @@ class LemaConfig:
     num_buffers: int = 3
     """Ring depth: how many decoder layers' weights may be in device memory at once (>= 2)."""
     max_vram: Optional[str] = None
-    """Device memory budget for the planner, e.g. '16GB'; None: no budget check."""
+    """Device memory budget for the planner, e.g. '16GB' (on the CPU: anonymous memory, and glibc then returns
+    freed tensors of 1 MiB or more to the OS); None: no budget check."""
     prefetch: bool = True
     """Load the next units in a background thread while the current one computes."""
     zero_copy: Optional[bool] = None

@@ -25,6 +25,7 @@ from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
                               load_hf_config, reset_lora, unit_map)
 from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, fused_head_supported
 from .engine.streamed_layer import StreamedLayers
+from .host_memory import return_freed_memory_to_os
 from .store import WeightStore, WeightsFileError
 from .store.keymap import map_checkpoint, reader_for
 from .stream.layout import UnitLayout
@@ -59,6 +60,9 @@ class LemaModel(nn.Module):
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
+        if self.device.type == "cpu" and config.max_vram_bytes is not None:
+            # a CPU budget bounds anonymous memory: large freed tensors must leave the heap (host_memory.py)
+            self.host_heap_bounded = return_freed_memory_to_os()
         self.hf_config = load_hf_config(config.model_name_or_path)
         base = build_meta_model(self.hf_config, self.dtype)
         self.units = unit_map(base)
