@@ -66,8 +66,28 @@ def test_lema_bench_floor_is_timed_in_the_rounds(tmp_path, capsys):
     assert set(out["contenders"]) == {"streaming"}  # the floor probes are not contenders
     s, fl = out["contenders"]["streaming"], out["floor"]
     assert s["kept_layers"] == 0 and s["chunked_loss"] is True
-    assert fl["interleaved"] and set(fl["layers_timed"]) == {"1", "2"}
+    assert fl["interleaved"] and set(fl["layers_timed"]) == {"1", "2"} and fl["kept_layers"] == 0
     t1, t2 = fl["layers_timed"]["1"], fl["layers_timed"]["2"]
     assert fl["t_layer"] == pytest.approx(t2 - t1) and fl["compute_s"] == pytest.approx(t1 + 2 * (t2 - t1))
     assert fl["floor_s"] == pytest.approx(max(fl["compute_s"], fl["disk_s"]))
     assert fl["streaming_over_floor"] == pytest.approx(s["median_step_s"] / fl["floor_s"])
+
+
+def test_floor_mixes_kept_and_recomputed_layer_times():
+    from lema.bench import ContenderResult, floor_from_rounds, floor_probes
+
+    assert floor_probes(0, 3) == ["floor-1", "floor-2"]
+    assert floor_probes(3, 3) == ["floor-1-kept", "floor-2-kept"]
+    assert floor_probes(1, 3) == ["floor-1", "floor-2", "floor-1-kept", "floor-2-kept"]
+    results = {n: ContenderResult(n, n, times=[t]) for n, t in
+               {"floor-1": 5.0, "floor-2": 8.0, "floor-1-kept": 4.0, "floor-2-kept": 6.0}.items()}
+    import tempfile
+
+    from transformers import LlamaConfig
+
+    folder = tempfile.mkdtemp()
+    LlamaConfig(num_hidden_layers=10).save_pretrained(folder)
+    fl = floor_from_rounds(folder, results, kept_layers=4)
+    # recomputed: rest 2, 3 s/layer; kept: rest 2, 2 s/layer -> 2 + 4 x 2 + 6 x 3
+    assert fl["t_layer"] == 3.0 and fl["t_layer_kept"] == 2.0 and fl["t_rest"] == 2.0
+    assert fl["compute_s"] == pytest.approx(2 + 4 * 2 + 6 * 3)

@@ -163,3 +163,35 @@ def test_loader_error_on_cuda_names_the_unit(tiny_dir, make_lema):
     with torch.no_grad():
         assert torch.isfinite(model(ids, labels=ids).loss)
     assert not any(s.in_use for s in ring.slots)
+
+
+@pytest.mark.parametrize("keep", [0, None], ids=["recompute", "kept"])
+def test_kept_activations_on_cuda_match_resident(keep, tiny_dir, make_lema):
+    """Kept layers re-acquire their weights into device slots in backward (the rebuilt views point at
+    whichever slot the ring chose then): same LoRA as RESIDENT."""
+    path = tiny_dir("llama", num_layers=LAYERS)
+    streamed = make_lema(path, strategy=MemoryStrategy.STREAMING, device="cuda", num_buffers=2,
+                         keep_activations=keep)
+    resident = make_lema(path, strategy=MemoryStrategy.RESIDENT, device="cuda", keep_activations=0)
+    for m in (streamed, resident):
+        m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)).train_step(batch(0).cuda())
+    assert len(streamed.streamed.keep) == (0 if keep == 0 else LAYERS)
+    for name, want in lora_state(resident).items():
+        torch.testing.assert_close(lora_state(streamed)[name], want, atol=1e-5, rtol=0, msg=name)
+
+
+def test_lema_bench_on_cuda(tmp_path, capsys):
+    """`lema bench --device cuda`: device peaks, the pinned H2D ceiling, an emulated card, the PCIe floor."""
+    import json
+
+    from lema.cli import main
+
+    rc = main(["bench", "--shape", "tiny-llama", "--cache-dir", str(tmp_path), "--steps", "2", "--batch-size", "2",
+               "--seq-len", "16", "--num-buffers", "2", "--device", "cuda", "--gpu-memory", "4GB", "--floor", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ceiling_kind"] == "pinned host-to-device copy" and out["ceiling_bytes_per_s"] > 1e9
+    for name, c in out["contenders"].items():
+        assert 0 < c["peak_anon_bytes"] < 4e9, name
+    s = out["contenders"]["streaming"]
+    assert out["floor"]["disk_s"] == pytest.approx(s["bytes_streamed_per_step"] / out["ceiling_bytes_per_s"])

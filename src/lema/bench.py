@@ -177,6 +177,48 @@ def disk_read_bytes() -> int:
     return 0
 
 
+class DevicePeak:
+    """PeakSampler's interface over CUDA's allocator statistics: the peak of allocated device memory."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.device = torch, device
+        self.peak = 0
+
+    def start(self) -> None:
+        self.torch.cuda.reset_peak_memory_stats(self.device)
+
+    def pause(self) -> None:
+        self.peak = max(self.peak, self.torch.cuda.max_memory_allocated(self.device))
+
+    def reset(self) -> None:
+        self.peak = 0
+
+    def stop(self) -> None:
+        pass
+
+
+def h2d_ceiling(device, nbytes: int = 2**30, repeats: int = 5) -> float:
+    """Bytes/s of pinned host -> device copies of `nbytes` (median of `repeats`, timed with CUDA events):
+    the ceiling for streaming on a GPU."""
+    import torch
+
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev.copy_(host, non_blocking=True)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dev.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del host, dev
+    return nbytes / statistics.median(times)
+
+
 class PeakSampler:
     """A thread sampling RssAnon every `interval` seconds while active; `peak` is the largest value seen.
 
@@ -246,7 +288,8 @@ def read_ceiling(path: str, cold: bool = False, limit: int = 4 * 2**30) -> float
 
 CONTENDERS = ("peft", "resident", "streaming")
 LABELS = {"peft": "Transformers + PEFT", "resident": "LEMA RESIDENT", "streaming": "LEMA STREAMING",
-          "floor-1": "floor probe, 1 layer", "floor-2": "floor probe, 2 layers"}
+          "floor-1": "floor probe, 1 layer", "floor-2": "floor probe, 2 layers",
+          "floor-1-kept": "floor probe, 1 layer kept", "floor-2-kept": "floor probe, 2 layers kept"}
 
 
 @dataclass
@@ -263,7 +306,8 @@ class BenchSpec:
     chunked_loss: Optional[bool] = None      # LEMA contenders (LemaConfig.chunked_loss)
     zero_copy: Optional[bool] = None         # LEMA contenders (LemaConfig.zero_copy)
     max_vram: Optional[str] = None           # LEMA contenders: the budget their plan (kept layers) fits in
-    floor_checkpointing: bool = True         # floor-N contenders: recompute as LEMA does (False: LEMA keeps all)
+    device: str = "cpu"                      # "cuda": every contender on the GPU, peak = device memory
+    device_memory: Optional[int] = None      # CUDA: emulate a card of this many bytes (memory fraction)
 
 
 class _Contender:
@@ -275,13 +319,13 @@ class _Contender:
 
         vocab = _vocab(spec.model)
         gen = torch.Generator().manual_seed(spec.seed)
-        self.ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len), generator=gen)
+        self.ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len), generator=gen).to(spec.device)
         self.ring = None
         self.info: dict = {}
         if name == "peft":
             self._build_peft()
         elif name.startswith("floor-"):
-            self._build_floor(int(name.split("-")[1]))
+            self._build_floor(int(name.split("-")[1]), checkpointing=not name.endswith("-kept"))
         else:
             self._build_lema()
 
@@ -298,6 +342,7 @@ class _Contender:
         model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=parse_dtype(spec.dtype),
                                                      attn_implementation="sdpa")
         model.config.use_cache = False
+        model.to(spec.device)
         targets = spec.targets or default_lora_targets(find_decoder_layers(model)[1])
         model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
                                                  lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"))
@@ -333,7 +378,7 @@ class _Contender:
                          lora_rank=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
                          lora_target_modules=spec.targets, num_buffers=spec.num_buffers,
                          keep_activations=spec.keep_activations, chunked_loss=spec.chunked_loss,
-                         zero_copy=spec.zero_copy, max_vram=spec.max_vram)
+                         zero_copy=spec.zero_copy, max_vram=spec.max_vram, device=spec.device)
         self.model = LemaModel(cfg)
         tokens = spec.batch_size * spec.seq_len
         self.info = {"kept_layers": len(self.model.kept_layers(tokens)),
@@ -345,10 +390,10 @@ class _Contender:
         self.ring = self.model.source if isinstance(self.model.source, WeightRing) else None
         self.step = lambda: trainer.train_step(self.ids, labels=self.ids)[1]
 
-    def _build_floor(self, layers: int):
+    def _build_floor(self, layers: int, checkpointing: bool):
         """The floor's compute probe: this shape with `layers` decoder layers, all in RAM (random weights),
-        Transformers + PEFT with the same LoRA and checkpointing as LEMA's streamed step. Run in the rounds
-        beside the other contenders, so it sees the same machine."""
+        Transformers + PEFT with the same LoRA; with checkpointing (a recomputed layer) or without (a kept
+        layer). Run in the rounds beside the other contenders, so it sees the same machine."""
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -362,9 +407,10 @@ class _Contender:
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(spec.dtype), attn_implementation="sdpa")
         m.config.use_cache = False
+        m.to(spec.device)
         targets = spec.targets or default_lora_targets(find_decoder_layers(m)[1])
         m = get_peft_model(m, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules=targets))
-        if spec.floor_checkpointing:
+        if checkpointing:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             m.enable_input_require_grads()
         self.opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
@@ -391,10 +437,15 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
         import transformers  # noqa: F401  (imports before the baseline: the runtime is not the run's memory)
         import peft  # noqa: F401
 
-        sampler = PeakSampler()
-        baseline = rss_anon()
+        spec = BenchSpec(**spec_dict)
+        cuda = spec.device.startswith("cuda")
+        if cuda and spec.device_memory:  # a smaller card, emulated: the allocator refuses past this size
+            total = torch.cuda.get_device_properties(spec.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, spec.device_memory / total), spec.device)
+        sampler = DevicePeak(spec.device) if cuda else PeakSampler()
+        baseline = 0 if cuda else rss_anon()  # device memory: all of it is the run's
         t0 = time.perf_counter()
-        contender = _Contender(name, BenchSpec(**spec_dict))
+        contender = _Contender(name, spec)
         conn.send({"ok": True, "baseline": baseline, "build_s": time.perf_counter() - t0, **contender.info})
         while True:
             cmd = conn.recv()
@@ -539,15 +590,29 @@ def profile_contenders(workers: dict[str, "Worker"], trace: str) -> dict[str, st
 FLOOR_LAYERS = (1, 2)
 
 
-def floor_from_rounds(model: str, results: dict[str, ContenderResult]) -> dict:
-    """The floor's compute time from the floor-1 and floor-2 contenders timed in the same rounds:
-    t(n) = t_rest + n * t_layer, so the full model's compute is t_rest + L * t_layer."""
+def floor_probes(kept_layers: int, num_layers: int) -> list[str]:
+    """The probe contenders `floor_from_rounds` needs for a step where `kept_layers` layers keep their activations."""
+    kinds = ([""] if kept_layers < num_layers else []) + (["-kept"] if kept_layers > 0 else [])
+    return [f"floor-{n}{k}" for k in kinds for n in FLOOR_LAYERS]
+
+
+def floor_from_rounds(model: str, results: dict[str, ContenderResult], kept_layers: int) -> dict:
+    """The floor's compute time from the probes timed in the same rounds: with n layers, t(n) = t_rest +
+    n * t_layer, for recomputed layers (checkpointed probes) and kept layers (probes without checkpointing);
+    the step's compute is t_rest + kept * t_layer_kept + (L - kept) * t_layer."""
     from transformers import AutoConfig
 
     L = AutoConfig.from_pretrained(model).num_hidden_layers
     a, b = FLOOR_LAYERS
-    ta, tb = results[f"floor-{a}"].median, results[f"floor-{b}"].median
-    t_layer = (tb - ta) / (b - a)
-    t_rest = ta - a * t_layer
-    return {"t_layer": t_layer, "t_rest": t_rest, "compute_s": t_rest + L * t_layer,
-            "layers_timed": {a: ta, b: tb}, "interleaved": True}
+    fits = {}
+    for kind in ("", "-kept"):
+        if f"floor-{a}{kind}" in results:
+            ta, tb = results[f"floor-{a}{kind}"].median, results[f"floor-{b}{kind}"].median
+            t_layer = (tb - ta) / (b - a)
+            fits[kind] = (ta - a * t_layer, t_layer, {a: ta, b: tb})
+    recomputed = fits.get("", fits.get("-kept"))  # a missing kind (the plan guessed otherwise): the other's
+    kept = fits.get("-kept", recomputed)
+    t_rest = (recomputed[0] + kept[0]) / 2
+    compute = t_rest + kept_layers * kept[1] + (L - kept_layers) * recomputed[1]
+    return {"t_layer": recomputed[1], "t_layer_kept": kept[1], "t_rest": t_rest, "kept_layers": kept_layers,
+            "compute_s": compute, "layers_timed": recomputed[2], "layers_timed_kept": kept[2], "interleaved": True}

@@ -37,6 +37,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--zero-copy", choices=["auto", "on", "off"], default="auto",
                         help="LEMA STREAMING on the CPU: views of the mmap (on, the default when the file is in the "
                              "compute dtype) or each layer read into ring slots by the loader thread (off)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where every contender runs (default: cpu); on cuda the peak is device memory and "
+                             "the ceiling a pinned host-to-device copy loop")
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                        help="CUDA: emulate a card of this size (torch.cuda.set_per_process_memory_fraction), "
+                             "e.g. 16GB")
     parser.add_argument("--floor", action="store_true",
                         help="also measure the floor: compute time of the step (1- and 2-layer models in RAM, "
                              "timed in the same interleaved rounds, scaled to all layers) and disk-read time "
@@ -88,6 +94,10 @@ def run(args) -> int:
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {folder!r}; `lema convert` it first")
     weight_bytes = sum(os.path.getsize(f) for f in files)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available here (no GPU, or a CPU-only PyTorch); "
+                         "use --device cpu")
     big = weight_bytes > 0.6 * _mem_total()
     names = args.contenders or (["streaming"] if big else list(bench.CONTENDERS))
     if big and not args.contenders:
@@ -96,24 +106,30 @@ def run(args) -> int:
 
     # The ceiling: what reading the weights can deliver here (CPU: a sequential file read;
     # from the page cache when the model fits in RAM, from the disk when it does not).
-    ceiling = bench.read_ceiling(files[0], cold=big)
-    ceiling_kind = "disk (cold sequential read)" if big else "page cache (warm sequential read)"
+    if cuda:
+        ceiling = bench.h2d_ceiling(torch.device("cuda"))
+        ceiling_kind = "pinned host-to-device copy"
+    else:
+        ceiling = bench.read_ceiling(files[0], cold=big)
+        ceiling_kind = "disk (cold sequential read)" if big else "page cache (warm sequential read)"
 
     chunked = {"auto": None, "on": True, "off": False}[args.chunked_loss]
-    # The floor probes recompute like LEMA STREAMING will: not at all when it keeps every layer's activations.
+    if args.gpu_memory and not args.max_vram:  # LEMA plans for the emulated card, not the real one's free memory
+        args.max_vram = args.gpu_memory
+    # The floor probes time recomputed and/or kept layers, as LEMA STREAMING will run them.
     expected = plan_for_config(LemaConfig(model_name_or_path=folder, dtype=args.dtype, lora_rank=args.lora_rank,
                                           lora_target_modules=args.lora_target_modules, num_buffers=args.num_buffers,
                                           keep_activations=args.keep_activations, chunked_loss=chunked,
-                                          max_vram=args.max_vram,
+                                          max_vram=args.max_vram, device=args.device,
                                           zero_copy={"auto": None, "on": True, "off": False}[args.zero_copy]),
                                args.batch_size, args.seq_len)
     spec = bench.BenchSpec(model=folder, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                            lora_rank=args.lora_rank, targets=args.lora_target_modules, num_buffers=args.num_buffers,
                            keep_activations=args.keep_activations, chunked_loss=chunked,
                            zero_copy={"auto": None, "on": True, "off": False}[args.zero_copy],
-                           max_vram=args.max_vram,
-                           floor_checkpointing=expected.kept_layers < expected.num_layers)
-    floor_names = [f"floor-{n}" for n in bench.FLOOR_LAYERS] if args.floor else []
+                           max_vram=args.max_vram, device=args.device,
+                           device_memory=parse_bytes(args.gpu_memory))
+    floor_names = bench.floor_probes(expected.kept_layers, expected.num_layers) if args.floor else []
     if args.exact_memory:  # read by glibc when each contender's process starts (spawn)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
     results, workers = bench.run_rounds(names + floor_names, spec, args.steps, threads=args.threads, log=log)
@@ -122,14 +138,17 @@ def run(args) -> int:
     finally:
         for w in workers.values():
             w.close()
-    floor = bench.floor_from_rounds(folder, results) if args.floor else None
+    floor = None
+    if args.floor:
+        kept = results["streaming"].info.get("kept_layers", 0) if "streaming" in results else expected.kept_layers
+        floor = bench.floor_from_rounds(folder, results, kept)
     for n in floor_names:
         results.pop(n)
     predicted = {}
     for n in names:  # the plan of what each contender did (its kept layers and loss, as it decided them)
         info = results[n].info
         p = plan(folder, dtype, args.lora_rank, args.lora_target_modules, "adamw", args.batch_size, args.seq_len,
-                 parse_bytes(args.max_vram), "cpu", args.num_buffers, "streaming" if n == "streaming" else "resident",
+                 parse_bytes(args.max_vram), args.device, args.num_buffers, "streaming" if n == "streaming" else "resident",
                  zero_copy=info.get("zero_copy"), keep_activations=info.get("kept_layers", 0),
                  chunked_loss=info.get("chunked_loss", False),
                  gradient_checkpointing=True)
@@ -145,7 +164,8 @@ def run(args) -> int:
         "model": folder, "weights_bytes": weight_bytes, "dtype": args.dtype, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "lora_rank": args.lora_rank, "steps": args.steps,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-        "ceiling_bytes_per_s": ceiling, "ceiling_kind": ceiling_kind,
+        "ceiling_bytes_per_s": ceiling, "ceiling_kind": ceiling_kind, "device": args.device,
+        "gpu_memory": args.gpu_memory,
         "contenders": {},
     }
     for n, r in results.items():
@@ -165,7 +185,9 @@ def run(args) -> int:
         }
     if floor is not None and "streaming" in results:
         s = out["contenders"]["streaming"]
-        disk_s = s["disk_bytes_read_per_step"] / ceiling if ceiling else 0.0
+        # the transfer floor: on the GPU every streamed byte crosses the bus; on the CPU what came off the disk
+        moved = s["bytes_streamed_per_step"] if cuda else s["disk_bytes_read_per_step"]
+        disk_s = moved / ceiling if ceiling else 0.0
         floor_s = max(disk_s, floor["compute_s"])
         out["floor"] = dict(floor, disk_s=disk_s, floor_s=floor_s,
                             streaming_over_floor=s["median_step_s"] / floor_s if floor_s else None)
@@ -205,13 +227,19 @@ def format_table(out: dict) -> str:
             lines.append(f"{c['label']}: {c['kept_layers']} layers kept their activations (the rest recomputed), "
                          f"loss {'chunked' if c['chunked_loss'] else 'on full logits'}"
                          + (", weights as mmap views" if c.get("zero_copy") else ""))
-    lines.append("peak anon: peak RssAnon of the contender's process; run peak: above its baseline after imports "
-                 "(compared with the planner's predicted peak)")
+    if out.get("device") == "cuda":
+        lines.append("peak anon / run peak: here the peak of allocated device memory (torch.cuda.max_memory_allocated)"
+                     + (f", on a {out['gpu_memory']} card emulated by a memory fraction" if out.get("gpu_memory") else ""))
+    else:
+        lines.append("peak anon: peak RssAnon of the contender's process; run peak: above its baseline after imports "
+                     "(compared with the planner's predicted peak)")
     if "floor" in out:
         fl = out["floor"]
         s = out["contenders"]["streaming"]
-        lines.append(f"floor: compute {fl['compute_s']:.2f} s, timed in the same rounds (rest {fl['t_rest']:.2f} s + {fl['t_layer']:.3f} s "
-                     f"x layers), disk {fl['disk_s']:.2f} s ({human(s['disk_bytes_read_per_step'])} read per step "
+        lines.append(f"floor: compute {fl['compute_s']:.2f} s, timed in the same rounds (rest {fl['t_rest']:.2f} s + "
+                     f"{fl['kept_layers']} kept x {fl['t_layer_kept']:.3f} s + the others x {fl['t_layer']:.3f} s), {'PCIe' if out.get('device') == 'cuda' else 'disk'} {fl['disk_s']:.2f} s "
+                     f"({human(s['bytes_streamed_per_step' if out.get('device') == 'cuda' else 'disk_bytes_read_per_step'])}"
+                     " moved per step "
                      f"at {out['ceiling_bytes_per_s'] / gb:.2f} GB/s) -> floor {fl['floor_s']:.2f} s; STREAMING "
                      f"is {fl['streaming_over_floor']:.2f}x the floor")
     return "\n".join(lines)
