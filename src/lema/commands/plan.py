@@ -26,6 +26,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--strategy", default="streaming", choices=["streaming", "resident"],
                         help="streaming (default) or resident")
     parser.add_argument("--optimizer", default="adamw", help="adamw (default), adam, sgd or sgd-momentum")
+    parser.add_argument("--keep-activations", type=int, default=None, metavar="N",
+                        help="layers keeping their activations instead of recomputing (default: as many as "
+                             "--max-vram allows; without a budget, decided at run time)")
+    parser.add_argument("--chunked-loss", choices=["auto", "on", "off"], default="auto",
+                        help="head + loss in chunks (default auto: when the float32 logits pass 64 MiB)")
 
 
 def run(args) -> int:
@@ -41,6 +46,7 @@ def run(args) -> int:
     p = plan(model, dtype=args.dtype, lora_rank=args.lora_rank, targets=args.lora_target_modules,
              optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
              max_vram_bytes=parse_bytes(args.max_vram), device_type=args.device,
-             num_buffers=args.num_buffers, strategy=args.strategy)
+             num_buffers=args.num_buffers, strategy=args.strategy, keep_activations=args.keep_activations,
+             chunked_loss={"auto": None, "on": True, "off": False}[args.chunked_loss])
     print(p.table())
     return 0
