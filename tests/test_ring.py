@@ -264,26 +264,14 @@ def test_ring_skips_ahead_in_the_schedule():
         ring.close()
 
 
-@pytest.mark.parametrize("zero_copy", [None, False, "read-ahead"], ids=["views", "slots", "views-read-ahead"])
+@pytest.mark.parametrize("zero_copy", [None, False], ids=["views", "slots"])
 @pytest.mark.parametrize("num_buffers", [2, 3])
-def test_layer_packed_file_streams_like_the_original(num_buffers, zero_copy, tiny_dir, make_lema, tmp_path_factory,
-                                                      monkeypatch):
+def test_layer_packed_file_streams_like_the_original(num_buffers, zero_copy, tiny_dir, make_lema, tmp_path_factory):
     """A `lema convert` output (each layer one contiguous byte range) streams through the ring with
     the same bound and schedule, and trains exactly like the original folder held resident; as
-    views of the mmap, or (zero_copy=False) read by the loader thread into the slots with one pread,
-    or as views whose pages the loader thread reads ahead (weights larger than half the RAM)."""
+    views of the mmap, or (zero_copy=False) read by the loader thread into the slots with one pread."""
     from lema.convert import convert
 
-    reads = None
-    if zero_copy == "read-ahead":
-        import lema.model
-
-        monkeypatch.setattr(lema.model, "_ram_bytes", lambda: 1024)  # this tiny model is "larger than RAM"
-        zero_copy = None
-        reads = []
-        monkeypatch.setattr(lema.model.LemaModel, "_read_ahead",
-                            lambda self, layout, original=lema.model.LemaModel._read_ahead:
-                            (reads.append(layout.unit), original(self, layout)))
     src = tiny_dir("llama", num_layers=LAYERS)
     out = convert(src, str(tmp_path_factory.mktemp("packed") / "out"), progress=False)
     model = make_lema(out, num_buffers=num_buffers, gbi_path=out + "/model.safetensors", zero_copy=zero_copy)
@@ -293,7 +281,6 @@ def test_layer_packed_file_streams_like_the_original(num_buffers, zero_copy, tin
         assert all(s.host is not None for s in model.source.slots) and model.source._thread is not None
     else:
         assert all(s.host is None for s in model.source.slots)
-        assert (model.source._thread is not None) == (reads is not None)
     watch = LiveWeights(model.source)
     trainers = [m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)) for m in (model, resident)]
     for step in range(2):
@@ -301,7 +288,5 @@ def test_layer_packed_file_streams_like_the_original(num_buffers, zero_copy, tin
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
     assert model.source.stats.loads == (2 * LAYERS - num_buffers) + 2 * (LAYERS - num_buffers)
     assert watch.peak == num_buffers
-    if reads is not None:
-        assert len(reads) == model.source.stats.loads  # every load read its pages ahead, in the loader thread
     for name, want in lora_state(resident).items():
         torch.testing.assert_close(lora_state(model)[name], want, atol=1e-5, rtol=0, msg=name)

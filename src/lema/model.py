@@ -32,10 +32,6 @@ from .stream.layout import UnitLayout
 from .stream.ring import WeightRing
 
 
-def _ram_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 class ResidentLayers:
     """The RESIDENT strategy's weight source: every layer loaded once, same interface as the ring."""
 
@@ -71,7 +67,6 @@ class LemaModel(nn.Module):
         base = build_meta_model(self.hf_config, self.dtype)
         self.units = unit_map(base)
         self.store = WeightStore(config.model_name_or_path, config.gbi_path)
-        self._scratch: Optional[bytearray] = None
         self.sources, unexpected = map_checkpoint(base, self.store)
         self._read = reader_for(self.sources, self.store, base)
         self._check_checkpoint(base)
@@ -97,12 +92,8 @@ class LemaModel(nn.Module):
         if config.strategy == MemoryStrategy.STREAMING:
             views_ok = self._file_dtype_is_compute_dtype(layer_names) and config.zero_copy is not False
             zero_copy = self._zero_copy if views_ok else None
-            # Weights over half the RAM cannot all stay in the page cache: read each layer ahead in the loader
-            # thread rather than leaving the disk reads to page faults in compute (NOTE [ring protocol]).
-            read_ahead = views_ok and sum(l.nbytes for l in self.layouts) > 0.5 * _ram_bytes()
-            self.source = WeightRing(self.layouts, self._fill, zero_copy,
-                                     self._read_ahead if read_ahead else self._hint, self.device,
-                                     config.num_buffers, prefetch=config.prefetch, hint_in_thread=read_ahead)
+            self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
+                                     config.num_buffers, prefetch=config.prefetch)
         else:
             self.source = ResidentLayers(self.layouts, self._load_resident)
         recompute = config.strategy == MemoryStrategy.STREAMING or config.gradient_checkpointing
@@ -193,12 +184,6 @@ class LemaModel(nn.Module):
     def _hint(self, layout: UnitLayout) -> None:
         for f, start, end in layout.ranges:
             f.advise_willneed(start, end)
-
-    def _read_ahead(self, layout: UnitLayout) -> None:
-        if self._scratch is None:
-            self._scratch = bytearray(16 * 2**20)  # the loader thread's only buffer: 16 MiB, reused
-        for f, start, end in layout.ranges:
-            f.read_ahead(start, end, self._scratch)
 
     def _load_resident(self, layout: UnitLayout) -> dict:
         return {p.name: self._read_checked(p.name, p.shape).to(device=self.device, dtype=self.dtype, copy=True)

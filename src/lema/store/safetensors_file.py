@@ -114,18 +114,6 @@ class SafetensorsFile:
                                        "file: the file shrank after it was opened; fetch or convert it again")
             done += n
 
-    def read_ahead(self, start: int, end: int, scratch: bytearray) -> None:
-        """Bring file bytes [start, end) into the page cache by reading them (into `scratch`, discarded): unlike
-        madvise(WILLNEED), returns only when they are there, so a loader thread takes the disk's time."""
-        view = memoryview(scratch)
-        pos = start
-        while pos < end:
-            n = os.preadv(self._file.fileno(), [view[: min(len(view), end - pos)]], pos)
-            if n <= 0:
-                raise WeightsFileError(f"{self.path!r}: end of file at offset {pos} while reading ahead to {end}: "
-                                       "the file shrank after it was opened; fetch or convert it again")
-            pos += n
-
     def view(self, key: str) -> torch.Tensor:
         e = self.entries[key]
         if e.nbytes == 0:

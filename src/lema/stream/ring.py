@@ -31,9 +31,6 @@ NOTE [ring protocol] — every sync point in this file points here.
   weights (see engine/streamed_layer.py).
 - On the CPU with zero-copy views there is no loader thread: `_load` runs inline at prefetch
   time; the disk -> page-cache stage is the kernel's read-ahead started by madvise(WILLNEED).
-  When the weights are larger than RAM (`hint_in_thread`), the loader thread runs `_load`, whose
-  hint reads the unit's range into the page cache (pread into a scratch buffer): `request.loaded`
-  then means "in RAM", and the disk time overlaps compute instead of stalling it in page faults.
 - Shutdown: `close()` sets the stop event and joins; the worker polls the queue with a timeout,
   so it exits within one poll interval. The worker holds the ring only by a weak reference, so a
   ring dropped without close() is freed too, and its worker exits at the next poll.
@@ -91,7 +88,7 @@ class WeightRing:
 
     def __init__(self, layouts: list[UnitLayout], fill: Callable[[UnitLayout, torch.Tensor], None],
                  zero_copy: Optional[Callable[[UnitLayout], dict]], hint: Callable[[UnitLayout], None],
-                 device: torch.device, num_slots: int, prefetch: bool = True, hint_in_thread: bool = False):
+                 device: torch.device, num_slots: int, prefetch: bool = True):
         self.layouts = layouts
         self._fill = fill
         self._zero_copy = zero_copy   # CPU, dtype already right: views of the mmap, no buffer at all
@@ -117,9 +114,7 @@ class WeightRing:
         self._thread = None
         # CPU zero-copy: a "load" is an madvise(WILLNEED) hint (the kernel reads ahead on its own) and a
         # few views; it runs inline, since a thread handoff per layer would cost more than the work.
-        # hint_in_thread (zero-copy, weights larger than RAM): the hint *reads* the unit into the page cache,
-        # which takes the disk's time, so it runs in the loader thread and compute never waits on a page fault.
-        if prefetch and (zero_copy is None or hint_in_thread):
+        if prefetch and zero_copy is None:
             # Weakly: a ring (and the model owning it) dropped without close() is still freed (NOTE [ring protocol]).
             self._thread = threading.Thread(target=_worker, args=(weakref.ref(self), self._queue, self._stop),
                                             name="lema-loader", daemon=True)
