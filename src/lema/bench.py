@@ -440,8 +440,9 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
         spec = BenchSpec(**spec_dict)
         cuda = spec.device.startswith("cuda")
         if cuda and spec.device_memory:  # a smaller card, emulated: the allocator refuses past this size
-            total = torch.cuda.get_device_properties(spec.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, spec.device_memory / total), spec.device)
+            device = torch.device(spec.device)
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, spec.device_memory / total), device)
         sampler = DevicePeak(spec.device) if cuda else PeakSampler()
         baseline = 0 if cuda else rss_anon()  # device memory: all of it is the run's
         t0 = time.perf_counter()
