@@ -67,6 +67,7 @@ def read_adapter(folder):
 def test_train_lowers_loss_and_writes_layout(trained):
     out, stdout = trained
     assert "parameters:" in stdout and "steps: 0 -> 4" in stdout  # the plan printed before the first step
+    assert "predicted peak:" in stdout and "kept activations:" in stdout and "loss: " in stdout
     log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert log[-1]["loss"] < log[0]["loss"]
@@ -143,7 +144,7 @@ def test_generate_with_adapter_differs_and_matches_peft_greedy(smol, trained):
     assert tuned.strip() == expected.strip()
 
 
-@pytest.mark.parametrize("case", ["malformed", "empty", "resume-none", "other-rank"])
+@pytest.mark.parametrize("case", ["malformed", "empty", "resume-none", "other-rank", "budget"])
 def test_bad_inputs_fail_cleanly_and_keep_checkpoints(case, smol, small_data, trained, tmp_path):
     out = tmp_path / "out"
     data = small_data
@@ -159,6 +160,8 @@ def test_bad_inputs_fail_cleanly_and_keep_checkpoints(case, smol, small_data, tr
     elif case == "other-rank":
         shutil.copytree(trained[0], out)
         extra = ["--resume"]
+    elif case == "budget":  # refused by the planner before anything is allocated or written
+        extra = ["--max-vram", "100MB"]
     before = sorted(os.listdir(out)) if out.exists() else []
     args = ["train", "--model", smol, "--data", data, "--output", out, *TRAIN_ARGS, *extra]
     if case == "other-rank":
@@ -168,7 +171,7 @@ def test_bad_inputs_fail_cleanly_and_keep_checkpoints(case, smol, small_data, tr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("lema train: error:") and "Traceback" not in proc.stderr
     expected = {"malformed": "bad.jsonl:2", "empty": "empty", "resume-none": "no complete checkpoint",
-                "other-rank": "lora_rank"}[case]
+                "other-rank": "lora_rank", "budget": "--max-vram"}[case]
     assert expected in last
     assert (sorted(os.listdir(out)) if out.exists() else []) == before
 
