@@ -23,7 +23,7 @@ from .config import LemaConfig, MemoryStrategy
 from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
                               default_lora_targets, find_decoder_layers, inject_lora, layer_unit,
                               load_hf_config, reset_lora, unit_map)
-from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, fused_head_supported
+from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fused_head_supported
 from .engine.streamed_layer import StreamedLayers
 from .host_memory import return_freed_memory_to_os
 from .store import WeightStore, WeightsFileError
@@ -101,11 +101,9 @@ class LemaModel(nn.Module):
         owner = base.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else base
         owner.register_forward_pre_hook(self._begin_pass)
         self.decoder = base.base_model  # the stack without the head (LlamaModel, GPT2Model, ...)
-        why_not = fused_head_supported(self.hf_config, base.get_output_embeddings())
         self._budget = None  # planner.ActivationBudget, made at the first training forward
-        self.chunked_loss_unsupported = why_not if self.decoder is not base else "the model has no separate decoder"
-        text = self.hf_config.get_text_config() if hasattr(self.hf_config, "get_text_config") else self.hf_config
-        self._softcap = getattr(text, "final_logit_softcapping", None)
+        self.chunked_loss_unsupported = fused_head_supported(base)
+        self._softcap = final_softcap(self.hf_config)
         self.eval()  # as `from_pretrained` leaves a model: no dropout until a trainer calls .train()
 
     # ----- setup --------------------------------------------------------------------------

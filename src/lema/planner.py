@@ -288,7 +288,7 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     from peft import LoraConfig, get_peft_model
 
     from .config import parse_dtype
-    from .engine.chunked_loss import fused_head_supported
+    from .engine.chunked_loss import final_softcap, fused_head_supported
     from .engine.skeleton import (EMBED, HEAD, build_meta_model, default_lora_targets, find_decoder_layers,
                                   load_hf_config, unit_map)
 
@@ -302,7 +302,7 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
                       for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
     base.requires_grad_(False)  # as LemaModel: only LoRA trains, the head is frozen
-    chunk_ok = fused_head_supported(hf_config, base.get_output_embeddings()) is None and base.base_model is not base
+    chunk_ok = fused_head_supported(base) is None
     prefix, layers = find_decoder_layers(base)
     targets = list(targets or default_lora_targets(layers))
     peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
@@ -311,7 +311,7 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     n_targets = sum(1 for n, _ in peft_model.named_parameters() if ".lora_A." in n and f"{prefix}.0." in n)
     c = _text_config(hf_config)
     return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, units.num_layers,
-                      c.vocab_size, c.hidden_size, chunk_ok, bool(getattr(c, "final_logit_softcapping", None)))
+                      c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None)
 
 
 def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str]] = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import tristate
+
 HELP = "time training steps of Transformers + PEFT, LEMA RESIDENT and LEMA STREAMING side by side"
 EXAMPLE = "lema bench --shape smollm2-135m --batch-size 4 --seq-len 256 --steps 10"
 
@@ -29,12 +31,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--keep-activations", type=int, default=None, metavar="N",
                         help="LEMA: layers keeping their activations instead of recomputing "
                              "(default: the planner's choice, as in training; 0: recompute all)")
-    parser.add_argument("--chunked-loss", choices=["auto", "on", "off"], default="auto",
+    parser.add_argument("--chunked-loss", type=tristate, default=None, metavar="auto|on|off",
                         help="LEMA: head + loss in chunks (default auto: when the logits pass 64 MiB)")
     parser.add_argument("--max-vram", default=None, metavar="SIZE",
                         help="LEMA: the memory budget its plan must fit (bounds the kept activations); "
                              "on the CPU it bounds anonymous memory")
-    parser.add_argument("--zero-copy", choices=["auto", "on", "off"], default="auto",
+    parser.add_argument("--zero-copy", type=tristate, default=None, metavar="auto|on|off",
                         help="LEMA STREAMING on the CPU: views of the mmap (on, the default when the file is in the "
                              "compute dtype) or each layer read into ring slots by the loader thread (off)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -113,20 +115,20 @@ def run(args) -> int:
         ceiling = bench.read_ceiling(files[0], cold=big)
         ceiling_kind = "disk (cold sequential read)" if big else "page cache (warm sequential read)"
 
-    chunked = {"auto": None, "on": True, "off": False}[args.chunked_loss]
+
     if args.gpu_memory and not args.max_vram:  # LEMA plans for the emulated card, not the real one's free memory
         args.max_vram = args.gpu_memory
     # The floor probes time recomputed and/or kept layers, as LEMA STREAMING will run them.
     expected = plan_for_config(LemaConfig(model_name_or_path=folder, dtype=args.dtype, lora_rank=args.lora_rank,
                                           lora_target_modules=args.lora_target_modules, num_buffers=args.num_buffers,
-                                          keep_activations=args.keep_activations, chunked_loss=chunked,
+                                          keep_activations=args.keep_activations, chunked_loss=args.chunked_loss,
                                           max_vram=args.max_vram, device=args.device,
-                                          zero_copy={"auto": None, "on": True, "off": False}[args.zero_copy]),
+                                          zero_copy=args.zero_copy),
                                args.batch_size, args.seq_len)
     spec = bench.BenchSpec(model=folder, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                            lora_rank=args.lora_rank, targets=args.lora_target_modules, num_buffers=args.num_buffers,
-                           keep_activations=args.keep_activations, chunked_loss=chunked,
-                           zero_copy={"auto": None, "on": True, "off": False}[args.zero_copy],
+                           keep_activations=args.keep_activations, chunked_loss=args.chunked_loss,
+                           zero_copy=args.zero_copy,
                            max_vram=args.max_vram, device=args.device,
                            device_memory=parse_bytes(args.gpu_memory))
     floor_names = bench.floor_probes(expected.kept_layers, expected.num_layers) if args.floor else []

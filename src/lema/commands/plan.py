@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import tristate
+
 HELP = "print the memory plan of a training run (what goes where, the predicted peak) without training"
 EXAMPLE = "lema plan --shape llama-2-7b --max-vram 16GB --batch-size 8 --seq-len 512 --dtype bfloat16"
 
@@ -29,7 +31,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--keep-activations", type=int, default=None, metavar="N",
                         help="layers keeping their activations instead of recomputing (default: as many as "
                              "--max-vram allows; without a budget, decided at run time)")
-    parser.add_argument("--chunked-loss", choices=["auto", "on", "off"], default="auto",
+    parser.add_argument("--chunked-loss", type=tristate, default=None, metavar="auto|on|off",
                         help="head + loss in chunks (default auto: when the float32 logits pass 64 MiB)")
 
 
@@ -47,6 +49,6 @@ def run(args) -> int:
              optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
              max_vram_bytes=parse_bytes(args.max_vram), device_type=args.device,
              num_buffers=args.num_buffers, strategy=args.strategy, keep_activations=args.keep_activations,
-             chunked_loss={"auto": None, "on": True, "off": False}[args.chunked_loss])
+             chunked_loss=args.chunked_loss)
     print(p.table())
     return 0

@@ -35,9 +35,21 @@ def chunk_rows(vocab: int, chunk_bytes: Optional[int] = None) -> int:
     return max(1, (chunk_bytes or CHUNK_BYTES) // (4 * vocab))
 
 
-def fused_head_supported(hf_config, head: Optional[nn.Module]) -> Optional[str]:
-    """None when the fused loss reproduces this model's head + loss; else why not."""
-    c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+def _text_config(hf_config):
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
+def final_softcap(hf_config) -> Optional[float]:
+    """The final logit soft-capping (Gemma 2), applied inside the chunks; None for most models."""
+    return getattr(_text_config(hf_config), "final_logit_softcapping", None) or None
+
+
+def fused_head_supported(model: nn.Module) -> Optional[str]:
+    """None when the chunked loss reproduces `model`'s head + loss (a causal LM, frozen); else why not."""
+    c = _text_config(model.config)
+    head = model.get_output_embeddings()
+    if model.base_model is model:
+        return "the model has no separate decoder"
     if not isinstance(head, nn.Linear) or type(head) is not nn.Linear:
         return f"the output head is {type(head).__name__}, not a plain Linear"
     if any(p.requires_grad for p in head.parameters()):
@@ -94,4 +106,4 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
     """Mean next-token loss of `hidden` (batch, seq, H) under `head`; `labels` unshifted, -100 ignored."""
     shift = nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:].to(hidden.device)
     rows = rows or chunk_rows(head.out_features)
-    return _FusedHeadLoss.apply(hidden, head.weight, head.bias, shift, rows, softcap or None)
+    return _FusedHeadLoss.apply(hidden, head.weight, head.bias, shift, rows, softcap)
