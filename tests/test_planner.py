@@ -85,6 +85,24 @@ def test_cpu_zero_copy_ring_costs_no_memory_and_resident_holds_every_layer():
     assert resident.peak_bytes - streaming.peak_bytes == layers
 
 
+def test_cpu_page_cache_window_and_disk_reads_per_step():
+    """A pager window of C of the L layers reads L - C layers each way per training step; a window holding
+    every layer reads nothing; 'off' leaves the cache to the kernel (no pager window); GPU plans say nothing."""
+    cfg = make_config("llama", num_layers=6)
+    full = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache=10**12)
+    layer = full.layer_bytes
+    assert full.page_cache_layers == 6 and full.disk_read_bytes == 0
+    three = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache=3 * layer + layer // 2)
+    assert three.page_cache_layers == 3 and three.disk_read_bytes == 2 * 3 * layer
+    assert three.page_cache_window == 3 * layer + layer // 2
+    assert "page cache: 3 of 6 layers fit; the pager holds a window of 3 layers" in three.table()
+    tiny = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache=1)
+    assert tiny.page_cache_layers == 2  # the pager always holds the layer in use and the next
+    off = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache="off")
+    assert off.page_cache_window == 0
+    assert plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda").page_cache_layers is None
+
+
 def test_too_small_budget_is_refused_naming_the_setting():
     cfg = make_config("llama")
     fits = plan(cfg, "float32", batch_size=B, seq_len=T)

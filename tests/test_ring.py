@@ -213,7 +213,7 @@ def test_model_loader_error_names_the_layer_and_the_model_recovers(file_dtype, t
 
 
 def test_dropped_model_is_freed_and_its_loader_thread_ends(tiny_dir):
-    """The loader thread must not keep a model alive that the user dropped without close()."""
+    """The loader and pager threads must not keep a model alive that the user dropped without close()."""
     import gc
     import time
 
@@ -223,18 +223,22 @@ def test_dropped_model_is_freed_and_its_loader_thread_ends(tiny_dir):
     inline = LemaModel(LemaConfig(model_name_or_path=tiny_dir("llama"), lora_rank=4))
     assert inline.source._thread is None
     inline.close()
-    # ... a bf16 file computed in fp32 converts in the loader thread
-    model = LemaModel(LemaConfig(model_name_or_path=tiny_dir("llama", dtype=torch.bfloat16), lora_rank=4))
-    thread = model.source._thread
-    assert thread is not None and thread.is_alive()
-    ref = weakref.ref(model)
-    del model
-    gc.collect()
-    assert ref() is None, "the model is still referenced after del (the loader thread holds it?)"
-    deadline = time.monotonic() + 5
-    while thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not thread.is_alive()
+    # ... a bf16 file computed in fp32 converts in the loader thread; views with a page-cache window
+    # have the pager's thread (stream/pager.py), which must not keep the model alive either
+    for config, thread_of in ((dict(model_name_or_path=tiny_dir("llama", dtype=torch.bfloat16)), "_thread"),
+                              (dict(model_name_or_path=tiny_dir("llama"), page_cache="1KB"), "pager")):
+        model = LemaModel(LemaConfig(lora_rank=4, **config))
+        thread = getattr(model.source, thread_of)
+        thread = thread._thread if thread_of == "pager" else thread
+        assert thread is not None and thread.is_alive()
+        ref = weakref.ref(model)
+        del model
+        gc.collect()
+        assert ref() is None, f"the model is still referenced after del (its {thread.name} thread holds it?)"
+        deadline = time.monotonic() + 5
+        while thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not thread.is_alive(), thread.name
 
 
 def test_more_buffers_than_layers(tiny_dir, make_lema):

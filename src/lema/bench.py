@@ -177,6 +177,26 @@ def disk_read_bytes() -> int:
     return 0
 
 
+CPU_STATES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time by state (/proc/stat), in ticks; [] where unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:1 + len(CPU_STATES)]]
+    except (OSError, ValueError):
+        return []
+
+
+def cpu_shares(before: list[int], after: list[int]) -> dict[str, float]:
+    """Where the machine's CPU time went between two `cpu_ticks()`: {state: fraction}. On a VM, `steal`
+    is time the hypervisor took (e.g. to serve the virtual disk)."""
+    d = [b - a for a, b in zip(before, after)]
+    total = sum(d)
+    return {n: v / total for n, v in zip(CPU_STATES, d)} if total > 0 else {}
+
+
 class DevicePeak:
     """PeakSampler's interface over CUDA's allocator statistics: the peak of allocated device memory."""
 
@@ -305,6 +325,7 @@ class BenchSpec:
     keep_activations: Optional[int] = None   # LEMA contenders (LemaConfig.keep_activations; None: the planner's)
     chunked_loss: Optional[bool] = None      # LEMA contenders (LemaConfig.chunked_loss)
     zero_copy: Optional[bool] = None         # LEMA contenders (LemaConfig.zero_copy)
+    page_cache: Optional[str] = None         # LEMA STREAMING (LemaConfig.page_cache)
     max_vram: Optional[str] = None           # LEMA contenders: the budget their plan (kept layers) fits in
     device: str = "cpu"                      # "cuda": every contender on the GPU, peak = device memory
     device_memory: Optional[int] = None      # CUDA: emulate a card of this many bytes (memory fraction)
@@ -378,17 +399,28 @@ class _Contender:
                          lora_rank=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
                          lora_target_modules=spec.targets, num_buffers=spec.num_buffers,
                          keep_activations=spec.keep_activations, chunked_loss=spec.chunked_loss,
-                         zero_copy=spec.zero_copy, max_vram=spec.max_vram, device=spec.device)
+                         zero_copy=spec.zero_copy, page_cache=spec.page_cache, max_vram=spec.max_vram,
+                         device=spec.device)
         self.model = LemaModel(cfg)
         tokens = spec.batch_size * spec.seq_len
         self.info = {"kept_layers": len(self.model.kept_layers(tokens)),
                      "zero_copy": isinstance(self.model.source, WeightRing) and self.model.source._zero_copy is not None,
                      "chunked_loss": self.model.uses_chunked_loss(tokens)}
+        pager = getattr(self.model.source, "pager", None)
+        if pager is not None:
+            self.info["page_cache_window"] = pager.capacity()
+        self.pager = pager
         self.model.initialize_lora(spec.seed)
         self.opt = torch.optim.AdamW(self.model.get_trainable_parameters(), lr=1e-4)
         trainer = self.model.get_trainer(self.opt)
         self.ring = self.model.source if isinstance(self.model.source, WeightRing) else None
-        self.step = lambda: trainer.train_step(self.ids, labels=self.ids)[1]
+        self.step = lambda: self._lema_step(trainer, pager)
+
+    def _lema_step(self, trainer, pager) -> float:
+        loss = float(trainer.train_step(self.ids, labels=self.ids)[1])
+        if pager is not None:  # its read-ahead counts in this step and never overlaps another contender's
+            pager.wait_idle()
+        return loss
 
     def _build_floor(self, layers: int, checkpointing: bool):
         """The floor's compute probe: this shape with `layers` decoder layers, all in RAM (random weights),
@@ -455,14 +487,19 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
             if cmd["op"] == "step":
                 if cmd.get("reset_peak"):
                     sampler.reset()
-                b0, d0 = contender.bytes_loaded(), disk_read_bytes()
-                sampler.start()
-                t = time.perf_counter()
-                loss = float(contender.step())  # host sync: the step is finished when its loss is read
-                dt = time.perf_counter() - t
-                sampler.pause()
-                conn.send({"ok": True, "time": dt, "loss": loss, "bytes": contender.bytes_loaded() - b0,
-                           "disk": disk_read_bytes() - d0, "peak": sampler.peak})
+                b0, d0, c0 = contender.bytes_loaded(), disk_read_bytes(), cpu_ticks()
+                dt = math.inf
+                for _ in range(cmd.get("repeat", 1)):  # the floor probes: the fastest of a few steps
+                    sampler.start()
+                    t = time.perf_counter()
+                    loss = float(contender.step())  # host sync: the step is finished when its loss is read
+                    dt = min(dt, time.perf_counter() - t)
+                    sampler.pause()
+                msg = {"ok": True, "time": dt, "loss": loss, "bytes": contender.bytes_loaded() - b0,
+                       "disk": disk_read_bytes() - d0, "peak": sampler.peak, "cpu": cpu_shares(c0, cpu_ticks())}
+                if getattr(contender, "pager", None) is not None:
+                    msg["pager_late"] = contender.pager.stats.late  # cumulative
+                conn.send(msg)
             elif cmd["op"] == "profile":
                 from torch.profiler import ProfilerActivity, profile
 
@@ -557,19 +594,25 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
             results[n].baseline_rss = workers[n].info["baseline"]
             results[n].build_s = workers[n].info["build_s"]
             results[n].info = {k: v for k, v in workers[n].info.items() if k not in ("ok", "baseline", "build_s")}
+        late_before = {n: 0 for n in names}
         for _ in range(warmup):
             for n in names:
-                workers[n].request(op="step")
+                late_before[n] = workers[n].request(op="step").get("pager_late", 0)
         for r in range(steps):
             order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
             for n in order:
-                m = workers[n].request(op="step", reset_peak=False)
+                m = workers[n].request(op="step", reset_peak=False, repeat=PROBE_REPEATS if n.startswith("floor") else 1)
                 res = results[n]
                 res.times.append(m["time"])
                 res.losses.append(m["loss"])
                 res.bytes_per_step = m["bytes"]
                 res.disk_bytes_per_step = max(res.disk_bytes_per_step, m["disk"])
                 res.peak_rss = max(res.peak_rss, m["peak"])
+                if m.get("cpu"):  # the machine's CPU during this contender's steps, mean over the rounds
+                    prev = res.info.get("cpu", {})
+                    res.info["cpu"] = {k: (prev.get(k, 0.0) * r + v) / (r + 1) for k, v in m["cpu"].items()}
+                if "pager_late" in m:  # acquires whose layer the pager had not read ahead, per measured step
+                    res.info["pager_late_per_step"] = (m["pager_late"] - late_before[n]) / (r + 1)
             log(f"round {r + 1}/{steps}: " + ", ".join(f"{n} {results[n].times[-1]:.3f} s" for n in names))
         return results, workers
     except BaseException:
@@ -589,6 +632,8 @@ def profile_contenders(workers: dict[str, "Worker"], trace: str) -> dict[str, st
 
 
 FLOOR_LAYERS = (1, 2)
+PROBE_REPEATS = 3  # a probe's time in a round is its fastest of this many steps: noise only ever adds time,
+                   # and the per-layer time is a difference of two probes, which doubles their noise
 
 
 def floor_probes(kept_layers: int, num_layers: int) -> list[str]:
@@ -598,7 +643,8 @@ def floor_probes(kept_layers: int, num_layers: int) -> list[str]:
 
 
 def floor_from_rounds(model: str, results: dict[str, ContenderResult], kept_layers: int) -> dict:
-    """The floor's compute time from the probes timed in the same rounds: with n layers, t(n) = t_rest +
+    """The floor's compute time from the probes timed in the same rounds (each probe's fastest step): with
+    n layers, t(n) = t_rest +
     n * t_layer, for recomputed layers (checkpointed probes) and kept layers (probes without checkpointing);
     the step's compute is t_rest + kept * t_layer_kept + (L - kept) * t_layer."""
     from transformers import AutoConfig
@@ -608,7 +654,9 @@ def floor_from_rounds(model: str, results: dict[str, ContenderResult], kept_laye
     fits = {}
     for kind in ("", "-kept"):
         if f"floor-{a}{kind}" in results:
-            ta, tb = results[f"floor-{a}{kind}"].median, results[f"floor-{b}{kind}"].median
+            # the fastest over all rounds: noise (steal, other processes) only adds time, and the per-layer time,
+            # a difference of two probes, would carry both probes' noise (medians varied +-40% between runs)
+            ta, tb = min(results[f"floor-{a}{kind}"].times), min(results[f"floor-{b}{kind}"].times)
             t_layer = (tb - ta) / (b - a)
             fits[kind] = (ta - a * t_layer, t_layer, {a: ta, b: tb})
     recomputed = fits.get("", fits.get("-kept"))  # a missing kind (the plan guessed otherwise): the other's
@@ -616,4 +664,5 @@ def floor_from_rounds(model: str, results: dict[str, ContenderResult], kept_laye
     t_rest = (recomputed[0] + kept[0]) / 2
     compute = t_rest + kept_layers * kept[1] + (L - kept_layers) * recomputed[1]
     return {"t_layer": recomputed[1], "t_layer_kept": kept[1], "t_rest": t_rest, "kept_layers": kept_layers,
-            "compute_s": compute, "layers_timed": recomputed[2], "layers_timed_kept": kept[2], "interleaved": True}
+            "compute_s": compute, "layers_timed": recomputed[2], "layers_timed_kept": kept[2], "interleaved": True,
+            "probe_repeats": PROBE_REPEATS}

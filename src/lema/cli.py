@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .host_memory import use_huge_pages_for_tensors
+
+    use_huge_pages_for_tensors()  # before torch's first CPU allocation (host_memory.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -56,7 +56,7 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def parse_bytes(text: str | int | None) -> Optional[int]:
+def parse_bytes(text: str | int | None, name: str = "max_vram") -> Optional[int]:
     """'16GB' -> 16e9 bytes, '512MiB' -> 512*2**20; an int is taken as bytes."""
     if text is None or isinstance(text, int):
         return text
@@ -70,7 +70,7 @@ def parse_bytes(text: str | int | None) -> Optional[int]:
     except ValueError:
         value = None
     if value is None or unit not in units or value < 0:
-        raise ValueError(f"max_vram={text!r} is not a size; write it like '16GB' or '12GiB'")
+        raise ValueError(f"{name}={text!r} is not a size; write it like '16GB' or '12GiB'")
     return int(value * units[unit])
 
 
@@ -108,6 +108,11 @@ class LemaConfig:
     zero_copy: Optional[bool] = None
     """CPU only: hand out views of the memory-mapped weights (no copy, page cache only) instead of reading each
     layer into a ring slot in the loader thread. None: views whenever the file is in the compute dtype."""
+    page_cache: Optional[str] = None
+    """CPU zero-copy only: how much of the page cache the streamed layers may hold, e.g. '16GB'. A pager thread
+    then keeps the layers needed soonest there (read ahead, mapped) and drops the rest, so disk reads overlap
+    compute. None: on when the layers exceed the memory available less 2 GiB, sized to that; 'off': leave the
+    page cache to the kernel."""
     keep_activations: Optional[int] = None
     """How many decoder layers keep their activations from forward to backward instead of being recomputed
     (faster: no second forward; costs their activations' memory). None: as many as the memory budget allows
@@ -142,6 +147,8 @@ class LemaConfig:
         self.torch_dtype: torch.dtype = parse_dtype(self.dtype)
         self.torch_device: torch.device = parse_device(self.device)
         self.max_vram_bytes: Optional[int] = parse_bytes(self.max_vram)
+        self.page_cache_bytes: Optional[int] = None if self.page_cache in (None, "off") else parse_bytes(
+            self.page_cache, "page_cache")
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -25,10 +25,11 @@ from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
                               load_hf_config, reset_lora, unit_map)
 from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fused_head_supported
 from .engine.streamed_layer import StreamedLayers
-from .host_memory import return_freed_memory_to_os
+from .host_memory import memory_available, return_freed_memory_to_os
 from .store import WeightStore, WeightsFileError
 from .store.keymap import map_checkpoint, reader_for
 from .stream.layout import UnitLayout
+from .stream.pager import RESERVE_BYTES, PageCachePager
 from .stream.ring import WeightRing
 
 
@@ -92,8 +93,9 @@ class LemaModel(nn.Module):
         if config.strategy == MemoryStrategy.STREAMING:
             views_ok = self._file_dtype_is_compute_dtype(layer_names) and config.zero_copy is not False
             zero_copy = self._zero_copy if views_ok else None
+            pager = self._pager() if zero_copy is not None and config.prefetch else None
             self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
-                                     config.num_buffers, prefetch=config.prefetch)
+                                     config.num_buffers, prefetch=config.prefetch, pager=pager)
         else:
             self.source = ResidentLayers(self.layouts, self._load_resident)
         recompute = config.strategy == MemoryStrategy.STREAMING or config.gradient_checkpointing
@@ -178,6 +180,16 @@ class LemaModel(nn.Module):
 
     def _zero_copy(self, layout: UnitLayout) -> dict:
         return {p.name: self._read_checked(p.name, p.shape).to(self.dtype) for p in layout.placements}
+
+    def _pager(self) -> Optional[PageCachePager]:
+        """The page-cache pager (stream/pager.py) when the streamed layers do not all fit in the page
+        cache, or when `page_cache` gives its size; None leaves the page cache to the kernel."""
+        if self.config.page_cache == "off":
+            return None
+        if self.config.page_cache_bytes is not None:
+            return PageCachePager(self.layouts, self.config.page_cache_bytes)
+        layers = sum(l.nbytes for l in self.layouts)
+        return PageCachePager(self.layouts) if layers > memory_available() - RESERVE_BYTES else None
 
     def _hint(self, layout: UnitLayout) -> None:
         for f, start, end in layout.ranges:

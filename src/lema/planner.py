@@ -122,6 +122,11 @@ class Plan:
     keep_decided_at_run_time: bool = False
     advice: list[str] = field(default_factory=list)
     layer_terms: dict[str, int] = field(default_factory=dict)
+    # CPU, weights as views: how many decoder layers the page cache holds (None: not applicable), the
+    # pager's window in bytes (0: no pager) and the bytes read from disk per training step, steady state
+    page_cache_layers: Optional[int] = None
+    page_cache_window: int = 0
+    disk_read_bytes: int = 0
 
     @property
     def layer_bytes(self) -> int:
@@ -195,6 +200,16 @@ class Plan:
                          f"({human(self.kept_extra_bytes)} per layer kept instead of recomputed)")
         else:
             lines.append(f"    kept activations: {self.kept_layers} of {self.num_layers} layers skip the recompute (applied)")
+        if self.page_cache_layers is not None:
+            L, held = self.num_layers, self.page_cache_layers
+            if held >= L:
+                lines.append(f"    page cache: all {L} layers fit; read from disk once")
+            else:
+                how = (f"the pager holds a window of {held} layers ({human(self.page_cache_window)}) and reads"
+                       if self.page_cache_window else f"about {held} stay cached (page cache left to the kernel,"
+                       " which evicts more);")
+                lines.append(f"    page cache: {held} of {L} layers fit; {how} 2 x {L - held} layers "
+                             f"= {human(self.disk_read_bytes)} from disk per training step (applied)")
         for a in self.advice:
             lines.append(f"    advice: {a}")
         return "\n".join(lines)
@@ -319,7 +334,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
          max_vram_bytes: Optional[int] = None, device_type: str = "cuda", num_buffers: int = 3,
          strategy: str = "streaming", zero_copy: Optional[bool] = None, chunked_loss: Optional[bool] = None,
          keep_activations: Optional[int] = None, free_bytes: Optional[int] = None,
-         gradient_checkpointing: bool = True, facts: Optional["ModelFacts"] = None) -> Plan:
+         gradient_checkpointing: bool = True, facts: Optional["ModelFacts"] = None,
+         page_cache: Optional[int | str] = None) -> Plan:
     """Plan one training step of `model` (a Transformers config, or a checkpoint folder).
 
     `zero_copy` (CPU only): whether the ring serves views of the mmap (weights file already in the
@@ -328,6 +344,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     `free_bytes`: memory the run may take beyond the plan's own peak when no budget is given (the engine
     passes half the free memory); with neither, no layer keeps its activations.
     `facts`: `model_facts(model, dtype, lora_rank, targets)` computed before (it is the slow part).
+    `page_cache` (CPU, views): the pager's window in bytes, 'off', or None (as the engine decides it from
+    the memory available now).
     Raises PlanError when `max_vram_bytes` is given and the predicted peak exceeds it.
     """
     from .config import parse_dtype
@@ -409,8 +427,25 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              chunked_loss=chunked, kept_layers=keep, kept_extra_bytes=kept_extra,
              keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None
              and free_bytes is None)
+    if cpu and zero_copy and strategy == "streaming" and L:
+        _page_cache(p, layers_total, page_cache)
     _decide(p, lambda d, on_device_acts=True: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
     return p
+
+
+def _page_cache(p: Plan, layers_total: int, page_cache: Optional[int | str]) -> None:
+    """How many layers stay in the page cache and what a training step reads from disk (stream/pager.py:
+    a window of C of L layers reads L - C layers in each direction)."""
+    from .host_memory import memory_available
+    from .stream.pager import RESERVE_BYTES
+
+    cache = max(0, memory_available() - RESERVE_BYTES) if page_cache in (None, "off") else int(page_cache)
+    pager = page_cache != "off" and (page_cache is not None or layers_total > cache)
+    per_layer = layers_total / p.num_layers
+    held = min(p.num_layers, max(2 if pager else 0, int(cache // per_layer)))
+    p.page_cache_layers = held
+    p.page_cache_window = cache if pager else 0
+    p.disk_read_bytes = int(2 * (p.num_layers - held) * per_layer)
 
 
 def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
@@ -495,11 +530,9 @@ def free_memory_bytes(device) -> int:
 
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    from .host_memory import memory_available
+
+    return memory_available()
 
 
 def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "adamw",
@@ -513,7 +546,8 @@ def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "ada
                 config.num_buffers, config.strategy, zero_copy=False if config.zero_copy is False else None,
                 chunked_loss=config.chunked_loss,
                 keep_activations=config.keep_activations, free_bytes=free_bytes,
-                gradient_checkpointing=config.gradient_checkpointing, facts=facts)
+                gradient_checkpointing=config.gradient_checkpointing, facts=facts,
+                page_cache="off" if config.page_cache == "off" else config.page_cache_bytes)
 
 
 class ActivationBudget:

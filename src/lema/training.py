@@ -84,6 +84,9 @@ class TrainArgs:
     keep_activations: Optional[int] = None
     """Decoder layers that keep their activations instead of recomputing them in backward (default: as many as
     --max-vram, or half the free memory, allows; 0: recompute all, least memory)."""
+    page_cache: Optional[str] = None
+    """CPU: page cache the streamed layers may hold, read ahead by a thread, e.g. 16GB (default: automatic when
+    the weights exceed the available memory; off: leave it to the kernel)."""
     seed: int = 0
     """Seed of LoRA init, data order and dropout."""
     quiet: bool = False
@@ -195,7 +198,7 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
                         dtype=args.dtype, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, lora_target_modules=args.target_modules,
                         num_buffers=args.num_buffers, max_vram=args.max_vram,
-                        keep_activations=args.keep_activations)
+                        keep_activations=args.keep_activations, page_cache=args.page_cache)
     plan_text = _plan_text(config, args)  # raises before allocating if a budget cannot fit
     model = LemaModel(config)
     model.initialize_lora(seed=args.seed)

@@ -39,6 +39,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--zero-copy", type=tristate, default=None, metavar="auto|on|off",
                         help="LEMA STREAMING on the CPU: views of the mmap (on, the default when the file is in the "
                              "compute dtype) or each layer read into ring slots by the loader thread (off)")
+    parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
+                        help="LEMA STREAMING on the CPU with views: the page-cache window the pager holds "
+                             "(default auto: on when the layers exceed the available memory)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where every contender runs (default: cpu); on cuda the peak is device memory and "
                              "the ceiling a pinned host-to-device copy loop")
@@ -128,7 +131,7 @@ def run(args) -> int:
     spec = bench.BenchSpec(model=folder, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                            lora_rank=args.lora_rank, targets=args.lora_target_modules, num_buffers=args.num_buffers,
                            keep_activations=args.keep_activations, chunked_loss=args.chunked_loss,
-                           zero_copy=args.zero_copy,
+                           zero_copy=args.zero_copy, page_cache=None if args.page_cache == "auto" else args.page_cache,
                            max_vram=args.max_vram, device=args.device,
                            device_memory=parse_bytes(args.gpu_memory))
     floor_names = bench.floor_probes(expected.kept_layers, expected.num_layers) if args.floor else []
@@ -228,7 +231,15 @@ def format_table(out: dict) -> str:
         if "kept_layers" in c:
             lines.append(f"{c['label']}: {c['kept_layers']} layers kept their activations (the rest recomputed), "
                          f"loss {'chunked' if c['chunked_loss'] else 'on full logits'}"
-                         + (", weights as mmap views" if c.get("zero_copy") else ""))
+                         + (", weights as mmap views" if c.get("zero_copy") else "")
+                         + (f", page-cache window {human(c['page_cache_window'])} held by the pager "
+                            f"({c.get('pager_late_per_step', 0):.1f} layers per step not read ahead in time)"
+                            if c.get("page_cache_window") else ""))
+    for c in out["contenders"].values():
+        if c.get("cpu"):
+            shares = {k: v for k, v in c["cpu"].items() if v >= 0.005}
+            lines.append(f"{c['label']}: the machine's CPU during its steps: "
+                         + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     if out.get("device") == "cuda":
         lines.append("peak anon / run peak: here the peak of allocated device memory (torch.cuda.max_memory_allocated)"
                      + (f", on a {out['gpu_memory']} card emulated by a memory fraction" if out.get("gpu_memory") else ""))
@@ -238,7 +249,7 @@ def format_table(out: dict) -> str:
     if "floor" in out:
         fl = out["floor"]
         s = out["contenders"]["streaming"]
-        lines.append(f"floor: compute {fl['compute_s']:.2f} s, timed in the same rounds (rest {fl['t_rest']:.2f} s + "
+        lines.append(f"floor: compute {fl['compute_s']:.2f} s, timed in the same rounds (probes: fastest of {fl.get('probe_repeats', 1)} steps x the rounds; rest {fl['t_rest']:.2f} s + "
                      f"{fl['kept_layers']} kept x {fl['t_layer_kept']:.3f} s + the others x {fl['t_layer']:.3f} s), {'PCIe' if out.get('device') == 'cuda' else 'disk'} {fl['disk_s']:.2f} s "
                      f"({human(s['bytes_streamed_per_step' if out.get('device') == 'cuda' else 'disk_bytes_read_per_step'])}"
                      " moved per step "

@@ -33,6 +33,16 @@ def add_arguments(parser) -> None:
                              "--max-vram allows; without a budget, decided at run time)")
     parser.add_argument("--chunked-loss", type=tristate, default=None, metavar="auto|on|off",
                         help="head + loss in chunks (default auto: when the float32 logits pass 64 MiB)")
+    parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
+                        help="CPU, weights as mmap views: the pager's page-cache window (default auto: the memory "
+                             "available now less 2 GiB, when the layers exceed it)")
+
+
+def page_cache(text):
+    """--page-cache: None (auto), 'off', or bytes."""
+    from ..config import parse_bytes
+
+    return None if text in (None, "auto") else "off" if text == "off" else parse_bytes(text, "--page-cache")
 
 
 def run(args) -> int:
@@ -49,6 +59,6 @@ def run(args) -> int:
              optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
              max_vram_bytes=parse_bytes(args.max_vram), device_type=args.device,
              num_buffers=args.num_buffers, strategy=args.strategy, keep_activations=args.keep_activations,
-             chunked_loss=args.chunked_loss)
+             chunked_loss=args.chunked_loss, page_cache=page_cache(args.page_cache))
     print(p.table())
     return 0

@@ -12,10 +12,12 @@ import json
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import torch
 
+from ..host_memory import MADV_DONTNEED, MADV_POPULATE_READ, madvise
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -93,6 +95,8 @@ class SafetensorsFile:
         # A read-only mmap cannot be wrapped by torch.frombuffer without a warning about writability;
         # the views we hand out are never written (frozen weights), which the engine guarantees.
         self._buffer = memoryview(self._mmap) if self._mmap is not None else None
+        self._address = self.bytes_view(0, 1).data_ptr() if self._mmap is not None else 0  # the mapping's start
+        self._advice_lock = threading.Lock()  # populate/drop (the pager's thread) against close()
 
     def bytes_view(self, start: int, end: int) -> torch.Tensor:
         """uint8 CPU tensor over file bytes [start, end), zero-copy."""
@@ -128,9 +132,29 @@ class SafetensorsFile:
         lo = (start // page) * page
         self._mmap.madvise(mmap.MADV_WILLNEED, lo, min(end, self.size) - lo)
 
+    def populate(self, start: int, end: int) -> None:
+        """Bring file bytes [start, end) into the page cache and map them (MADV_POPULATE_READ): the
+        calling thread waits for the disk, a later access through the mmap takes no fault. Falls back
+        to an asynchronous read-ahead where the kernel lacks it."""
+        with self._advice_lock:  # never on an address close() may have let go (it could be reused)
+            if self._mmap is None or end <= start:
+                return
+            if not madvise(self._address + start, end - start, MADV_POPULATE_READ):
+                os.posix_fadvise(self._file.fileno(), start, end - start, os.POSIX_FADV_WILLNEED)
+
+    def drop(self, start: int, end: int) -> None:
+        """Unmap file bytes [start, end) from this process and drop them from the page cache. Views of
+        them stay valid: a later access reads them from the disk again."""
+        with self._advice_lock:  # DONTNEED on a reused address would zero someone else's memory
+            if self._mmap is None or end <= start:
+                return
+            madvise(self._address + start, end - start, MADV_DONTNEED)  # unmapped pages can be dropped
+            os.posix_fadvise(self._file.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
+
     def close(self) -> None:
         # Views handed out keep the mapping alive (they hold buffer exports); dropping our
         # references lets the OS unmap once the last view dies.
-        self._buffer = None
-        self._mmap = None
-        self._file.close()
+        with self._advice_lock:
+            self._buffer = None
+            self._mmap = None
+            self._file.close()

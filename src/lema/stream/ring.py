@@ -30,7 +30,9 @@ NOTE [ring protocol] — every sync point in this file points here.
   pass: autograd runs the layer's backward *after* the recompute returned, reading the bound
   weights (see engine/streamed_layer.py).
 - On the CPU with zero-copy views there is no loader thread: `_load` runs inline at prefetch
-  time; the disk -> page-cache stage is the kernel's read-ahead started by madvise(WILLNEED).
+  time; the disk -> page-cache stage is the kernel's read-ahead started by madvise(WILLNEED), or,
+  when the layers do not all fit in the page cache, the pager's thread (stream/pager.py), which
+  `begin` and every `acquire` tell where the schedule stands.
 - Shutdown: `close()` sets the stop event and joins; the worker polls the queue with a timeout,
   so it exits within one poll interval. The worker holds the ring only by a weak reference, so a
   ring dropped without close() is freed too, and its worker exits at the next poll.
@@ -88,8 +90,9 @@ class WeightRing:
 
     def __init__(self, layouts: list[UnitLayout], fill: Callable[[UnitLayout, torch.Tensor], None],
                  zero_copy: Optional[Callable[[UnitLayout], dict]], hint: Callable[[UnitLayout], None],
-                 device: torch.device, num_slots: int, prefetch: bool = True):
+                 device: torch.device, num_slots: int, prefetch: bool = True, pager=None):
         self.layouts = layouts
+        self.pager = pager            # CPU zero-copy, weights over the page cache: stream/pager.py
         self._fill = fill
         self._zero_copy = zero_copy   # CPU, dtype already right: views of the mmap, no buffer at all
         self._hint = hint
@@ -126,6 +129,8 @@ class WeightRing:
         with self._lock:
             self.schedule = list(schedule)
             self.cursor = 0
+        if self.pager is not None:
+            self.pager.begin(self.schedule)
 
     def _next_use(self, unit: int) -> int:
         for pos in range(self.cursor, len(self.schedule)):
@@ -142,6 +147,8 @@ class WeightRing:
             else:  # off-schedule (an unusual call order): serve it, prefetch nothing until the next begin()
                 self.schedule = [unit]
                 self.cursor = 1
+            if self.pager is not None:
+                self.pager.follow(self.schedule, self.cursor)
             slot = self._find(unit)
             if slot is not None:
                 self.stats.hits += 1
@@ -217,7 +224,8 @@ class WeightRing:
         layout = self.layouts[req.unit]
         try:
             if self._zero_copy is not None:
-                self._hint(layout)               # disk -> page cache, asynchronously in the kernel
+                if self.pager is None:           # else the pager holds the window of upcoming layers
+                    self._hint(layout)           # disk -> page cache, asynchronously in the kernel
                 s.views = self._zero_copy(layout)
             elif self.copy_stream is None:       # CPU with dtype conversion: the host buffer is the slot
                 self._fill(layout, s.host)
@@ -238,6 +246,8 @@ class WeightRing:
 
     def close(self) -> None:
         self._stop.set()
+        if self.pager is not None:
+            self.pager.close()
         if self._thread is not None:
             if self._thread is not threading.current_thread():  # a finalizer may run on the worker itself
                 self._thread.join(timeout=10 * POLL_S)
