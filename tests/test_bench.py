@@ -91,3 +91,25 @@ def test_floor_mixes_kept_and_recomputed_layer_times():
     # recomputed: rest 2, 3 s/layer; kept: rest 2, 2 s/layer -> 2 + 4 x 2 + 6 x 3
     assert fl["t_layer"] == 3.0 and fl["t_layer_kept"] == 2.0 and fl["t_rest"] == 2.0
     assert fl["compute_s"] == pytest.approx(2 + 4 * 2 + 6 * 3)
+
+
+def test_lema_bench_reports_the_pager_and_the_cpu(tmp_path, capsys):
+    """With a page-cache window (--page-cache), the streaming contender reports it, the disk reads it
+    implies (2 x (L - window layers) layers per step) and how many acquires it was late for; every
+    contender reports the machine's CPU shares during its steps."""
+    rc = main(["bench", "--shape", "tiny-llama", "--cache-dir", str(tmp_path), "--steps", "1",
+               "--batch-size", "1", "--seq-len", "8", "--contenders", "streaming", "--threads", "1",
+               "--page-cache", "1KB", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    s = out["contenders"]["streaming"]
+    assert s["page_cache_window"] == 1000
+    from lema.store import WeightStore
+
+    store = WeightStore(build_shape("tiny-llama", str(tmp_path)))  # built by the run: not rebuilt
+    _, start, end = store.units["layer.1"]
+    store.close()
+    assert s["predicted_disk_bytes_per_step"] == 2 * (3 - 2) * (end - start)
+    assert s["pager_late_per_step"] >= 0
+    assert sum(s["cpu"].values()) == pytest.approx(1.0) and set(s["cpu"]) >= {"user", "system", "steal"}
+    assert "held by the pager" in format_table(out)

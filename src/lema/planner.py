@@ -439,7 +439,10 @@ def _page_cache(p: Plan, layers_total: int, page_cache: Optional[int | str]) -> 
     from .host_memory import memory_available
     from .stream.pager import RESERVE_BYTES
 
-    cache = max(0, memory_available() - RESERVE_BYTES) if page_cache in (None, "off") else int(page_cache)
+    # As the pager sizes it at each pass: the memory available then, which the run's own weights, adapters and
+    # optimizer state (allocated by then) no longer count in, less the reserve for a step's activations.
+    fixed = p.frozen_device_bytes + p.lora_bytes + p.grad_bytes + p.optimizer_bytes
+    cache = max(0, memory_available() - fixed - RESERVE_BYTES) if page_cache in (None, "off") else int(page_cache)
     pager = page_cache != "off" and (page_cache is not None or layers_total > cache)
     per_layer = layers_total / p.num_layers
     held = min(p.num_layers, max(2 if pager else 0, int(cache // per_layer)))

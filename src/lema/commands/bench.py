@@ -156,8 +156,10 @@ def run(args) -> int:
                  parse_bytes(args.max_vram), args.device, args.num_buffers, "streaming" if n == "streaming" else "resident",
                  zero_copy=info.get("zero_copy"), keep_activations=info.get("kept_layers", 0),
                  chunked_loss=info.get("chunked_loss", False),
-                 gradient_checkpointing=True)
+                 gradient_checkpointing=True, page_cache=info.get("page_cache_window"))
         predicted[n] = p.peak_bytes
+        if info.get("page_cache_window"):  # the disk bytes the pager's window implies, against what was read
+            info["predicted_disk_bytes_per_step"] = p.disk_read_bytes
 
     tokens = args.batch_size * args.seq_len
     ref = {k: results[k].median for k in ("peft", "resident") if k in results}
@@ -233,7 +235,9 @@ def format_table(out: dict) -> str:
                          f"loss {'chunked' if c['chunked_loss'] else 'on full logits'}"
                          + (", weights as mmap views" if c.get("zero_copy") else "")
                          + (f", page-cache window {human(c['page_cache_window'])} held by the pager "
-                            f"({c.get('pager_late_per_step', 0):.1f} layers per step not read ahead in time)"
+                            f"({c.get('pager_late_per_step', 0):.1f} layers per step not read ahead in time; "
+                            f"disk reads per step: {human(c['predicted_disk_bytes_per_step'])} planned, "
+                            f"{human(c['disk_bytes_read_per_step'])} measured)"
                             if c.get("page_cache_window") else ""))
     for c in out["contenders"].values():
         if c.get("cpu"):
