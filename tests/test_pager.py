@@ -199,7 +199,7 @@ def test_pager_is_on_only_when_the_layers_exceed_the_available_memory(tiny_dir, 
     import lema.model
 
     path = tiny_dir("llama", num_layers=L)
-    monkeypatch.setattr(lema.model, "memory_available", lambda: 2**30)  # less than the 2 GiB reserve
+    monkeypatch.setattr(lema.model, "memory_available", lambda: 2**30)  # less than the reserve (RESERVE_BYTES)
     assert make_lema(path).source.pager is not None
     assert make_lema(path, page_cache="off").source.pager is None
     assert make_lema(path, strategy=MemoryStrategy.RESIDENT).source.__class__.__name__ == "ResidentLayers"

@@ -111,7 +111,7 @@ class LemaConfig:
     page_cache: Optional[str] = None
     """CPU zero-copy only: how much of the page cache the streamed layers may hold, e.g. '16GB'. A pager thread
     then keeps the layers needed soonest there (read ahead, mapped) and drops the rest, so disk reads overlap
-    compute. None: on when the layers exceed the memory available less 2 GiB, sized to that; 'off': leave the
+    compute. None: on when the layers exceed the memory available less 4 GiB, sized to that; 'off': leave the
     page cache to the kernel."""
     keep_activations: Optional[int] = None
     """How many decoder layers keep their activations from forward to backward instead of being recomputed

@@ -35,7 +35,7 @@ def add_arguments(parser) -> None:
                         help="head + loss in chunks (default auto: when the float32 logits pass 64 MiB)")
     parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
                         help="CPU, weights as mmap views: the pager's page-cache window (default auto: the memory "
-                             "available now less 2 GiB, when the layers exceed it)")
+                             "available now less 4 GiB, when the layers exceed it)")
 
 
 def page_cache(text):
