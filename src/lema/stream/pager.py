@@ -4,10 +4,13 @@ With zero-copy views (NOTE [ring protocol]) the page cache is the disk -> RAM st
 decoder layers do not all fit in it, leaving it to the kernel costs twice:
 
 - the compute thread faults the missing pages in itself, so the disk reads run *in series* with
-  the matmuls (measured on the Llama-2-7B shape in fp32, 25 GiB on 24 GiB of RAM: a step of
-  ~101 s = ~53 s of compute + ~48 s of disk);
+  the matmuls;
 - the kernel's reclaim is LRU-like and knows nothing of the schedule, and evicts layers that are
-  needed soonest (28-38 GiB read per step where 14 GiB would do).
+  needed soonest.
+
+Measured on the Llama-2-7B shape in fp32 (25 GiB on 24 GiB of RAM, BENCHMARKS.md, session 3),
+back to back: left to the kernel, 87.7 s per step, 32.6 GiB read, 8% iowait; with the pager,
+72.1 s, 22.6 GiB read, 1% iowait.
 
 The schedule is known: F0..F(L-1), B(L-1)..B0, then the next step the same. So a thread holds a
 *window*: the layers needed next, in the order of their next use, as many as `capacity` bytes
