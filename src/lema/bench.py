@@ -152,17 +152,11 @@ def _free_bytes(path: str) -> int:
 
 # ----- measurement helpers ----------------------------------------------------------------------
 
-def _status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def rss_anon() -> int:
     """Anonymous resident bytes of this process (heap, tensors; not the mmap'd page cache)."""
-    return _status_kib("RssAnon") * 1024
+    from .host_memory import proc_bytes
+
+    return proc_bytes("/proc/self/status", "RssAnon")
 
 
 def disk_read_bytes() -> int:

@@ -67,16 +67,21 @@ def madvise(address: int, length: int, advice: int) -> bool:
     return fn(lo, address + length - lo, advice) == 0
 
 
-def memory_available() -> int:
-    """MemAvailable of /proc/meminfo: free memory plus the page cache the kernel could reclaim."""
+def proc_bytes(path: str, field: str) -> int:
+    """A `Field:  N kB` line of a /proc file (meminfo, self/status) in bytes; 0 where absent."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def memory_available() -> int:
+    """MemAvailable of /proc/meminfo: free memory plus the page cache the kernel could reclaim."""
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def use_huge_pages_for_tensors() -> None:

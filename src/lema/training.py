@@ -121,14 +121,9 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from .host_memory import proc_bytes
+
+    return proc_bytes("/proc/self/status", "RssAnon")
 
 
 class _Interrupt:

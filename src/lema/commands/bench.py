@@ -63,11 +63,9 @@ def add_arguments(parser) -> None:
 
 
 def _mem_total() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    from ..host_memory import proc_bytes
+
+    return proc_bytes("/proc/meminfo", "MemTotal")
 
 
 def run(args) -> int:
