@@ -113,3 +113,28 @@ def test_lema_bench_reports_the_pager_and_the_cpu(tmp_path, capsys):
     assert s["pager_late_per_step"] >= 0
     assert sum(s["cpu"].values()) == pytest.approx(1.0) and set(s["cpu"]) >= {"user", "system", "steal"}
     assert "held by the pager" in format_table(out)
+
+
+def test_transient_probes_live_for_their_turn_only(tmp_path):
+    """For a model bigger than the RAM the floor probes are transient: a process per round, ended after
+    its turn (its memory is not taken from the page cache of the streamed run); the streamed run's pager
+    reports its window, what the kernel evicted of it and the trim, and the rounds still time everyone."""
+    from lema.bench import BenchSpec, run_rounds
+
+    folder = build_shape("tiny-llama", str(tmp_path))
+    spec = BenchSpec(model=folder, batch_size=1, seq_len=8, page_cache="1KB")
+    names = ["streaming", "floor-1", "floor-2"]
+    results, workers = run_rounds(names, spec, steps=2, threads=1, log=lambda *a: None,
+                                  transient=("floor-1", "floor-2"))
+    try:
+        assert set(workers) == {"streaming"}  # the probes' processes are gone
+        assert workers["streaming"].proc.is_alive()
+    finally:
+        for w in workers.values():
+            w.close()
+    assert results["streaming"].builds == 1 and len(results["streaming"].times) == 2
+    for n in ("floor-1", "floor-2"):
+        assert results[n].builds == 2 and len(results[n].times) == 2 and results[n].baseline_rss > 0
+    info = results["streaming"].info
+    assert info["page_cache_window"] == 1000 and info["page_cache_trim"] == 0  # a fixed window is not trimmed
+    assert info["page_cache_evicted_per_step"] >= 0

@@ -33,14 +33,26 @@ def test_hold_window_follows_the_schedule_in_next_use_order():
 
 
 class RecordingFile:
+    """Stands in for a SafetensorsFile: records the pager's calls and keeps which ranges are in the page
+    cache (populate brings one in, drop and `evict`, the kernel's doing, take it out)."""
+
     def __init__(self):
         self.calls: list[tuple[str, int]] = []
+        self.cached: set[int] = set()
 
     def populate(self, start, end):
         self.calls.append(("populate", start))
+        self.cached.add(start)
 
     def drop(self, start, end):
         self.calls.append(("drop", start))
+        self.cached.discard(start)
+
+    def evict(self, start):
+        self.cached.discard(start)
+
+    def resident(self, start, end):
+        return 1.0 if start in self.cached else 0.0
 
 
 def test_pager_reads_each_missing_layer_a_window_ahead_and_no_more_than_belady():
@@ -52,6 +64,7 @@ def test_pager_reads_each_missing_layer_a_window_ahead_and_no_more_than_belady()
     C = 3
     f = RecordingFile()
     layouts = [SimpleNamespace(ranges=[(f, u * 100, u * 100 + 100)]) for u in range(L)]
+    f.cached = {u * 100 for u in range(L)}  # the file was just written: all of it cached
     pager = PageCachePager(layouts, capacity=C * 100, thread=False)
     acquires: list[int] = []
     populated_at: list[tuple[int, int]] = []   # (unit, acquire index when populated)
@@ -78,6 +91,70 @@ def test_pager_reads_each_missing_layer_a_window_ahead_and_no_more_than_belady()
         assert use - at >= C - 1, f"layer {unit} populated at acquire {at}, used at {use}"
     dropped = [start // 100 for op, start in f.calls if op == "drop"]
     assert dropped[:L - C] == [3, 4, 5]  # the first window (F0..F2) drops what the pass needs last
+
+
+def _run_pass(pager, evict=None, at=None):
+    """One training pass driven synchronously; `evict(unit)` is called (the kernel evicting) before
+    acquire number `at`. Returns the acquires whose unit the pager did not hold."""
+    pager.begin(SCHEDULE)
+    while pager.step():
+        pass
+    late = []
+    for cursor in range(1, len(SCHEDULE) + 1):
+        if cursor == at:
+            evict()
+        before = pager.stats.late
+        pager.follow(SCHEDULE, cursor)
+        if pager.stats.late > before:
+            late.append(SCHEDULE[cursor - 1])
+        while pager.step():
+            pass
+    return late
+
+
+def test_window_shrinks_by_what_the_kernel_evicted_and_grows_back(monkeypatch):
+    """Memory available for 4 of 6 layers of 100 bytes. The kernel evicts a held layer at a pass start:
+    the pager finds it, reads it again before its use (not late) and the next window is one layer
+    smaller; a layer evicted mid-pass is counted at its acquire the same way. Passes that lose nothing
+    grow the window back by REGROW_BYTES each, up to the memory available."""
+    import lema.stream.pager as pager_mod
+
+    monkeypatch.setattr(pager_mod, "REGROW_BYTES", 50)
+    f = RecordingFile()
+    layouts = [SimpleNamespace(ranges=[(f, u * 100, u * 100 + 100)]) for u in range(L)]
+    pager = PageCachePager(layouts, available=lambda: pager_mod.RESERVE_BYTES + 400, thread=False)
+    assert _run_pass(pager) == [] and pager.stats.capacity == 400 and pager.stats.trim == 0
+    assert _run_pass(pager) == [] and pager.stats.capacity == 400 and pager.stats.evicted_bytes == 0
+    assert pager.held == {0, 1, 2, 3}  # after B0: the next pass's F0..F3
+    f.evict(200)   # layer 2, held, needed third in the next pass
+    calls = len(f.calls)
+    assert _run_pass(pager) == []                            # read again at the pass start, before its use
+    assert ("populate", 200) in f.calls[calls:]
+    assert pager.stats.evicted_bytes == 100 and pager.stats.trim == 100 and pager.stats.capacity == 300
+    assert _run_pass(pager) == [] and pager.stats.trim == 50 and pager.stats.capacity == 350
+    assert _run_pass(pager) == [] and pager.stats.trim == 0 and pager.stats.capacity == 400
+    # Mid-pass: layer 4 is populated for the backward (held), then evicted before B4 is acquired.
+    _run_pass(pager, evict=lambda: f.evict(400), at=SCHEDULE.index(4, L) + 1)
+    assert pager.stats.evicted_bytes == 200
+    _run_pass(pager)
+    assert pager.stats.trim == 100 and pager.stats.capacity == 300
+
+
+def test_refill_reads_back_evictions_without_shrinking_the_window():
+    f = RecordingFile()
+    layouts = [SimpleNamespace(ranges=[(f, u * 100, u * 100 + 100)]) for u in range(L)]
+    import lema.stream.pager as pager_mod
+
+    pager = PageCachePager(layouts, available=lambda: pager_mod.RESERVE_BYTES + 400, thread=False)
+    _run_pass(pager)
+    _run_pass(pager)
+    for start in list(f.cached):  # lema bench's probes took the memory between two steps
+        f.evict(start)
+    pager.refill()
+    while pager.step():
+        pass
+    assert f.cached == {0, 100, 200, 300}
+    assert _run_pass(pager) == [] and pager.stats.trim == 0 and pager.stats.evicted_bytes == 0
 
 
 def _mincore_resident(address: int, length: int) -> float:
@@ -136,8 +213,12 @@ def test_populate_caches_a_range_and_drop_empties_it(tmp_path):
     assert int(view[123]) == open(path, "rb").read()[e.start + 123]  # mapped and cached now
     f.drop(e.start, e.end)
     assert _mincore_resident(*inner) == 0.0
+    assert f.resident(e.start + FOLIO, e.end - FOLIO) == 0.0
     f.populate(e.start, e.end)
     assert _mincore_resident(f._address + e.start, e.nbytes) == 1.0
+    assert f.resident(e.start, e.end) == 1.0
+    f.drop(e.start + 4 * FOLIO, e.end)  # half of it: the sampled fraction sees it
+    assert 0.4 <= f.resident(e.start, e.end) <= 0.6
     f.drop(e.start, e.end)
     assert _mincore_resident(*inner) == 0.0
     assert int(view[123]) == open(path, "rb").read()[e.start + 123]  # a view stays valid: read again

@@ -103,6 +103,20 @@ def test_cpu_page_cache_window_and_disk_reads_per_step():
     assert plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda").page_cache_layers is None
 
 
+def test_cpu_auto_window_is_the_available_memory_less_the_reserve_and_says_it_adapts(monkeypatch):
+    import lema.host_memory
+    from lema.stream.pager import RESERVE_BYTES
+
+    cfg = make_config("llama", num_layers=6)
+    full = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache=10**12)
+    fixed = full.frozen_device_bytes + full.lora_bytes + full.grad_bytes + full.optimizer_bytes
+    monkeypatch.setattr(lema.host_memory, "memory_available", lambda: fixed + RESERVE_BYTES + 4 * full.layer_bytes)
+    auto = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu")
+    assert auto.page_cache_layers == 4 and auto.disk_read_bytes == 2 * 2 * full.layer_bytes
+    assert auto.page_cache_adaptive and "a window of up to 4 layers" in auto.table()
+    assert "less what the kernel evicts of it" in auto.table()
+
+
 def test_too_small_budget_is_refused_naming_the_setting():
     cfg = make_config("llama")
     fits = plan(cfg, "float32", batch_size=B, seq_len=T)

@@ -481,6 +481,10 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
             if cmd["op"] == "step":
                 if cmd.get("reset_peak"):
                     sampler.reset()
+                pager = getattr(contender, "pager", None)
+                if pager is not None and cmd.get("refill"):  # memory the bench took between steps (run_rounds)
+                    pager.refill()
+                    pager.wait_idle()
                 b0, d0, c0 = contender.bytes_loaded(), disk_read_bytes(), cpu_ticks()
                 dt = math.inf
                 for _ in range(cmd.get("repeat", 1)):  # the floor probes: the fastest of a few steps
@@ -491,8 +495,9 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                     sampler.pause()
                 msg = {"ok": True, "time": dt, "loss": loss, "bytes": contender.bytes_loaded() - b0,
                        "disk": disk_read_bytes() - d0, "peak": sampler.peak, "cpu": cpu_shares(c0, cpu_ticks())}
-                if getattr(contender, "pager", None) is not None:
-                    msg["pager_late"] = contender.pager.stats.late  # cumulative
+                if pager is not None:  # cumulative counts; the window of the last pass
+                    msg.update(pager_late=pager.stats.late, pager_evicted=pager.stats.evicted_bytes,
+                               pager_capacity=pager.stats.capacity, pager_trim=pager.stats.trim)
                 conn.send(msg)
             elif cmd["op"] == "profile":
                 from torch.profiler import ProfilerActivity, profile
@@ -560,10 +565,12 @@ class ContenderResult:
     times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     bytes_per_step: int = 0
-    disk_bytes_per_step: int = 0
+    disk_bytes_per_step: int = 0  # the median step's
+    disk_reads: list[int] = field(default_factory=list)
     baseline_rss: int = 0
     peak_rss: int = 0
     build_s: float = 0.0
+    builds: int = 0  # processes built: 1, or one per round for a transient contender
     info: dict = field(default_factory=dict)  # LEMA contenders: kept_layers, chunked_loss
 
     @property
@@ -572,41 +579,70 @@ class ContenderResult:
 
 
 def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, threads: Optional[int] = None,
-               log=print) -> tuple[dict[str, ContenderResult], dict[str, "Worker"]]:
-    """Warm-up steps, then `steps` interleaved rounds: each contender one step per round, in turn."""
+               log=print, transient: tuple[str, ...] = ()) -> tuple[dict[str, ContenderResult], dict[str, "Worker"]]:
+    """Warm-up steps, then `steps` interleaved rounds: each contender one step per round, in turn.
+
+    The `transient` contenders (the floor probes of a model bigger than the RAM) live for their turn only:
+    built before it, their process ended after it, so that their memory is not taken from the page cache
+    the streamed run holds its window in, as it is not in `lema train`. Before each of its steps a LEMA
+    contender then reads back what the kernel evicted of its window for them (`PageCachePager.refill`,
+    not timed): the step starts as a step of a training run does, with its window held."""
     import torch
 
     threads = threads or torch.get_num_threads()
     results = {n: ContenderResult(n, LABELS[n]) for n in names}
     workers: dict[str, Worker] = {}
+
+    def start(n: str) -> None:
+        workers[n] = Worker(n, spec, threads)
+
+    def ready(n: str) -> None:
+        info = workers[n].wait_ready()
+        results[n].builds += 1
+        if results[n].builds == 1:
+            results[n].baseline_rss = info["baseline"]
+            results[n].build_s = info["build_s"]
+            results[n].info = {k: v for k, v in info.items() if k not in ("ok", "baseline", "build_s")}
+
     try:
-        log(f"building {', '.join(LABELS[n] for n in names)} (in parallel) ...")
+        log(f"building {', '.join(LABELS[n] for n in names if n not in transient)} (in parallel) ...")
         for n in names:  # builds overlap; steps never do
-            workers[n] = Worker(n, spec, threads)
+            if n not in transient:
+                start(n)
         for n in names:
-            workers[n].wait_ready()
-            results[n].baseline_rss = workers[n].info["baseline"]
-            results[n].build_s = workers[n].info["build_s"]
-            results[n].info = {k: v for k, v in workers[n].info.items() if k not in ("ok", "baseline", "build_s")}
+            if n not in transient:
+                ready(n)
         late_before = {n: 0 for n in names}
+        evicted_before = {n: 0 for n in names}
         for _ in range(warmup):
             for n in names:
-                late_before[n] = workers[n].request(op="step").get("pager_late", 0)
+                if n not in transient:  # a transient probe's fastest of PROBE_REPEATS steps skips its first
+                    m = workers[n].request(op="step")
+                    late_before[n], evicted_before[n] = m.get("pager_late", 0), m.get("pager_evicted", 0)
         for r in range(steps):
             order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
             for n in order:
-                m = workers[n].request(op="step", reset_peak=False, repeat=PROBE_REPEATS if n.startswith("floor") else 1)
+                if n in transient:
+                    start(n)
+                    ready(n)
+                m = workers[n].request(op="step", reset_peak=False, repeat=PROBE_REPEATS if n.startswith("floor") else 1,
+                                       refill=bool(transient))
+                if n in transient:
+                    workers.pop(n).close()
                 res = results[n]
                 res.times.append(m["time"])
                 res.losses.append(m["loss"])
                 res.bytes_per_step = m["bytes"]
-                res.disk_bytes_per_step = max(res.disk_bytes_per_step, m["disk"])
+                res.disk_reads.append(m["disk"])
+                res.disk_bytes_per_step = int(statistics.median(res.disk_reads))
                 res.peak_rss = max(res.peak_rss, m["peak"])
                 if m.get("cpu"):  # the machine's CPU during this contender's steps, mean over the rounds
                     prev = res.info.get("cpu", {})
                     res.info["cpu"] = {k: (prev.get(k, 0.0) * r + v) / (r + 1) for k, v in m["cpu"].items()}
                 if "pager_late" in m:  # acquires whose layer the pager had not read ahead, per measured step
                     res.info["pager_late_per_step"] = (m["pager_late"] - late_before[n]) / (r + 1)
+                    res.info.update(page_cache_window=m["pager_capacity"], page_cache_trim=m["pager_trim"],
+                                    page_cache_evicted_per_step=(m["pager_evicted"] - evicted_before[n]) / (r + 1))
             log(f"round {r + 1}/{steps}: " + ", ".join(f"{n} {results[n].times[-1]:.3f} s" for n in names))
         return results, workers
     except BaseException:

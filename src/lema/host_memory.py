@@ -10,8 +10,8 @@ peak. The price is a fresh mapping (and its page faults) per large tensor, so LE
 when a CPU run has a memory budget (`LemaConfig.max_vram` with device='cpu'), and the `lema` command
 asks PyTorch for huge pages (`use_huge_pages_for_tensors`), which makes those faults 512 times fewer.
 
-Also here: `madvise` (ctypes, GIL released) and `memory_available` for the page-cache pager
-(stream/pager.py).
+Also here: `madvise` and `resident_fraction` (ctypes, GIL released) and `memory_available` for the
+page-cache pager (stream/pager.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+from typing import Optional
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 THRESHOLD_BYTES = 1 << 20
@@ -52,6 +53,8 @@ def _madvise_fn():
         if _libc:
             _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
             _libc.madvise.restype = ctypes.c_int
+            _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            _libc.mincore.restype = ctypes.c_int
     return _libc.madvise if _libc else None
 
 
@@ -65,6 +68,32 @@ def madvise(address: int, length: int, advice: int) -> bool:
     page = mmap.PAGESIZE
     lo = address - address % page
     return fn(lo, address + length - lo, advice) == 0
+
+
+SAMPLE_BYTES = 2 << 20  # one sample of `resident_fraction`: a huge page's worth
+
+
+def resident_fraction(address: int, length: int, samples: int = 16) -> Optional[float]:
+    """The fraction of the pages of a mapped range that are in memory (mincore(2)), from `samples`
+    evenly spaced 2 MiB pieces (the whole range when it is smaller): about 0.3 ms for any range,
+    where all 200k pages of an 809 MB layer take 15-20 ms. None where mincore is unavailable."""
+    if _madvise_fn() is None or length <= 0:
+        return None
+    page = mmap.PAGESIZE
+    lo, hi = address - address % page, address + length
+    piece = SAMPLE_BYTES if hi - lo > samples * SAMPLE_BYTES else hi - lo
+    starts = [lo] if piece == hi - lo else [lo + (hi - lo - piece) * i // (samples - 1) for i in range(samples)]
+    pages = -(-piece // page) + 1
+    vec = (ctypes.c_ubyte * pages)()
+    resident = total = 0
+    for start in starts:
+        start -= start % page
+        n = -(-(min(start + piece, hi) - start) // page)
+        if _libc.mincore(start, n * page, vec) != 0:
+            return None
+        resident += bytes(vec)[:n].count(1)  # bit 0: in memory (the other bits are reserved, 0)
+        total += n
+    return resident / total
 
 
 def proc_bytes(path: str, field: str) -> int:

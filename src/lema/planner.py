@@ -126,6 +126,7 @@ class Plan:
     # pager's window in bytes (0: no pager) and the bytes read from disk per training step, steady state
     page_cache_layers: Optional[int] = None
     page_cache_window: int = 0
+    page_cache_adaptive: bool = False  # the window is sized at run time (smaller where the kernel evicts from it)
     disk_read_bytes: int = 0
 
     @property
@@ -205,7 +206,8 @@ class Plan:
             if held >= L:
                 lines.append(f"    page cache: all {L} layers fit; read from disk once")
             else:
-                how = (f"the pager holds a window of {held} layers ({human(self.page_cache_window)}) and reads"
+                how = (f"the pager holds a window of {'up to ' if self.page_cache_adaptive else ''}{held} layers "
+                       f"({human(self.page_cache_window)}{', less what the kernel evicts of it' if self.page_cache_adaptive else ''}) and reads"
                        if self.page_cache_window else f"about {held} stay cached (page cache left to the kernel,"
                        " which evicts more);")
                 lines.append(f"    page cache: {held} of {L} layers fit; {how} 2 x {L - held} layers "
@@ -448,6 +450,7 @@ def _page_cache(p: Plan, layers_total: int, page_cache: Optional[int | str]) -> 
     held = min(p.num_layers, max(2 if pager else 0, int(cache // per_layer)))
     p.page_cache_layers = held
     p.page_cache_window = cache if pager else 0
+    p.page_cache_adaptive = pager and page_cache is None
     p.disk_read_bytes = int(2 * (p.num_layers - held) * per_layer)
 
 

@@ -135,7 +135,11 @@ def run(args) -> int:
     floor_names = bench.floor_probes(expected.kept_layers, expected.num_layers) if args.floor else []
     if args.exact_memory:  # read by glibc when each contender's process starts (spawn)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    results, workers = bench.run_rounds(names + floor_names, spec, args.steps, threads=args.threads, log=log)
+    # A model bigger than the RAM: the probes (GBs in RAM) run only in their turn, not taking the page cache the
+    # streamed run holds its window in (on a GPU their memory is the device's, not the host's page cache).
+    transient = tuple(floor_names) if big and not cuda else ()
+    results, workers = bench.run_rounds(names + floor_names, spec, args.steps, threads=args.threads, log=log,
+                                        transient=transient)
     try:
         tables = bench.profile_contenders({n: workers[n] for n in names}, args.profile) if args.profile else {}
     finally:
@@ -233,9 +237,11 @@ def format_table(out: dict) -> str:
                          f"loss {'chunked' if c['chunked_loss'] else 'on full logits'}"
                          + (", weights as mmap views" if c.get("zero_copy") else "")
                          + (f", page-cache window {human(c['page_cache_window'])} held by the pager "
-                            f"({c.get('pager_late_per_step', 0):.1f} layers per step not read ahead in time; "
-                            f"disk reads per step: {human(c['predicted_disk_bytes_per_step'])} planned, "
-                            f"{human(c['disk_bytes_read_per_step'])} measured)"
+                            f"({c.get('pager_late_per_step', 0):.1f} layers per step not read ahead in time, "
+                            f"{human(c.get('page_cache_evicted_per_step', 0))} per step of the window evicted by "
+                            f"the kernel, window trimmed by {human(c.get('page_cache_trim', 0))}; "
+                            f"disk reads per step: {human(c['predicted_disk_bytes_per_step'])} planned for the last "
+                            f"step's window, {human(c['disk_bytes_read_per_step'])} measured)"
                             if c.get("page_cache_window") else ""))
     for c in out["contenders"].values():
         if c.get("cpu"):

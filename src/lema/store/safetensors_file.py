@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..host_memory import MADV_DONTNEED, MADV_POPULATE_READ, madvise
+from ..host_memory import MADV_DONTNEED, MADV_POPULATE_READ, madvise, resident_fraction
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -150,6 +150,15 @@ class SafetensorsFile:
                 return
             madvise(self._address + start, end - start, MADV_DONTNEED)  # unmapped pages can be dropped
             os.posix_fadvise(self._file.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
+
+    def resident(self, start: int, end: int) -> float:
+        """The fraction of file bytes [start, end) in the page cache, sampled (host_memory.resident_fraction);
+        1.0 where it cannot be told (then nothing looks evicted)."""
+        with self._advice_lock:
+            if self._mmap is None or end <= start:
+                return 1.0
+            fraction = resident_fraction(self._address + start, end - start)
+        return 1.0 if fraction is None else fraction
 
     def close(self) -> None:
         # Views handed out keep the mapping alive (they hold buffer exports); dropping our

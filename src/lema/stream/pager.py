@@ -28,6 +28,16 @@ the compute thread takes no fault:
 Dropping and populating only change *where* bytes are: views stay valid, and a page the pager
 dropped too early (or the kernel evicted) is read again on access. So a wrong window costs time,
 never correctness.
+
+How big the window may be is found out as the run goes. The page cache is the kernel's: when the
+step's own memory grows (activations, optimizer state) or another process wants memory, the kernel
+evicts pages, and its choice (least recently used) is the worst one here: the layers populated
+longest ago are the ones needed soonest. So at every acquire the pager samples whether the layer it
+holds is still in memory (mincore, ~0.3 ms), and at every pass start it re-checks the whole window
+(evicted layers are read again ahead of use). A pass that lost more than 1% of the window shrinks
+the next one by what was lost (`PagerStats.trim`); a pass that lost nothing grows it back by
+REGROW_BYTES. Measured on the 7B shape with a fixed 2 GiB reserve: the window implied 10.6 GiB read
+per step and the kernel's evictions made it 18.7 GiB.
 """
 
 from __future__ import annotations
@@ -41,10 +51,13 @@ from ..host_memory import memory_available
 from .layout import UnitLayout
 
 POLL_S = 0.1
-# Left to the process's growth during a step, the kernel and the rest of the machine. Measured on the 7B shape
-# (fp32, 23.5 GiB RAM, 3 GB of activations and state): with 2 GiB the kernel evicted window pages and a step read
-# 18.7 GiB where the window implied 10.6 (56.9 s); with a window 2.3 GiB smaller it read the 15.1 GiB implied (53.5 s).
-RESERVE_BYTES = 4 * 2**30
+# Left to the process's growth during a step, the kernel and the rest of the machine, before the window adapts
+# (module docstring): the least it starts with. Measured on the 7B shape (fp32, 23.5 GiB RAM, 3 GB of activations
+# and state) with no adapting: with 2 GiB the kernel evicted window pages and a step read 18.7 GiB where the
+# window implied 10.6 (56.9 s); with a window 2.3 GiB smaller it read the 15.1 GiB implied (53.5 s).
+RESERVE_BYTES = 2 * 2**30
+REGROW_BYTES = 256 * 2**20  # a pass the kernel evicted nothing of the window: the next may hold this much more
+EVICTED_TOLERANCE = 0.01    # a pass that lost more than this share of the window shrinks the next one
 
 
 def hold_window(schedule: list[int], cursor: int, sizes: list[int], capacity: int) -> list[int]:
@@ -73,6 +86,8 @@ class PagerStats:
     dropped: int = 0            # units dropped from the page cache
     late: int = 0               # acquires of a unit the pager had not brought in yet (compute faults it in)
     capacity: int = 0           # bytes of the window, last pass
+    evicted_bytes: int = 0      # bytes of held units the kernel evicted, as found at acquires and pass starts
+    trim: int = 0               # bytes the window is kept below the memory available less the reserve
 
 
 class PageCachePager:
@@ -92,6 +107,8 @@ class PageCachePager:
         self.held: set[int] = set(range(len(layouts)))
         self._schedule: list[int] = []
         self._cursor = 0
+        self._passes = 0
+        self._evicted_in_pass = 0
         self._generation = 0
         self._cond = threading.Condition()
         self._idle = threading.Event()  # set while the window is held (nothing to read)
@@ -108,20 +125,63 @@ class PageCachePager:
         layers count as available) less a reserve for the step's growth."""
         if self.fixed_capacity is not None:
             return self.fixed_capacity
-        return max(0, self._available() - RESERVE_BYTES)
+        return max(0, self._available() - RESERVE_BYTES - self.stats.trim)
 
     def begin(self, schedule: list[int]) -> None:
-        capacity = self.capacity()
+        """A pass starts: re-check the window (the kernel may have evicted some of it), size it from what
+        the last pass lost (module docstring), and start holding it."""
+        lost = self._recheck(count=self._passes > 0)  # the first pass: nothing was held yet
         with self._cond:
-            self.stats.capacity = capacity
+            self._adapt(self._evicted_in_pass + lost)
+            self.stats.capacity = self.capacity()
             self._set(schedule, 0)
 
     def follow(self, schedule: list[int], cursor: int) -> None:
         """The ring acquired schedule[cursor - 1]."""
+        unit = schedule[cursor - 1] if cursor > 0 else None
+        missing = self._missing(unit) if unit in self.held else 0  # the compute reads these from the disk itself
         with self._cond:
-            if cursor > 0 and schedule[cursor - 1] not in self.held:
+            if unit is not None and unit not in self.held:
                 self.stats.late += 1
+            self._evicted_in_pass += missing
+            self.stats.evicted_bytes += missing
             self._set(schedule, cursor)
+
+    def refill(self) -> None:
+        """Read back what the kernel evicted of the window, without counting it against the window's size:
+        for memory taken by something outside the run (lema bench's floor probes run between its steps)."""
+        self._recheck(count=False)
+        with self._cond:
+            self._set(self._schedule, self._cursor)
+
+    def _missing(self, unit: int) -> int:
+        """Bytes of `unit` not in the page cache (sampled; a few MiB are noise: the kernel's read-ahead)."""
+        resident = sum(f.resident(start, end) * (end - start) for f, start, end in self.ranges[unit])
+        missing = self.sizes[unit] - int(resident)
+        return missing if missing > self.sizes[unit] // 100 else 0
+
+    def _recheck(self, count: bool = True) -> int:
+        """Forget the held units the kernel evicted (the thread reads them again); the bytes they miss."""
+        lost = 0
+        for unit in list(self.held):
+            missing = self._missing(unit)
+            if missing:
+                self.held.discard(unit)
+                lost += missing
+        if count:
+            self.stats.evicted_bytes += lost
+        return lost
+
+    def _adapt(self, evicted: int) -> None:
+        """Between passes (under the lock): shrink the window by what the kernel evicted of it in the last
+        pass, or grow it back by REGROW_BYTES after a pass that lost nothing; a fixed capacity stays."""
+        if self.fixed_capacity is None and self._passes:
+            if evicted > EVICTED_TOLERANCE * self.stats.capacity:
+                self.stats.trim += evicted
+            else:
+                self.stats.trim = max(0, self.stats.trim - REGROW_BYTES)
+        self._evicted_in_pass = 0
+        self._passes += 1
 
     def _set(self, schedule: list[int], cursor: int) -> None:
         self._schedule, self._cursor = schedule, cursor
