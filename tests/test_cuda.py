@@ -180,6 +180,22 @@ def test_kept_activations_on_cuda_match_resident(keep, tiny_dir, make_lema):
         torch.testing.assert_close(lora_state(streamed)[name], want, atol=1e-5, rtol=0, msg=name)
 
 
+def test_resident_layers_on_cuda_stay_on_the_device_and_match(tiny_dir, make_lema):
+    """resident_layers=2: those layers' weights are device tensors loaded once; the ring streams the
+    others through its slots; same LoRA as RESIDENT after a step."""
+    path = tiny_dir("llama", num_layers=LAYERS)
+    streamed = make_lema(path, device="cuda", num_buffers=2, resident_layers=2)
+    resident = make_lema(path, strategy=MemoryStrategy.RESIDENT, device="cuda")
+    ring = streamed.source
+    assert len(ring.resident) == 2
+    assert all(t.is_cuda for w in ring.resident.values() for t in w.values())
+    for m in (streamed, resident):
+        m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)).train_step(batch(0).cuda())
+    assert ring.stats.resident_hits == 2 * 2 and ring.stats.loads <= 2 * (LAYERS - 2)
+    for name, want in lora_state(resident).items():
+        torch.testing.assert_close(lora_state(streamed)[name], want, atol=1e-5, rtol=0, msg=name)
+
+
 def test_lema_bench_on_cuda(tmp_path, capsys):
     """`lema bench --device cuda`: device peaks, the pinned H2D ceiling, an emulated card, the PCIe floor."""
     import json

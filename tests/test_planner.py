@@ -134,9 +134,9 @@ def test_budget_decides_resident_layers_spread_through_the_stack():
     cfg = make_config("llama")
     base = plan(cfg, "float32", batch_size=B, seq_len=T)
     p = plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=base.peak_bytes + 2 * base.layer_bytes)
-    assert p.resident_layers_fit == 2
-    assert p.resident_layer_indices == spread(2, cfg.num_hidden_layers)
-    assert "resident layers: 0 applied" in p.table() and "2 would fit" in p.table()
+    assert p.resident_layers_fit == 2 and p.resident_layers == 0 and p.resident_layer_indices == []
+    assert "resident layers: 0 (applied: --resident-layers)" in p.table()
+    assert f"2 would fit the budget, spread as layers {spread(2, cfg.num_hidden_layers)}" in p.table()
     assert spread(4, 32) == [4, 12, 20, 28]
     assert spread(40, 32) == list(range(32))
 
@@ -168,3 +168,25 @@ def test_lema_plan_refuses_with_status_1(tmp_path, capsys):
                "--max-vram", "10KB"])
     assert rc == 1
     assert "--max-vram" in capsys.readouterr().err
+
+
+def test_resident_layers_count_in_the_peak_spread_through_the_stack():
+    """Each resident layer adds a layer's bytes to the frozen weights and the peak; they are spread
+    (not the first n); the budget says how many would fit; over the budget the refusal names the setting."""
+    cfg = make_config("llama", num_layers=6)
+    base = plan(cfg, "float32", batch_size=B, seq_len=T)
+    two = plan(cfg, "float32", batch_size=B, seq_len=T, resident_layers=2)
+    assert two.peak_bytes - base.peak_bytes == 2 * base.slot_bytes
+    assert two.frozen_device_bytes - base.frozen_device_bytes == 2 * base.slot_bytes
+    assert two.resident_layers == 2 and two.resident_layer_indices == [1, 4]
+    assert "resident layers: 2 (applied: --resident-layers; layers [1, 4])" in two.table()
+    budget = base.peak_bytes + 3 * base.slot_bytes + base.slot_bytes // 2
+    roomy = plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=budget, keep_activations=0)
+    assert roomy.resident_layers_fit == 3 and "3 would fit the budget" in roomy.table()
+    with pytest.raises(PlanError, match="lower --resident-layers"):
+        plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=budget, keep_activations=0, resident_layers=4)
+    assert plan(cfg, "float32", batch_size=B, seq_len=T, strategy="resident", resident_layers=2).resident_layers == 0
+    # On the CPU with views, resident layers are copies: the pager's window serves the 4 streamed layers only
+    paged = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache=3 * base.layer_bytes,
+                 resident_layers=2)
+    assert paged.page_cache_layers == 3 and paged.disk_read_bytes == 2 * (4 - 3) * base.layer_bytes

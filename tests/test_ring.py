@@ -294,3 +294,43 @@ def test_layer_packed_file_streams_like_the_original(num_buffers, zero_copy, tin
     assert watch.peak == num_buffers
     for name, want in lora_state(resident).items():
         torch.testing.assert_close(lora_state(model)[name], want, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16], ids=["views", "slots"])
+def test_resident_layers_are_spread_loaded_once_and_train_the_same(file_dtype, tiny_dir, make_lema):
+    """resident_layers=2 of 5: layers 1 and 3 (spread, not the first two) are loaded once at build and
+    never by the ring; the ring streams the other three (its schedule skips the resident ones); losses
+    and LoRA weights after AdamW equal those of the RESIDENT strategy."""
+    from lema.planner import spread
+
+    path = tiny_dir("llama", num_layers=LAYERS, dtype=file_dtype)
+    model = make_lema(path, num_buffers=2, resident_layers=2)
+    resident = make_lema(path, strategy=MemoryStrategy.RESIDENT)
+    ring = model.source
+    assert sorted(ring.resident) == spread(2, LAYERS) == [1, 3]
+    held = {i: {n: t.data_ptr() for n, t in w.items()} for i, w in ring.resident.items()}
+    watch = LiveWeights(ring)
+    trainers = [m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)) for m in (model, resident)]
+    streamed = [0, 2, 4]
+    for step in range(2):
+        loads, resident_hits = ring.stats.loads, ring.stats.resident_hits
+        ids = batch(step)
+        (_, loss), (_, ref_loss) = (t.train_step(ids) for t in trainers)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+        assert watch.acquires[-2 * LAYERS:] == list(range(LAYERS)) + list(reversed(range(LAYERS)))
+        assert ring.schedule == streamed + streamed[::-1]
+        assert ring.stats.resident_hits - resident_hits == 2 * 2  # each resident layer, forward and backward
+        assert ring.stats.loads - loads <= 2 * len(streamed) and ring.stats.loads > loads
+        assert {s.occupant for s in ring.slots} <= set(streamed)
+    assert {i: {n: t.data_ptr() for n, t in w.items()} for i, w in ring.resident.items()} == held  # never reloaded
+    assert ring.bytes_on_device() >= sum(t.numel() * t.element_size() for w in ring.resident.values()
+                                         for t in w.values())
+    for name, want in lora_state(resident).items():
+        torch.testing.assert_close(lora_state(model)[name], want, atol=1e-5, rtol=0, msg=name)
+
+
+def test_resident_layers_setting_is_checked():
+    from lema import LemaConfig
+
+    with pytest.raises(ValueError, match="resident_layers=-1"):
+        LemaConfig(model_name_or_path="x", resident_layers=-1)

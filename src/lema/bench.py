@@ -317,6 +317,7 @@ class BenchSpec:
     num_buffers: int = 3
     seed: int = 0
     keep_activations: Optional[int] = None   # LEMA contenders (LemaConfig.keep_activations; None: the planner's)
+    resident_layers: int = 0                 # LEMA STREAMING (LemaConfig.resident_layers)
     chunked_loss: Optional[bool] = None      # LEMA contenders (LemaConfig.chunked_loss)
     zero_copy: Optional[bool] = None         # LEMA contenders (LemaConfig.zero_copy)
     page_cache: Optional[str] = None         # LEMA STREAMING (LemaConfig.page_cache)
@@ -393,6 +394,7 @@ class _Contender:
                          lora_rank=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
                          lora_target_modules=spec.targets, num_buffers=spec.num_buffers,
                          keep_activations=spec.keep_activations, chunked_loss=spec.chunked_loss,
+                         resident_layers=spec.resident_layers if strategy == MemoryStrategy.STREAMING else 0,
                          zero_copy=spec.zero_copy, page_cache=spec.page_cache, max_vram=spec.max_vram,
                          device=spec.device)
         self.model = LemaModel(cfg)

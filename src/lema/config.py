@@ -111,8 +111,12 @@ class LemaConfig:
     page_cache: Optional[str] = None
     """CPU zero-copy only: how much of the page cache the streamed layers may hold, e.g. '16GB'. A pager thread
     then keeps the layers needed soonest there (read ahead, mapped) and drops the rest, so disk reads overlap
-    compute. None: on when the layers exceed the memory available less 4 GiB, sized to that; 'off': leave the
-    page cache to the kernel."""
+    compute. None: on when the layers exceed the memory available less 2 GiB, sized to that and shrunk where
+    the kernel evicts part of it; 'off': leave the page cache to the kernel."""
+    resident_layers: int = 0
+    """Streaming: this many decoder layers stay loaded (on the device) for the whole run instead of streaming,
+    spread evenly through the stack (not the first n, so the copies of the others keep overlapping compute);
+    each saves two transfers per step. `lema plan` says how many fit the budget."""
     keep_activations: Optional[int] = None
     """How many decoder layers keep their activations from forward to backward instead of being recomputed
     (faster: no second forward; costs their activations' memory). None: as many as the memory budget allows
@@ -142,6 +146,9 @@ class LemaConfig:
                                                   or self.keep_activations < 0):
             raise ValueError(f"keep_activations={self.keep_activations!r} must be a non-negative integer, "
                              "or None to let the planner choose")
+        if not isinstance(self.resident_layers, int) or self.resident_layers < 0:
+            raise ValueError(f"resident_layers={self.resident_layers!r} must be a non-negative integer "
+                             "(0 streams every layer; `lema plan --max-vram ...` says how many fit)")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
         self.torch_dtype: torch.dtype = parse_dtype(self.dtype)

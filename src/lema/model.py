@@ -94,8 +94,12 @@ class LemaModel(nn.Module):
             views_ok = self._file_dtype_is_compute_dtype(layer_names) and config.zero_copy is not False
             zero_copy = self._zero_copy if views_ok else None
             pager = self._pager() if zero_copy is not None and config.prefetch else None
+            from .planner import spread
+
+            resident = {i: self._load_resident(self.layouts[i])  # LemaConfig.resident_layers
+                        for i in spread(config.resident_layers, self.units.num_layers)}
             self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
-                                     config.num_buffers, prefetch=config.prefetch, pager=pager)
+                                     config.num_buffers, prefetch=config.prefetch, pager=pager, resident=resident)
         else:
             self.source = ResidentLayers(self.layouts, self._load_resident)
         recompute = config.strategy == MemoryStrategy.STREAMING or config.gradient_checkpointing

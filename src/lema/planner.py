@@ -50,8 +50,9 @@ Decisions: the ring depth (applied through `num_buffers`); the loss, chunked whe
 logits would pass 64 MiB (applied, LemaConfig.chunked_loss); how many layers keep their
 activations: as many as the budget leaves room for, or, with no budget, half the free memory
 (applied, LemaConfig.keep_activations; the engine asks `ActivationBudget` at each new step size);
-where boundary activations live and how many layers could stay resident: printed as advice, the
-engine keeps activations on the device and streams every layer.
+how many layers stay resident (LemaConfig.resident_layers, applied, spread through the stack;
+the plan says how many more the budget allows); where boundary activations live: printed as advice,
+the engine keeps activations on the device.
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ class Plan:
     peak_bytes: int
     peak_phase: str
     activations_on: str = "device"
-    resident_layers_fit: int = 0
-    resident_layer_indices: list[int] = field(default_factory=list)
+    resident_layers: int = 0        # streaming: layers loaded once for the run (applied: LemaConfig.resident_layers)
+    resident_layer_indices: list[int] = field(default_factory=list)  # which: spread through the stack
+    resident_layers_fit: int = 0    # how many the budget would allow in all
     ring_depth_fit: int = 0
     chunked_loss: bool = False
     kept_layers: int = 0            # decoder layers keeping their activations (no recompute)
@@ -145,11 +147,15 @@ class Plan:
                        f"views of the mmap'd weights; {ring_note} of page cache")
         else:
             ring = Row(f"ring ({self.ring_depth} slots)", dev, self.ring_device_bytes, ring_note)
+        resident = ([Row(f"resident layers ({self.resident_layers})", dev, self.resident_layers * self.slot_bytes,
+                         f"loaded once: layers {_short(self.resident_layer_indices)}")]
+                    if self.strategy == "streaming" and self.resident_layers else [])
         rows = [
             Row("embedding", dev, self.unit_bytes["embed"], "frozen, resident"),
             Row("head (norm + lm_head)", dev, self.unit_bytes["head"],
                 "frozen, resident" + (" (tied to the embedding)" if self.unit_bytes["head"] < 1024 else "")),
             ring,
+            *resident,
             Row("LoRA adapters", dev, self.lora_bytes, f"{self.lora_params:,} params, r={self.lora_rank}, fp32"),
             Row("LoRA gradients", dev, self.grad_bytes, "fp32"),
             Row("optimizer state", dev, self.optimizer_bytes, "AdamW: 2 x LoRA, fp32"),
@@ -191,9 +197,11 @@ class Plan:
         lines.append(f"    boundary activations: {self.activations_on}"
                      + (" (applied)" if self.activations_on == "device" else " (advice: engine keeps them on device)"))
         if self.strategy == "streaming":
-            where = (f", e.g. layers {_short(self.resident_layer_indices)}" if self.resident_layer_indices else "")
-            lines.append(f"    resident layers: 0 applied (engine: streams all), {self.resident_layers_fit} would fit"
-                         + where)
+            n, fit = self.resident_layers, self.resident_layers_fit
+            lines.append(f"    resident layers: {n} (applied: --resident-layers"
+                         + (f"; layers {_short(self.resident_layer_indices)}" if n else "") + ")"
+                         + (f"; {fit} would fit the budget, spread as layers {_short(spread(fit, self.num_layers))}"
+                            if fit > n else ""))
         lines.append(f"    loss: {'chunked, the full logits never built' if self.chunked_loss else 'full logits'}"
                      " (applied)")
         if self.keep_decided_at_run_time:
@@ -202,7 +210,7 @@ class Plan:
         else:
             lines.append(f"    kept activations: {self.kept_layers} of {self.num_layers} layers skip the recompute (applied)")
         if self.page_cache_layers is not None:
-            L, held = self.num_layers, self.page_cache_layers
+            L, held = self.num_layers - self.resident_layers, self.page_cache_layers
             if held >= L:
                 lines.append(f"    page cache: all {L} layers fit; read from disk once")
             else:
@@ -337,7 +345,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
          strategy: str = "streaming", zero_copy: Optional[bool] = None, chunked_loss: Optional[bool] = None,
          keep_activations: Optional[int] = None, free_bytes: Optional[int] = None,
          gradient_checkpointing: bool = True, facts: Optional["ModelFacts"] = None,
-         page_cache: Optional[int | str] = None) -> Plan:
+         page_cache: Optional[int | str] = None, resident_layers: int = 0) -> Plan:
     """Plan one training step of `model` (a Transformers config, or a checkpoint folder).
 
     `zero_copy` (CPU only): whether the ring serves views of the mmap (weights file already in the
@@ -348,6 +356,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     `facts`: `model_facts(model, dtype, lora_rank, targets)` computed before (it is the slow part).
     `page_cache` (CPU, views): the pager's window in bytes, 'off', or None (as the engine decides it from
     the memory available now).
+    `resident_layers` (streaming): decoder layers loaded once for the run, spread through the stack
+    (LemaConfig.resident_layers); they count in the frozen bytes at the largest layer's size.
     Raises PlanError when `max_vram_bytes` is given and the predicted peak exceeds it.
     """
     from .config import parse_dtype
@@ -399,7 +409,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
             frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + layers_total
         else:
             ring_dev = 0 if (cpu and zero_copy) else depth * slot_bytes
-            frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + ring_dev
+            frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + ring_dev + resident * slot_bytes
         fixed = frozen + lora_bytes + grad_bytes + optimizer_bytes
         static = fixed + (boundary + keep * kept_extra if on_device_acts else 0)
         phases = {"the loss (head forward/backward)": static + head_work,
@@ -409,6 +419,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         return phases[phase], ring_dev, frozen, phase
 
     depth = num_buffers
+    resident = min(resident_layers, L) if strategy == "streaming" else 0
     recompute = strategy == "streaming" or gradient_checkpointing
     if not recompute:
         keep = 0
@@ -428,7 +439,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              frozen_device_bytes=frozen, peak_bytes=peak, peak_phase=phase, layer_terms=terms,
              chunked_loss=chunked, kept_layers=keep, kept_extra_bytes=kept_extra,
              keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None
-             and free_bytes is None)
+             and free_bytes is None, resident_layers=resident, resident_layer_indices=spread(resident, L))
     if cpu and zero_copy and strategy == "streaming" and L:
         _page_cache(p, layers_total, page_cache)
     _decide(p, lambda d, on_device_acts=True: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
@@ -447,11 +458,12 @@ def _page_cache(p: Plan, layers_total: int, page_cache: Optional[int | str]) -> 
     cache = max(0, memory_available() - fixed - RESERVE_BYTES) if page_cache in (None, "off") else int(page_cache)
     pager = page_cache != "off" and (page_cache is not None or layers_total > cache)
     per_layer = layers_total / p.num_layers
-    held = min(p.num_layers, max(2 if pager else 0, int(cache // per_layer)))
+    streamed = p.num_layers - p.resident_layers  # resident layers are copies, read once
+    held = min(streamed, max(2 if pager else 0, int(cache // per_layer)))
     p.page_cache_layers = held
     p.page_cache_window = cache if pager else 0
     p.page_cache_adaptive = pager and page_cache is None
-    p.disk_read_bytes = int(2 * (p.num_layers - held) * per_layer)
+    p.disk_read_bytes = int(2 * (streamed - held) * per_layer)
 
 
 def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
@@ -461,7 +473,7 @@ def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
     streaming = p.strategy == "streaming"
     ring_costs = streaming and not (p.device_type == "cpu" and zero_copy)
     if budget is None:
-        p.resident_layers_fit = 0
+        p.resident_layers_fit = p.resident_layers
         if streaming:
             p.advice.append("no --max-vram given: nothing checked against a budget")
         return
@@ -480,9 +492,8 @@ def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
         if extra >= 1:
             p.advice.append(f"a ring of {p.ring_depth + 1} would fit; it helps only when single loads are "
                             "uneven (compute-bound runs gain nothing)")
-    if streaming and p.layer_bytes:
-        p.resident_layers_fit = min(L, int(free // p.layer_bytes))
-        p.resident_layer_indices = spread(p.resident_layers_fit, L)
+    if streaming and p.slot_bytes:
+        p.resident_layers_fit = min(L, p.resident_layers + int(free // p.slot_bytes))
 
 
 def _refuse(p: Plan, budget: int, without_acts: int) -> None:
@@ -509,6 +520,9 @@ def _refuse(p: Plan, budget: int, without_acts: int) -> None:
         if p.activations_on == "host":
             lines.append(f"(With boundary activations in pinned host memory it would need {human(without_acts)}, "
                          "but the engine keeps them on the device.)")
+    if p.resident_layers:
+        lines.append(f"{p.resident_layers} resident layers take {human(p.resident_layers * p.slot_bytes)}: "
+                     "lower --resident-layers.")
     raise PlanError(" ".join(lines))
 
 
@@ -553,7 +567,8 @@ def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "ada
                 chunked_loss=config.chunked_loss,
                 keep_activations=config.keep_activations, free_bytes=free_bytes,
                 gradient_checkpointing=config.gradient_checkpointing, facts=facts,
-                page_cache="off" if config.page_cache == "off" else config.page_cache_bytes)
+                page_cache="off" if config.page_cache == "off" else config.page_cache_bytes,
+                resident_layers=config.resident_layers)
 
 
 class ActivationBudget:

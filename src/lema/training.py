@@ -87,6 +87,9 @@ class TrainArgs:
     page_cache: Optional[str] = None
     """CPU: page cache the streamed layers may hold, read ahead by a thread, e.g. 16GB (default: automatic when
     the weights exceed the available memory; off: leave it to the kernel)."""
+    resident_layers: int = 0
+    """Streaming: decoder layers that stay loaded for the run, spread through the stack (the plan printed at
+    the start says how many would fit --max-vram)."""
     seed: int = 0
     """Seed of LoRA init, data order and dropout."""
     quiet: bool = False
@@ -193,7 +196,8 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
                         dtype=args.dtype, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, lora_target_modules=args.target_modules,
                         num_buffers=args.num_buffers, max_vram=args.max_vram,
-                        keep_activations=args.keep_activations, page_cache=args.page_cache)
+                        keep_activations=args.keep_activations, page_cache=args.page_cache,
+                        resident_layers=args.resident_layers)
     plan_text = _plan_text(config, args)  # raises before allocating if a budget cannot fit
     model = LemaModel(config)
     model.initialize_lora(seed=args.seed)

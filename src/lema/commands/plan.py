@@ -35,7 +35,10 @@ def add_arguments(parser) -> None:
                         help="head + loss in chunks (default auto: when the float32 logits pass 64 MiB)")
     parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
                         help="CPU, weights as mmap views: the pager's page-cache window (default auto: the memory "
-                             "available now less 4 GiB, when the layers exceed it)")
+                             "available now less 2 GiB, when the layers exceed it)")
+    parser.add_argument("--resident-layers", type=int, default=0, metavar="N",
+                        help="streaming: N decoder layers stay loaded, spread through the stack (default 0; the "
+                             "plan says how many would fit --max-vram)")
 
 
 def page_cache(text):
@@ -59,6 +62,7 @@ def run(args) -> int:
              optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
              max_vram_bytes=parse_bytes(args.max_vram), device_type=args.device,
              num_buffers=args.num_buffers, strategy=args.strategy, keep_activations=args.keep_activations,
-             chunked_loss=args.chunked_loss, page_cache=page_cache(args.page_cache))
+             chunked_loss=args.chunked_loss, page_cache=page_cache(args.page_cache),
+             resident_layers=args.resident_layers)
     print(p.table())
     return 0

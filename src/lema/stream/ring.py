@@ -83,6 +83,7 @@ class RingStats:
     bytes_loaded: int = 0
     peak_in_use: int = 0        # most units bound at the same time
     peak_occupied: int = 0      # most slots holding a unit at the same time
+    resident_hits: int = 0      # acquires of a resident unit (never loaded by the ring)
 
 
 class WeightRing:
@@ -90,8 +91,13 @@ class WeightRing:
 
     def __init__(self, layouts: list[UnitLayout], fill: Callable[[UnitLayout, torch.Tensor], None],
                  zero_copy: Optional[Callable[[UnitLayout], dict]], hint: Callable[[UnitLayout], None],
-                 device: torch.device, num_slots: int, prefetch: bool = True, pager=None):
+                 device: torch.device, num_slots: int, prefetch: bool = True, pager=None,
+                 resident: Optional[dict[int, dict]] = None):
+        """`resident`: units loaded once for the run (LemaConfig.resident_layers), unit -> its weights; they
+        are served as they are and left out of the schedule, so the ring prefetches the next streamed unit
+        while a resident one computes."""
         self.layouts = layouts
+        self.resident = resident or {}
         self.pager = pager            # CPU zero-copy, weights over the page cache: stream/pager.py
         self._fill = fill
         self._zero_copy = zero_copy   # CPU, dtype already right: views of the mmap, no buffer at all
@@ -127,7 +133,7 @@ class WeightRing:
     def begin(self, schedule: list[int]) -> None:
         """Start a pass: the units will be acquired in this order."""
         with self._lock:
-            self.schedule = list(schedule)
+            self.schedule = [u for u in schedule if u not in self.resident]
             self.cursor = 0
         if self.pager is not None:
             self.pager.begin(self.schedule)
@@ -140,6 +146,9 @@ class WeightRing:
 
     # ----- main-thread side ---------------------------------------------------------------
     def acquire(self, unit: int) -> dict:
+        if unit in self.resident:
+            self.stats.resident_hits += 1
+            return self.resident[unit]
         with self._lock:
             pos = self._next_use(unit)
             if pos < len(self.schedule):  # on schedule, or skipping ahead in it: carry on from there
@@ -177,6 +186,8 @@ class WeightRing:
         return s.views
 
     def release(self, unit: int) -> None:
+        if unit in self.resident:
+            return
         with self._lock:
             slot = self._find(unit)
             if slot is None:
@@ -254,9 +265,10 @@ class WeightRing:
             self._thread = None
 
     def bytes_on_device(self) -> int:
-        """Frozen-weight bytes the ring holds in device memory (its preallocated slots)."""
-        return sum(s.device.numel() for s in self.slots if s.device is not None) or (
-            sum(s.host.numel() for s in self.slots if s.host is not None) if self.device.type == "cpu" else 0)
+        """Frozen-weight bytes the ring holds in device memory (its preallocated slots and resident units)."""
+        resident = sum(t.numel() * t.element_size() for w in self.resident.values() for t in w.values())
+        return resident + (sum(s.device.numel() for s in self.slots if s.device is not None) or (
+            sum(s.host.numel() for s in self.slots if s.host is not None) if self.device.type == "cpu" else 0))
 
 
 def _worker(ring_ref: "weakref.ref[WeightRing]", requests: "queue.Queue[_Request]", stop: threading.Event) -> None:
