@@ -196,6 +196,23 @@ def test_resident_layers_on_cuda_stay_on_the_device_and_match(tiny_dir, make_lem
         torch.testing.assert_close(lora_state(streamed)[name], want, atol=1e-5, rtol=0, msg=name)
 
 
+def test_offloaded_boundary_on_cuda_is_pinned_host_and_matches(tiny_dir, make_lema):
+    """offload_activations=True on a GPU: the checkpoint's saved inputs are pinned host copies, the step
+    equals RESIDENT's, and the device holds none of the boundary between forward and backward."""
+    path = tiny_dir("llama", num_layers=LAYERS)
+    streamed = make_lema(path, device="cuda", num_buffers=2, keep_activations=0, offload_activations=True)
+    resident = make_lema(path, strategy=MemoryStrategy.RESIDENT, device="cuda", keep_activations=0)
+    hosts = []
+    original = streamed.streamed._to_host
+    streamed.streamed._to_host = lambda t: hosts.append(original(t)[1]) or (t.device, hosts[-1])
+    for m in (streamed, resident):
+        m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)).train_step(batch(0).cuda())
+    assert len(hosts) == LAYERS and all(h.is_pinned() and h.device.type == "cpu" for h in hosts)
+    assert streamed.streamed.offloaded_bytes == streamed.streamed.boundary_bytes > 0
+    for name, want in lora_state(resident).items():
+        torch.testing.assert_close(lora_state(streamed)[name], want, atol=1e-5, rtol=0, msg=name)
+
+
 def test_lema_bench_on_cuda(tmp_path, capsys):
     """`lema bench --device cuda`: device peaks, the pinned H2D ceiling, an emulated card, the PCIe floor."""
     import json

@@ -463,6 +463,22 @@ def test_kept_activations_match_peft(arch, keep, tiny_dir, make_lema, tmp_path):
     assert model.streamed.boundary_bytes == (L - min(keep, L)) * batch().numel() * model.hf_config.hidden_size * 4
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_offloaded_boundary_matches_peft(arch, tiny_dir, make_lema, tmp_path):
+    """offload_activations=True (forced here; on the CPU the host is the device, so only the mechanism is
+    under test): each recomputed layer's input is saved as a host copy and unpacked for its recompute;
+    PEFT's loss and AdamW step, and the copies are exactly the boundary."""
+    model = check_adamw_step(tiny_dir(arch), MemoryStrategy.STREAMING, make_lema, tmp_path, keep_activations=0,
+                             offload_activations=True)
+    assert model.streamed.offload
+    assert model.streamed.offloaded_bytes == model.streamed.boundary_bytes > 0
+    stats = model.memory_stats()
+    assert stats["activations_on_host"] == model.streamed.boundary_bytes and stats["activations"] == 0
+    with torch.no_grad():
+        model(batch())
+    assert not model.streamed.offload, "nothing is saved without grad"
+
+
 def test_kept_layers_reacquire_weights_from_reused_slots(tiny_dir, make_lema):
     """bf16 file, fp32 compute: weights live in 2 host slots that later layers overwrite. A kept layer's
     backward must read its weights re-acquired, not the slot as it was in forward: equal to RESIDENT."""

@@ -121,9 +121,10 @@ def test_too_small_budget_is_refused_naming_the_setting():
     cfg = make_config("llama")
     fits = plan(cfg, "float32", batch_size=B, seq_len=T)
     with pytest.raises(PlanError) as e:
-        plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=fits.peak_bytes - 1)
+        plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=fits.peak_bytes - 1, offload_activations=False)
     msg = str(e.value)
     assert "--batch-size" in msg and "--seq-len" in msg and "--max-vram" in msg
+    assert "--offload-activations on" in msg  # the boundary on the host would fit here
     assert isinstance(e.value, ValueError)
     # weights alone over the budget: raising the budget is the fix
     with pytest.raises(PlanError, match="raise --max-vram"):
@@ -190,3 +191,25 @@ def test_resident_layers_count_in_the_peak_spread_through_the_stack():
     paged = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache=3 * base.layer_bytes,
                  resident_layers=2)
     assert paged.page_cache_layers == 3 and paged.disk_read_bytes == 2 * (4 - 3) * base.layer_bytes
+
+
+def test_boundary_goes_to_host_memory_when_only_that_fits():
+    """On a GPU, a budget the step misses with its boundary activations on the device but makes with them in
+    pinned host memory: the plan offloads them (and keeps no layer's activations), its peak drops by the
+    boundary; on the CPU, or with offload_activations=False, the same budget is refused."""
+    cfg = make_config("llama")
+    on_device = plan(cfg, "float32", batch_size=B, seq_len=T, keep_activations=0)
+    assert on_device.activations_on == "device"
+    budget = on_device.peak_bytes - 1
+    p = plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=budget)
+    assert p.activations_on == "host" and p.kept_layers == 0 and p.peak_bytes <= budget
+    assert "boundary activations: in pinned host memory" in p.table()
+    forced = plan(cfg, "float32", batch_size=B, seq_len=T, keep_activations=0, offload_activations=True)
+    assert forced.activations_on == "host" and forced.peak_bytes <= on_device.peak_bytes
+    cpu = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", keep_activations=0)
+    with pytest.raises(PlanError):
+        plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=cpu.peak_bytes - 1, device_type="cpu")
+    with pytest.raises(PlanError):
+        plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=budget, offload_activations=False)
+    assert plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu",
+                offload_activations=True).activations_on == "device"  # the host is the device

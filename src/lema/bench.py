@@ -318,6 +318,7 @@ class BenchSpec:
     seed: int = 0
     keep_activations: Optional[int] = None   # LEMA contenders (LemaConfig.keep_activations; None: the planner's)
     resident_layers: int = 0                 # LEMA STREAMING (LemaConfig.resident_layers)
+    offload_activations: Optional[bool] = None  # LEMA contenders (LemaConfig.offload_activations)
     chunked_loss: Optional[bool] = None      # LEMA contenders (LemaConfig.chunked_loss)
     zero_copy: Optional[bool] = None         # LEMA contenders (LemaConfig.zero_copy)
     page_cache: Optional[str] = None         # LEMA STREAMING (LemaConfig.page_cache)
@@ -395,13 +396,15 @@ class _Contender:
                          lora_target_modules=spec.targets, num_buffers=spec.num_buffers,
                          keep_activations=spec.keep_activations, chunked_loss=spec.chunked_loss,
                          resident_layers=spec.resident_layers if strategy == MemoryStrategy.STREAMING else 0,
+                         offload_activations=spec.offload_activations,
                          zero_copy=spec.zero_copy, page_cache=spec.page_cache, max_vram=spec.max_vram,
                          device=spec.device)
         self.model = LemaModel(cfg)
         tokens = spec.batch_size * spec.seq_len
         self.info = {"kept_layers": len(self.model.kept_layers(tokens)),
                      "zero_copy": isinstance(self.model.source, WeightRing) and self.model.source._zero_copy is not None,
-                     "chunked_loss": self.model.uses_chunked_loss(tokens)}
+                     "chunked_loss": self.model.uses_chunked_loss(tokens),
+                     "offload_activations": self.model.offloads_activations(tokens)}
         pager = getattr(self.model.source, "pager", None)
         if pager is not None:
             self.info["page_cache_window"] = pager.capacity()

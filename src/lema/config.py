@@ -121,6 +121,10 @@ class LemaConfig:
     """How many decoder layers keep their activations from forward to backward instead of being recomputed
     (faster: no second forward; costs their activations' memory). None: as many as the memory budget allows
     (max_vram; else half the free memory); 0: recompute every layer."""
+    offload_activations: Optional[bool] = None
+    """Keep the recomputed layers' inputs (the boundary activations) in pinned host memory between forward
+    and backward instead of device memory: a copy each way per layer, overlapped on the compute stream.
+    None: only when the step would not fit `max_vram` otherwise (the plan says so); the CPU never needs it."""
     chunked_loss: Optional[bool] = None
     """Compute the head and the loss in chunks of tokens, never building the full logits (a forward with
     labels then returns logits=None). None: only when a step's float32 logits would exceed 64 MiB;

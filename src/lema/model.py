@@ -207,6 +207,7 @@ class LemaModel(nn.Module):
         """Tell the ring the order of the coming pass: F0..F(L-1), then B(L-1)..B0 when training."""
         self.streamed.release_backward_holds()  # left over if the last backward raised
         self.streamed.boundary_bytes = 0
+        self.streamed.offloaded_bytes = 0
         self.streamed.kept_bytes = 0
         L = self.units.num_layers
         schedule = list(range(L))
@@ -271,6 +272,7 @@ class LemaModel(nn.Module):
         input_ids, labels, attention_mask = self._check_inputs(input_ids, labels, attention_mask)
         kwargs.setdefault("use_cache", False)
         self.streamed.keep = frozenset(self.kept_layers(input_ids.numel())) if torch.is_grad_enabled() else frozenset()
+        self.streamed.offload = torch.is_grad_enabled() and self.offloads_activations(input_ids.numel())
         if labels is not None and self.uses_chunked_loss(labels.numel()) and set(kwargs) <= {"use_cache"} \
                 and not kwargs.get("use_cache"):
             # engine/chunked_loss.py: the head and the loss chunk by chunk; the full logits are never built
@@ -293,6 +295,15 @@ class LemaModel(nn.Module):
         if n is None:
             n = self._activation_budget().keepable_layers(tokens)
         return spread(min(n, L), L)
+
+    def offloads_activations(self, tokens: int) -> bool:
+        """Whether a training step of `tokens` tokens keeps the recomputed layers' inputs in host memory
+        (LemaConfig.offload_activations; None: the plan's decision, on a GPU when the budget needs it)."""
+        if not self.streamed.recompute or self.config.offload_activations is False:
+            return False
+        if self.config.offload_activations:
+            return True
+        return self.device.type == "cuda" and self._activation_budget().offloads(tokens)
 
     def _activation_budget(self):
         if self._budget is None:
@@ -386,8 +397,9 @@ class LemaModel(nn.Module):
         stats = {
             "frozen_weights_now": resident + layers_now,
             "frozen_weights_peak": resident + layers_peak,
-            # layer inputs kept for the recompute + everything the kept layers saved, last pass
-            "activations": self.streamed.boundary_bytes + self.streamed.kept_bytes,
+            # layer inputs kept for the recompute + everything the kept layers saved, last pass (on the device)
+            "activations": self.streamed.boundary_bytes - self.streamed.offloaded_bytes + self.streamed.kept_bytes,
+            "activations_on_host": self.streamed.offloaded_bytes,
             "adapters": nbytes(self.get_trainable_parameters()),
             "optimizer_state": 0,
         }

@@ -51,8 +51,10 @@ logits would pass 64 MiB (applied, LemaConfig.chunked_loss); how many layers kee
 activations: as many as the budget leaves room for, or, with no budget, half the free memory
 (applied, LemaConfig.keep_activations; the engine asks `ActivationBudget` at each new step size);
 how many layers stay resident (LemaConfig.resident_layers, applied, spread through the stack;
-the plan says how many more the budget allows); where boundary activations live: printed as advice,
-the engine keeps activations on the device.
+the plan says how many more the budget allows); where the boundary activations live: on the
+device, or (GPU) in pinned host memory when only that meets the budget, or when asked
+(LemaConfig.offload_activations, applied per step size like the kept layers; then the boundary
+term leaves the device peak, except the kept layers' inputs).
 """
 
 from __future__ import annotations
@@ -194,8 +196,9 @@ class Plan:
         lines.append(f"    ring depth: {self.ring_depth} (applied: num_buffers)"
                      + (f"; the budget would allow {self.ring_depth_fit}" if self.ring_depth_fit > self.ring_depth
                         else ""))
-        lines.append(f"    boundary activations: {self.activations_on}"
-                     + (" (applied)" if self.activations_on == "device" else " (advice: engine keeps them on device)"))
+        lines.append(f"    boundary activations: "
+                     + ("on the device" if self.activations_on == "device" else "in pinned host memory (one copy each "
+                        "way per recomputed layer)") + " (applied: --offload-activations)")
         if self.strategy == "streaming":
             n, fit = self.resident_layers, self.resident_layers_fit
             lines.append(f"    resident layers: {n} (applied: --resident-layers"
@@ -345,7 +348,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
          strategy: str = "streaming", zero_copy: Optional[bool] = None, chunked_loss: Optional[bool] = None,
          keep_activations: Optional[int] = None, free_bytes: Optional[int] = None,
          gradient_checkpointing: bool = True, facts: Optional["ModelFacts"] = None,
-         page_cache: Optional[int | str] = None, resident_layers: int = 0) -> Plan:
+         page_cache: Optional[int | str] = None, resident_layers: int = 0,
+         offload_activations: Optional[bool] = None) -> Plan:
     """Plan one training step of `model` (a Transformers config, or a checkpoint folder).
 
     `zero_copy` (CPU only): whether the ring serves views of the mmap (weights file already in the
@@ -358,6 +362,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     the memory available now).
     `resident_layers` (streaming): decoder layers loaded once for the run, spread through the stack
     (LemaConfig.resident_layers); they count in the frozen bytes at the largest layer's size.
+    `offload_activations`: the recomputed layers' inputs in pinned host memory (LemaConfig.offload_activations);
+    None: on a GPU, only when the budget is not met otherwise (and then no layer keeps its activations).
     Raises PlanError when `max_vram_bytes` is given and the predicted peak exceeds it.
     """
     from .config import parse_dtype
@@ -404,6 +410,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     layers_total = sum(b for u, b in unit_bytes.items() if u not in (EMBED, HEAD))
 
     def peak_of(depth: int, on_device_acts: bool = True, keep: int = 0) -> tuple[int, int, int, str]:
+        """The peak with a ring of `depth`; `on_device_acts` False: the recomputed layers' inputs on the host
+        (a kept layer's input stays with its other activations on the device)."""
         if strategy == "resident":
             ring_dev = 0
             frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + layers_total
@@ -411,7 +419,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
             ring_dev = 0 if (cpu and zero_copy) else depth * slot_bytes
             frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + ring_dev + resident * slot_bytes
         fixed = frozen + lora_bytes + grad_bytes + optimizer_bytes
-        static = fixed + (boundary + keep * kept_extra if on_device_acts else 0)
+        static = fixed + (boundary if on_device_acts else keep * a * H * s) + keep * kept_extra
         phases = {"the loss (head forward/backward)": static + head_work,
                   "the first layer's recompute in backward": static + logits + layer_work,
                   "the optimizer step": fixed + logits + optimizer_temp}
@@ -421,14 +429,20 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     depth = num_buffers
     resident = min(resident_layers, L) if strategy == "streaming" else 0
     recompute = strategy == "streaming" or gradient_checkpointing
+    # the boundary on the host: asked for, or (None, on a GPU) what makes the budget when nothing else does
+    offload = recompute and not cpu and (offload_activations is True or (
+        offload_activations is None and max_vram_bytes is not None and peak_of(depth)[0] > max_vram_bytes
+        and peak_of(depth, on_device_acts=False)[0] <= max_vram_bytes))
     if not recompute:
         keep = 0
     elif keep_activations is not None:
         keep = min(keep_activations, L)
+    elif offload and offload_activations is None:
+        keep = 0  # offloading was needed to fit: nothing to spare for kept layers
     else:
-        room = (max_vram_bytes - peak_of(depth)[0]) if max_vram_bytes is not None else free_bytes
+        room = (max_vram_bytes - peak_of(depth, not offload)[0]) if max_vram_bytes is not None else free_bytes
         keep = max(0, min(L, int(room // kept_extra))) if room is not None and kept_extra else 0
-    peak, ring_dev, frozen, phase = peak_of(depth, keep=keep)
+    peak, ring_dev, frozen, phase = peak_of(depth, not offload, keep=keep)
     p = Plan(model_type=f.model_type, dtype=dtype, device_type=device_type, strategy=strategy,
              batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, max_vram_bytes=max_vram_bytes,
              num_layers=L, unit_bytes=unit_bytes, slot_bytes=slot_bytes, lora_params=lora_params,
@@ -439,10 +453,11 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              frozen_device_bytes=frozen, peak_bytes=peak, peak_phase=phase, layer_terms=terms,
              chunked_loss=chunked, kept_layers=keep, kept_extra_bytes=kept_extra,
              keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None
-             and free_bytes is None, resident_layers=resident, resident_layer_indices=spread(resident, L))
+             and free_bytes is None, resident_layers=resident, resident_layer_indices=spread(resident, L),
+             activations_on="host" if offload else "device")
     if cpu and zero_copy and strategy == "streaming" and L:
         _page_cache(p, layers_total, page_cache)
-    _decide(p, lambda d, on_device_acts=True: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
+    _decide(p, lambda d, on_device_acts=not offload: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
     return p
 
 
@@ -482,9 +497,8 @@ def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
                         "(loads then overlap compute less)")
     if p.peak_bytes > budget:
         no_acts = peak_of(p.ring_depth, on_device_acts=False)[0]
-        if no_acts <= budget:
-            p.activations_on = "host"
-        _refuse(p, budget, no_acts)
+        offload_fits = p.device_type != "cpu" and p.activations_on == "device" and no_acts <= budget
+        _refuse(p, budget, no_acts if offload_fits else None)
     free = budget - p.peak_bytes
     if ring_costs:
         extra = int(free // p.slot_bytes) if p.slot_bytes else 0
@@ -496,7 +510,9 @@ def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
         p.resident_layers_fit = min(L, p.resident_layers + int(free // p.slot_bytes))
 
 
-def _refuse(p: Plan, budget: int, without_acts: int) -> None:
+def _refuse(p: Plan, budget: int, without_acts: Optional[int]) -> None:
+    """Raise the PlanError naming the settings that would make the run fit (`without_acts`: the peak with the
+    boundary activations offloaded, when that fits and offloading was turned off)."""
     over = p.peak_bytes - budget
     kept = p.kept_layers * p.kept_extra_bytes
     acts = p.boundary_bytes + kept + max(p.head_work_bytes, p.logits_bytes + p.layer_work_bytes)
@@ -517,9 +533,9 @@ def _refuse(p: Plan, budget: int, without_acts: int) -> None:
         if kept:
             lines.append(f"{p.kept_layers} layers keep their activations ({human(kept)}): lower "
                          "--keep-activations to trade memory for recompute.")
-        if p.activations_on == "host":
-            lines.append(f"(With boundary activations in pinned host memory it would need {human(without_acts)}, "
-                         "but the engine keeps them on the device.)")
+        if without_acts is not None:
+            lines.append(f"With the boundary activations in pinned host memory it needs {human(without_acts)}: "
+                         "--offload-activations on.")
     if p.resident_layers:
         lines.append(f"{p.resident_layers} resident layers take {human(p.resident_layers * p.slot_bytes)}: "
                      "lower --resident-layers.")
@@ -568,12 +584,13 @@ def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "ada
                 keep_activations=config.keep_activations, free_bytes=free_bytes,
                 gradient_checkpointing=config.gradient_checkpointing, facts=facts,
                 page_cache="off" if config.page_cache == "off" else config.page_cache_bytes,
-                resident_layers=config.resident_layers)
+                resident_layers=config.resident_layers, offload_activations=config.offload_activations)
 
 
 class ActivationBudget:
-    """The engine's run-time answer to "how many layers keep their activations" for a step of `tokens`
-    tokens: the plan's own decision (LemaModel.kept_layers), computed once per token count."""
+    """The engine's run-time answers for a step of `tokens` tokens: how many layers keep their activations
+    (LemaModel.kept_layers) and whether the boundary goes to host memory (LemaModel.offloads_activations):
+    the plan's own decisions, computed once per token count."""
 
     def __init__(self, config, free_bytes: Optional[int] = None):
         self.config = config
@@ -581,13 +598,20 @@ class ActivationBudget:
                                  config.lora_target_modules)
         self.free_bytes = free_bytes if free_bytes is not None or config.max_vram_bytes is not None \
             else free_memory_bytes(config.torch_device) // 2
-        self._cache: dict[int, int] = {}
+        self._cache: dict[int, tuple[int, bool]] = {}
 
-    def keepable_layers(self, tokens: int) -> int:
+    def _decide(self, tokens: int) -> tuple[int, bool]:
         if tokens not in self._cache:
             try:
                 p = plan_for_config(self.config, 1, max(1, tokens), facts=self.facts, free_bytes=self.free_bytes)
-                self._cache[tokens] = p.kept_layers
-            except PlanError:  # over budget even recomputing everything: keep nothing (the plan printed said so)
-                self._cache[tokens] = 0
+                self._cache[tokens] = (p.kept_layers, p.activations_on == "host")
+            except PlanError:  # over budget even so: keep nothing, offload what can be (the plan printed said so)
+                self._cache[tokens] = (0, self.config.torch_device.type == "cuda"
+                                       and self.config.offload_activations is not False)
         return self._cache[tokens]
+
+    def keepable_layers(self, tokens: int) -> int:
+        return self._decide(tokens)[0]
+
+    def offloads(self, tokens: int) -> bool:
+        return self._decide(tokens)[1]

@@ -90,6 +90,9 @@ class TrainArgs:
     resident_layers: int = 0
     """Streaming: decoder layers that stay loaded for the run, spread through the stack (the plan printed at
     the start says how many would fit --max-vram)."""
+    offload_activations: Optional[bool] = None
+    """GPU: the recomputed layers' inputs in pinned host memory between forward and backward (auto: only when
+    --max-vram is not met otherwise)."""
     seed: int = 0
     """Seed of LoRA init, data order and dropout."""
     quiet: bool = False
@@ -197,7 +200,7 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
                         lora_dropout=args.lora_dropout, lora_target_modules=args.target_modules,
                         num_buffers=args.num_buffers, max_vram=args.max_vram,
                         keep_activations=args.keep_activations, page_cache=args.page_cache,
-                        resident_layers=args.resident_layers)
+                        resident_layers=args.resident_layers, offload_activations=args.offload_activations)
     plan_text = _plan_text(config, args)  # raises before allocating if a budget cannot fit
     model = LemaModel(config)
     model.initialize_lora(seed=args.seed)

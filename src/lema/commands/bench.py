@@ -33,6 +33,9 @@ def add_arguments(parser) -> None:
                              "(default: the planner's choice, as in training; 0: recompute all)")
     parser.add_argument("--chunked-loss", type=tristate, default=None, metavar="auto|on|off",
                         help="LEMA: head + loss in chunks (default auto: when the logits pass 64 MiB)")
+    parser.add_argument("--offload-activations", type=tristate, default=None, metavar="auto|on|off",
+                        help="LEMA, GPU: recomputed layers' inputs in pinned host memory (default auto: when the "
+                             "budget needs it)")
     parser.add_argument("--resident-layers", type=int, default=0, metavar="N",
                         help="LEMA STREAMING: N decoder layers stay loaded, spread through the stack (default 0)")
     parser.add_argument("--max-vram", default=None, metavar="SIZE",
@@ -126,13 +129,14 @@ def run(args) -> int:
                                           lora_target_modules=args.lora_target_modules, num_buffers=args.num_buffers,
                                           keep_activations=args.keep_activations, chunked_loss=args.chunked_loss,
                                           resident_layers=args.resident_layers,
+                                          offload_activations=args.offload_activations,
                                           max_vram=args.max_vram, device=args.device,
                                           zero_copy=args.zero_copy),
                                args.batch_size, args.seq_len)
     spec = bench.BenchSpec(model=folder, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                            lora_rank=args.lora_rank, targets=args.lora_target_modules, num_buffers=args.num_buffers,
                            keep_activations=args.keep_activations, chunked_loss=args.chunked_loss,
-                           resident_layers=args.resident_layers,
+                           resident_layers=args.resident_layers, offload_activations=args.offload_activations,
                            zero_copy=args.zero_copy, page_cache=None if args.page_cache == "auto" else args.page_cache,
                            max_vram=args.max_vram, device=args.device,
                            device_memory=parse_bytes(args.gpu_memory))
@@ -163,7 +167,8 @@ def run(args) -> int:
                  zero_copy=info.get("zero_copy"), keep_activations=info.get("kept_layers", 0),
                  chunked_loss=info.get("chunked_loss", False),
                  gradient_checkpointing=True, page_cache=info.get("page_cache_window"),
-                 resident_layers=args.resident_layers if n == "streaming" else 0)
+                 resident_layers=args.resident_layers if n == "streaming" else 0,
+                 offload_activations=info.get("offload_activations", False))
         predicted[n] = p.peak_bytes
         if info.get("page_cache_window"):  # the disk bytes the pager's window implies, against what was read
             info["predicted_disk_bytes_per_step"] = p.disk_read_bytes

@@ -36,6 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
                         help="CPU, weights as mmap views: the pager's page-cache window (default auto: the memory "
                              "available now less 2 GiB, when the layers exceed it)")
+    parser.add_argument("--offload-activations", type=tristate, default=None, metavar="auto|on|off",
+                        help="GPU: recomputed layers' inputs in pinned host memory (default auto: only when the "
+                             "budget is not met otherwise)")
     parser.add_argument("--resident-layers", type=int, default=0, metavar="N",
                         help="streaming: N decoder layers stay loaded, spread through the stack (default 0; the "
                              "plan says how many would fit --max-vram)")
@@ -63,6 +66,6 @@ def run(args) -> int:
              max_vram_bytes=parse_bytes(args.max_vram), device_type=args.device,
              num_buffers=args.num_buffers, strategy=args.strategy, keep_activations=args.keep_activations,
              chunked_loss=args.chunked_loss, page_cache=page_cache(args.page_cache),
-             resident_layers=args.resident_layers)
+             resident_layers=args.resident_layers, offload_activations=args.offload_activations)
     print(p.table())
     return 0

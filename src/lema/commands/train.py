@@ -28,6 +28,11 @@ def add_arguments(parser) -> None:
         base = inner[0] if inner else kind
         if typing.get_origin(base) is list:
             parser.add_argument(flag, nargs="+", default=None, help=docs[f.name])
+        elif base is bool:  # Optional[bool]: auto (None) | on | off
+            from . import tristate
+
+            parser.add_argument(flag, type=tristate, default=None, metavar="auto|on|off",
+                                help=f"{docs[f.name]} (default: auto)")
         else:
             parser.add_argument(flag, type=base, default=None, metavar=f.name.upper(),
                                 help=f"{docs[f.name]} (default: {f.default})")

@@ -11,6 +11,12 @@ Each decoder layer of the skeleton gets, on the instance, a `forward` that
   views rebuilt from the reference: the activations stay, the weights' slots do not;
 - under no_grad: calls `run` directly (nothing is kept).
 
+With `offload` (LemaConfig.offload_activations), a recomputed layer's checkpoint saves its input
+through saved-tensor hooks that copy it into pinned host memory (non-blocking, on the compute
+stream) and back to the device when the recompute unpacks it: the checkpoint saves its inputs
+outside its own hooks, so only the inputs move, and the gradient still flows through the
+original graph (nothing crosses the bus in backward but the input itself).
+
 `run` acquires the layer's weights from the source (the ring, or the resident store), binds them
 into the layer's modules, calls Transformers' own forward, and unbinds them in a `finally`.
 
@@ -117,6 +123,8 @@ class StreamedLayers:
         self.boundary_bytes = 0  # inputs kept for the recompute in the current pass (NOTE: shared tensors
         #                          such as rotary cos/sin and the mask are counted once per model, not here)
         self.kept_bytes = 0      # tensors saved by the kept layers in the current pass (weights excluded)
+        self.offload = False     # recomputed layers' inputs to (pinned) host memory until their recompute
+        self.offloaded_bytes = 0  # of the boundary, in host memory, in the current pass
         self.bound_now = 0
         self.peak_bound = 0
         for i, layer in enumerate(layers):
@@ -153,6 +161,19 @@ class StreamedLayers:
             seen.add(storage.data_ptr())
             self.kept_bytes += storage.nbytes()
         return t
+
+    def _to_host(self, t: torch.Tensor):
+        """Pack a checkpoint's input: a copy in host memory (pinned from a GPU, so the copy runs async)."""
+        pinned = t.is_cuda
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+        host.copy_(t, non_blocking=pinned)
+        self.offloaded_bytes += host.numel() * host.element_size()
+        return t.device, host
+
+    @staticmethod
+    def _from_host(packed) -> torch.Tensor:
+        device, host = packed
+        return host.to(device, non_blocking=host.is_pinned())
 
     def _unpack(self, x):
         if isinstance(x, WeightRef):
@@ -200,6 +221,9 @@ class StreamedLayers:
                 hidden = args[0] if args else kwargs.get("hidden_states")
                 if torch.is_tensor(hidden):  # what checkpoint keeps of this layer: its input
                     self.boundary_bytes += hidden.numel() * hidden.element_size()
+                if self.offload:  # the checkpoint saves its (positional) inputs through these hooks
+                    with torch.autograd.graph.saved_tensors_hooks(self._to_host, self._from_host):
+                        return checkpoint(run, *args, use_reentrant=False, **kwargs)
                 return checkpoint(run, *args, use_reentrant=False, **kwargs)
             return run(*args, **kwargs)
 
