@@ -66,9 +66,10 @@ def test_lema_bench_floor_is_timed_in_the_rounds(tmp_path, capsys):
     assert set(out["contenders"]) == {"streaming"}  # the floor probes are not contenders
     s, fl = out["contenders"]["streaming"], out["floor"]
     assert s["kept_layers"] == 0 and s["chunked_loss"] is True
-    assert fl["interleaved"] and set(fl["layers_timed"]) == {"1", "2"} and fl["kept_layers"] == 0
-    t1, t2 = fl["layers_timed"]["1"], fl["layers_timed"]["2"]
-    assert fl["t_layer"] == pytest.approx(t2 - t1) and fl["compute_s"] == pytest.approx(t1 + 2 * (t2 - t1))
+    assert fl["interleaved"] and set(fl["layers_timed"]) == {"1", "4"} and fl["kept_layers"] == 0
+    t1, t4 = fl["layers_timed"]["1"], fl["layers_timed"]["4"]
+    # 3 layers: t(n) = rest + n x t_layer, so t_layer = (t4 - t1) / 3 and the step = t1 + 2 t_layer
+    assert fl["t_layer"] == pytest.approx((t4 - t1) / 3) and fl["compute_s"] == pytest.approx(t1 + 2 * (t4 - t1) / 3)
     assert fl["floor_s"] == pytest.approx(max(fl["compute_s"], fl["disk_s"]))
     assert fl["streaming_over_floor"] == pytest.approx(s["median_step_s"] / fl["floor_s"])
 
@@ -76,11 +77,11 @@ def test_lema_bench_floor_is_timed_in_the_rounds(tmp_path, capsys):
 def test_floor_mixes_kept_and_recomputed_layer_times():
     from lema.bench import ContenderResult, floor_from_rounds, floor_probes
 
-    assert floor_probes(0, 3) == ["floor-1", "floor-2"]
-    assert floor_probes(3, 3) == ["floor-1-kept", "floor-2-kept"]
-    assert floor_probes(1, 3) == ["floor-1", "floor-2", "floor-1-kept", "floor-2-kept"]
+    assert floor_probes(0, 3) == ["floor-1", "floor-4"]
+    assert floor_probes(3, 3) == ["floor-1-kept", "floor-4-kept"]
+    assert floor_probes(1, 3) == ["floor-1", "floor-4", "floor-1-kept", "floor-4-kept"]
     results = {n: ContenderResult(n, n, times=[t]) for n, t in
-               {"floor-1": 5.0, "floor-2": 8.0, "floor-1-kept": 4.0, "floor-2-kept": 6.0}.items()}
+               {"floor-1": 5.0, "floor-4": 14.0, "floor-1-kept": 4.0, "floor-4-kept": 10.0}.items()}
     import tempfile
 
     from transformers import LlamaConfig

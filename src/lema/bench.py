@@ -302,8 +302,8 @@ def read_ceiling(path: str, cold: bool = False, limit: int = 4 * 2**30) -> float
 
 CONTENDERS = ("peft", "resident", "streaming")
 LABELS = {"peft": "Transformers + PEFT", "resident": "LEMA RESIDENT", "streaming": "LEMA STREAMING",
-          "floor-1": "floor probe, 1 layer", "floor-2": "floor probe, 2 layers",
-          "floor-1-kept": "floor probe, 1 layer kept", "floor-2-kept": "floor probe, 2 layers kept"}
+          **{f"floor-{n}{kind}": f"floor probe, {n} layer{'s' if n > 1 else ''}{' kept' if kind else ''}"
+             for n in range(1, 9) for kind in ("", "-kept")}}
 
 
 @dataclass
@@ -666,7 +666,9 @@ def profile_contenders(workers: dict[str, "Worker"], trace: str) -> dict[str, st
     return tables
 
 
-FLOOR_LAYERS = (1, 2)
+# The probes' layer counts: the per-layer time is (t(4) - t(1)) / 3, a third of the noise of t(2) - t(1)
+# (with 1 and 2 layers the 7B shape's per-layer time read 1.02-1.52 s and the rest -0.02-0.90 s between runs).
+FLOOR_LAYERS = (1, 4)
 PROBE_REPEATS = 3  # a probe's time in a round is its fastest of this many steps: noise only ever adds time,
                    # and the per-layer time is a difference of two probes, which doubles their noise
 

@@ -54,7 +54,7 @@ def add_arguments(parser) -> None:
                         help="CUDA: emulate a card of this size (torch.cuda.set_per_process_memory_fraction), "
                              "e.g. 16GB")
     parser.add_argument("--floor", action="store_true",
-                        help="also measure the floor: compute time of the step (1- and 2-layer models in RAM, "
+                        help="also measure the floor: compute time of the step (1- and 4-layer models in RAM, "
                              "timed in the same interleaved rounds, scaled to all layers) and disk-read time "
                              "of the bytes read per step")
     parser.add_argument("--profile", default=None, metavar="TRACE.json",
