@@ -126,6 +126,11 @@ def test_too_small_budget_is_refused_naming_the_setting():
     assert "--batch-size" in msg and "--seq-len" in msg and "--max-vram" in msg
     assert "--offload-activations on" in msg  # the boundary on the host would fit here
     assert isinstance(e.value, ValueError)
+    three = plan(cfg, "float32", batch_size=B, seq_len=T, keep_activations=0, offload_activations=False)
+    two = plan(cfg, "float32", batch_size=B, seq_len=T, keep_activations=0, offload_activations=False, num_buffers=2)
+    with pytest.raises(PlanError, match="With --num-buffers 2 it needs"):
+        plan(cfg, "float32", batch_size=B, seq_len=T, keep_activations=0, offload_activations=False,
+             max_vram_bytes=(two.peak_bytes + three.peak_bytes) // 2)
     # weights alone over the budget: raising the budget is the fix
     with pytest.raises(PlanError, match="raise --max-vram"):
         plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=fits.unit_bytes["embed"])

@@ -492,13 +492,15 @@ def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
         if streaming:
             p.advice.append("no --max-vram given: nothing checked against a budget")
         return
-    if p.peak_bytes > budget and ring_costs and num_buffers > 2 and peak_of(2)[0] <= budget:
+    two_slots = peak_of(2)[0] if p.peak_bytes > budget and ring_costs and num_buffers > 2 else None
+    if two_slots is not None and two_slots <= budget:
         p.advice.append(f"--num-buffers {num_buffers} does not fit, 2 does: set --num-buffers 2 "
                         "(loads then overlap compute less)")
     if p.peak_bytes > budget:
         no_acts = peak_of(p.ring_depth, on_device_acts=False)[0]
         offload_fits = p.device_type != "cpu" and p.activations_on == "device" and no_acts <= budget
-        _refuse(p, budget, no_acts if offload_fits else None)
+        _refuse(p, budget, no_acts if offload_fits else None,
+                two_slots if two_slots is not None and two_slots <= budget else None)
     free = budget - p.peak_bytes
     if ring_costs:
         extra = int(free // p.slot_bytes) if p.slot_bytes else 0
@@ -510,9 +512,10 @@ def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
         p.resident_layers_fit = min(L, p.resident_layers + int(free // p.slot_bytes))
 
 
-def _refuse(p: Plan, budget: int, without_acts: Optional[int]) -> None:
+def _refuse(p: Plan, budget: int, without_acts: Optional[int], two_slots: Optional[int] = None) -> None:
     """Raise the PlanError naming the settings that would make the run fit (`without_acts`: the peak with the
-    boundary activations offloaded, when that fits and offloading was turned off)."""
+    boundary activations offloaded, when that fits and offloading was turned off; `two_slots`: the peak with
+    a ring of 2, when that fits)."""
     over = p.peak_bytes - budget
     kept = p.kept_layers * p.kept_extra_bytes
     acts = p.boundary_bytes + kept + max(p.head_work_bytes, p.logits_bytes + p.layer_work_bytes)
@@ -526,10 +529,12 @@ def _refuse(p: Plan, budget: int, without_acts: Optional[int]) -> None:
         # activations scale with batch x seq: the largest batch that fits at this seq_len
         per_token = acts / (p.batch_size * p.seq_len)
         tokens = int((budget - fixed) // per_token) if per_token else 0
+        fixes = ([f"lower --batch-size to {tokens // p.seq_len}"] if tokens // p.seq_len >= 1 else []) + \
+            ([f"lower --seq-len to {tokens // p.batch_size}"] if tokens // p.batch_size >= 1 else []) + \
+            [f"raise --max-vram to at least {human(p.peak_bytes)}"]
         lines.append(f"Activations (batch {p.batch_size} x seq {p.seq_len}) take {human(acts)}; "
-                     f"about {tokens:,} tokens per step fit: lower --batch-size to "
-                     f"{max(0, tokens // p.seq_len)} or --seq-len to {max(0, tokens // p.batch_size)}, "
-                     f"or raise --max-vram to at least {human(p.peak_bytes)}.")
+                     f"about {tokens:,} tokens per step fit: {', '.join(fixes[:-1])}"
+                     f"{' or ' if len(fixes) > 1 else ''}{fixes[-1]}.")
         if kept:
             lines.append(f"{p.kept_layers} layers keep their activations ({human(kept)}): lower "
                          "--keep-activations to trade memory for recompute.")
@@ -539,6 +544,8 @@ def _refuse(p: Plan, budget: int, without_acts: Optional[int]) -> None:
     if p.resident_layers:
         lines.append(f"{p.resident_layers} resident layers take {human(p.resident_layers * p.slot_bytes)}: "
                      "lower --resident-layers.")
+    if two_slots is not None:
+        lines.append(f"With --num-buffers 2 it needs {human(two_slots)}, which fits (loads then overlap compute less).")
     raise PlanError(" ".join(lines))
 
 
