@@ -293,3 +293,27 @@ def test_pager_is_on_only_when_the_layers_exceed_the_available_memory(tiny_dir, 
 def test_page_cache_setting_is_checked():
     with pytest.raises(ValueError, match="page_cache='lots'"):
         LemaConfig(model_name_or_path="x", page_cache="lots")
+
+
+def test_resident_check_never_waits_for_a_populate(tmp_path):
+    """The compute thread samples residency at every acquire; a populate holds the file's advice lock
+    while it reads a whole layer from the disk, so the check must not take that lock."""
+    import threading
+
+    from lema.store.safetensors_file import SafetensorsFile
+
+    path = str(tmp_path / "w.safetensors")
+    header = b'{"x":{"dtype":"U8","shape":[8192],"data_offsets":[0,8192]}}'
+    with open(path, "wb") as fh:
+        fh.write(len(header).to_bytes(8, "little") + header + bytes(8192))
+    f = SafetensorsFile(path)
+    e = f.entries["x"]
+    out = []
+    with f._advice_lock:  # as during a populate in the pager's thread
+        checker = threading.Thread(target=lambda: out.append(f.resident(e.start, e.end)))
+        checker.start()
+        checker.join(timeout=10)
+        assert out, "resident() waited for the advice lock"
+    assert 0.0 <= out[0] <= 1.0
+    f.close()
+    assert f.resident(e.start, e.end) == 1.0  # closed: nothing to tell, nothing looks evicted

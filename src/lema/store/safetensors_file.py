@@ -97,6 +97,9 @@ class SafetensorsFile:
         self._buffer = memoryview(self._mmap) if self._mmap is not None else None
         self._address = self.bytes_view(0, 1).data_ptr() if self._mmap is not None else 0  # the mapping's start
         self._advice_lock = threading.Lock()  # populate/drop (the pager's thread) against close()
+        # resident() against close(): its own lock, so the compute thread's check never waits for a populate
+        # (which holds the advice lock while it reads a layer from the disk, a second or more)
+        self._resident_lock = threading.Lock()
 
     def bytes_view(self, start: int, end: int) -> torch.Tensor:
         """uint8 CPU tensor over file bytes [start, end), zero-copy."""
@@ -154,7 +157,7 @@ class SafetensorsFile:
     def resident(self, start: int, end: int) -> float:
         """The fraction of file bytes [start, end) in the page cache, sampled (host_memory.resident_fraction);
         1.0 where it cannot be told (then nothing looks evicted)."""
-        with self._advice_lock:
+        with self._resident_lock:
             if self._mmap is None or end <= start:
                 return 1.0
             fraction = resident_fraction(self._address + start, end - start)
@@ -163,7 +166,7 @@ class SafetensorsFile:
     def close(self) -> None:
         # Views handed out keep the mapping alive (they hold buffer exports); dropping our
         # references lets the OS unmap once the last view dies.
-        with self._advice_lock:
+        with self._advice_lock, self._resident_lock:
             self._buffer = None
             self._mmap = None
             self._file.close()
