@@ -39,6 +39,8 @@ class RecordingFile:
     def __init__(self):
         self.calls: list[tuple[str, int]] = []
         self.cached: set[int] = set()
+        self.pager = None         # set: every drop checks its unit already left the pager's held set
+        self.dropped_held: list[int] = []
 
     def populate(self, start, end):
         self.calls.append(("populate", start))
@@ -47,6 +49,8 @@ class RecordingFile:
     def drop(self, start, end):
         self.calls.append(("drop", start))
         self.cached.discard(start)
+        if self.pager is not None and start // 100 in self.pager.held:
+            self.dropped_held.append(start // 100)  # a residency sample now would call it an eviction
 
     def evict(self, start):
         self.cached.discard(start)
@@ -66,6 +70,7 @@ def test_pager_reads_each_missing_layer_a_window_ahead_and_no_more_than_belady()
     layouts = [SimpleNamespace(ranges=[(f, u * 100, u * 100 + 100)]) for u in range(L)]
     f.cached = {u * 100 for u in range(L)}  # the file was just written: all of it cached
     pager = PageCachePager(layouts, capacity=C * 100, thread=False)
+    f.pager = pager
     acquires: list[int] = []
     populated_at: list[tuple[int, int]] = []   # (unit, acquire index when populated)
     per_pass = []
@@ -91,6 +96,7 @@ def test_pager_reads_each_missing_layer_a_window_ahead_and_no_more_than_belady()
         assert use - at >= C - 1, f"layer {unit} populated at acquire {at}, used at {use}"
     dropped = [start // 100 for op, start in f.calls if op == "drop"]
     assert dropped[:L - C] == [3, 4, 5]  # the first window (F0..F2) drops what the pass needs last
+    assert f.dropped_held == [], "a unit was dropped while still counted as held"
 
 
 def _run_pass(pager, evict=None, at=None):

@@ -205,9 +205,9 @@ class PageCachePager:
         want = hold_window(schedule, cursor, self.sizes, capacity)
         keep = set(want)
         for unit in sorted(self.held - keep):
+            self.held.discard(unit)  # first: a residency sample (follow, begin) never takes a drop for an eviction
             for f, start, end in self.ranges[unit]:
                 f.drop(start, end)
-            self.held.discard(unit)
             self.stats.dropped += 1
         for unit in want:
             if unit not in self.held:
