@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import tristate
+from . import add_layer_placement_flags, tristate
 
 HELP = "time training steps of Transformers + PEFT, LEMA RESIDENT and LEMA STREAMING side by side"
 EXAMPLE = "lema bench --shape smollm2-135m --batch-size 4 --seq-len 256 --steps 10"
@@ -33,11 +33,7 @@ def add_arguments(parser) -> None:
                              "(default: the planner's choice, as in training; 0: recompute all)")
     parser.add_argument("--chunked-loss", type=tristate, default=None, metavar="auto|on|off",
                         help="LEMA: head + loss in chunks (default auto: when the logits pass 64 MiB)")
-    parser.add_argument("--offload-activations", type=tristate, default=None, metavar="auto|on|off",
-                        help="LEMA, GPU: recomputed layers' inputs in pinned host memory (default auto: when the "
-                             "budget needs it)")
-    parser.add_argument("--resident-layers", type=int, default=0, metavar="N",
-                        help="LEMA STREAMING: N decoder layers stay loaded, spread through the stack (default 0)")
+    add_layer_placement_flags(parser)  # LEMA contenders (resident layers: LEMA STREAMING)
     parser.add_argument("--max-vram", default=None, metavar="SIZE",
                         help="LEMA: the memory budget its plan must fit (bounds the kept activations); "
                              "on the CPU it bounds anonymous memory")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import tristate
+from . import add_layer_placement_flags, tristate
 
 HELP = "print the memory plan of a training run (what goes where, the predicted peak) without training"
 EXAMPLE = "lema plan --shape llama-2-7b --max-vram 16GB --batch-size 8 --seq-len 512 --dtype bfloat16"
@@ -36,12 +36,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
                         help="CPU, weights as mmap views: the pager's page-cache window (default auto: the memory "
                              "available now less 2 GiB, when the layers exceed it)")
-    parser.add_argument("--offload-activations", type=tristate, default=None, metavar="auto|on|off",
-                        help="GPU: recomputed layers' inputs in pinned host memory (default auto: only when the "
-                             "budget is not met otherwise)")
-    parser.add_argument("--resident-layers", type=int, default=0, metavar="N",
-                        help="streaming: N decoder layers stay loaded, spread through the stack (default 0; the "
-                             "plan says how many would fit --max-vram)")
+    add_layer_placement_flags(parser)
 
 
 def page_cache(text):
