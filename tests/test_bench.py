@@ -139,3 +139,4 @@ def test_transient_probes_live_for_their_turn_only(tmp_path):
     info = results["streaming"].info
     assert info["page_cache_window"] == 1000 and info["page_cache_trim"] == 0  # a fixed window is not trimmed
     assert info["page_cache_evicted_per_step"] >= 0
+    assert info["page_cache_shed_per_step"] == 0  # a fixed window never sheds for free memory

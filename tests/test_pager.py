@@ -119,16 +119,11 @@ def _run_pass(pager, evict=None, at=None):
 
 
 def test_window_shrinks_by_what_the_kernel_evicted_and_grows_back(monkeypatch):
-    """Memory available for 4 of 6 layers of 100 bytes. The kernel evicts a held layer at a pass start:
-    the pager finds it, reads it again before its use (not late) and the next window is one layer
-    smaller; a layer evicted mid-pass is counted at its acquire the same way. Passes that lose nothing
-    grow the window back by REGROW_BYTES each, up to the memory available."""
-    import lema.stream.pager as pager_mod
-
-    monkeypatch.setattr(pager_mod, "REGROW_BYTES", 50)
-    f = RecordingFile()
-    layouts = [SimpleNamespace(ranges=[(f, u * 100, u * 100 + 100)]) for u in range(L)]
-    pager = PageCachePager(layouts, available=lambda: pager_mod.RESERVE_BYTES + 400, thread=False)
+    """Memory for 4 of 6 layers of 100 bytes (600 bytes, reserve 200). The kernel evicts a held layer at a
+    pass start: the pager finds it, reads it again before its use (not late) and the next window is one
+    layer smaller; a layer evicted mid-pass is counted at its acquire the same way. A pass that loses
+    nothing and leaves free memory above the margin grows the window back by half the excess."""
+    f, mem, pager = _memory_pager(monkeypatch)
     assert _run_pass(pager) == [] and pager.stats.capacity == 400 and pager.stats.trim == 0
     assert _run_pass(pager) == [] and pager.stats.capacity == 400 and pager.stats.evicted_bytes == 0
     assert pager.held == {0, 1, 2, 3}  # after B0: the next pass's F0..F3
@@ -137,21 +132,19 @@ def test_window_shrinks_by_what_the_kernel_evicted_and_grows_back(monkeypatch):
     assert _run_pass(pager) == []                            # read again at the pass start, before its use
     assert ("populate", 200) in f.calls[calls:]
     assert pager.stats.evicted_bytes == 100 and pager.stats.trim == 100 and pager.stats.capacity == 300
-    assert _run_pass(pager) == [] and pager.stats.trim == 50 and pager.stats.capacity == 350
-    assert _run_pass(pager) == [] and pager.stats.trim == 0 and pager.stats.capacity == 400
+    # 3 layers held: 300 bytes free, 200 over the margin; the next window takes half of that back
+    assert _run_pass(pager) == [] and pager.stats.min_free == 300 and pager.stats.trim == 0
+    assert pager.stats.capacity == 400
     # Mid-pass: layer 4 is populated for the backward (held), then evicted before B4 is acquired.
     _run_pass(pager, evict=lambda: f.evict(400), at=SCHEDULE.index(4, L) + 1)
     assert pager.stats.evicted_bytes == 200
     _run_pass(pager)
     assert pager.stats.trim == 100 and pager.stats.capacity == 300
+    assert pager.stats.shed == 0 and f.dropped_held == []
 
 
-def test_refill_reads_back_evictions_without_shrinking_the_window():
-    f = RecordingFile()
-    layouts = [SimpleNamespace(ranges=[(f, u * 100, u * 100 + 100)]) for u in range(L)]
-    import lema.stream.pager as pager_mod
-
-    pager = PageCachePager(layouts, available=lambda: pager_mod.RESERVE_BYTES + 400, thread=False)
+def test_refill_reads_back_evictions_without_shrinking_the_window(monkeypatch):
+    f, mem, pager = _memory_pager(monkeypatch)
     _run_pass(pager)
     _run_pass(pager)
     for start in list(f.cached):  # lema bench's probes took the memory between two steps
@@ -161,6 +154,110 @@ def test_refill_reads_back_evictions_without_shrinking_the_window():
         pass
     assert f.cached == {0, 100, 200, 300}
     assert _run_pass(pager) == [] and pager.stats.trim == 0 and pager.stats.evicted_bytes == 0
+
+
+class Memory:
+    """A machine of TOTAL bytes for the pager's memory checks: the step's own memory (`step`), the layers
+    cached (the RecordingFile's), stale cache of other files the kernel would reclaim first (`stale`), the
+    rest free."""
+
+    def __init__(self, f, total: int, stale: int = 0):
+        self.f, self.total, self.stale, self.step = f, total, stale, 0
+
+    def free(self) -> int:
+        return self.total - self.step - self.stale - 100 * len(self.f.cached)
+
+    def available(self) -> int:
+        return self.total - self.step
+
+
+def _memory_pager(monkeypatch, stale=0, capacity=None):
+    """A pager of 6 layers of 100 bytes on a Memory of 600 bytes (+ `stale`): reserve 200, free-memory
+    margin 100, critical level 50."""
+    import lema.stream.pager as pager_mod
+
+    monkeypatch.setattr(pager_mod, "RESERVE_BYTES", 200)
+    monkeypatch.setattr(pager_mod, "FREE_MARGIN_BYTES", 100)
+    monkeypatch.setattr(pager_mod, "FREE_CRITICAL_BYTES", 50)
+    f = RecordingFile()
+    mem = Memory(f, total=600 + stale, stale=stale)
+    layouts = [SimpleNamespace(ranges=[(f, u * 100, u * 100 + 100)]) for u in range(L)]
+    pager = PageCachePager(layouts, capacity, available=mem.available, free=mem.free, thread=False)
+    f.pager = pager
+    return f, mem, pager
+
+
+def _shed_setup(monkeypatch, stale=0, capacity=None):
+    f, mem, pager = _memory_pager(monkeypatch, stale, capacity)
+    _run_pass(pager)
+    _run_pass(pager)
+    return f, mem, pager
+
+
+def test_short_free_memory_drops_the_window_unit_needed_last_and_shrinks_the_next_pass(monkeypatch):
+    """6 layers of 100 bytes, a window of 4 (600 bytes of memory, reserve 200). At the turn (F5 in use, B5..B2
+    held) the step's memory grows by 200: free memory falls to 0, below the critical 50. The pager drops B2,
+    the held layer needed last (the kernel's LRU would take the one read longest ago: B5/B4, needed next),
+    reads it back once the window moves past B5 and before its use (nothing is late), and the next pass's
+    window is smaller by how far free memory fell below the margin (100)."""
+    f, mem, pager = _shed_setup(monkeypatch)
+    assert pager.stats.capacity == 400 and pager.stats.shed == 0
+    pager.begin(SCHEDULE)
+    while pager.step():
+        pass
+    late = []
+    for cursor in range(1, len(SCHEDULE) + 1):
+        if cursor == L:  # F5 acquired: the step's activations now fill memory
+            mem.step = 200
+        calls, before = len(f.calls), pager.stats.late
+        pager.follow(SCHEDULE, cursor)
+        if pager.stats.late > before:
+            late.append(SCHEDULE[cursor - 1])
+        while pager.step():
+            pass
+        if cursor == L:
+            assert f.calls[calls:] == [("drop", 200)] and pager.held == {5, 4, 3}
+            assert pager.stats.shed == 1 and pager.stats.shed_bytes == 100 and pager.stats.capacity == 300
+            assert mem.free() == 100
+    assert late == [] and ("populate", 200) in f.calls[-6:]
+    assert f.dropped_held == []
+    mem.step = 0  # the step's memory freed: the next pass is smaller by the shed layer and the shortfall
+    assert _run_pass(pager) == [] and pager.stats.min_free == 0 and pager.stats.trim == 100 + (100 - 0)
+    assert pager.stats.capacity == 200
+    # 2 layers held, 400 free: 300 over the margin, half of it back; then 300 free, back to the full window
+    assert _run_pass(pager) == [] and pager.stats.trim == 50 and pager.stats.capacity == 350
+    assert _run_pass(pager) == [] and pager.stats.trim == 0 and pager.stats.capacity == 400
+    assert pager.stats.shed == 1
+
+
+def test_paused_pager_sheds_nothing_and_refill_resumes(monkeypatch):
+    """lema bench's other contenders run between two steps: a paused pager neither sheds for their memory
+    nor counts it against the window; refill reads back what they took and watches again."""
+    f, mem, pager = _shed_setup(monkeypatch)
+    pager.pause()
+    mem.step = 300  # another process
+    while pager.step():
+        pass
+    assert pager.stats.shed == 0 and pager._min_free == 200  # the run's own low, not the other process's
+    for start in (200, 300):
+        f.evict(start)  # the kernel took them for it
+    mem.step = 0
+    pager.refill()
+    while pager.step():
+        pass
+    assert f.cached == {0, 100, 200, 300} and not pager._paused
+    assert _run_pass(pager) == [] and pager.stats.trim == 0 and pager.stats.capacity == 400
+
+
+def test_short_free_memory_sheds_nothing_when_stale_cache_or_a_fixed_window_holds_it(monkeypatch):
+    """Free memory below the margin is not the window's doing when other files' cache (which the kernel
+    reclaims first) leaves the reserve available beyond the window; nor with a window size asked for."""
+    for stale, capacity, held in ((1000, None, 6), (0, 400, 4)):  # with the stale cache, all 6 layers fit
+        f, mem, pager = _shed_setup(monkeypatch, stale=stale, capacity=capacity)
+        mem.step = 200
+        assert mem.free() < 50
+        dropped = pager.stats.dropped
+        assert _run_pass(pager) == [] and pager.stats.shed == 0 and pager.stats.dropped - dropped == 2 * (L - held)
 
 
 def _mincore_resident(address: int, length: int) -> float:

@@ -500,9 +500,12 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                     sampler.pause()
                 msg = {"ok": True, "time": dt, "loss": loss, "bytes": contender.bytes_loaded() - b0,
                        "disk": disk_read_bytes() - d0, "peak": sampler.peak, "cpu": cpu_shares(c0, cpu_ticks())}
+                if pager is not None and cmd.get("refill"):
+                    pager.pause()  # the other contenders' turns: their memory is not this run's (refill resumes)
                 if pager is not None:  # cumulative counts; the window of the last pass
                     msg.update(pager_late=pager.stats.late, pager_evicted=pager.stats.evicted_bytes,
-                               pager_capacity=pager.stats.capacity, pager_trim=pager.stats.trim)
+                               pager_capacity=pager.stats.capacity, pager_trim=pager.stats.trim,
+                               pager_shed=pager.stats.shed_bytes, pager_min_free=pager.stats.min_free)
                 conn.send(msg)
             elif cmd["op"] == "profile":
                 from torch.profiler import ProfilerActivity, profile
@@ -619,11 +622,13 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
                 ready(n)
         late_before = {n: 0 for n in names}
         evicted_before = {n: 0 for n in names}
+        shed_before = {n: 0 for n in names}
         for _ in range(warmup):
             for n in names:
                 if n not in transient:  # a transient probe's fastest of PROBE_REPEATS steps skips its first
                     m = workers[n].request(op="step")
                     late_before[n], evicted_before[n] = m.get("pager_late", 0), m.get("pager_evicted", 0)
+                    shed_before[n] = m.get("pager_shed", 0)
         for r in range(steps):
             order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
             for n in order:
@@ -647,7 +652,9 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
                 if "pager_late" in m:  # acquires whose layer the pager had not read ahead, per measured step
                     res.info["pager_late_per_step"] = (m["pager_late"] - late_before[n]) / (r + 1)
                     res.info.update(page_cache_window=m["pager_capacity"], page_cache_trim=m["pager_trim"],
-                                    page_cache_evicted_per_step=(m["pager_evicted"] - evicted_before[n]) / (r + 1))
+                                    page_cache_evicted_per_step=(m["pager_evicted"] - evicted_before[n]) / (r + 1),
+                                    page_cache_shed_per_step=(m["pager_shed"] - shed_before[n]) / (r + 1),
+                                    page_cache_min_free=m["pager_min_free"])
             log(f"round {r + 1}/{steps}: " + ", ".join(f"{n} {results[n].times[-1]:.3f} s" for n in names))
         return results, workers
     except BaseException:

@@ -113,6 +113,12 @@ def memory_available() -> int:
     return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
+def memory_free() -> int:
+    """MemFree of /proc/meminfo: memory no one holds, not even the page cache (the kernel starts evicting
+    when it nears its watermarks, ~100 MiB here); a huge number where /proc is absent (nothing is short)."""
+    return proc_bytes("/proc/meminfo", "MemFree") or 1 << 62
+
+
 def use_huge_pages_for_tensors() -> None:
     """Ask PyTorch to back CPU tensors of 2 MiB or more with transparent huge pages
     (THP_MEM_ALLOC_ENABLE: 2 MiB-aligned, madvise(MADV_HUGEPAGE)), unless the environment already says.

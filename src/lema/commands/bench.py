@@ -245,7 +245,9 @@ def format_table(out: dict) -> str:
                          + (f", page-cache window {human(c['page_cache_window'])} held by the pager "
                             f"({c.get('pager_late_per_step', 0):.1f} layers per step not read ahead in time, "
                             f"{human(c.get('page_cache_evicted_per_step', 0))} per step of the window evicted by "
-                            f"the kernel, window trimmed by {human(c.get('page_cache_trim', 0))}; "
+                            f"the kernel, {human(c.get('page_cache_shed_per_step', 0))} per step dropped early to keep "
+                            f"memory free, window trimmed by {human(c.get('page_cache_trim', 0))}, lowest free "
+                            f"memory in a step {human(c.get('page_cache_min_free', 0))}; "
                             f"disk reads per step: {human(c['predicted_disk_bytes_per_step'])} planned for the last "
                             f"step's window, {human(c['disk_bytes_read_per_step'])} measured)"
                             if c.get("page_cache_window") else ""))

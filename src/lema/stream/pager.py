@@ -32,12 +32,28 @@ never correctness.
 How big the window may be is found out as the run goes. The page cache is the kernel's: when the
 step's own memory grows (activations, optimizer state) or another process wants memory, the kernel
 evicts pages, and its choice (least recently used) is the worst one here: the layers populated
-longest ago are the ones needed soonest. So at every acquire the pager samples whether the layer it
-holds is still in memory (mincore, ~0.3 ms), and at every pass start it re-checks the whole window
-(evicted layers are read again ahead of use). A pass that lost more than 1% of the window shrinks
-the next one by what was lost (`PagerStats.trim`); a pass that lost nothing grows it back by
-REGROW_BYTES. Measured on the 7B shape with a fixed 2 GiB reserve: the window implied 10.6 GiB read
-per step and the kernel's evictions made it 18.7 GiB.
+longest ago are the ones needed soonest. And it reclaims in batches, far more than asked when a huge
+page is wanted (the activations are in transparent huge pages, host_memory.py). So the pager keeps
+the kernel from having to:
+
+- It watches free memory (MemFree: before each populate, and every POLL_S while it holds the window).
+  When free memory falls below FREE_CRITICAL_BYTES while the window is what crowds the memory (less than
+  the reserve is available beyond it; stale cache of other files the kernel takes first), it drops the
+  held layer needed last (Belady's choice) and holds a smaller window for the rest of the pass (`shed`).
+- Between passes it sizes the window on the last pass: smaller by what it had to shed and by how far
+  free memory fell below FREE_MARGIN_BYTES; after a pass that needed neither, larger by half of how far
+  free memory stayed above the margin (`PagerStats.trim`, down to -(RESERVE_BYTES - 2 * FREE_MARGIN_BYTES):
+  the window may take some of the reserve back when the step needs less).
+- Evictions still happen (a huge page's compaction reclaims whatever it finds): at every acquire the
+  pager samples whether the layer it holds is still cached (mincore, ~0.3 ms), and at every pass start
+  it re-checks the whole window and reads evicted layers again ahead of use. A pass that lost more
+  than EVICTED_TOLERANCE of the window shrinks the next one by what was lost.
+
+Measured on the 7B shape (fp32, 23.5 GiB RAM, BENCHMARKS.md): with a fixed 2 GiB reserve, the window
+implied 10.6 GiB read per step and the kernel's evictions made it 18.7 GiB; with eviction feedback only
+(the window shrunk by what the kernel evicted), one run's first two steps lost 3-4 GiB to kswapd twice
+and the window stayed 7.8 GiB smaller (28.2 GiB read per step); shedding a whole layer whenever free
+memory was under 512 MiB ratcheted it 3.7 GiB smaller (19.6 GiB).
 """
 
 from __future__ import annotations
@@ -47,7 +63,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..host_memory import memory_available
+from ..host_memory import memory_available, memory_free
 from .layout import UnitLayout
 
 POLL_S = 0.1
@@ -56,8 +72,12 @@ POLL_S = 0.1
 # and state) with no adapting: with 2 GiB the kernel evicted window pages and a step read 18.7 GiB where the
 # window implied 10.6 (56.9 s); with a window 2.3 GiB smaller it read the 15.1 GiB implied (53.5 s).
 RESERVE_BYTES = 2 * 2**30
-REGROW_BYTES = 256 * 2**20  # a pass the kernel evicted nothing of the window: the next may hold this much more
 EVICTED_TOLERANCE = 0.01    # a pass that lost more than this share of the window shrinks the next one
+# The free memory the window is sized to leave at the step's peak, and the level at which the pager drops the
+# window's last layer at once (module docstring): both above the kernel's low watermark (~80 MiB on 24 GiB),
+# so the step's allocations find free memory without reclaim.
+FREE_MARGIN_BYTES = 512 * 2**20
+FREE_CRITICAL_BYTES = 256 * 2**20
 
 
 def hold_window(schedule: list[int], cursor: int, sizes: list[int], capacity: int) -> list[int]:
@@ -87,6 +107,9 @@ class PagerStats:
     late: int = 0               # acquires of a unit the pager had not brought in yet (compute faults it in)
     capacity: int = 0           # bytes of the window, last pass
     evicted_bytes: int = 0      # bytes of held units the kernel evicted, as found at acquires and pass starts
+    shed: int = 0               # held units the pager dropped early because free memory ran short
+    shed_bytes: int = 0
+    min_free: int = 0           # the lowest free memory seen in the last pass (while the window crowded it)
     trim: int = 0               # bytes the window is kept below the memory available less the reserve
 
 
@@ -95,13 +118,16 @@ class PageCachePager:
     the schedule (`begin`) and each acquire (`follow`); the work happens in its thread."""
 
     def __init__(self, layouts: list[UnitLayout], capacity: Optional[int] = None,
-                 available: Callable[[], int] = memory_available, thread: bool = True):
-        """`capacity`: bytes of the window (None: `available()` less RESERVE_BYTES at each pass);
-        `thread=False`: no thread, the caller runs `step()` (a deterministic schedule, for tests)."""
+                 available: Callable[[], int] = memory_available, thread: bool = True,
+                 free: Callable[[], int] = memory_free):
+        """`capacity`: bytes of the window (None: `available()` less RESERVE_BYTES at each pass, kept within
+        what `free()` allows during it); `thread=False`: no thread, the caller runs `step()` (a deterministic
+        schedule, for tests)."""
         self.ranges = [layout.ranges for layout in layouts]
         self.sizes = [sum(end - start for _, start, end in r) for r in self.ranges]
         self.fixed_capacity = capacity
         self._available = available
+        self._free = free
         self.stats = PagerStats()
         # Unknown at the start: assume every unit cached, so the first window drops all the others.
         self.held: set[int] = set(range(len(layouts)))
@@ -109,6 +135,9 @@ class PageCachePager:
         self._cursor = 0
         self._passes = 0
         self._evicted_in_pass = 0
+        self._min_free = None   # the lowest free memory seen in this pass while the window crowded the memory
+        self._shed_in_pass = 0
+        self._paused = False    # lema bench runs other processes between steps: their memory is not the run's
         self._generation = 0
         self._cond = threading.Condition()
         self._idle = threading.Event()  # set while the window is held (nothing to read)
@@ -132,7 +161,7 @@ class PageCachePager:
         the last pass lost (module docstring), and start holding it."""
         lost = self._recheck(count=self._passes > 0)  # the first pass: nothing was held yet
         with self._cond:
-            self._adapt(self._evicted_in_pass + lost)
+            self._adapt(self._evicted_in_pass + lost, self._min_free, self._shed_in_pass)
             self.stats.capacity = self.capacity()
             self._set(schedule, 0)
 
@@ -152,7 +181,14 @@ class PageCachePager:
         for memory taken by something outside the run (lema bench's floor probes run between its steps)."""
         self._recheck(count=False)
         with self._cond:
+            self._paused = False
             self._set(self._schedule, self._cursor)
+
+    def pause(self) -> None:
+        """Until the next `refill`, watch no free memory and shed nothing: what other processes take between
+        two steps (lema bench's other contenders) is not the run's, and refill reads back what they evict."""
+        with self._cond:
+            self._paused = True
 
     def _missing(self, unit: int) -> int:
         """Bytes of `unit` not in the page cache (sampled; a few MiB are noise: the kernel's read-ahead)."""
@@ -172,15 +208,25 @@ class PageCachePager:
             self.stats.evicted_bytes += lost
         return lost
 
-    def _adapt(self, evicted: int) -> None:
-        """Between passes (under the lock): shrink the window by what the kernel evicted of it in the last
-        pass, or grow it back by REGROW_BYTES after a pass that lost nothing; a fixed capacity stays."""
+    def _adapt(self, evicted: int, min_free: Optional[int], shed: int) -> None:
+        """Between passes (under the lock): size the next window from the last pass (module docstring): smaller
+        by what the kernel evicted of it, what the pager shed and how far free memory fell below the margin;
+        after a pass that needed none of that, larger by half of how far free memory stayed above it. A fixed
+        capacity stays."""
         if self.fixed_capacity is None and self._passes:
-            if evicted > EVICTED_TOLERANCE * self.stats.capacity:
-                self.stats.trim += evicted
-            else:
-                self.stats.trim = max(0, self.stats.trim - REGROW_BYTES)
+            if min_free is not None:
+                self.stats.min_free = min_free
+            shortfall = shed + (evicted if evicted > EVICTED_TOLERANCE * self.stats.capacity else 0)
+            if min_free is not None and min_free < FREE_MARGIN_BYTES:
+                shortfall += FREE_MARGIN_BYTES - min_free
+            if shortfall:
+                self.stats.trim += shortfall
+            elif min_free is not None:
+                floor = -(RESERVE_BYTES - 2 * FREE_MARGIN_BYTES)
+                self.stats.trim = max(floor, self.stats.trim - (min_free - FREE_MARGIN_BYTES) // 2)
         self._evicted_in_pass = 0
+        self._shed_in_pass = 0
+        self._min_free = None
         self._passes += 1
 
     def _set(self, schedule: list[int], cursor: int) -> None:
@@ -197,7 +243,8 @@ class PageCachePager:
 
     def step(self) -> bool:
         """One unit of work: drop what left the window, then populate the window's first missing
-        unit. False when the window is held (nothing to do until the cursor moves)."""
+        unit, making room first when free memory is short (module docstring). False when the window
+        is held (nothing to do until the cursor moves)."""
         with self._cond:
             schedule, cursor, capacity = self._schedule, self._cursor, self.stats.capacity
         if not schedule:
@@ -205,19 +252,63 @@ class PageCachePager:
         want = hold_window(schedule, cursor, self.sizes, capacity)
         keep = set(want)
         for unit in sorted(self.held - keep):
-            self.held.discard(unit)  # first: a residency sample (follow, begin) never takes a drop for an eviction
-            for f, start, end in self.ranges[unit]:
-                f.drop(start, end)
-            self.stats.dropped += 1
-        for unit in want:
+            self._drop(unit)
+        for i, unit in enumerate(want):
             if unit not in self.held:
+                if i >= 2 and not self._make_room(want, i):
+                    return False  # memory allows no more of the window this pass (it shrank to what is held)
                 for f, start, end in self.ranges[unit]:
                     f.populate(start, end)
                 self.held.add(unit)
                 self.stats.populated += 1
                 self.stats.bytes_populated += self.sizes[unit]
                 return True
+        self._make_room(want, len(want))  # held: keep the margin while the step's memory grows
         return False
+
+    def _drop(self, unit: int) -> None:
+        self.held.discard(unit)  # first: a residency sample (follow, begin) never takes a drop for an eviction
+        for f, start, end in self.ranges[unit]:
+            f.drop(start, end)
+        self.stats.dropped += 1
+
+    def _short(self, need: int) -> bool:
+        """Sample free memory; whether reading `need` more bytes would take it below FREE_CRITICAL_BYTES while
+        the window is what crowds the memory (module docstring). Never with a fixed capacity: that size was
+        asked for."""
+        if self.fixed_capacity is not None or self._paused:
+            return False
+        free = self._free()
+        if free < FREE_MARGIN_BYTES + need:
+            held = sum(self.sizes[u] for u in self.held)
+            if self._available() - held >= RESERVE_BYTES:
+                return False  # others' cache is what fills the memory: the kernel reclaims that first
+        with self._cond:
+            self._min_free = free if self._min_free is None else min(self._min_free, free)
+        return free < FREE_CRITICAL_BYTES + need
+
+    def _make_room(self, want: list[int], i: int) -> bool:
+        """Before reading want[i] (or, i == len(want), while holding the window): while free memory is short,
+        drop the held unit of want[2:] needed last, if it is needed after want[i], and hold a window that
+        ends before it for the rest of the pass. False when want[i] should not be read (no farther unit to
+        give way)."""
+        reading = i < len(want)
+        need = self.sizes[want[i]] if reading else 0
+        while self._short(need):
+            farther = [u for u in want[max(i + 1, 2) if reading else 2:] if u in self.held]
+            if not farther:
+                if reading:
+                    with self._cond:  # the window is what is held: reading further would only evict it
+                        self.stats.capacity = min(self.stats.capacity, sum(self.sizes[u] for u in want[:i]))
+                return False
+            unit = farther[-1]
+            self._drop(unit)
+            with self._cond:
+                self.stats.capacity = min(self.stats.capacity, sum(self.sizes[u] for u in want[:want.index(unit)]))
+                self.stats.shed += 1
+                self.stats.shed_bytes += self.sizes[unit]
+                self._shed_in_pass += self.sizes[unit]
+        return True
 
     def close(self) -> None:
         with self._cond:
@@ -230,18 +321,21 @@ class PageCachePager:
 
 
 def _pager_main(pager_ref: "weakref.ref[PageCachePager]", cond: threading.Condition) -> None:
-    """The pager thread: works while the window is not held, then sleeps until the cursor moves.
-    Holds the pager strongly only while working, so a dropped model is still freed."""
+    """The pager thread: works while the window is not held, then sleeps until the cursor moves, waking
+    every POLL_S to check free memory. Holds the pager strongly only while working, so a dropped model
+    is still freed."""
     done = -1
     while True:
         with cond:
             pager = pager_ref()
             if pager is None or pager._stop:
                 return
-            if pager._generation == done:
-                del pager
+            if pager._generation == done:  # the window is held: wait for the cursor, at most POLL_S, then
+                del pager                    # step() again all the same (it keeps the free-memory margin)
                 cond.wait(POLL_S)
-                continue
+                pager = pager_ref()
+                if pager is None or pager._stop:
+                    return
             generation = pager._generation
         try:
             busy = pager.step()
