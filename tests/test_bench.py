@@ -72,6 +72,7 @@ def test_lema_bench_floor_is_timed_in_the_rounds(tmp_path, capsys):
     assert fl["t_layer"] == pytest.approx((t4 - t1) / 3) and fl["compute_s"] == pytest.approx(t1 + 2 * (t4 - t1) / 3)
     assert fl["floor_s"] == pytest.approx(max(fl["compute_s"], fl["disk_s"]))
     assert fl["streaming_over_floor"] == pytest.approx(s["median_step_s"] / fl["floor_s"])
+    assert fl["fastest_streaming_over_floor"] == pytest.approx(min(s["step_times_s"]) / fl["floor_s"])
 
 
 def test_floor_mixes_kept_and_recomputed_layer_times():
