@@ -178,9 +178,12 @@ class PageCachePager:
 
     def refill(self) -> None:
         """Read back what the kernel evicted of the window, without counting it against the window's size:
-        for memory taken by something outside the run (lema bench's floor probes run between its steps)."""
-        self._recheck(count=False)
+        for memory taken by something outside the run (lema bench's floor probes run between its steps).
+        Every held layer is populated again, not only those the residency sample finds evicted: the sample
+        (16 x 2 MiB a layer) misses scattered evictions, and the compute then faults them in itself (measured:
+        6 GiB a step more than the window implied). Populating what is still cached only maps it."""
         with self._cond:
+            self.held.clear()  # forget, don't drop: the thread populates the whole window again, in order
             self._paused = False
             self._set(self._schedule, self._cursor)
 
