@@ -620,15 +620,11 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
         for n in names:
             if n not in transient:
                 ready(n)
-        late_before = {n: 0 for n in names}
-        evicted_before = {n: 0 for n in names}
-        shed_before = {n: 0 for n in names}
+        warm = {n: {} for n in names}  # each contender's last warm-up reply: the pager's counts before the rounds
         for _ in range(warmup):
             for n in names:
                 if n not in transient:  # a transient probe's fastest of PROBE_REPEATS steps skips its first
-                    m = workers[n].request(op="step")
-                    late_before[n], evicted_before[n] = m.get("pager_late", 0), m.get("pager_evicted", 0)
-                    shed_before[n] = m.get("pager_shed", 0)
+                    warm[n] = workers[n].request(op="step")
         for r in range(steps):
             order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
             for n in order:
@@ -650,10 +646,10 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
                     prev = res.info.get("cpu", {})
                     res.info["cpu"] = {k: (prev.get(k, 0.0) * r + v) / (r + 1) for k, v in m["cpu"].items()}
                 if "pager_late" in m:  # acquires whose layer the pager had not read ahead, per measured step
-                    res.info["pager_late_per_step"] = (m["pager_late"] - late_before[n]) / (r + 1)
+                    res.info["pager_late_per_step"] = (m["pager_late"] - warm[n].get("pager_late", 0)) / (r + 1)
                     res.info.update(page_cache_window=m["pager_capacity"], page_cache_trim=m["pager_trim"],
-                                    page_cache_evicted_per_step=(m["pager_evicted"] - evicted_before[n]) / (r + 1),
-                                    page_cache_shed_per_step=(m["pager_shed"] - shed_before[n]) / (r + 1),
+                                    page_cache_evicted_per_step=(m["pager_evicted"] - warm[n].get("pager_evicted", 0)) / (r + 1),
+                                    page_cache_shed_per_step=(m["pager_shed"] - warm[n].get("pager_shed", 0)) / (r + 1),
                                     page_cache_min_free=m["pager_min_free"])
             log(f"round {r + 1}/{steps}: " + ", ".join(f"{n} {results[n].times[-1]:.3f} s" for n in names))
         return results, workers
