@@ -26,3 +26,24 @@ def test_read_into_equals_the_mapped_bytes_and_refuses_a_shrunk_file(tmp_path):
     with pytest.raises(WeightsFileError, match="shrank"):
         f.read_into(f.entries["b"].start, size, torch.empty(size - f.entries["b"].start, dtype=torch.uint8))
     f.close()
+
+
+def test_read_into_split_over_threads_gives_the_same_bytes_and_refuses_a_shrunk_file(tmp_path):
+    """A range read in pieces on several threads (the CUDA fill): every byte in place, none past the range,
+    and a piece that hits the end of a shrunk file raises, naming it."""
+    path = str(tmp_path / "w.safetensors")
+    n = (5 * 4 * 2**20 + 12345) // 4  # over threads x PARALLEL_PIECE_MIN, not a multiple of the piece size
+    weights = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    save_file({"w": weights, "tail": torch.ones(3)}, path)
+    f = SafetensorsFile(path)
+    e = f.entries["w"]
+    for threads in (1, 4, 5):
+        dst = torch.full((e.nbytes + 64,), 7, dtype=torch.uint8)
+        f.read_into(e.start + 4, e.end, dst[: e.nbytes - 4], threads=threads)  # an unaligned start
+        assert torch.equal(dst[: e.nbytes - 4].view(torch.float32)[: n - 1], weights[1:]), threads
+        assert bool((dst[e.nbytes - 4:] == 7).all())
+    with open(path, "r+b") as fh:
+        fh.truncate(e.start + e.nbytes // 2)
+    with pytest.raises(WeightsFileError, match="shrank"):
+        f.read_into(e.start, e.end, torch.empty(e.nbytes, dtype=torch.uint8), threads=4)
+    f.close()

@@ -32,6 +32,8 @@ from .stream.layout import UnitLayout
 from .stream.pager import RESERVE_BYTES, PageCachePager
 from .stream.ring import WeightRing
 
+FILL_THREADS = 8  # on a GPU: reader threads per slot fill (pieces of one layer read at once)
+
 
 class ResidentLayers:
     """The RESIDENT strategy's weight source: every layer loaded once, same interface as the ring."""
@@ -90,6 +92,9 @@ class LemaModel(nn.Module):
         layer_names = [self.units.units[layer_unit(i)] for i in range(self.units.num_layers)]
         self.layouts = [UnitLayout.build(layer_unit(i), names, shapes, self.dtype, self.store, direct)
                         for i, names in enumerate(layer_names)]
+        # Reader threads per slot fill: on a GPU the host cores are free while the layers compute, and one
+        # thread's copy out of the page cache (a few GB/s) is slower than the link it feeds.
+        self._fill_threads = min(FILL_THREADS, os.cpu_count() or 1) if self.device.type == "cuda" else 1
         if config.strategy == MemoryStrategy.STREAMING:
             views_ok = self._file_dtype_is_compute_dtype(layer_names) and config.zero_copy is not False
             zero_copy = self._zero_copy if views_ok else None
@@ -171,7 +176,7 @@ class LemaModel(nn.Module):
                 module._buffers[attr] = buf.to(self.device)
 
     def _fill(self, layout: UnitLayout, dst: torch.Tensor) -> None:
-        layout.fill(dst, self._read, self.store)
+        layout.fill(dst, self._read, self.store, self._fill_threads)
 
     def _file_dtype_is_compute_dtype(self, layer_names: list[list[str]]) -> bool:
         """On the CPU the ring serves mmap views only when no layer tensor needs a dtype conversion;

@@ -87,9 +87,13 @@ def run(args) -> int:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     dtype = parse_dtype(args.dtype)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available here (no GPU, or a CPU-only PyTorch); "
+                         "use --device cpu")
     if args.shape:
         log(f"model: random weights of shape {args.shape} ({args.dtype}) ...")
-        folder = bench.build_shape(args.shape, args.cache_dir, dtype, log=log)
+        folder = bench.build_shape(args.shape, args.cache_dir, dtype, log=log, device=args.device)
     else:
         folder = args.model
     weights = os.path.join(folder, "model.safetensors")
@@ -98,10 +102,6 @@ def run(args) -> int:
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {folder!r}; `lema convert` it first")
     weight_bytes = sum(os.path.getsize(f) for f in files)
-    cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda but CUDA is not available here (no GPU, or a CPU-only PyTorch); "
-                         "use --device cpu")
     big = weight_bytes > 0.6 * _mem_total()
     names = args.contenders or (["streaming"] if big else list(bench.CONTENDERS))
     if big and not args.contenders:

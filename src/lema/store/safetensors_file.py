@@ -13,7 +13,9 @@ import mmap
 import os
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -24,6 +26,23 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+PARALLEL_PIECE_MIN = 4 * 2**20  # a parallel read gives each thread at least this much
+PAGE_ALIGN = 2**21              # pieces start on 2 MiB boundaries (huge pages of the destination)
+_POOL: "Optional[ThreadPoolExecutor]" = None
+_POOL_LOCK = threading.Lock()
+
+
+def _read_pool(threads: int) -> "ThreadPoolExecutor":
+    """The process's pool of reader threads (grown, never shrunk, to the largest `threads` asked)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads:
+            old, _POOL = _POOL, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lema-read")
+            if old is not None:
+                old.shutdown(wait=False)
+        return _POOL
 
 
 class WeightsFileError(ValueError):
@@ -108,16 +127,28 @@ class SafetensorsFile:
             warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": we never write it
             return torch.frombuffer(self._buffer, dtype=torch.uint8, count=end - start, offset=start)
 
-    def read_into(self, start: int, end: int, dst: torch.Tensor) -> None:
+    def read_into(self, start: int, end: int, dst: torch.Tensor, threads: int = 1) -> None:
         """File bytes [start, end) into `dst` (uint8, CPU, contiguous, pinned or not) with pread: one
-        sequential read the kernel reads ahead for, no page faults on the mmap, the GIL released."""
+        sequential read the kernel reads ahead for, no page faults on the mmap, the GIL released.
+
+        `threads` > 1 splits the range into that many pieces read at once (a shared pool): from the page
+        cache one thread's copy runs at a few GB/s, under a GPU link's bandwidth (ring.py, fill threads)."""
         want = end - start
         view = memoryview(dst.numpy()).cast("B")
-        done = 0
-        while done < want:
-            n = os.preadv(self._file.fileno(), [view[done:want]], start + done)
+        if threads <= 1 or want < threads * PARALLEL_PIECE_MIN:
+            self._pread(view, 0, want, start)
+            return
+        step = -(-want // threads // PAGE_ALIGN) * PAGE_ALIGN
+        pieces = [(lo, min(lo + step, want)) for lo in range(0, want, step)]
+        for f in [_read_pool(threads).submit(self._pread, view, lo, hi, start) for lo, hi in pieces]:
+            f.result()  # re-raises a piece's error
+
+    def _pread(self, view: memoryview, lo: int, hi: int, start: int) -> None:
+        done = lo
+        while done < hi:
+            n = os.preadv(self._file.fileno(), [view[done:hi]], start + done)
             if n <= 0:
-                raise WeightsFileError(f"{self.path!r}: read {done} of {want} bytes at offset {start}, then end of "
+                raise WeightsFileError(f"{self.path!r}: read {done - lo} of {hi - lo} bytes at offset {start + lo}, then end of "
                                        "file: the file shrank after it was opened; fetch or convert it again")
             done += n
 

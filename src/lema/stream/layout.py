@@ -74,11 +74,13 @@ class UnitLayout:
                 ranges.append((store.file_of(e.key), e.start, e.end))
         return cls(unit, placements, offset, ranges=ranges)
 
-    def fill(self, dst: torch.Tensor, read: Callable[[str], torch.Tensor], store: WeightStore) -> None:
-        """Write the unit into `dst` (uint8, >= nbytes, CPU, usually pinned)."""
+    def fill(self, dst: torch.Tensor, read: Callable[[str], torch.Tensor], store: WeightStore,
+             threads: int = 1) -> None:
+        """Write the unit into `dst` (uint8, >= nbytes, CPU, usually pinned); a packed unit in one read,
+        split over `threads` reader threads."""
         if self.packed is not None:
             f, start, end = self.packed
-            f.read_into(start, end, dst[: end - start])  # the one read
+            f.read_into(start, end, dst[: end - start], threads)  # the one read
             return
         for p in self.placements:
             src = read(p.name)

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU checks, as one command on a lent GPU machine (the device tool; never in CI):
+#   bash scripts/gpu_check.sh DEADLINE_S STAGE...
+# Stages, run in the order given, each skipped when it could not finish before DEADLINE_S:
+#   tests   tests/test_cuda.py (streaming vs resident on CUDA, packed file, resident layers, offload)
+#   probe   scripts/gpu_probe.py: matmul rate, pinned copy bandwidth, slot fill by reader threads
+#   t5      target 5: TinyLlama-1.1B shape, b1 x 512, all three contenders, --floor
+#   t5long  target 5 at 4096 tokens per step (b1 x 4096)
+#   t3      target 3: Llama-2-7B shape, b8 x 512, --max-vram 4GB, --floor
+#   t4      target 4: Llama-2-7B shape, b1 x 512 --max-vram 2.5GB --num-buffers 2 --floor
+#   t4long  target 4: b1 x 4096 in a 16 GB card
+# Each stage's output goes to $OUT/<stage>.log (bench stages also $OUT/<stage>.json); a summary last.
+set -u
+DEADLINE=${1:?deadline in seconds}; shift
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LEMA_CACHE_DIR=${LEMA_CACHE_DIR:-/tmp/lema-cache}
+PY=python3
+BENCH="$PY -m lema bench --device cuda --gpu-memory 16GB --dtype bfloat16 --json"
+declare -A NEED=([tests]=60 [probe]=30 [t5]=60 [t5long]=60 [t3]=120 [t4]=90 [t4long]=60)
+declare -A LIMIT=([tests]=150 [probe]=60 [t5]=120 [t5long]=90 [t3]=220 [t4]=150 [t4long]=100)
+summary=()
+
+run_stage() {
+    local name=$1 left=$((DEADLINE - SECONDS)) rc t0=$SECONDS limit
+    if [ -z "${NEED[$name]:-}" ]; then summary+=("$name: unknown stage"); return; fi
+    if (( left < ${NEED[$name]} )); then summary+=("$name: skipped (${left} s left)"); return; fi
+    limit=$(( ${LIMIT[$name]} < left ? ${LIMIT[$name]} : left ))
+    echo "=== $name (limit ${limit} s) ==="
+    case $name in
+      tests)  timeout "$limit" $PY -m pytest -q -p no:cacheprovider -rfEs --tb=short tests/test_cuda.py \
+                  >"$OUT/$name.log" 2>&1 ;;
+      probe)  timeout "$limit" bash -c "$PY -c \"import torch; from lema.bench import build_shape; \
+build_shape('tinyllama-1.1b', dtype=torch.bfloat16, device='cuda')\" && $PY scripts/gpu_probe.py \
+$LEMA_CACHE_DIR/shapes/tinyllama-1.1b-bfloat16/model.safetensors --json $OUT/probe.json" >"$OUT/$name.log" 2>&1 ;;
+      t5)     timeout "$limit" $BENCH --shape tinyllama-1.1b --batch-size 1 --seq-len 512 --steps 3 --floor \
+                  >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
+      t5long) timeout "$limit" $BENCH --shape tinyllama-1.1b --batch-size 1 --seq-len 4096 --steps 3 \
+                  >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
+      t3)     timeout "$limit" $BENCH --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 3 \
+                  --contenders streaming --floor >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
+      t4)     timeout "$limit" $BENCH --shape llama-2-7b --max-vram 2.5GB --num-buffers 2 --batch-size 1 \
+                  --seq-len 512 --steps 3 --contenders streaming --floor >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
+      t4long) timeout "$limit" $BENCH --shape llama-2-7b --batch-size 1 --seq-len 4096 --steps 3 \
+                  --contenders streaming >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
+      *) echo "unknown stage $name"; return ;;
+    esac
+    rc=$?
+    summary+=("$name: rc $rc in $((SECONDS - t0)) s")
+    tail -n 25 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,pcie.link.gen.current,pcie.link.width.current \
+    --format=csv 2>&1 | tee "$OUT/gpu.txt"
+$PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" \
+    2>&1 | tee -a "$OUT/gpu.txt"
+for stage in "$@"; do run_stage "$stage"; done
+echo "=== summary ==="
+printf '%s\n' "${summary[@]}"
+for f in "$OUT"/t*.json; do
+    [ -s "$f" ] || continue
+    $PY - "$f" <<'EOF'
+import json, sys
+try:
+    o = json.load(open(sys.argv[1]))
+except Exception as e:
+    print(sys.argv[1], "unreadable:", e); sys.exit()
+print(sys.argv[1].rsplit("/", 1)[-1], f"ceiling {o['ceiling_bytes_per_s']/1e9:.1f} GB/s")
+for n, c in o["contenders"].items():
+    print(f"  {n:10s} median {c['median_step_s']:.3f} s {c['step_times_s']} peak {c['peak_anon_bytes']/1e9:.2f} GB "
+          f"pred/meas {c['predicted_over_measured'] or 0:.2f} streamed {c['bytes_streamed_per_step']/1e9:.1f} GB "
+          f"vs_peft {c['vs_peft']} kept {c.get('kept_layers')} offload {c.get('offload_activations')}")
+fl = o.get("floor")
+if fl:
+    print(f"  floor: compute {fl['compute_s']:.3f} s (layer {fl['t_layer']:.4f} kept {fl['t_layer_kept']:.4f} "
+          f"rest {fl['t_rest']:.3f}), transfer {fl['disk_s']:.3f} s -> {fl['floor_s']:.3f} s; "
+          f"streaming/floor {fl['streaming_over_floor']:.2f} (fastest {fl['fastest_streaming_over_floor']:.2f})")
+EOF
+done
