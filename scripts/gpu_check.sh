@@ -76,3 +76,5 @@ if fl:
           f"streaming/floor {fl['streaming_over_floor']:.2f} (fastest {fl['fastest_streaming_over_floor']:.2f})")
 EOF
 done
+# what comes back is at most 8 files: the logs and JSON in one archive
+tar -C "$OUT" -czf /tmp/gpu-logs.tgz . && rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/*.txt && mv /tmp/gpu-logs.tgz "$OUT/logs.tgz"

@@ -473,6 +473,7 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
         cuda = spec.device.startswith("cuda")
         if cuda and spec.device_memory:  # a smaller card, emulated: the allocator refuses past this size
             device = torch.device(spec.device)
+            device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, spec.device_memory / total), device)
         sampler = DevicePeak(spec.device) if cuda else PeakSampler()
