@@ -207,6 +207,7 @@ def test_offloaded_boundary_on_cuda_is_pinned_host_and_matches(tiny_dir, make_le
     streamed.streamed._to_host = lambda t: hosts.append(original(t)[1]) or (t.device, hosts[-1])
     for m in (streamed, resident):
         m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)).train_step(batch(0).cuda())
+    hosts = [h for h in hosts if h.numel() > 0]  # Transformers 5.17 passed each layer an empty tensor too
     assert len(hosts) == LAYERS and all(h.is_pinned() and h.device.type == "cpu" for h in hosts)
     assert streamed.streamed.offloaded_bytes == streamed.streamed.boundary_bytes > 0
     for name, want in lora_state(resident).items():

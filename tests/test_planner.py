@@ -139,7 +139,8 @@ def test_too_small_budget_is_refused_naming_the_setting():
 def test_budget_decides_resident_layers_spread_through_the_stack():
     cfg = make_config("llama")
     base = plan(cfg, "float32", batch_size=B, seq_len=T)
-    p = plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=base.peak_bytes + 2 * base.layer_bytes)
+    p = plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=base.peak_bytes + 2 * base.layer_bytes,
+             keep_activations=0)  # the room is not spent on kept layers first
     assert p.resident_layers_fit == 2 and p.resident_layers == 0 and p.resident_layer_indices == []
     assert "resident layers: 0 (applied: --resident-layers)" in p.table()
     assert f"2 would fit the budget, spread as layers {spread(2, cfg.num_hidden_layers)}" in p.table()
@@ -218,3 +219,27 @@ def test_boundary_goes_to_host_memory_when_only_that_fits():
         plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=budget, offload_activations=False)
     assert plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu",
                 offload_activations=True).activations_on == "device"  # the host is the device
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_layer_terms_match_what_autograd_saves(dtype, tmp_path, make_lema):
+    """The plan's per-layer saved terms against the bytes a kept layer's saved tensors hold in a real step
+    (LEMA's kept-layer hooks count them, weights excluded): in bf16 PEFT saves a float32 copy of each
+    adapted linear's input (on a GPU the 7B b1 x 4096 default plan ran out of memory without that term)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    batch, seq = 2, 128
+    model = make_lema(str(tmp_path / "m"), dtype=str(dtype).split(".")[-1], keep_activations=2, lora_rank=8)
+    ids = torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(0))
+    model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3)).train_step(ids, labels=ids)
+    p = plan(cfg, dtype, lora_rank=8, batch_size=batch, seq_len=seq, keep_activations=2)
+    assert p.kept_layers == 2 and model.streamed.keep == frozenset({0, 1})
+    a, s = batch * seq, dtype.itemsize
+    # in float32 the first norm saves the layer's input itself (the boundary's term); in bf16 its fp32 upcast
+    per_layer = model.streamed.kept_bytes / 2 - (a * cfg.hidden_size * s if s == 4 else 0)
+    assert per_layer == pytest.approx(p.kept_extra_bytes, rel=0.05)

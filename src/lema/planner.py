@@ -26,19 +26,21 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
     layer work     the recompute + backward of one layer (the largest transient while layers
                    run backward), per token, in elements of size s unless marked; all but
                    `backward` are the tensors autograd saves (a kept layer keeps exactly those):
-                     norms         2 x H x (8/s [+ 1])    RMSNorm's fp32 input and normalised output
-                                                          (+ the cast-back output when s != 4)
-                     attention in  nh d + 2 nh d          rotated q; k, v as SDPA gets them (repeated
-                                   (2 nkv d if nkv = nh)  to nh heads when nkv < nh)
-                     attention out nh d + H + nh x 4/s    SDPA output, o_proj's input, logsumexp
-                     mlp           4 I                    gate, up, act(gate), act(gate) x up
-                     lora          n_t x r x 4/s          each adapted linear's A output (fp32)
+                     norms         H x 4/s (x 2 when s != 4) RMSNorm's fp32 input (the first one's is
+                                                          the layer input itself in fp32), + 2 x 4/s
+                     attention in  nh d + 2 nkv d         rotated q; k, v as SDPA gets them (kv heads)
+                     attention out nh d + nh x 4/s        SDPA output (o_proj's input), logsumexp
+                     mlp           4 I (3 I when s != 4)  gate, up, act(gate) [, act(gate) x up]
+                     lora          n_t x r x 4/s          each adapted linear's A output (fp32), and its
+                                   + 2 H                  input: the two norms' outputs when s = 4; when
+                                   (Σ in_t x 4/s)         s != 4, PEFT's float32 cast of it, one per
+                                                          adapted linear (Σ in_t = 6 H + I for Llama)
                      backward      2 H + 3 I              gradients alive at once in the MLP backward
-                   (measured on SmolLM2-135M fp32 with the kept-layer hooks: the saved terms
-                   over-estimate what is saved by ~11%; rotary cos/sin and the mask are shared)
+                   (the saved terms checked against autograd's saved tensors of a real layer in fp32
+                   and bf16, tests/test_planner.py; rotary cos/sin and the mask are shared)
 
-    kept           n_keep x (saved terms - a x H x s): layers that keep what autograd saves instead of
-                   being recomputed (their input is already counted in the boundary)
+    kept           n_keep x saved terms: layers that keep what autograd saves instead of being
+                   recomputed (their input is already counted in the boundary)
     chunked loss   (engine/chunked_loss.py) logits kept 0; head work = one chunk of c tokens'
                    float32 logits (+ casts) + 2 a H s, c = 64 MiB / (4 V)
 
@@ -48,7 +50,8 @@ Peak = frozen (embed + head + ring or all layers) + LoRA + gradients + optimizer
 
 Decisions: the ring depth (applied through `num_buffers`); the loss, chunked when the float32
 logits would pass 64 MiB (applied, LemaConfig.chunked_loss); how many layers keep their
-activations: as many as the budget leaves room for, or, with no budget, half the free memory
+activations: as many as the budget leaves room for (on a GPU less ALLOCATOR_SLACK, 10% of it, left
+to the caching allocator's slack), or, with no budget, half the free memory
 (applied, LemaConfig.keep_activations; the engine asks `ActivationBudget` at each new step size);
 how many layers stay resident (LemaConfig.resident_layers, applied, spread through the stack;
 the plan says how many more the budget allows); where the boundary activations live: on the
@@ -70,6 +73,7 @@ OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
 OPTIMIZER_TEMPS = {"adamw": 1, "adam": 1, "sgd": 0, "sgd-momentum": 0}
 """Float32 temporaries per trainable parameter inside `step()` (torch's foreach Adam: sqrt(exp_avg_sq))."""
 
+ALLOCATOR_SLACK = 0.10  # GPU: share of the budget the kept layers leave free (allocator slack, plan error)
 ALIGN = 64  # stream/layout.py pads each tensor of an unpacked slot to this many bytes
 
 
@@ -257,8 +261,11 @@ def _text_config(hf_config):
     return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
 
 
-def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int) -> dict[str, int]:
-    """Bytes of one layer's recompute + backward working set, term by term (see the module docstring)."""
+def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
+                     lora_in_features: Optional[int] = None) -> dict[str, int]:
+    """Bytes of one layer's recompute + backward working set, term by term (see the module docstring).
+    `lora_in_features`: the adapted linears' input widths, summed over one layer (default: Llama's seven,
+    6 H + I)."""
     c = _text_config(hf_config)
     H = c.hidden_size
     nh = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
@@ -268,12 +275,14 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int) 
     if getattr(c, "num_experts_per_tok", None):  # MoE: the routed experts' intermediates
         I *= c.num_experts_per_tok
     f32 = 4
+    cast = s != f32  # PEFT casts each adapted linear's input to the adapters' float32: a copy per linear
+    lora_in = lora_in_features if lora_in_features is not None else 6 * H + I
     terms = {
-        "norms": a * 2 * H * (2 * f32 + (s if s != 4 else 0)),
-        "attention in": a * s * (nh * d + 2 * (nh if nkv < nh else nkv) * d),
-        "attention out": a * (s * (nh * d + H) + nh * f32),
-        "mlp": a * s * 4 * I,
-        "lora": a * n_targets * lora_rank * f32,
+        "norms": a * (H * f32 * (2 if cast else 1) + 2 * f32),
+        "attention in": a * s * (nh * d + 2 * nkv * d),
+        "attention out": a * (s * nh * d + nh * f32),
+        "mlp": a * s * I * (3 if cast else 4),
+        "lora": a * (n_targets * lora_rank * f32 + (lora_in * f32 if cast else 2 * H * s)),
         "backward": a * s * (2 * H + 3 * I),
     }
     return terms
@@ -304,6 +313,7 @@ class ModelFacts:
     slot_bytes: int
     lora_params: int
     n_targets: int      # adapted linears per decoder layer
+    lora_in_features: int  # their input widths, summed
     L: int
     V: int
     H: int
@@ -336,9 +346,11 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
                                                  task_type="CAUSAL_LM"))
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
-    n_targets = sum(1 for n, _ in peft_model.named_parameters() if ".lora_A." in n and f"{prefix}.0." in n)
+    first = [p for n, p in peft_model.named_parameters() if ".lora_A." in n and f"{prefix}.0." in n]
+    n_targets, lora_in_features = len(first), sum(p.shape[-1] for p in first)
     c = _text_config(hf_config)
-    return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, units.num_layers,
+    return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, lora_in_features,
+                      units.num_layers,
                       c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None)
 
 
@@ -401,10 +413,10 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     else:
         logits = a * V * s
         head_work = head_work_bytes(a, V, s)
-    terms = layer_work_terms(hf_config, a, s, lora_rank, f.n_targets)
+    terms = layer_work_terms(hf_config, a, s, lora_rank, f.n_targets, f.lora_in_features)
     layer_work = sum(terms.values())
     layer_saved = layer_work - terms["backward"]
-    kept_extra = max(0, layer_saved - a * H * s)  # a kept layer saves these beyond its input (the boundary)
+    kept_extra = layer_saved  # what a kept layer saves beyond its input (the input is in the boundary)
 
     cpu = device_type == "cpu"
     layers_total = sum(b for u, b in unit_bytes.items() if u not in (EMBED, HEAD))
@@ -440,7 +452,11 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     elif offload and offload_activations is None:
         keep = 0  # offloading was needed to fit: nothing to spare for kept layers
     else:
-        room = (max_vram_bytes - peak_of(depth, not offload)[0]) if max_vram_bytes is not None else free_bytes
+        # on a GPU the caching allocator holds more than the live tensors (blocks split and cached): the kept
+        # layers, a speed choice, leave that slack free (the 7B b1 x 4096 plan that filled 16 GB to 14.4 GiB
+        # planned ran out of memory with 0.7 GiB reserved but unallocated)
+        usable = max_vram_bytes * (1 - ALLOCATOR_SLACK) if max_vram_bytes is not None and not cpu else max_vram_bytes
+        room = (usable - peak_of(depth, not offload)[0]) if max_vram_bytes is not None else free_bytes
         keep = max(0, min(L, int(room // kept_extra))) if room is not None and kept_extra else 0
     peak, ring_dev, frozen, phase = peak_of(depth, not offload, keep=keep)
     p = Plan(model_type=f.model_type, dtype=dtype, device_type=device_type, strategy=strategy,

@@ -164,6 +164,8 @@ class StreamedLayers:
 
     def _to_host(self, t: torch.Tensor):
         """Pack a checkpoint's input: a copy in host memory (pinned from a GPU, so the copy runs async)."""
+        if t.numel() == 0:  # nothing to move (Transformers passes empty tensors to some layers)
+            return None, t
         pinned = t.is_cuda
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
         host.copy_(t, non_blocking=pinned)
@@ -173,7 +175,7 @@ class StreamedLayers:
     @staticmethod
     def _from_host(packed) -> torch.Tensor:
         device, host = packed
-        return host.to(device, non_blocking=host.is_pinned())
+        return host if device is None else host.to(device, non_blocking=host.is_pinned())
 
     def _unpack(self, x):
         if isinstance(x, WeightRef):
