@@ -90,6 +90,38 @@ def test_layer_packed_file_on_cuda(tiny_dir, make_lema, tmp_path_factory):
         torch.testing.assert_close(lora_state(model)[name], want, atol=1e-4, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["safetensors", "layer-packed"])
+def test_zero_copy_on_cuda_copies_from_the_registered_page_cache(packed, tiny_dir, make_lema, tmp_path_factory):
+    """zero_copy=True on a GPU: the layers' file pages are registered with CUDA, each load copies them to the
+    device slot directly (no pinned staging slot); the step equals RESIDENT's; close() unregisters them."""
+    from lema.convert import convert
+
+    src = tiny_dir("llama", num_layers=LAYERS)
+    path = convert(src, str(tmp_path_factory.mktemp("zc") / "out"), progress=False) if packed else src
+    model = make_lema(path, device="cuda", num_buffers=2, zero_copy=True)
+    resident = make_lema(src, device="cuda", strategy=MemoryStrategy.RESIDENT)
+    ring = model.source
+    assert ring._host_views is not None and ring._thread is None
+    assert all(s.host is None and s.device is not None for s in ring.slots)
+    assert all(f._registered for f in model.store.files if any(r[0] is f for l in model.layouts for r in l.ranges))
+    pieces = model._host_pieces(model.layouts[0])
+    assert all(t.is_pinned() for _, t in pieces)  # registered memory: the copies run as DMA
+    trainers = [m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)) for m in (model, resident)]
+    for step in range(2):
+        ids = batch(step).cuda()
+        (_, loss), (_, ref_loss) = (t.train_step(ids) for t in trainers)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    for name, want in lora_state(resident).items():
+        torch.testing.assert_close(lora_state(model)[name], want, atol=1e-4, rtol=0, msg=name)
+    model.close()
+    assert not any(f._registered for f in model.store.files)
+
+
+def test_zero_copy_on_cuda_refuses_a_file_in_another_dtype(tiny_dir, make_lema):
+    with pytest.raises(ValueError, match="not stored in torch.float32.*--zero-copy auto"):
+        make_lema(tiny_dir("llama", num_layers=LAYERS, dtype=torch.bfloat16), device="cuda", zero_copy=True)
+
+
 def test_ring_slots_are_pinned_host_and_device_buffers(tiny_dir, make_lema):
     model = make_lema(tiny_dir("llama", num_layers=LAYERS), device="cuda", num_buffers=3)
     ring = model.source

@@ -243,3 +243,11 @@ def test_kept_layer_terms_match_what_autograd_saves(dtype, tmp_path, make_lema):
     # in float32 the first norm saves the layer's input itself (the boundary's term); in bf16 its fp32 upcast
     per_layer = model.streamed.kept_bytes / 2 - (a * cfg.hidden_size * s if s == 4 else 0)
     assert per_layer == pytest.approx(p.kept_extra_bytes, rel=0.05)
+
+
+def test_gpu_zero_copy_plans_no_pinned_host_slots():
+    cfg = make_config("llama")
+    staged = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda", num_buffers=3)
+    direct = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda", num_buffers=3, zero_copy=True)
+    assert staged.ring_host_bytes == 3 * staged.slot_bytes > 0 and direct.ring_host_bytes == 0
+    assert direct.ring_device_bytes == staged.ring_device_bytes and direct.peak_bytes == staged.peak_bytes

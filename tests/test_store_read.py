@@ -47,3 +47,14 @@ def test_read_into_split_over_threads_gives_the_same_bytes_and_refuses_a_shrunk_
     with pytest.raises(WeightsFileError, match="shrank"):
         f.read_into(e.start, e.end, torch.empty(e.nbytes, dtype=torch.uint8), threads=4)
     f.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where CUDA is missing")
+def test_register_with_cuda_reports_why_it_cannot_instead_of_raising(tmp_path):
+    """Without CUDA the registration answers with the reason (the model turns it into an error naming the fix)."""
+    path = str(tmp_path / "w.safetensors")
+    save_file({"w": torch.ones(4096)}, path)
+    f = SafetensorsFile(path)
+    why = f.register_with_cuda(f.entries["w"].start, f.entries["w"].end)
+    assert isinstance(why, str) and why and f._registered == []
+    f.close()

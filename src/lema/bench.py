@@ -403,7 +403,8 @@ class _Contender:
         self.model = LemaModel(cfg)
         tokens = spec.batch_size * spec.seq_len
         self.info = {"kept_layers": len(self.model.kept_layers(tokens)),
-                     "zero_copy": isinstance(self.model.source, WeightRing) and self.model.source._zero_copy is not None,
+                     "zero_copy": isinstance(self.model.source, WeightRing) and (
+                         self.model.source._zero_copy is not None or self.model.source._host_views is not None),
                      "chunked_loss": self.model.uses_chunked_loss(tokens),
                      "offload_activations": self.model.offloads_activations(tokens)}
         pager = getattr(self.model.source, "pager", None)

@@ -106,8 +106,12 @@ class LemaConfig:
     prefetch: bool = True
     """Load the next units in a background thread while the current one computes."""
     zero_copy: Optional[bool] = None
-    """CPU only: hand out views of the memory-mapped weights (no copy, page cache only) instead of reading each
-    layer into a ring slot in the loader thread. None: views whenever the file is in the compute dtype."""
+    """CPU: hand out views of the memory-mapped weights (no copy, page cache only) instead of reading each
+    layer into a ring slot in the loader thread. None: views whenever the file is in the compute dtype.
+    CUDA: True page-locks the layers' file pages for the GPU (cudaHostRegister, read-only) and copies each
+    layer straight from them, with no pinned staging slot (the file must be in the compute dtype and the
+    layers must fit in RAM; refused otherwise). None/False: staged through pinned slots (not yet measured
+    against each other on a GPU, so staging stays the default there)."""
     page_cache: Optional[str] = None
     """CPU zero-copy only: how much of the page cache the streamed layers may hold, e.g. '16GB'. A pager thread
     then keeps the layers needed soonest there (read ahead, mapped) and drops the rest, so disk reads overlap

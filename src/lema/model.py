@@ -96,15 +96,20 @@ class LemaModel(nn.Module):
         # thread's copy out of the page cache (a few GB/s) is slower than the link it feeds.
         self._fill_threads = min(FILL_THREADS, os.cpu_count() or 1) if self.device.type == "cuda" else 1
         if config.strategy == MemoryStrategy.STREAMING:
-            views_ok = self._file_dtype_is_compute_dtype(layer_names) and config.zero_copy is not False
+            same_dtype = self._file_dtype_is_compute_dtype(layer_names)
+            cpu = self.device.type == "cpu"
+            views_ok = cpu and same_dtype and config.zero_copy is not False
             zero_copy = self._zero_copy if views_ok else None
+            # CUDA zero-copy: only when asked for (not yet measured against the pinned staging on a GPU)
+            host_views = self._register_page_cache(same_dtype) if not cpu and config.zero_copy else None
             pager = self._pager() if zero_copy is not None and config.prefetch else None
             from .planner import spread
 
             resident = {i: self._load_resident(self.layouts[i])  # LemaConfig.resident_layers
                         for i in spread(config.resident_layers, self.units.num_layers)}
             self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
-                                     config.num_buffers, prefetch=config.prefetch, pager=pager, resident=resident)
+                                     config.num_buffers, prefetch=config.prefetch, pager=pager, resident=resident,
+                                     host_views=host_views)
         else:
             self.source = ResidentLayers(self.layouts, self._load_resident)
         recompute = config.strategy == MemoryStrategy.STREAMING or config.gradient_checkpointing
@@ -179,13 +184,49 @@ class LemaModel(nn.Module):
         layout.fill(dst, self._read, self.store, self._fill_threads)
 
     def _file_dtype_is_compute_dtype(self, layer_names: list[list[str]]) -> bool:
-        """On the CPU the ring serves mmap views only when no layer tensor needs a dtype conversion;
-        otherwise it converts into its preallocated slot buffers (no allocation per layer load)."""
-        if self.device.type != "cpu":
-            return False
+        """The ring serves the file's bytes as they are (CPU mmap views, CUDA copies from the page cache)
+        only when no layer tensor needs a dtype conversion; otherwise it converts into its preallocated
+        slot buffers (no allocation per layer load)."""
         sources = [self.sources[n] for names in layer_names for n in names]
         keys = [k for src in sources for k in ([src.key] if src.key is not None else [k for k, _ in src.group.sources])]
         return all(self.store.entry(k).dtype == self.dtype for k in keys)
+
+    def _register_page_cache(self, same_dtype: bool):
+        """CUDA zero-copy (LemaConfig.zero_copy=True): page-lock the streamed layers' file ranges for the copy
+        engine (SafetensorsFile.register_with_cuda), so each layer's host-to-device copy reads the page cache
+        itself, with no pinned staging slot and no host copy; returns the ring's `host_views`."""
+        why = None
+        if not same_dtype:
+            why = f"the layer weights are not stored in {self.dtype} (the copy engine cannot convert)"
+        elif not all(l.packed is not None or len(l.ranges) == len(l.placements) for l in self.layouts):
+            why = "some layer weights are built on load (converted tensors such as fused experts)"
+        else:
+            need, available = sum(l.nbytes for l in self.layouts), memory_available()
+            if need > available - RESERVE_BYTES:
+                why = (f"the layers ({need / 2**30:.1f} GiB) would stay locked in RAM, but only "
+                       f"{available / 2**30:.1f} GiB is available")
+        if why is None:
+            spans: dict = {}
+            for layout in self.layouts:
+                for f, lo, hi in layout.ranges:
+                    a, b = spans.get(f, (lo, hi))
+                    spans[f] = (min(a, lo), max(b, hi))
+            for f, (lo, hi) in spans.items():
+                err = f.register_with_cuda(lo, hi)
+                if err is not None:
+                    why = f"registering {f.path!r} with CUDA failed ({err})"
+                    break
+        if why is not None:
+            raise ValueError(f"zero_copy=True on {self.device}: {why}; use zero_copy=None (--zero-copy auto) "
+                             "to stage each layer through pinned host slots")
+        return self._host_pieces
+
+    def _host_pieces(self, layout: UnitLayout) -> list[tuple[int, torch.Tensor]]:
+        """A unit's registered file bytes as (offset in its slot, uint8 view of the mmap) pieces."""
+        if layout.packed is not None:
+            f, start, end = layout.packed
+            return [(0, f.bytes_view(start, end))]
+        return [(p.offset, f.bytes_view(lo, hi)) for p, (f, lo, hi) in zip(layout.placements, layout.ranges)]
 
     def _zero_copy(self, layout: UnitLayout) -> dict:
         return {p.name: self._read_checked(p.name, p.shape).to(self.dtype) for p in layout.placements}
@@ -418,6 +459,8 @@ class LemaModel(nn.Module):
 
     def close(self) -> None:
         self.source.close()
+        for f in self.store.files:  # page-locked ranges (CUDA zero-copy) go back to the page cache
+            f.unregister_cuda()
 
     def __del__(self):
         try:

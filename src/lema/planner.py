@@ -364,8 +364,9 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
          offload_activations: Optional[bool] = None) -> Plan:
     """Plan one training step of `model` (a Transformers config, or a checkpoint folder).
 
-    `zero_copy` (CPU only): whether the ring serves views of the mmap (weights file already in the
+    `zero_copy`: on the CPU, whether the ring serves views of the mmap (weights file already in the
     compute dtype); None: read from the folder's weights-file header when `model` is a folder, else True.
+    On a GPU only True counts (the copies read the registered page cache: no pinned host slots).
     `chunked_loss`, `keep_activations`: as in LemaConfig (None: decided here, as the engine decides).
     `free_bytes`: memory the run may take beyond the plan's own peak when no budget is given (the engine
     passes half the free memory); with neither, no layer keeps its activations.
@@ -391,6 +392,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     if num_buffers < 2:
         raise ValueError(f"num_buffers={num_buffers} must be >= 2")
     folder = model if isinstance(model, str) else None
+    host_slots = device_type != "cpu" and strategy == "streaming" and zero_copy is not True
     if zero_copy is None:
         zero_copy = _file_dtype(folder) == dtype if folder else True
     f = facts or model_facts(model, dtype, lora_rank, targets)
@@ -465,7 +467,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              lora_bytes=lora_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
              boundary_bytes=boundary, logits_bytes=logits, head_work_bytes=head_work,
              layer_work_bytes=layer_work, layer_saved_bytes=layer_saved, ring_depth=depth,
-             ring_device_bytes=ring_dev, ring_host_bytes=0 if cpu or strategy == "resident" else depth * slot_bytes,
+             ring_device_bytes=ring_dev, ring_host_bytes=depth * slot_bytes if host_slots else 0,
              frozen_device_bytes=frozen, peak_bytes=peak, peak_phase=phase, layer_terms=terms,
              chunked_loss=chunked, kept_layers=keep, kept_extra_bytes=kept_extra,
              keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None

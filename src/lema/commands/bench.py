@@ -39,7 +39,9 @@ def add_arguments(parser) -> None:
                              "on the CPU it bounds anonymous memory")
     parser.add_argument("--zero-copy", type=tristate, default=None, metavar="auto|on|off",
                         help="LEMA STREAMING on the CPU: views of the mmap (on, the default when the file is in the "
-                             "compute dtype) or each layer read into ring slots by the loader thread (off)")
+                             "compute dtype) or each layer read into ring slots by the loader thread (off); on "
+                             "CUDA, on copies each layer straight from the page cache registered with CUDA, "
+                             "auto/off through pinned staging slots")
     parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
                         help="LEMA STREAMING on the CPU with views: the page-cache window the pager holds "
                              "(default auto: on when the layers exceed the available memory)")
@@ -224,6 +226,7 @@ def format_table(out: dict) -> str:
     from ..bench import human
 
     gb = 1e9
+    cuda = out.get("device") == "cuda"
     lines = [f"lema bench: {out['model']} ({human(out['weights_bytes'])}), {out['dtype']}, batch {out['batch_size']}"
              f" x seq {out['seq_len']}, LoRA r{out['lora_rank']}, AdamW; {out['steps']} interleaved rounds",
              f"machine: {out['machine']}; ceiling: {out['ceiling_bytes_per_s'] / gb:.2f} GB/s, {out['ceiling_kind']}",
@@ -244,7 +247,8 @@ def format_table(out: dict) -> str:
         if "kept_layers" in c:
             lines.append(f"{c['label']}: {c['kept_layers']} layers kept their activations (the rest recomputed), "
                          f"loss {'chunked' if c['chunked_loss'] else 'on full logits'}"
-                         + (", weights as mmap views" if c.get("zero_copy") else "")
+                         + ((", layers copied from the registered page cache" if cuda else ", weights as mmap views")
+                            if c.get("zero_copy") else "")
                          + (f", page-cache window {human(c['page_cache_window'])} held by the pager "
                             f"({c.get('pager_late_per_step', 0):.1f} layers per step not read ahead in time, "
                             f"{human(c.get('page_cache_evicted_per_step', 0))} per step of the window evicted by "

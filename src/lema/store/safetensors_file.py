@@ -28,6 +28,7 @@ SAFETENSORS_DTYPES = {
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
+CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
 PARALLEL_PIECE_MIN = 4 * 2**20  # a parallel read gives each thread at least this much
 PAGE_ALIGN = 2**21              # pieces start on 2 MiB boundaries (huge pages of the destination)
 _POOL: "Optional[ThreadPoolExecutor]" = None
@@ -115,6 +116,7 @@ class SafetensorsFile:
         # the views we hand out are never written (frozen weights), which the engine guarantees.
         self._buffer = memoryview(self._mmap) if self._mmap is not None else None
         self._address = self.bytes_view(0, 1).data_ptr() if self._mmap is not None else 0  # the mapping's start
+        self._registered: list[int] = []  # addresses page-locked for CUDA (register_with_cuda)
         self._advice_lock = threading.Lock()  # populate/drop (the pager's thread) against close()
         # resident() against close(): its own lock, so the compute thread's check never waits for a populate
         # (which holds the advice lock while it reads a layer from the disk, a second or more)
@@ -194,9 +196,35 @@ class SafetensorsFile:
             fraction = resident_fraction(self._address + start, end - start)
         return 1.0 if fraction is None else fraction
 
+    def register_with_cuda(self, start: int, end: int) -> Optional[str]:
+        """Page-lock file bytes [start, end) of the mapping for the GPU's copy engine (cudaHostRegister,
+        read-only): a host-to-device copy from a view of them then runs as DMA straight out of the page
+        cache, with no copy into a pinned buffer first. Reads whatever is not cached yet; the pages stay
+        in RAM until `close`. None on success, else CUDA's reason."""
+        page = mmap.PAGESIZE
+        lo, hi = (start // page) * page, min(-(-end // page) * page, self.size)
+        if self._mmap is None or hi <= lo:
+            return "nothing to register"
+        try:
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(self._address + lo, hi - lo, CUDA_HOST_REGISTER_READ_ONLY)
+        except Exception as e:  # no CUDA build, no driver
+            return f"{type(e).__name__}: {e}"
+        if int(err) != 0:
+            return f"cudaHostRegister failed: {err}"
+        self._registered.append(self._address + lo)
+        return None
+
+    def unregister_cuda(self) -> None:
+        """Undo `register_with_cuda` (the pages become evictable again)."""
+        for address in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(address)
+        self._registered = []
+
     def close(self) -> None:
         # Views handed out keep the mapping alive (they hold buffer exports); dropping our
         # references lets the OS unmap once the last view dies.
+        self.unregister_cuda()  # before the mapping can go: the driver holds its pages
         with self._advice_lock, self._resident_lock:
             self._buffer = None
             self._mmap = None

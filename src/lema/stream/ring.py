@@ -29,6 +29,9 @@ NOTE [ring protocol] — every sync point in this file points here.
 - A layer recomputed in backward stays in use until the next acquire or the end of the backward
   pass: autograd runs the layer's backward *after* the recompute returned, reading the bound
   weights (see engine/streamed_layer.py).
+- CUDA zero-copy (`host_views`: the file's pages registered with cudaHostRegister, LemaConfig.zero_copy):
+  no P[s]; the copy stream waits done[s] and copies D[s] <- the mmap's pages directly. Issuing that
+  takes microseconds, so it runs inline at prefetch time, without the loader thread.
 - On the CPU with zero-copy views there is no loader thread: `_load` runs inline at prefetch
   time; the disk -> page-cache stage is the kernel's read-ahead started by madvise(WILLNEED), or,
   when the layers do not all fit in the page cache, the pager's thread (stream/pager.py), which
@@ -92,16 +95,19 @@ class WeightRing:
     def __init__(self, layouts: list[UnitLayout], fill: Callable[[UnitLayout, torch.Tensor], None],
                  zero_copy: Optional[Callable[[UnitLayout], dict]], hint: Callable[[UnitLayout], None],
                  device: torch.device, num_slots: int, prefetch: bool = True, pager=None,
-                 resident: Optional[dict[int, dict]] = None):
+                 resident: Optional[dict[int, dict]] = None,
+                 host_views: Optional[Callable[[UnitLayout], list[tuple[int, torch.Tensor]]]] = None):
         """`resident`: units loaded once for the run (LemaConfig.resident_layers), unit -> its weights; they
         are served as they are and left out of the schedule, so the ring prefetches the next streamed unit
-        while a resident one computes."""
+        while a resident one computes. `host_views` (CUDA, the file's pages registered with CUDA): a unit's
+        (slot offset, page-locked view of the mmap) pieces, copied to the device slot with no pinned staging."""
         self.layouts = layouts
         self.resident = resident or {}
         self.pager = pager            # CPU zero-copy, weights over the page cache: stream/pager.py
         self._fill = fill
         self._zero_copy = zero_copy   # CPU, dtype already right: views of the mmap, no buffer at all
         self._hint = hint
+        self._host_views = host_views  # CUDA zero-copy: the copy engine reads the page cache itself
         self.device = device
         self.slots = [_Slot() for _ in range(num_slots)]
         self.stats = RingStats()
@@ -113,7 +119,8 @@ class WeightRing:
         if zero_copy is None:
             for s in self.slots:
                 # Preallocated once at the exact size: no allocation in the per-layer path.
-                s.host = torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=cuda)
+                if host_views is None:
+                    s.host = torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=cuda)
                 if cuda:
                     s.device = torch.empty(self.slot_bytes, dtype=torch.uint8, device=device)
                     s.ready, s.done, s.h2d_done = (torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event())
@@ -123,7 +130,8 @@ class WeightRing:
         self._thread = None
         # CPU zero-copy: a "load" is an madvise(WILLNEED) hint (the kernel reads ahead on its own) and a
         # few views; it runs inline, since a thread handoff per layer would cost more than the work.
-        if prefetch and zero_copy is None:
+        # With host_views a load only issues async copies: inline too (NOTE [ring protocol]).
+        if prefetch and zero_copy is None and host_views is None:
             # Weakly: a ring (and the model owning it) dropped without close() is still freed (NOTE [ring protocol]).
             self._thread = threading.Thread(target=_worker, args=(weakref.ref(self), self._queue, self._stop),
                                             name="lema-loader", daemon=True)
@@ -238,6 +246,14 @@ class WeightRing:
                 if self.pager is None:           # else the pager holds the window of upcoming layers
                     self._hint(layout)           # disk -> page cache, asynchronously in the kernel
                 s.views = self._zero_copy(layout)
+            elif self._host_views is not None:  # CUDA zero-copy: registered page cache -> D[s], no staging
+                pieces = self._host_views(layout)
+                with torch.cuda.stream(self.copy_stream):
+                    self.copy_stream.wait_event(s.done)  # D[s]'s previous occupant is finished with
+                    for offset, src in pieces:
+                        s.device[offset: offset + src.numel()].copy_(src, non_blocking=True)
+                    s.ready.record(self.copy_stream)
+                s.views = layout.views(s.device)
             elif self.copy_stream is None:       # CPU with dtype conversion: the host buffer is the slot
                 self._fill(layout, s.host)
                 s.views = layout.views(s.host)
