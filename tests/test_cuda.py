@@ -28,6 +28,17 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.peft_model.named_parameters() if ".lora_" in n}
 
 
+def assert_trains_like(model, reference, steps: int = 2) -> None:
+    """`steps` AdamW steps of both models: the same losses and the same LoRA weights after them."""
+    trainers = [m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)) for m in (model, reference)]
+    for step in range(steps):
+        ids = batch(step).cuda()
+        (_, loss), (_, ref_loss) = (t.train_step(ids) for t in trainers)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    for name, want in lora_state(reference).items():
+        torch.testing.assert_close(lora_state(model)[name], want, atol=1e-4, rtol=0, msg=name)
+
+
 @pytest.fixture(autouse=True)
 def exact_fp32():
     """fp32 matmuls without TF32, so the streamed and resident runs can be compared tightly."""
@@ -81,13 +92,7 @@ def test_layer_packed_file_on_cuda(tiny_dir, make_lema, tmp_path_factory):
     model = make_lema(out, device="cuda", num_buffers=2)
     resident = make_lema(src, device="cuda", strategy=MemoryStrategy.RESIDENT)
     assert all(layout.packed is not None for layout in model.layouts)
-    trainers = [m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)) for m in (model, resident)]
-    for step in range(2):
-        ids = batch(step).cuda()
-        (_, loss), (_, ref_loss) = (t.train_step(ids) for t in trainers)
-        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
-    for name, want in lora_state(resident).items():
-        torch.testing.assert_close(lora_state(model)[name], want, atol=1e-4, rtol=0, msg=name)
+    assert_trains_like(model, resident)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["safetensors", "layer-packed"])
@@ -106,13 +111,7 @@ def test_zero_copy_on_cuda_copies_from_the_registered_page_cache(packed, tiny_di
     assert all(f._registered for f in model.store.files if any(r[0] is f for l in model.layouts for r in l.ranges))
     pieces = model._host_pieces(model.layouts[0])
     assert all(t.is_pinned() for _, t in pieces)  # registered memory: the copies run as DMA
-    trainers = [m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)) for m in (model, resident)]
-    for step in range(2):
-        ids = batch(step).cuda()
-        (_, loss), (_, ref_loss) = (t.train_step(ids) for t in trainers)
-        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
-    for name, want in lora_state(resident).items():
-        torch.testing.assert_close(lora_state(model)[name], want, atol=1e-4, rtol=0, msg=name)
+    assert_trains_like(model, resident)
     model.close()
     assert not any(f._registered for f in model.store.files)
 
