@@ -217,6 +217,8 @@ class LemaModel(nn.Module):
                     why = f"registering {f.path!r} with CUDA failed ({err})"
                     break
         if why is not None:
+            for f in self.store.files:  # a file registered before another one failed
+                f.unregister_cuda()
             raise ValueError(f"zero_copy=True on {self.device}: {why}; use zero_copy=None (--zero-copy auto) "
                              "to stage each layer through pinned host slots")
         return self._host_pieces

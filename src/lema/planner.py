@@ -42,7 +42,7 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
     kept           n_keep x saved terms: layers that keep what autograd saves instead of being
                    recomputed (their input is already counted in the boundary)
     chunked loss   (engine/chunked_loss.py) logits kept 0; head work = one chunk of c tokens'
-                   float32 logits (+ casts) + 2 a H s, c = 64 MiB / (4 V)
+                   float32 logits and logsumexp's shifted copy + 2 a H s, c = 64 MiB / (4 V)
 
 Peak = frozen (embed + head + ring or all layers) + LoRA + gradients + optimizer
        + max(boundary + kept + head work, boundary + kept + logits kept + layer work,
@@ -295,11 +295,11 @@ def head_work_bytes(a: int, V: int, s: int) -> int:
 
 
 def chunked_head_work_bytes(a: int, V: int, H: int, s: int, rows: int, softcap: bool = False) -> int:
-    """engine/chunked_loss.py: one chunk of `rows` tokens' logits (float32, plus the compute-dtype matmul
-    output and the cast gradient when s != 4; soft-capping adds ~3 float32 temporaries), and the hidden
-    states' gradient (a x H x s) with its scaled copy in backward."""
+    """engine/chunked_loss.py: one chunk of `rows` tokens' float32 logits and logsumexp's shifted copy of
+    them (the compute-dtype matmul output, when s != 4, is freed by then; soft-capping adds ~3 float32
+    temporaries), and the hidden states' gradient (a x H x s) with its scaled copy in backward."""
     r = min(a, rows)
-    per_row = V * (4 + (2 * s if s != 4 else 0)) + (3 * V * 4 if softcap else 0) + H * s
+    per_row = V * 2 * 4 + (3 * V * 4 if softcap else 0) + H * s
     return r * per_row + 2 * a * H * s
 
 

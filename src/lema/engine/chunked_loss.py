@@ -27,7 +27,8 @@ from torch import nn
 
 IGNORE = -100
 CHUNK_BYTES = 64 * 2**20
-"""Float32 logits of one chunk; the chunk's working set is about twice this."""
+"""Float32 logits of one chunk; the chunk's working set is twice this (the logits and logsumexp's
+shifted copy; planner.chunked_head_work_bytes)."""
 
 
 def chunk_rows(vocab: int, chunk_bytes: Optional[int] = None) -> int:
@@ -89,6 +90,10 @@ class _FusedHeadLoss(torch.autograd.Function):
                 if softcap:
                     dz.mul_(1.0 - t * t)
                 grad.index_copy_(0, idx, dz.to(h.dtype) @ weight)
+                del dz
+            del z  # before the next chunk's logits exist: one chunk's alive at a time, not two
+            if softcap:
+                del t
         ctx.save_for_backward(grad if need_grad else None)
         ctx.shape = hidden.shape
         return total / n  # 0 / 0 = nan when nothing is counted, as Transformers' mean gives
