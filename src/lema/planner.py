@@ -44,7 +44,7 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
     chunked loss   (engine/chunked_loss.py) logits kept 0; head work = one chunk of c tokens'
                    float32 logits and logsumexp's shifted copy + 2 a H s, c = 64 MiB / (4 V)
 
-Peak = frozen (embed + head + ring or all layers) + LoRA + gradients + optimizer [+ CPU runtime]
+Peak = frozen (embed + head + ring or all layers) + LoRA + gradients + optimizer
        + max(boundary + kept + head work, boundary + kept + logits kept + layer work,
              logits kept + optimizer step).
 
@@ -73,10 +73,6 @@ OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
 OPTIMIZER_TEMPS = {"adamw": 1, "adam": 1, "sgd": 0, "sgd-momentum": 0}
 """Float32 temporaries per trainable parameter inside `step()` (torch's foreach Adam: sqrt(exp_avg_sq))."""
 
-CPU_RUNTIME_BYTES = 256 * 2**20
-"""CPU: anonymous memory a training process holds after its first step beyond every tensor the plan counts
-(allocator and library workspaces; measured with freed memory returned to the OS: 170 MiB on SmolLM2
-b4 x 256, ~0.3 GiB on the 7B shape at b1 x 128). Not on a GPU: there it is host memory."""
 ALLOCATOR_SLACK = 0.10  # GPU: share of the budget the kept layers leave free (allocator slack, plan error)
 ALIGN = 64  # stream/layout.py pads each tensor of an unpacked slot to this many bytes
 
@@ -124,7 +120,6 @@ class Plan:
     peak_bytes: int
     peak_phase: str
     activations_on: str = "device"
-    runtime_bytes: int = 0          # CPU: what the process holds beyond the counted tensors (CPU_RUNTIME_BYTES)
     resident_layers: int = 0        # streaming: layers loaded once for the run (applied: LemaConfig.resident_layers)
     resident_layer_indices: list[int] = field(default_factory=list)  # which: spread through the stack
     resident_layers_fit: int = 0    # how many the budget would allow in all
@@ -170,8 +165,6 @@ class Plan:
             Row("LoRA adapters", dev, self.lora_bytes, f"{self.lora_params:,} params, r={self.lora_rank}, fp32"),
             Row("LoRA gradients", dev, self.grad_bytes, "fp32"),
             Row("optimizer state", dev, self.optimizer_bytes, "AdamW: 2 x LoRA, fp32"),
-            *([Row("runtime workspace", dev, self.runtime_bytes, "held beyond the tensors above (measured)")]
-              if self.runtime_bytes else []),
             Row("boundary activations", dev if self.activations_on == "device" else "host", self.boundary_bytes,
                 f"{L} x B{self.batch_size} x T{self.seq_len} x H x {self.dtype.itemsize} B"),
             Row(f"kept activations ({self.kept_layers} layers)", dev, self.kept_layers * self.kept_extra_bytes,
@@ -428,7 +421,6 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     kept_extra = layer_saved  # what a kept layer saves beyond its input (the input is in the boundary)
 
     cpu = device_type == "cpu"
-    runtime = CPU_RUNTIME_BYTES if cpu else 0
     layers_total = sum(b for u, b in unit_bytes.items() if u not in (EMBED, HEAD))
 
     def peak_of(depth: int, on_device_acts: bool = True, keep: int = 0) -> tuple[int, int, int, str]:
@@ -440,7 +432,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         else:
             ring_dev = 0 if (cpu and zero_copy) else depth * slot_bytes
             frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + ring_dev + resident * slot_bytes
-        fixed = frozen + lora_bytes + grad_bytes + optimizer_bytes + runtime
+        fixed = frozen + lora_bytes + grad_bytes + optimizer_bytes
         static = fixed + (boundary if on_device_acts else keep * a * H * s) + keep * kept_extra
         phases = {"the loss (head forward/backward)": static + head_work,
                   "the first layer's recompute in backward": static + logits + layer_work,
@@ -480,7 +472,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              chunked_loss=chunked, kept_layers=keep, kept_extra_bytes=kept_extra,
              keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None
              and free_bytes is None, resident_layers=resident, resident_layer_indices=spread(resident, L),
-             activations_on="host" if offload else "device", runtime_bytes=runtime)
+             activations_on="host" if offload else "device")
     if cpu and zero_copy and strategy == "streaming" and L:
         _page_cache(p, layers_total, page_cache)
     _decide(p, lambda d, on_device_acts=not offload: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
