@@ -260,3 +260,5 @@ def test_lema_bench_on_cuda(tmp_path, capsys):
         assert 0 < c["peak_anon_bytes"] < 4e9, name
     s = out["contenders"]["streaming"]
     assert out["floor"]["disk_s"] == pytest.approx(s["bytes_streamed_per_step"] / out["ceiling_bytes_per_s"])
+    # 2 slots of 3 layers: the last forward layer serves the first backward one, so a bit under two passes
+    assert out["floor"]["disk_s"] < out["floor"]["two_passes_s"] <= 2 * out["weights_bytes"] / out["ceiling_bytes_per_s"]
