@@ -461,6 +461,9 @@ class LemaModel(nn.Module):
 
     def close(self) -> None:
         self.source.close()
+        stream = getattr(self.source, "copy_stream", None)
+        if stream is not None and getattr(self.source, "_host_views", None) is not None:
+            stream.synchronize()  # no copy may still read the pages unregistered next
         for f in self.store.files:  # page-locked ranges (CUDA zero-copy) go back to the page cache
             f.unregister_cuda()
 
