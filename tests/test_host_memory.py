@@ -34,3 +34,26 @@ def test_bounded_heap_follows_live_tensors():
     """(glibc's default here: ~1.3x on this pattern, ~10x on a 7B forward; see host_memory.py.)"""
     bounded = run("bounded")
     assert bounded < 1.1, f"anonymous memory grew {bounded:.2f}x the live tensors with the threshold fixed"
+
+
+def test_trim_heap_returns_freed_small_blocks_to_the_os():
+    """Blocks under the mmap threshold, freed below a live one, stay in the heap until trim_heap (the CPU
+    budget's engine trims at each pass start: RssAnon then follows the live tensors the plan counts)."""
+    import ctypes
+
+    from lema.host_memory import proc_bytes, trim_heap
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(64 * 1024) for _ in range(2000)]  # 125 MiB in heap blocks, below the threshold
+    for b in blocks:
+        ctypes.memset(b, 1, 64 * 1024)  # touched: resident
+    keep = libc.malloc(64 * 1024)  # a live block above them: the heap's top cannot shrink past it
+    rss = lambda: proc_bytes("/proc/self/status", "RssAnon")
+    for b in blocks:
+        libc.free(b)
+    before = rss()
+    assert trim_heap()
+    assert before - rss() > 100 * 2**20
+    libc.free(keep)

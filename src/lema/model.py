@@ -25,7 +25,7 @@ from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
                               load_hf_config, reset_lora, unit_map)
 from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fused_head_supported
 from .engine.streamed_layer import StreamedLayers
-from .host_memory import memory_available, return_freed_memory_to_os
+from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
 from .store.keymap import map_checkpoint, reader_for
 from .stream.layout import UnitLayout
@@ -254,6 +254,8 @@ class LemaModel(nn.Module):
     def _begin_pass(self, module, args) -> None:
         """Tell the ring the order of the coming pass: F0..F(L-1), then B(L-1)..B0 when training."""
         self.streamed.release_backward_holds()  # left over if the last backward raised
+        if getattr(self, "host_heap_bounded", False):  # a CPU budget: what the last step freed leaves the heap
+            trim_heap()
         self.streamed.boundary_bytes = 0
         self.streamed.offloaded_bytes = 0
         self.streamed.kept_bytes = 0
