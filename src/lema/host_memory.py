@@ -25,15 +25,31 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 THRESHOLD_BYTES = 1 << 20
 
 
+_libc = None
+
+
+def _c_library():
+    """The C library, loaded once, with the signatures used here; False where there is none."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _libc = ctypes.CDLL(name, use_errno=True) if name else False
+        except OSError:
+            _libc = False
+        if _libc:
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _libc.madvise.restype = ctypes.c_int
+            _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            _libc.mincore.restype = ctypes.c_int
+    return _libc
+
+
 def return_freed_memory_to_os(threshold: int = THRESHOLD_BYTES) -> bool:
     """Fix glibc's mmap threshold at `threshold` bytes (process-wide); False where not glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        mallopt = _c_library().mallopt
+    except AttributeError:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
@@ -44,32 +60,20 @@ def trim_heap() -> bool:
     """Give the heap's free pages back to the OS (glibc malloc_trim): blocks under the mmap threshold,
     freed by the last step, stay in the heap otherwise (150 MiB on the SmolLM2 b4 x 256 step, which
     RssAnon then counts above the plan). False where not glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
+        _c_library().malloc_trim(0)
+    except AttributeError:
         return False
     return True
 
 
 MADV_DONTNEED = 4
 MADV_POPULATE_READ = 22  # Linux >= 5.14: fault a range in (reading the file) and map it, no copy
-_libc = None
 
 
 def _madvise_fn():
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        _libc = ctypes.CDLL(name, use_errno=True) if name else False
-        if _libc:
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _libc.madvise.restype = ctypes.c_int
-            _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-            _libc.mincore.restype = ctypes.c_int
-    return _libc.madvise if _libc else None
+    libc = _c_library()
+    return libc.madvise if libc else None
 
 
 def madvise(address: int, length: int, advice: int) -> bool:

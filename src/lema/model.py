@@ -221,14 +221,22 @@ class LemaModel(nn.Module):
                 f.unregister_cuda()
             raise ValueError(f"zero_copy=True on {self.device}: {why}; use zero_copy=None (--zero-copy auto) "
                              "to stage each layer through pinned host slots")
+        self._pieces = {}
         return self._host_pieces
 
     def _host_pieces(self, layout: UnitLayout) -> list[tuple[int, torch.Tensor]]:
-        """A unit's registered file bytes as (offset in its slot, uint8 view of the mmap) pieces."""
-        if layout.packed is not None:
-            f, start, end = layout.packed
-            return [(0, f.bytes_view(start, end))]
-        return [(p.offset, f.bytes_view(lo, hi)) for p, (f, lo, hi) in zip(layout.placements, layout.ranges)]
+        """A unit's registered file bytes as (offset in its slot, uint8 view of the mmap) pieces; made at the
+        unit's first load and kept, so a load allocates no views."""
+        pieces = self._pieces.get(layout.unit)
+        if pieces is None:
+            if layout.packed is not None:
+                f, start, end = layout.packed
+                pieces = [(0, f.bytes_view(start, end))]
+            else:
+                pieces = [(p.offset, f.bytes_view(lo, hi))
+                          for p, (f, lo, hi) in zip(layout.placements, layout.ranges)]
+            self._pieces[layout.unit] = pieces
+        return pieces
 
     def _zero_copy(self, layout: UnitLayout) -> dict:
         return {p.name: self._read_checked(p.name, p.shape).to(self.dtype) for p in layout.placements}
@@ -462,10 +470,7 @@ class LemaModel(nn.Module):
         return stats
 
     def close(self) -> None:
-        self.source.close()
-        stream = getattr(self.source, "copy_stream", None)
-        if stream is not None and getattr(self.source, "_host_views", None) is not None:
-            stream.synchronize()  # no copy may still read the pages unregistered next
+        self.source.close()  # a ring copying from registered pages finishes its copies first
         for f in self.store.files:  # page-locked ranges (CUDA zero-copy) go back to the page cache
             f.unregister_cuda()
 

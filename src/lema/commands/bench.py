@@ -206,11 +206,11 @@ def run(args) -> int:
         moved = s["bytes_streamed_per_step"] if cuda else s["disk_bytes_read_per_step"]
         disk_s = moved / ceiling if ceiling else 0.0
         floor_s = max(disk_s, floor["compute_s"])
-        # The target is the median over the floor. The floor's probes are each the fastest of their steps, so
-        # the fastest streamed step over the floor is printed beside it: the same estimator on both sides.
         if cuda:  # issue 6's definition: every layer's weights cross the bus twice (forward, backward)
             layers = sum(b for u, b in expected.unit_bytes.items() if u.startswith("layer."))
             floor["two_passes_s"] = 2 * layers / ceiling if ceiling else 0.0
+        # The target is the median over the floor. The floor's probes are each the fastest of their steps, so
+        # the fastest streamed step over the floor is printed beside it: the same estimator on both sides.
         out["floor"] = dict(floor, disk_s=disk_s, floor_s=floor_s,
                             streaming_over_floor=s["median_step_s"] / floor_s if floor_s else None,
                             fastest_streaming_over_floor=min(s["step_times_s"]) / floor_s if floor_s else None)

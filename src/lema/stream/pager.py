@@ -300,18 +300,22 @@ class PageCachePager:
         while self._short(need):
             farther = [u for u in want[max(i + 1, 2) if reading else 2:] if u in self.held]
             if not farther:
-                if reading:
-                    with self._cond:  # the window is what is held: reading further would only evict it
-                        self.stats.capacity = min(self.stats.capacity, sum(self.sizes[u] for u in want[:i]))
+                if reading:  # the window is what is held: reading further would only evict it
+                    self._end_window_before(want, i)
                 return False
             unit = farther[-1]
             self._drop(unit)
+            self._end_window_before(want, want.index(unit))
             with self._cond:
-                self.stats.capacity = min(self.stats.capacity, sum(self.sizes[u] for u in want[:want.index(unit)]))
                 self.stats.shed += 1
                 self.stats.shed_bytes += self.sizes[unit]
                 self._shed_in_pass += self.sizes[unit]
         return True
+
+    def _end_window_before(self, want: list[int], k: int) -> None:
+        """For the rest of the pass, hold no more of the window than its units before want[k]."""
+        with self._cond:
+            self.stats.capacity = min(self.stats.capacity, sum(self.sizes[u] for u in want[:k]))
 
     def close(self) -> None:
         with self._cond:

@@ -272,6 +272,8 @@ class WeightRing:
             req.loaded.set()
 
     def close(self) -> None:
+        if self._host_views is not None:
+            self.copy_stream.synchronize()  # its copies read pages the model unregisters next
         self._stop.set()
         if self.pager is not None:
             self.pager.close()
