@@ -8,9 +8,12 @@
 #   t5long  target 5 at 4096 tokens per step (b2 x 2048: the shape has 2048 positions)
 #   t3      target 3: Llama-2-7B shape, b8 x 512, --max-vram 4GB, --floor
 #   t4      target 4: Llama-2-7B shape, b1 x 512 --max-vram 2.5GB --num-buffers 2 --floor
-#   t4long  target 4: b1 x 4096 in a 16 GB card
+#   t4long  target 4: b1 x 4096 in a 16 GB card, resident layers as training decides them (auto: the plan shares
+#           the room between resident and kept layers by the step time each saves)
+#   t4longr0  the same, every layer streamed (--resident-layers 0): the auto split's gain, side by side
 #   t5zc, t5longzc, t3zc, t4zc: the same with --zero-copy on (layers copied from the page cache registered
 #           with CUDA, no pinned staging): run each beside its staged twin on the same machine
+# Targets 5 say "every layer streamed": their stages pass --resident-layers 0 (auto might keep some).
 # Each stage's output goes to $OUT/<stage>.log (bench stages also $OUT/<stage>.json); a summary last.
 set -u
 DEADLINE=${1:?deadline in seconds}; shift
@@ -18,9 +21,9 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LEMA_CACHE_DIR=${LEMA_CACHE_DIR:-/tmp/lema-cache}
 PY=python3
 BENCH="$PY -m lema bench --device cuda --gpu-memory 16GB --dtype bfloat16 --json"
-declare -A NEED=([tests]=60 [probe]=30 [t5]=60 [t5long]=60 [t3]=80 [t4]=80 [t4long]=40
+declare -A NEED=([tests]=60 [probe]=30 [t5]=60 [t5long]=60 [t3]=80 [t4]=80 [t4long]=40 [t4longr0]=40
                  [t5zc]=60 [t5longzc]=60 [t3zc]=80 [t4zc]=80)
-declare -A LIMIT=([tests]=150 [probe]=60 [t5]=120 [t5long]=120 [t3]=200 [t4]=150 [t4long]=100
+declare -A LIMIT=([tests]=150 [probe]=60 [t5]=120 [t5long]=120 [t3]=200 [t4]=150 [t4long]=100 [t4longr0]=100
                   [t5zc]=120 [t5longzc]=120 [t3zc]=200 [t4zc]=150)
 summary=()
 
@@ -39,8 +42,10 @@ run_stage() {
 build_shape('tinyllama-1.1b', dtype=torch.bfloat16, device='cuda')\" && $PY scripts/gpu_probe.py \
 $LEMA_CACHE_DIR/shapes/tinyllama-1.1b-bfloat16/model.safetensors --json $OUT/probe.json" >"$OUT/$name.log" 2>&1 ;;
       t5)     timeout "$limit" $BENCH $zc --shape tinyllama-1.1b --batch-size 1 --seq-len 512 --steps 3 --floor \
+                  --resident-layers 0 \
                   >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t5long) timeout "$limit" $BENCH $zc --shape tinyllama-1.1b --batch-size 2 --seq-len 2048 --steps 3 --floor \
+                  --resident-layers 0 \
                   >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t3)     timeout "$limit" $BENCH $zc --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 3 \
                   --contenders streaming --floor >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
@@ -48,6 +53,8 @@ $LEMA_CACHE_DIR/shapes/tinyllama-1.1b-bfloat16/model.safetensors --json $OUT/pro
                   --seq-len 512 --steps 3 --contenders streaming --floor >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t4long) timeout "$limit" $BENCH $zc --shape llama-2-7b --batch-size 1 --seq-len 4096 --steps 3 \
                   --contenders streaming >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
+      t4longr0) timeout "$limit" $BENCH $zc --shape llama-2-7b --batch-size 1 --seq-len 4096 --steps 3 \
+                  --contenders streaming --resident-layers 0 >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       *) echo "unknown stage $name"; return ;;
     esac
     rc=$?

@@ -251,3 +251,74 @@ def test_gpu_zero_copy_plans_no_pinned_host_slots():
     direct = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda", num_buffers=3, zero_copy=True)
     assert staged.ring_host_bytes == 3 * staged.slot_bytes > 0 and direct.ring_host_bytes == 0
     assert direct.ring_device_bytes == staged.ring_device_bytes and direct.peak_bytes == staged.peak_bytes
+
+
+def _seven_b(dtype="bfloat16"):
+    from lema.bench import shape_config
+    from lema.planner import model_facts
+
+    cfg = shape_config("llama-2-7b")
+    return cfg, model_facts(cfg, dtype, 16)
+
+
+def test_gpu_auto_resident_layers_share_the_room_by_the_step_time_each_saves():
+    """On a GPU, resident_layers=None shares the room a budget leaves between resident and kept layers:
+    resident first while streaming is what the step waits on, then kept layers; never over the budget less the
+    allocator slack; never slower (in the plan's time model) than streaming every layer."""
+    from lema.planner import ALLOCATOR_SLACK, step_time_model
+
+    cfg, facts = _seven_b()
+    budget = 16 * 10**9
+    for b, t in ((1, 512), (1, 4096), (8, 512)):
+        auto = plan(cfg, "bfloat16", batch_size=b, seq_len=t, max_vram_bytes=budget, device_type="cuda",
+                    resident_layers=None, facts=facts)
+        none = plan(cfg, "bfloat16", batch_size=b, seq_len=t, max_vram_bytes=budget, device_type="cuda",
+                    resident_layers=0, facts=facts)
+        assert auto.resident_auto and not none.resident_auto
+        assert 0 < auto.resident_layers < 32 and auto.resident_layer_indices == spread(auto.resident_layers, 32)
+        assert auto.peak_bytes <= budget * (1 - ALLOCATOR_SLACK)
+        t_auto = max(step_time_model(facts, b, t, 2, auto.resident_layers, auto.kept_layers, False))
+        t_none = max(step_time_model(facts, b, t, 2, 0, none.kept_layers, False))
+        assert t_auto < 0.75 * t_none  # 7B bf16 streams ~2 x 12.6 GiB a step: resident layers cut that
+        # it stops adding resident layers once streaming hides behind the compute, or when no more fit
+        stream, compute = step_time_model(facts, b, t, 2, auto.resident_layers, auto.kept_layers, False)
+        assert stream <= compute or auto.peak_bytes + auto.slot_bytes > budget * (1 - ALLOCATOR_SLACK)
+        assert f"resident layers: {auto.resident_layers} (auto:" in auto.table()
+    # b1 x 512 at 16 GB: both kinds get room (the activations are small)
+    small = plan(cfg, "bfloat16", batch_size=1, seq_len=512, max_vram_bytes=budget, device_type="cuda",
+                 resident_layers=None, facts=facts)
+    assert small.resident_layers >= 16 and small.kept_layers >= 8
+
+
+def test_auto_resident_layers_none_without_room_on_the_cpu_or_when_given():
+    cfg, facts = _seven_b()
+    tight = plan(cfg, "bfloat16", batch_size=8, seq_len=512, max_vram_bytes=4 * 10**9, device_type="cuda",
+                 resident_layers=None, facts=facts)  # target 3's budget: nothing to spare
+    assert tight.resident_layers == 0 and tight.kept_layers == 0
+    cpu = plan(cfg, "bfloat16", batch_size=1, seq_len=512, max_vram_bytes=16 * 10**9, device_type="cpu",
+               resident_layers=None, facts=facts)
+    assert cpu.resident_layers == 0 and not cpu.resident_auto
+    # kept layers given: the resident layers take the room they leave
+    fixed = plan(cfg, "bfloat16", batch_size=1, seq_len=4096, max_vram_bytes=16 * 10**9, device_type="cuda",
+                 resident_layers=None, keep_activations=0, facts=facts)
+    assert fixed.kept_layers == 0 and fixed.resident_layers > 0
+    given = plan(cfg, "bfloat16", batch_size=1, seq_len=512, max_vram_bytes=16 * 10**9, device_type="cuda",
+                 resident_layers=3, facts=facts)
+    assert given.resident_layers == 3 and not given.resident_auto
+
+
+def test_split_room_takes_whichever_saves_more_time_per_byte():
+    """Streaming-bound: resident layers first; compute-bound (zero-copy streams at the bus's rate and a long
+    step computes for longer): kept layers first, resident layers only while they still save time."""
+    from lema.planner import split_room, step_time_model
+
+    cfg, facts = _seven_b()
+    room = 6 * 2**30
+    kept_extra = 400 * 2**20
+    r, k = split_room(room, facts, 1, 512, 2, kept_extra)
+    assert r > 0 and r * facts.slot_bytes + k * kept_extra <= room
+    stream, compute = step_time_model(facts, 1, 512, 2, 0, 0, False)
+    assert stream > compute  # why resident layers came first
+    r_long, k_long = split_room(room, facts, 4, 4096, 2, kept_extra, zero_copy=True)
+    stream, compute = step_time_model(facts, 4, 4096, 2, 0, 0, True)
+    assert compute > stream and r_long == 0 and k_long == min(32, room // kept_extra)

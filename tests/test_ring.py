@@ -329,6 +329,24 @@ def test_resident_layers_are_spread_loaded_once_and_train_the_same(file_dtype, t
         torch.testing.assert_close(lora_state(model)[name], want, atol=1e-5, rtol=0, msg=name)
 
 
+def test_every_layer_resident_streams_nothing_and_trains_the_same(tiny_dir, make_lema):
+    """resident_layers >= the layer count (what the plan's auto split picks when a card holds the model): the
+    ring's schedule is empty, nothing loads after the build, and training equals the RESIDENT strategy."""
+    path = tiny_dir("llama", num_layers=LAYERS)
+    model = make_lema(path, num_buffers=2, resident_layers=LAYERS + 1)
+    resident = make_lema(path, strategy=MemoryStrategy.RESIDENT)
+    ring = model.source
+    assert sorted(ring.resident) == list(range(LAYERS))
+    trainers = [m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)) for m in (model, resident)]
+    for step in range(2):
+        ids = batch(step)
+        (_, loss), (_, ref_loss) = (t.train_step(ids) for t in trainers)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+        assert ring.schedule == [] and ring.stats.loads == 0
+    for name, want in lora_state(resident).items():
+        torch.testing.assert_close(lora_state(model)[name], want, atol=1e-5, rtol=0, msg=name)
+
+
 def test_resident_layers_setting_is_checked():
     from lema import LemaConfig
 

@@ -53,8 +53,10 @@ logits would pass 64 MiB (applied, LemaConfig.chunked_loss); how many layers kee
 activations: as many as the budget leaves room for (on a GPU less ALLOCATOR_SLACK, 10% of it, left
 to the caching allocator's slack), or, with no budget, half the free memory
 (applied, LemaConfig.keep_activations; the engine asks `ActivationBudget` at each new step size);
-how many layers stay resident (LemaConfig.resident_layers, applied, spread through the stack;
-the plan says how many more the budget allows); where the boundary activations live: on the
+how many layers stay resident (LemaConfig.resident_layers, applied, spread through the stack; the
+plan says how many more the budget allows; `lema train` lets the plan choose: on a GPU `split_room`
+shares the room between resident and kept layers by the step time each saves, from a time model
+calibrated on the H200; on the CPU none); where the boundary activations live: on the
 device, or (GPU) in pinned host memory when only that meets the budget, or when asked
 (LemaConfig.offload_activations, applied per step size like the kept layers; then the boundary
 term leaves the device peak, except the kept layers' inputs).
@@ -74,6 +76,16 @@ OPTIMIZER_TEMPS = {"adamw": 1, "adam": 1, "sgd": 0, "sgd-momentum": 0}
 """Float32 temporaries per trainable parameter inside `step()` (torch's foreach Adam: sqrt(exp_avg_sq))."""
 
 ALLOCATOR_SLACK = 0.10  # GPU: share of the budget the kept layers leave free (allocator slack, plan error)
+
+# CUDA, to share the room a budget leaves between resident layers and kept activations (`split_room`): the time
+# model of a step, from the H200 measurements of session 6 (BENCHMARKS.md). The ring moved weights at 21.4 GB/s
+# through pinned slots (the fill from the page cache sets that pace; zero-copy DMA from the registered page cache
+# measured 55 GB/s); the 7B b8 x 512 step of Transformers + PEFT (167 TFLOP with its recompute) took 0.607 s,
+# 275 TFLOP/s; at b1 x 512 a layer's forward + backward + recompute took 15 ms whatever its FLOPs (kernel
+# launches): 5 ms per forward-equivalent. Another card moves the absolute times; the split follows their ratio.
+GPU_STREAM_BYTES_S = {"staged": 21e9, "zero_copy": 55e9}
+GPU_FLOPS_S = 275e12
+GPU_LAUNCH_S = 0.005  # a layer's forward (or backward, or recompute) takes at least this long
 ALIGN = 64  # stream/layout.py pads each tensor of an unpacked slot to this many bytes
 
 
@@ -123,6 +135,7 @@ class Plan:
     resident_layers: int = 0        # streaming: layers loaded once for the run (applied: LemaConfig.resident_layers)
     resident_layer_indices: list[int] = field(default_factory=list)  # which: spread through the stack
     resident_layers_fit: int = 0    # how many the budget would allow in all
+    resident_auto: bool = False     # resident_layers decided by the plan (split_room), not given
     ring_depth_fit: int = 0
     chunked_loss: bool = False
     kept_layers: int = 0            # decoder layers keeping their activations (no recompute)
@@ -205,7 +218,9 @@ class Plan:
                         "way per recomputed layer)") + " (applied: --offload-activations)")
         if self.strategy == "streaming":
             n, fit = self.resident_layers, self.resident_layers_fit
-            lines.append(f"    resident layers: {n} (applied: --resident-layers"
+            how = ("auto: streaming time against compute, --resident-layers N to set" if self.resident_auto
+                   else "applied: --resident-layers")
+            lines.append(f"    resident layers: {n} ({how}"
                          + (f"; layers {_short(self.resident_layer_indices)}" if n else "") + ")"
                          + (f"; {fit} would fit the budget, spread as layers {_short(spread(fit, self.num_layers))}"
                             if fit > n else ""))
@@ -360,7 +375,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
          strategy: str = "streaming", zero_copy: Optional[bool] = None, chunked_loss: Optional[bool] = None,
          keep_activations: Optional[int] = None, free_bytes: Optional[int] = None,
          gradient_checkpointing: bool = True, facts: Optional["ModelFacts"] = None,
-         page_cache: Optional[int | str] = None, resident_layers: int = 0,
+         page_cache: Optional[int | str] = None, resident_layers: Optional[int] = 0,
          offload_activations: Optional[bool] = None) -> Plan:
     """Plan one training step of `model` (a Transformers config, or a checkpoint folder).
 
@@ -374,7 +389,10 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     `page_cache` (CPU, views): the pager's window in bytes, 'off', or None (as the engine decides it from
     the memory available now).
     `resident_layers` (streaming): decoder layers loaded once for the run, spread through the stack
-    (LemaConfig.resident_layers); they count in the frozen bytes at the largest layer's size.
+    (LemaConfig.resident_layers); they count in the frozen bytes at the largest layer's size. None: decided
+    here (`split_room`): on a GPU, the room the budget (or `free_bytes`) leaves is shared between resident
+    layers and kept layers where each saves the most step time; on the CPU none (the page cache holds the
+    layers; a resident copy would only take anonymous memory from it).
     `offload_activations`: the recomputed layers' inputs in pinned host memory (LemaConfig.offload_activations);
     None: on a GPU, only when the budget is not met otherwise (and then no layer keeps its activations).
     Raises PlanError when `max_vram_bytes` is given and the predicted peak exceeds it.
@@ -393,6 +411,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         raise ValueError(f"num_buffers={num_buffers} must be >= 2")
     folder = model if isinstance(model, str) else None
     host_slots = device_type != "cpu" and strategy == "streaming" and zero_copy is not True
+    gpu_zero_copy = device_type != "cpu" and zero_copy is True  # streams at the bus's rate (split_room)
     if zero_copy is None:
         zero_copy = _file_dtype(folder) == dtype if folder else True
     f = facts or model_facts(model, dtype, lora_rank, targets)
@@ -441,7 +460,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         return phases[phase], ring_dev, frozen, phase
 
     depth = num_buffers
-    resident = min(resident_layers, L) if strategy == "streaming" else 0
+    auto_resident = resident_layers is None and strategy == "streaming" and not cpu and L > 0
+    resident = min(resident_layers or 0, L) if strategy == "streaming" else 0
     recompute = strategy == "streaming" or gradient_checkpointing
     # the boundary on the host: asked for, or (None, on a GPU) what makes the budget when nothing else does
     offload = recompute and not cpu and (offload_activations is True or (
@@ -459,7 +479,15 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         # planned ran out of memory with 0.7 GiB reserved but unallocated)
         usable = max_vram_bytes * (1 - ALLOCATOR_SLACK) if max_vram_bytes is not None and not cpu else max_vram_bytes
         room = (usable - peak_of(depth, not offload)[0]) if max_vram_bytes is not None else free_bytes
-        keep = max(0, min(L, int(room // kept_extra))) if room is not None and kept_extra else 0
+        if auto_resident and room is not None:
+            resident, keep = split_room(room, f, batch_size, seq_len, s, kept_extra, gpu_zero_copy)
+        else:
+            keep = max(0, min(L, int(room // kept_extra))) if room is not None and kept_extra else 0
+    if auto_resident and keep_activations is not None and not offload:  # kept layers fixed: resident takes the rest
+        usable = max_vram_bytes * (1 - ALLOCATOR_SLACK) if max_vram_bytes is not None else None
+        room = (usable - peak_of(depth, not offload, keep=keep)[0]) if usable is not None else free_bytes
+        if room is not None:
+            resident = split_room(room, f, batch_size, seq_len, s, kept_extra, gpu_zero_copy, keep=keep)[0]
     peak, ring_dev, frozen, phase = peak_of(depth, not offload, keep=keep)
     p = Plan(model_type=f.model_type, dtype=dtype, device_type=device_type, strategy=strategy,
              batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, max_vram_bytes=max_vram_bytes,
@@ -472,11 +500,59 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              chunked_loss=chunked, kept_layers=keep, kept_extra_bytes=kept_extra,
              keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None
              and free_bytes is None, resident_layers=resident, resident_layer_indices=spread(resident, L),
+             resident_auto=auto_resident,
              activations_on="host" if offload else "device")
     if cpu and zero_copy and strategy == "streaming" and L:
         _page_cache(p, layers_total, page_cache)
     _decide(p, lambda d, on_device_acts=not offload: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
     return p
+
+
+def step_time_model(f: ModelFacts, batch: int, seq: int, s: int, resident: int, keep: int,
+                    zero_copy: bool) -> tuple[float, float]:
+    """(streaming, compute) seconds of a GPU training step with `resident` layers loaded once and `keep` layers
+    keeping their activations, by the GPU_* rates: every streamed layer crosses the bus twice; every layer
+    runs forward and backward (~2 forwards: the frozen weights' gradient is not needed), a recomputed layer
+    one forward more. The two overlap, so the step takes about the larger."""
+    c = _text_config(f.hf_config)
+    layer_bytes = max((b for u, b in f.unit_bytes.items() if u.startswith("layer.")), default=0)
+    # the weights' matmuls, and attention's two (causal: half of 4 B T^2 H)
+    fwd_flops = 2 * batch * seq * (layer_bytes // s) + 2 * batch * seq * seq * c.hidden_size
+    fwd_s = max(GPU_LAUNCH_S, fwd_flops / GPU_FLOPS_S)
+    stream_s = 2 * (f.L - resident) * layer_bytes / GPU_STREAM_BYTES_S["zero_copy" if zero_copy else "staged"]
+    return stream_s, (3 * f.L - keep) * fwd_s
+
+
+def split_room(room: int, f: ModelFacts, batch: int, seq: int, s: int, kept_extra: int, zero_copy: bool = False,
+               keep: Optional[int] = None) -> tuple[int, int]:
+    """(resident layers, kept layers) for `room` bytes beyond the plan's peak without either, on a GPU.
+
+    Greedy on the step time of `step_time_model`: one more resident layer (a ring slot's bytes) saves two
+    transfers, one more kept layer (`kept_extra` bytes) saves a recompute; take whichever saves more time per
+    byte, while one saves any. Streaming usually dominates (7B bf16 at b1 x 512 on the H200: 38 ms of transfer
+    against 15 ms of compute per layer), so resident layers come first, until what is left to stream hides
+    behind the compute. The room still left then goes to kept layers (they shorten the compute that overlap
+    leaves exposed), never to more resident layers. `keep` given: only resident layers are decided."""
+    slot, L = f.slot_bytes, f.L
+    r, k = 0, keep or 0
+    step = lambda r_, k_: max(step_time_model(f, batch, seq, s, r_, k_, zero_copy))  # noqa: E731
+    while True:
+        now, best = step(r, k), None
+        if r < L and slot and room >= slot:
+            gain = (now - step(r + 1, k)) / slot
+            best = ("r", gain) if gain > 0 else best
+        if keep is None and k < L and kept_extra and room >= kept_extra:
+            gain = (now - step(r, k + 1)) / kept_extra
+            best = ("k", gain) if gain > 0 and (best is None or gain > best[1]) else best
+        if best is None:
+            break
+        if best[0] == "r":
+            r, room = r + 1, room - slot
+        else:
+            k, room = k + 1, room - kept_extra
+    if keep is None and kept_extra:
+        k = min(L, k + max(0, int(room // kept_extra)))
+    return r, k
 
 
 def _page_cache(p: Plan, layers_total: int, page_cache: Optional[int | str]) -> None:
@@ -597,19 +673,23 @@ def free_memory_bytes(device) -> int:
 
 
 def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "adamw",
-                    facts: Optional[ModelFacts] = None, free_bytes: Optional[int] = None) -> Plan:
+                    facts: Optional[ModelFacts] = None, free_bytes: Optional[int] = None,
+                    auto_resident: bool = False) -> Plan:
     """The plan of a `LemaConfig` run (for `lema train` to print before it allocates). Without a budget
-    (max_vram), `free_bytes` (default: half the free memory now) bounds the kept activations, as in the engine."""
+    (max_vram), `free_bytes` (default: half the free memory now) bounds the kept activations, as in the engine.
+    `auto_resident`: the plan decides the resident layers (config.resident_layers ignored; `lema train` then
+    builds the model with the plan's number: it is fixed for the run, unlike the kept layers)."""
     if free_bytes is None and config.max_vram_bytes is None:
         free_bytes = free_memory_bytes(config.torch_device) // 2
     return plan(config.model_name_or_path, config.torch_dtype, config.lora_rank, config.lora_target_modules,
                 optimizer, batch_size, seq_len, config.max_vram_bytes, config.torch_device.type,
-                config.num_buffers, config.strategy, zero_copy=False if config.zero_copy is False else None,
+                config.num_buffers, config.strategy, zero_copy=config.zero_copy,
                 chunked_loss=config.chunked_loss,
                 keep_activations=config.keep_activations, free_bytes=free_bytes,
                 gradient_checkpointing=config.gradient_checkpointing, facts=facts,
                 page_cache="off" if config.page_cache == "off" else config.page_cache_bytes,
-                resident_layers=config.resident_layers, offload_activations=config.offload_activations)
+                resident_layers=None if auto_resident else config.resident_layers,
+                offload_activations=config.offload_activations)
 
 
 class ActivationBudget:

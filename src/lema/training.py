@@ -10,6 +10,7 @@ save:  OUT/adapter (PEFT format) at the end
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -87,9 +88,10 @@ class TrainArgs:
     page_cache: Optional[str] = None
     """CPU: page cache the streamed layers may hold, read ahead by a thread, e.g. 16GB (default: automatic when
     the weights exceed the available memory; off: leave it to the kernel)."""
-    resident_layers: int = 0
-    """Streaming: decoder layers that stay loaded for the run, spread through the stack (the plan printed at
-    the start says how many would fit --max-vram)."""
+    resident_layers: Optional[int] = None
+    """Streaming: decoder layers that stay loaded for the run, spread through the stack (default: on a GPU the
+    plan shares the memory --max-vram, or half the free memory, leaves between resident layers and kept
+    activations by the step time each saves; on the CPU 0; the plan printed at the start says which)."""
     offload_activations: Optional[bool] = None
     """GPU: the recomputed layers' inputs in pinned host memory between forward and backward (auto: only when
     --max-vram is not met otherwise)."""
@@ -200,8 +202,11 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
                         lora_dropout=args.lora_dropout, lora_target_modules=args.target_modules,
                         num_buffers=args.num_buffers, max_vram=args.max_vram,
                         keep_activations=args.keep_activations, page_cache=args.page_cache,
-                        resident_layers=args.resident_layers, offload_activations=args.offload_activations)
-    plan_text = _plan_text(config, args)  # raises before allocating if a budget cannot fit
+                        resident_layers=args.resident_layers or 0, offload_activations=args.offload_activations)
+    # raises before allocating if a budget cannot fit; decides the resident layers when not given
+    plan = plan_for_config(config, batch_size=args.batch_size, seq_len=args.seq_len,
+                           auto_resident=args.resident_layers is None)
+    config = dataclasses.replace(config, resident_layers=plan.resident_layers)
     model = LemaModel(config)
     model.initialize_lora(seed=args.seed)
     params = model.get_trainable_parameters()
@@ -228,7 +233,7 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
           f"  data: {len(dataset)} examples, {dataset.num_tokens:,} tokens, {dataset.num_truncated} truncated to "
           f"{args.seq_len}, {dataset.num_dropped} dropped (nothing to learn)\n"
           f"  steps: {step} -> {total_steps}, batch {args.batch_size} x {args.grad_accum} accumulation, lr {args.lr} "
-          f"({args.schedule}, warmup {args.warmup_steps})\n{plan_text}", file=out, flush=True)
+          f"({args.schedule}, warmup {args.warmup_steps})\n{plan.table()}", file=out, flush=True)
 
     # ---- train -------------------------------------------------------------------------------
     os.makedirs(args.output, exist_ok=True)
@@ -290,6 +295,3 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     return summary
 
 
-def _plan_text(config, args: TrainArgs) -> str:
-    """The memory plan table; raises PlanError (a ValueError) before anything is allocated if it cannot fit."""
-    return plan_for_config(config, batch_size=args.batch_size, seq_len=args.seq_len).table()

@@ -126,11 +126,12 @@ def run(args) -> int:
     expected = plan_for_config(LemaConfig(model_name_or_path=folder, dtype=args.dtype, lora_rank=args.lora_rank,
                                           lora_target_modules=args.lora_target_modules, num_buffers=args.num_buffers,
                                           keep_activations=args.keep_activations, chunked_loss=args.chunked_loss,
-                                          resident_layers=args.resident_layers,
+                                          resident_layers=args.resident_layers or 0,
                                           offload_activations=args.offload_activations,
                                           max_vram=args.max_vram, device=args.device,
                                           zero_copy=args.zero_copy),
-                               args.batch_size, args.seq_len)
+                               args.batch_size, args.seq_len, auto_resident=args.resident_layers is None)
+    args.resident_layers = expected.resident_layers  # as `lema train` decides it (auto: the plan's split)
     spec = bench.BenchSpec(model=folder, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                            lora_rank=args.lora_rank, targets=args.lora_target_modules, num_buffers=args.num_buffers,
                            keep_activations=args.keep_activations, chunked_loss=args.chunked_loss,
@@ -200,6 +201,8 @@ def run(args) -> int:
             "vs_resident": r.median / ref["resident"] if "resident" in ref else None,
             "build_s": r.build_s, **r.info,
         }
+    if "streaming" in out["contenders"]:
+        out["contenders"]["streaming"]["resident_layers"] = args.resident_layers
     if floor is not None and "streaming" in results:
         s = out["contenders"]["streaming"]
         # the transfer floor: on the GPU every streamed byte crosses the bus; on the CPU what came off the disk
@@ -248,7 +251,9 @@ def format_table(out: dict) -> str:
     lines.append("")
     for c in out["contenders"].values():
         if "kept_layers" in c:
-            lines.append(f"{c['label']}: {c['kept_layers']} layers kept their activations (the rest recomputed), "
+            lines.append(f"{c['label']}: "
+                         + (f"{c['resident_layers']} layers resident (loaded once), " if c.get("resident_layers") else "")
+                         + f"{c['kept_layers']} layers kept their activations (the rest recomputed), "
                          f"loss {'chunked' if c['chunked_loss'] else 'on full logits'}"
                          + ((", layers copied from the registered page cache" if cuda else ", weights as mmap views")
                             if c.get("zero_copy") else "")
