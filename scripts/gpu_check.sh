@@ -81,7 +81,9 @@ print(sys.argv[1].rsplit("/", 1)[-1], f"ceiling {o['ceiling_bytes_per_s']/1e9:.1
 for n, c in o["contenders"].items():
     print(f"  {n:10s} median {c['median_step_s']:.3f} s {c['step_times_s']} peak {c['peak_anon_bytes']/1e9:.2f} GB "
           f"pred/meas {c['predicted_over_measured'] or 0:.2f} streamed {c['bytes_streamed_per_step']/1e9:.1f} GB "
-          f"vs_peft {c['vs_peft']} kept {c.get('kept_layers')} offload {c.get('offload_activations')}")
+          f"vs_peft {c['vs_peft']} kept {c.get('kept_layers')} resident {c.get('resident_layers')} "
+          f"offload {c.get('offload_activations')} model stream/compute {c.get('modelled_stream_s')}/"
+          f"{c.get('modelled_compute_s')}")
 fl = o.get("floor")
 if fl:
     print(f"  floor: compute {fl['compute_s']:.3f} s (layer {fl['t_layer']:.4f} kept {fl['t_layer_kept']:.4f} "

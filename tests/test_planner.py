@@ -284,6 +284,7 @@ def test_gpu_auto_resident_layers_share_the_room_by_the_step_time_each_saves():
         stream, compute = step_time_model(facts, b, t, 2, auto.resident_layers, auto.kept_layers, False)
         assert stream <= compute or auto.peak_bytes + auto.slot_bytes > budget * (1 - ALLOCATOR_SLACK)
         assert f"resident layers: {auto.resident_layers} (auto:" in auto.table()
+        assert auto.modelled_s == (stream, compute) and f"streaming {stream:.2f} s, compute {compute:.2f} s" in auto.table()
     # b1 x 512 at 16 GB: both kinds get room (the activations are small)
     small = plan(cfg, "bfloat16", batch_size=1, seq_len=512, max_vram_bytes=budget, device_type="cuda",
                  resident_layers=None, facts=facts)
@@ -298,6 +299,7 @@ def test_auto_resident_layers_none_without_room_on_the_cpu_or_when_given():
     cpu = plan(cfg, "bfloat16", batch_size=1, seq_len=512, max_vram_bytes=16 * 10**9, device_type="cpu",
                resident_layers=None, facts=facts)
     assert cpu.resident_layers == 0 and not cpu.resident_auto
+    assert cpu.modelled_s is None and "time model" not in cpu.table()
     # kept layers given: the resident layers take the room they leave
     fixed = plan(cfg, "bfloat16", batch_size=1, seq_len=4096, max_vram_bytes=16 * 10**9, device_type="cuda",
                  resident_layers=None, keep_activations=0, facts=facts)

@@ -136,6 +136,7 @@ class Plan:
     resident_layer_indices: list[int] = field(default_factory=list)  # which: spread through the stack
     resident_layers_fit: int = 0    # how many the budget would allow in all
     resident_auto: bool = False     # resident_layers decided by the plan (split_room), not given
+    modelled_s: Optional[tuple[float, float]] = None  # GPU streaming: (streaming, compute) s of step_time_model
     ring_depth_fit: int = 0
     chunked_loss: bool = False
     kept_layers: int = 0            # decoder layers keeping their activations (no recompute)
@@ -224,6 +225,9 @@ class Plan:
                          + (f"; layers {_short(self.resident_layer_indices)}" if n else "") + ")"
                          + (f"; {fit} would fit the budget, spread as layers {_short(spread(fit, self.num_layers))}"
                             if fit > n else ""))
+        if self.modelled_s:
+            lines.append(f"    time model (rates measured on an H200; another card scales both): streaming "
+                         f"{self.modelled_s[0]:.2f} s, compute {self.modelled_s[1]:.2f} s per step, overlapped")
         lines.append(f"    loss: {'chunked, the full logits never built' if self.chunked_loss else 'full logits'}"
                      " (applied)")
         if self.keep_decided_at_run_time:
@@ -501,6 +505,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None
              and free_bytes is None, resident_layers=resident, resident_layer_indices=spread(resident, L),
              resident_auto=auto_resident,
+             modelled_s=step_time_model(f, batch_size, seq_len, s, resident, keep, gpu_zero_copy)
+             if strategy == "streaming" and not cpu and L else None,
              activations_on="host" if offload else "device")
     if cpu and zero_copy and strategy == "streaming" and L:
         _page_cache(p, layers_total, page_cache)

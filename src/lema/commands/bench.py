@@ -158,7 +158,7 @@ def run(args) -> int:
         floor = bench.floor_from_rounds(folder, results, kept)
     for n in floor_names:
         results.pop(n)
-    predicted = {}
+    predicted, modelled = {}, {}
     for n in names:  # the plan of what each contender did (its kept layers and loss, as it decided them)
         info = results[n].info
         p = plan(folder, dtype, args.lora_rank, args.lora_target_modules, "adamw", args.batch_size, args.seq_len,
@@ -169,6 +169,7 @@ def run(args) -> int:
                  resident_layers=args.resident_layers if n == "streaming" else 0,
                  offload_activations=info.get("offload_activations", False))
         predicted[n] = p.peak_bytes
+        modelled[n] = p.modelled_s
         if info.get("page_cache_window"):  # the disk bytes the pager's window implies, against what was read
             info["predicted_disk_bytes_per_step"] = p.disk_read_bytes
 
@@ -203,6 +204,9 @@ def run(args) -> int:
         }
     if "streaming" in out["contenders"]:
         out["contenders"]["streaming"]["resident_layers"] = args.resident_layers
+        if modelled.get("streaming"):  # the planner's time model (GPU), to hold against the measured step
+            out["contenders"]["streaming"]["modelled_stream_s"], out["contenders"]["streaming"]["modelled_compute_s"] \
+                = modelled["streaming"]
     if floor is not None and "streaming" in results:
         s = out["contenders"]["streaming"]
         # the transfer floor: on the GPU every streamed byte crosses the bus; on the CPU what came off the disk
@@ -267,6 +271,9 @@ def format_table(out: dict) -> str:
                             f"step's window, {human(c['disk_bytes_read_per_step'])} measured)"
                             if c.get("page_cache_window") else ""))
     for c in out["contenders"].values():
+        if c.get("modelled_stream_s") is not None:
+            lines.append(f"{c['label']}: the plan's time model (H200 rates) said streaming {c['modelled_stream_s']:.3f} s, "
+                         f"compute {c['modelled_compute_s']:.3f} s per step; measured {c['median_step_s']:.3f} s")
         if c.get("cpu"):
             shares = {k: v for k, v in c["cpu"].items() if v >= 0.005}
             lines.append(f"{c['label']}: the machine's CPU during its steps: "
