@@ -132,6 +132,7 @@ def test_window_shrinks_by_what_the_kernel_evicted_and_grows_back(monkeypatch):
     assert _run_pass(pager) == []                            # read again at the pass start, before its use
     assert ("populate", 200) in f.calls[calls:]
     assert pager.stats.evicted_bytes == 100 and pager.stats.trim == 100 and pager.stats.capacity == 300
+    assert pager.stats.history[-1] == (400, 100, 0, pager.stats.min_free, 100)  # the pass that lost layer 2
     # 3 layers held: 300 bytes free, 200 over the margin; the next window takes half of that back
     assert _run_pass(pager) == [] and pager.stats.min_free == 300 and pager.stats.trim == 0
     assert pager.stats.capacity == 400

@@ -508,7 +508,8 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                 if pager is not None:  # cumulative counts; the window of the last pass
                     msg.update(pager_late=pager.stats.late, pager_evicted=pager.stats.evicted_bytes,
                                pager_capacity=pager.stats.capacity, pager_trim=pager.stats.trim,
-                               pager_shed=pager.stats.shed_bytes, pager_min_free=pager.stats.min_free)
+                               pager_shed=pager.stats.shed_bytes, pager_min_free=pager.stats.min_free,
+                               pager_history=pager.stats.history)
                 conn.send(msg)
             elif cmd["op"] == "profile":
                 from torch.profiler import ProfilerActivity, profile
@@ -656,6 +657,7 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
                                     page_cache_evicted_per_step=(m["pager_evicted"] - warm[n].get("pager_evicted", 0)) / (r + 1),
                                     page_cache_shed_per_step=(m["pager_shed"] - warm[n].get("pager_shed", 0)) / (r + 1),
                                     page_cache_min_free=m["pager_min_free"])
+                    res.info["page_cache_passes"] = m["pager_history"]  # (window, evicted, shed, lowest free, trim)
             log(f"round {r + 1}/{steps}: " + ", ".join(f"{n} {results[n].times[-1]:.3f} s" for n in names))
         return results, workers
     except BaseException:

@@ -221,6 +221,8 @@ class Plan:
             n, fit = self.resident_layers, self.resident_layers_fit
             how = ("auto: streaming time against compute, --resident-layers N to set" if self.resident_auto
                    else "applied: --resident-layers")
+            if self.resident_auto and self.keep_decided_at_run_time:  # no budget, no free memory known here
+                how = "auto: no --max-vram here, so `lema train` decides from the device's free memory"
             lines.append(f"    resident layers: {n} ({how}"
                          + (f"; layers {_short(self.resident_layer_indices)}" if n else "") + ")"
                          + (f"; {fit} would fit the budget, spread as layers {_short(spread(fit, self.num_layers))}"

@@ -60,13 +60,14 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ..host_memory import memory_available, memory_free
 from .layout import UnitLayout
 
 POLL_S = 0.1
+HISTORY = 64  # passes PagerStats.history keeps
 # Left to the process's growth during a step, the kernel and the rest of the machine, before the window adapts
 # (module docstring): the least it starts with. Measured on the 7B shape (fp32, 23.5 GiB RAM, 3 GB of activations
 # and state) with no adapting: with 2 GiB the kernel evicted window pages and a step read 18.7 GiB where the
@@ -111,6 +112,7 @@ class PagerStats:
     shed_bytes: int = 0
     min_free: int = 0           # the lowest free memory seen in the last pass (while the window crowded it)
     trim: int = 0               # bytes the window is kept below the memory available less the reserve
+    history: list = field(default_factory=list)  # the last HISTORY passes: (window, evicted, shed, lowest free, trim after)
 
 
 class PageCachePager:
@@ -227,6 +229,8 @@ class PageCachePager:
             elif min_free is not None:
                 floor = -(RESERVE_BYTES - 2 * FREE_MARGIN_BYTES)
                 self.stats.trim = max(floor, self.stats.trim - (min_free - FREE_MARGIN_BYTES) // 2)
+            self.stats.history = (self.stats.history + [(self.stats.capacity, evicted, shed, min_free,
+                                                         self.stats.trim)])[-HISTORY:]
         self._evicted_in_pass = 0
         self._shed_in_pass = 0
         self._min_free = None
