@@ -298,7 +298,7 @@ def test_auto_resident_layers_none_without_room_on_the_cpu_or_when_given():
     assert tight.resident_layers == 0 and tight.kept_layers == 0
     cpu = plan(cfg, "bfloat16", batch_size=1, seq_len=512, max_vram_bytes=16 * 10**9, device_type="cpu",
                resident_layers=None, facts=facts)
-    assert cpu.resident_layers == 0 and not cpu.resident_auto
+    assert cpu.resident_layers == 0 and "resident layers: 0 (auto: none on the CPU" in cpu.table()
     assert cpu.modelled_s is None and "time model" not in cpu.table()
     # kept layers given: the resident layers take the room they leave
     fixed = plan(cfg, "bfloat16", batch_size=1, seq_len=4096, max_vram_bytes=16 * 10**9, device_type="cuda",

@@ -221,7 +221,9 @@ class Plan:
             n, fit = self.resident_layers, self.resident_layers_fit
             how = ("auto: streaming time against compute, --resident-layers N to set" if self.resident_auto
                    else "applied: --resident-layers")
-            if self.resident_auto and self.keep_decided_at_run_time:  # no budget, no free memory known here
+            if self.resident_auto and self.device_type == "cpu":
+                how = "auto: none on the CPU, where the page cache holds the layers"
+            elif self.resident_auto and self.keep_decided_at_run_time:  # no budget, no free memory known here
                 how = "auto: no --max-vram here, so `lema train` decides from the device's free memory"
             lines.append(f"    resident layers: {n} ({how}"
                          + (f"; layers {_short(self.resident_layer_indices)}" if n else "") + ")"
@@ -506,7 +508,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              chunked_loss=chunked, kept_layers=keep, kept_extra_bytes=kept_extra,
              keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None
              and free_bytes is None, resident_layers=resident, resident_layer_indices=spread(resident, L),
-             resident_auto=auto_resident,
+             resident_auto=resident_layers is None and strategy == "streaming",
              modelled_s=step_time_model(f, batch_size, seq_len, s, resident, keep, gpu_zero_copy)
              if strategy == "streaming" and not cpu and L else None,
              activations_on="host" if offload else "device")
@@ -691,7 +693,10 @@ def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "ada
         free_bytes = free_memory_bytes(config.torch_device) // 2
     return plan(config.model_name_or_path, config.torch_dtype, config.lora_rank, config.lora_target_modules,
                 optimizer, batch_size, seq_len, config.max_vram_bytes, config.torch_device.type,
-                config.num_buffers, config.strategy, zero_copy=config.zero_copy,
+                config.num_buffers, config.strategy,
+                # CPU: views only where the file is in the compute dtype (the engine's rule; None reads it);
+                # CUDA: zero-copy as asked (the engine refuses it where the dtype differs)
+                zero_copy=config.zero_copy if config.torch_device.type != "cpu" or config.zero_copy is False else None,
                 chunked_loss=config.chunked_loss,
                 keep_activations=config.keep_activations, free_bytes=free_bytes,
                 gradient_checkpointing=config.gradient_checkpointing, facts=facts,
