@@ -78,12 +78,15 @@ OPTIMIZER_TEMPS = {"adamw": 1, "adam": 1, "sgd": 0, "sgd-momentum": 0}
 ALLOCATOR_SLACK = 0.10  # GPU: share of the budget the kept layers leave free (allocator slack, plan error)
 
 # CUDA, to share the room a budget leaves between resident layers and kept activations (`split_room`): the time
-# model of a step, from the H200 measurements of session 6 (BENCHMARKS.md). The ring moved weights at 21.4 GB/s
-# through pinned slots (the fill from the page cache sets that pace; zero-copy DMA from the registered page cache
-# measured 55 GB/s); the 7B b8 x 512 step of Transformers + PEFT (167 TFLOP with its recompute) took 0.607 s,
+# model of a step, from the H200 measurements of session 6 (BENCHMARKS.md). Streaming through pinned slots, both
+# stream-bound: the 7B b8 x 512 step moved 64 layers of 404 MB in 1.098 s (17.2 ms each), the TinyLlama b2 x 2048
+# step ~41 of 88 MB in 0.286 s (7.0 ms each): 31 GB/s plus 4 ms per layer (the fill from the page cache sets that
+# pace; zero-copy DMA from the registered page cache measured 55 GB/s, its per-layer cost is not measured: the
+# staged one is assumed). The 7B b8 x 512 step of Transformers + PEFT (167 TFLOP with its recompute) took 0.607 s,
 # 275 TFLOP/s; at b1 x 512 a layer's forward + backward + recompute took 15 ms whatever its FLOPs (kernel
 # launches): 5 ms per forward-equivalent. Another card moves the absolute times; the split follows their ratio.
-GPU_STREAM_BYTES_S = {"staged": 21e9, "zero_copy": 55e9}
+GPU_STREAM_BYTES_S = {"staged": 31e9, "zero_copy": 55e9}
+GPU_STREAM_LAYER_S = 0.004  # each layer's transfer costs this much beyond its bytes
 GPU_FLOPS_S = 275e12
 GPU_LAUNCH_S = 0.005  # a layer's forward (or backward, or recompute) takes at least this long
 ALIGN = 64  # stream/layout.py pads each tensor of an unpacked slot to this many bytes
@@ -529,7 +532,8 @@ def step_time_model(f: ModelFacts, batch: int, seq: int, s: int, resident: int, 
     # the weights' matmuls, and attention's two (causal: half of 4 B T^2 H)
     fwd_flops = 2 * batch * seq * (layer_bytes // s) + 2 * batch * seq * seq * c.hidden_size
     fwd_s = max(GPU_LAUNCH_S, fwd_flops / GPU_FLOPS_S)
-    stream_s = 2 * (f.L - resident) * layer_bytes / GPU_STREAM_BYTES_S["zero_copy" if zero_copy else "staged"]
+    per_layer = layer_bytes / GPU_STREAM_BYTES_S["zero_copy" if zero_copy else "staged"] + GPU_STREAM_LAYER_S
+    stream_s = 2 * (f.L - resident) * per_layer
     return stream_s, (3 * f.L - keep) * fwd_s
 
 
@@ -539,7 +543,7 @@ def split_room(room: int, f: ModelFacts, batch: int, seq: int, s: int, kept_extr
 
     Greedy on the step time of `step_time_model`: one more resident layer (a ring slot's bytes) saves two
     transfers, one more kept layer (`kept_extra` bytes) saves a recompute; take whichever saves more time per
-    byte, while one saves any. Streaming usually dominates (7B bf16 at b1 x 512 on the H200: 38 ms of transfer
+    byte, while one saves any. Streaming usually dominates (7B bf16 at b1 x 512 on the H200: 34 ms of transfer
     against 15 ms of compute per layer), so resident layers come first, until what is left to stream hides
     behind the compute. The room still left then goes to kept layers (they shorten the compute that overlap
     leaves exposed), never to more resident layers. `keep` given: only resident layers are decided."""
