@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -57,3 +58,41 @@ def test_trim_heap_returns_freed_small_blocks_to_the_os():
     assert trim_heap()
     assert before - rss() > 100 * 2**20
     libc.free(keep)
+
+
+def test_huge_pages_for_tensors_unless_the_weights_fill_the_memory(monkeypatch):
+    """THP for tensors when the weights fit the memory available; not when they exceed it (the pager keeps the
+    RAM full of page cache, and huge-page faults then compact memory in the compute thread); never over the
+    user's own setting. lema bench turns it off for its contenders once it knows the weights' size."""
+    import lema.host_memory as hm
+    from lema.cli import _model_folder
+
+    monkeypatch.setattr(hm, "memory_available", lambda: 10 * 2**30)
+    for weights, want in ((None, "1"), (2**30, "1"), (20 * 2**30, None)):
+        monkeypatch.delenv(hm.THP_ENV, raising=False)
+        monkeypatch.setattr(hm, "_thp_set_here", False)
+        hm.use_huge_pages_for_tensors(weights)
+        assert os.environ.get(hm.THP_ENV) == want, weights
+    monkeypatch.setenv(hm.THP_ENV, "0")  # the user's
+    monkeypatch.setattr(hm, "_thp_set_here", False)
+    hm.use_huge_pages_for_tensors(None)
+    hm.no_huge_pages_in_children(20 * 2**30)
+    assert os.environ[hm.THP_ENV] == "0" and not hm._thp_set_here
+    monkeypatch.delenv(hm.THP_ENV)
+    hm.use_huge_pages_for_tensors(None)  # lema's, then the weights turn out bigger than the memory
+    hm.no_huge_pages_in_children(2**30)
+    assert os.environ[hm.THP_ENV] == "1"
+    hm.no_huge_pages_in_children(20 * 2**30)
+    assert os.environ[hm.THP_ENV] == "0"
+    assert _model_folder(["train", "--model", "m", "--data", "d"]) == "m"
+    assert _model_folder(["bench", "--model=f"]) == "f" and _model_folder(["bench", "--shape", "x"]) is None
+
+
+def test_weights_bytes_of_a_folder(tmp_path):
+    from lema.host_memory import weights_bytes_of
+
+    (tmp_path / "a.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "b.safetensors").write_bytes(b"x" * 5)
+    (tmp_path / "config.json").write_text("{}")
+    assert weights_bytes_of(str(tmp_path)) == 15
+    assert weights_bytes_of(str(tmp_path / "missing")) is None

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import Optional
 
 from .cli_errors import UsageError
 
@@ -54,10 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    from .host_memory import use_huge_pages_for_tensors
+def _model_folder(argv: list[str]) -> Optional[str]:
+    """The value of --model in a command line, read before anything imports torch."""
+    for i, a in enumerate(argv):
+        if a == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--model="):
+            return a.split("=", 1)[1]
+    return None
 
-    use_huge_pages_for_tensors()  # before torch's first CPU allocation (host_memory.py)
+
+def main(argv=None) -> int:
+    from .host_memory import use_huge_pages_for_tensors, weights_bytes_of
+
+    folder = _model_folder(sys.argv[1:] if argv is None else list(argv))
+    # before torch's first CPU allocation; not for weights bigger than the memory (host_memory.py)
+    use_huge_pages_for_tensors(weights_bytes_of(folder) if folder else None)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -137,7 +137,11 @@ def memory_free() -> int:
     return proc_bytes("/proc/meminfo", "MemFree") or 1 << 62
 
 
-def use_huge_pages_for_tensors() -> None:
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+_thp_set_here = False  # whether use_huge_pages_for_tensors set THP_ENV (not the user)
+
+
+def use_huge_pages_for_tensors(weights_bytes: Optional[int] = None) -> None:
     """Ask PyTorch to back CPU tensors of 2 MiB or more with transparent huge pages
     (THP_MEM_ALLOC_ENABLE: 2 MiB-aligned, madvise(MADV_HUGEPAGE)), unless the environment already says.
 
@@ -145,7 +149,36 @@ def use_huge_pages_for_tensors() -> None:
     `lema` command calls it before anything is allocated; a program importing lema sets it itself. It
     matters with a bounded heap (`return_freed_memory_to_os`): every large tensor is then a fresh mapping,
     and faulting it in 4 KiB pages cost 37% of a step on the Llama-2-7B shape (8 layers, 128 tokens:
-    18.5 s against 13.5 s unbounded); with huge pages, 14.5 s (BENCHMARKS.md)."""
+    18.5 s against 13.5 s unbounded); with huge pages, 14.5 s (BENCHMARKS.md).
+
+    Not when `weights_bytes` (the model's weights) exceed the memory available: the pager then keeps the
+    RAM full of page cache by design, and a huge-page fault finds no free 2 MiB block without compacting
+    memory first, in the compute thread. Measured on the 7B shape in fp32 (target 2, BENCHMARKS.md session
+    7): compaction stalls in a run 1815 with huge pages, 36 and 464 without, direct reclaim 703k pages
+    against 3k and 308k; step times 65.1 s with, 53.7 and 62.3 s without: within this VM's noise."""
+    global _thp_set_here
     import os
 
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if THP_ENV not in os.environ and (weights_bytes is None or weights_bytes <= memory_available()):
+        os.environ[THP_ENV] = "1"
+        _thp_set_here = True
+
+
+def no_huge_pages_in_children(weights_bytes: int) -> None:
+    """`use_huge_pages_for_tensors` for processes started after this call (lema bench's contenders), once the
+    weights are known: huge pages off where they exceed the memory available, unless the user set THP_ENV."""
+    import os
+
+    if _thp_set_here and weights_bytes > memory_available():
+        os.environ[THP_ENV] = "0"
+
+
+def weights_bytes_of(folder: str) -> Optional[int]:
+    """Bytes of the safetensors files in a checkpoint folder (sizes only, nothing read); None if there are none."""
+    import os
+
+    try:
+        sizes = [os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")]
+    except OSError:
+        return None
+    return sum(sizes) or None

@@ -105,6 +105,10 @@ def run(args) -> int:
         raise FileNotFoundError(f"no *.safetensors in {folder!r}; `lema convert` it first")
     weight_bytes = sum(os.path.getsize(f) for f in files)
     big = weight_bytes > 0.6 * _mem_total()
+    if not cuda:  # the contenders' processes, started below: no huge pages when the weights fill the RAM
+        from ..host_memory import no_huge_pages_in_children
+
+        no_huge_pages_in_children(weight_bytes)
     names = args.contenders or (["streaming"] if big else list(bench.CONTENDERS))
     if big and not args.contenders:
         log(f"weights are {bench.human(weight_bytes)}, more than this machine's RAM allows resident: "
