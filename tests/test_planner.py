@@ -193,6 +193,9 @@ def test_resident_layers_count_in_the_peak_spread_through_the_stack():
     with pytest.raises(PlanError, match="lower --resident-layers"):
         plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=budget, keep_activations=0, resident_layers=4)
     assert plan(cfg, "float32", batch_size=B, seq_len=T, strategy="resident", resident_layers=2).resident_layers == 0
+    every = plan(cfg, "float32", batch_size=B, seq_len=T, resident_layers=6, device_type="cuda")  # no ring then
+    assert every.ring_device_bytes == every.ring_host_bytes == 0
+    assert every.peak_bytes - base.peak_bytes == 6 * base.slot_bytes - base.ring_device_bytes
     # On the CPU with views, resident layers are copies: the pager's window serves the 4 streamed layers only
     paged = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache=3 * base.layer_bytes,
                  resident_layers=2)

@@ -336,7 +336,7 @@ def test_every_layer_resident_streams_nothing_and_trains_the_same(tiny_dir, make
     model = make_lema(path, num_buffers=2, resident_layers=LAYERS + 1)
     resident = make_lema(path, strategy=MemoryStrategy.RESIDENT)
     ring = model.source
-    assert sorted(ring.resident) == list(range(LAYERS))
+    assert sorted(ring.resident) == list(range(LAYERS)) and ring.slots == []  # no ring slot allocated
     trainers = [m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)) for m in (model, resident)]
     for step in range(2):
         ids = batch(step)

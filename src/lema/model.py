@@ -107,8 +107,9 @@ class LemaModel(nn.Module):
 
             resident = {i: self._load_resident(self.layouts[i])  # LemaConfig.resident_layers
                         for i in spread(config.resident_layers, self.units.num_layers)}
+            slots = config.num_buffers if len(resident) < self.units.num_layers else 0  # all resident: no ring
             self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
-                                     config.num_buffers, prefetch=config.prefetch, pager=pager, resident=resident,
+                                     slots, prefetch=config.prefetch, pager=pager, resident=resident,
                                      host_views=host_views)
         else:
             self.source = ResidentLayers(self.layouts, self._load_resident)

@@ -460,7 +460,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
             ring_dev = 0
             frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + layers_total
         else:
-            ring_dev = 0 if (cpu and zero_copy) else depth * slot_bytes
+            ring_dev = 0 if (cpu and zero_copy) or resident >= L else depth * slot_bytes  # all resident: no ring
             frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + ring_dev + resident * slot_bytes
         fixed = frozen + lora_bytes + grad_bytes + optimizer_bytes
         static = fixed + (boundary if on_device_acts else keep * a * H * s) + keep * kept_extra
@@ -506,7 +506,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              lora_bytes=lora_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
              boundary_bytes=boundary, logits_bytes=logits, head_work_bytes=head_work,
              layer_work_bytes=layer_work, layer_saved_bytes=layer_saved, ring_depth=depth,
-             ring_device_bytes=ring_dev, ring_host_bytes=depth * slot_bytes if host_slots else 0,
+             ring_device_bytes=ring_dev, ring_host_bytes=depth * slot_bytes if host_slots and resident < L else 0,
              frozen_device_bytes=frozen, peak_bytes=peak, peak_phase=phase, layer_terms=terms,
              chunked_loss=chunked, kept_layers=keep, kept_extra_bytes=kept_extra,
              keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None
