@@ -88,6 +88,19 @@ def test_huge_pages_for_tensors_unless_the_weights_fill_the_memory(monkeypatch):
     assert _model_folder(["bench", "--model=f"]) == "f" and _model_folder(["bench", "--shape", "x"]) is None
 
 
+def test_model_folder_of_a_train_config(tmp_path):
+    from lema.cli import _model_folder
+
+    run = tmp_path / "run.yaml"
+    run.write_text("model: runs/big\ndata: d.jsonl\n")
+    assert _model_folder(["train", "--config", str(run)]) == "runs/big"
+    assert _model_folder(["train", "--config", str(run), "--model", "m"]) == "m"  # the command line wins
+    assert _model_folder(["train", "--config", str(tmp_path / "missing.yaml")]) is None
+    for text in ("- not a mapping\n", "model: [unclosed\n"):
+        run.write_text(text)
+        assert _model_folder(["train", "--config", str(run)]) is None
+
+
 def test_weights_bytes_of_a_folder(tmp_path):
     from lema.host_memory import weights_bytes_of
 

@@ -55,14 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_folder(argv: list[str]) -> Optional[str]:
-    """The value of --model in a command line, read before anything imports torch."""
+def _flag(argv: list[str], name: str) -> Optional[str]:
     for i, a in enumerate(argv):
-        if a == "--model" and i + 1 < len(argv):
+        if a == name and i + 1 < len(argv):
             return argv[i + 1]
-        if a.startswith("--model="):
+        if a.startswith(name + "="):
             return a.split("=", 1)[1]
     return None
+
+
+def _model_folder(argv: list[str]) -> Optional[str]:
+    """The model folder of a command line (--model, else `model` in `lema train --config`'s YAML), read
+    before anything imports torch; None when there is none or the YAML cannot be read (the command says why)."""
+    folder = _flag(argv, "--model")
+    config = _flag(argv, "--config")
+    if folder is None and config:
+        try:
+            import yaml
+        except ImportError:
+            return None
+        try:
+            with open(config) as f:
+                loaded = yaml.safe_load(f)
+        except (OSError, ValueError, yaml.YAMLError):
+            return None
+        folder = loaded.get("model") if isinstance(loaded, dict) else None
+    return folder if isinstance(folder, str) else None
 
 
 def main(argv=None) -> int:
