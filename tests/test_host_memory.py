@@ -102,7 +102,7 @@ def test_model_folder_of_a_train_config(tmp_path):
 
 
 def test_weights_bytes_of_a_folder(tmp_path):
-    from lema.host_memory import weights_bytes_of
+    from lema.store import weights_bytes as weights_bytes_of
 
     (tmp_path / "a.safetensors").write_bytes(b"x" * 10)
     (tmp_path / "b.safetensors").write_bytes(b"x" * 5)

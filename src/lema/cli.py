@@ -84,11 +84,12 @@ def _model_folder(argv: list[str]) -> Optional[str]:
 
 
 def main(argv=None) -> int:
-    from .host_memory import use_huge_pages_for_tensors, weights_bytes_of
+    from .host_memory import use_huge_pages_for_tensors
+    from .store import weights_bytes
 
     folder = _model_folder(sys.argv[1:] if argv is None else list(argv))
     # before torch's first CPU allocation; not for weights bigger than the memory (host_memory.py)
-    use_huge_pages_for_tensors(weights_bytes_of(folder) if folder else None)
+    use_huge_pages_for_tensors(weights_bytes(folder) if folder else None)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

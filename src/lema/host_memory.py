@@ -172,13 +172,3 @@ def no_huge_pages_in_children(weights_bytes: int) -> None:
     if _thp_set_here and weights_bytes > memory_available():
         os.environ[THP_ENV] = "0"
 
-
-def weights_bytes_of(folder: str) -> Optional[int]:
-    """Bytes of the safetensors files in a checkpoint folder (sizes only, nothing read); None if there are none."""
-    import os
-
-    try:
-        sizes = [os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")]
-    except OSError:
-        return None
-    return sum(sizes) or None

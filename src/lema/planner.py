@@ -346,6 +346,11 @@ class ModelFacts:
     chunk_ok: bool      # the chunked loss reproduces this model's head (engine/chunked_loss.py)
     softcap: bool
 
+    @property
+    def layer_bytes(self) -> int:
+        """The largest decoder layer's weight bytes."""
+        return max((b for u, b in self.unit_bytes.items() if u.startswith("layer.")), default=0)
+
 
 def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = None) -> ModelFacts:
     """Build the meta skeleton of `model` (config or folder), inject PEFT's LoRA, and measure it (~1 s for 7B)."""
@@ -478,6 +483,11 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     offload = recompute and not cpu and (offload_activations is True or (
         offload_activations is None and max_vram_bytes is not None and peak_of(depth)[0] > max_vram_bytes
         and peak_of(depth, on_device_acts=False)[0] <= max_vram_bytes))
+    # on a GPU the caching allocator holds more than the live tensors (blocks split and cached): the kept
+    # layers and resident layers, speed choices, leave that slack free (the 7B b1 x 4096 plan that filled 16 GB
+    # to 14.4 GiB planned ran out of memory with 0.7 GiB reserved but unallocated)
+    usable = (max_vram_bytes * (1 - ALLOCATOR_SLACK) if not cpu else max_vram_bytes) \
+        if max_vram_bytes is not None else None
     if not recompute:
         keep = 0
     elif keep_activations is not None:
@@ -485,17 +495,12 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     elif offload and offload_activations is None:
         keep = 0  # offloading was needed to fit: nothing to spare for kept layers
     else:
-        # on a GPU the caching allocator holds more than the live tensors (blocks split and cached): the kept
-        # layers, a speed choice, leave that slack free (the 7B b1 x 4096 plan that filled 16 GB to 14.4 GiB
-        # planned ran out of memory with 0.7 GiB reserved but unallocated)
-        usable = max_vram_bytes * (1 - ALLOCATOR_SLACK) if max_vram_bytes is not None and not cpu else max_vram_bytes
-        room = (usable - peak_of(depth, not offload)[0]) if max_vram_bytes is not None else free_bytes
+        room = (usable - peak_of(depth, not offload)[0]) if usable is not None else free_bytes
         if auto_resident and room is not None:
             resident, keep = split_room(room, f, batch_size, seq_len, s, kept_extra, gpu_zero_copy)
         else:
             keep = max(0, min(L, int(room // kept_extra))) if room is not None and kept_extra else 0
     if auto_resident and keep_activations is not None and not offload:  # kept layers fixed: resident takes the rest
-        usable = max_vram_bytes * (1 - ALLOCATOR_SLACK) if max_vram_bytes is not None else None
         room = (usable - peak_of(depth, not offload, keep=keep)[0]) if usable is not None else free_bytes
         if room is not None:
             resident = split_room(room, f, batch_size, seq_len, s, kept_extra, gpu_zero_copy, keep=keep)[0]
@@ -528,7 +533,7 @@ def step_time_model(f: ModelFacts, batch: int, seq: int, s: int, resident: int, 
     runs forward and backward (~2 forwards: the frozen weights' gradient is not needed), a recomputed layer
     one forward more. The two overlap, so the step takes about the larger."""
     c = _text_config(f.hf_config)
-    layer_bytes = max((b for u, b in f.unit_bytes.items() if u.startswith("layer.")), default=0)
+    layer_bytes = f.layer_bytes
     # the weights' matmuls, and attention's two (causal: half of 4 B T^2 H)
     fwd_flops = 2 * batch * seq * (layer_bytes // s) + 2 * batch * seq * seq * c.hidden_size
     fwd_s = max(GPU_LAUNCH_S, fwd_flops / GPU_FLOPS_S)

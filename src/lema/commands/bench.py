@@ -98,11 +98,9 @@ def run(args) -> int:
         folder = bench.build_shape(args.shape, args.cache_dir, dtype, log=log, device=args.device)
     else:
         folder = args.model
-    weights = os.path.join(folder, "model.safetensors")
-    files = [weights] if os.path.isfile(weights) else sorted(
-        os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {folder!r}; `lema convert` it first")
+    from ..store import weight_files
+
+    files = weight_files(folder)  # as the contenders open them; WeightsFileError (naming the fix) if none
     weight_bytes = sum(os.path.getsize(f) for f in files)
     big = weight_bytes > 0.6 * _mem_total()
     if not cuda:  # the contenders' processes, started below: no huge pages when the weights fill the RAM

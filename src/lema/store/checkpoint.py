@@ -33,7 +33,7 @@ class WeightStore:
         self.files: list[SafetensorsFile] = []
         self.where: dict[str, tuple[SafetensorsFile, TensorEntry]] = {}
         self.units: dict[str, tuple[SafetensorsFile, int, int]] = {}
-        for path in self._weight_paths(folder, gbi_path):
+        for path in weight_files(folder, gbi_path):
             f = SafetensorsFile(path)
             self.files.append(f)
             for key, entry in f.entries.items():
@@ -41,38 +41,6 @@ class WeightStore:
             if f.metadata.get("lema.format") == PACKED_FORMAT:
                 for unit, (start, end) in json.loads(f.metadata["lema.units"]).items():
                     self.units[unit] = (f, int(start), int(end))
-
-    @staticmethod
-    def _weight_paths(folder: str, gbi_path: Optional[str]) -> list[str]:
-        if gbi_path is not None:
-            if not os.path.isfile(gbi_path):
-                raise WeightsFileError(f"gbi_path={gbi_path!r} does not exist; write it with "
-                                       "`lema convert SRC OUT` (it is OUT/model.safetensors) or pass gbi_path=None")
-            return [gbi_path]
-        single = os.path.join(folder, "model.safetensors")
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(single):
-            return [single]
-        if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise WeightsFileError(f"{index!r} is not a valid safetensors index ({e})") from None
-            paths = sorted({os.path.join(folder, name) for name in weight_map.values()})
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                raise WeightsFileError(f"{index!r} names shard(s) that are missing: {missing}; "
-                                       "download the whole checkpoint again")
-            return paths
-        shards = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-        if shards:
-            return shards
-        if glob.glob(os.path.join(folder, "pytorch_model*.bin")) or glob.glob(os.path.join(folder, "*.gguf")):
-            raise WeightsFileError(f"{folder!r} holds .bin or .gguf weights, which cannot be streamed; "
-                                   f"convert them first: `lema convert {folder} OUT`")
-        raise WeightsFileError(f"no weights in {folder!r}: expected model.safetensors or sharded "
-                               "*.safetensors with model.safetensors.index.json")
 
     def keys(self) -> list[str]:
         return list(self.where)
@@ -90,3 +58,44 @@ class WeightStore:
     def close(self) -> None:
         for f in self.files:
             f.close()
+
+
+def weight_files(folder: str, gbi_path: Optional[str] = None) -> list[str]:
+    """The weight files of a checkpoint folder (or `gbi_path`), as WeightStore opens them; WeightsFileError if none."""
+    if gbi_path is not None:
+        if not os.path.isfile(gbi_path):
+            raise WeightsFileError(f"gbi_path={gbi_path!r} does not exist; write it with "
+                                   "`lema convert SRC OUT` (it is OUT/model.safetensors) or pass gbi_path=None")
+        return [gbi_path]
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise WeightsFileError(f"{index!r} is not a valid safetensors index ({e})") from None
+        paths = sorted({os.path.join(folder, name) for name in weight_map.values()})
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise WeightsFileError(f"{index!r} names shard(s) that are missing: {missing}; "
+                                   "download the whole checkpoint again")
+        return paths
+    shards = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if shards:
+        return shards
+    if glob.glob(os.path.join(folder, "pytorch_model*.bin")) or glob.glob(os.path.join(folder, "*.gguf")):
+        raise WeightsFileError(f"{folder!r} holds .bin or .gguf weights, which cannot be streamed; "
+                               f"convert them first: `lema convert {folder} OUT`")
+    raise WeightsFileError(f"no weights in {folder!r}: expected model.safetensors or sharded "
+                           "*.safetensors with model.safetensors.index.json")
+
+
+def weights_bytes(folder: str) -> Optional[int]:
+    """Bytes of a checkpoint folder's weight files (sizes only, nothing read); None where it has none."""
+    try:
+        return sum(os.path.getsize(p) for p in weight_files(folder))
+    except (WeightsFileError, OSError):
+        return None
