@@ -352,3 +352,32 @@ def test_resident_layers_setting_is_checked():
 
     with pytest.raises(ValueError, match="resident_layers=-1"):
         LemaConfig(model_name_or_path="x", resident_layers=-1)
+
+
+@pytest.mark.parametrize("arch, file_dtype, zero_copy, view", [
+    ("llama", torch.float32, None, True),          # untied, the file in the compute dtype: a view
+    ("llama", torch.bfloat16, None, False),        # converted to fp32 at load: a copy
+    ("llama", torch.float32, False, False),        # views turned off
+    ("llama-tied", torch.float32, None, False),    # it is the head too, read in full each step: a copy
+], ids=["view", "converted", "zero-copy-off", "tied"])
+def test_cpu_embedding_is_a_view_of_the_mmap_unless_tied_or_converted(arch, file_dtype, zero_copy, view,
+                                                                       tiny_dir, make_lema):
+    """On the CPU the input embedding stays a view of the mmap'd file where it can (a lookup reads only its
+    rows; a copy would hold all of it in anonymous memory): the model's weight lies inside the file's mapping,
+    the plan puts it in the page cache, and the logits equal those of a model that copies everything."""
+    from lema.planner import plan_for_config
+
+    path = tiny_dir(arch, num_layers=LAYERS, dtype=file_dtype)
+    model = make_lema(path, num_buffers=2, zero_copy=zero_copy)
+    weight = model.base_model.get_input_embeddings().weight
+    mapped = any(f._address <= weight.data_ptr() < f._address + f.size for f in model.store.files)
+    assert mapped == view
+    nbytes = weight.numel() * weight.element_size()
+    assert model.embedding_view_bytes == (nbytes if view else 0)
+    p = plan_for_config(model.config, batch_size=2, seq_len=8)
+    assert p.embedding_view_bytes == model.embedding_view_bytes
+    assert (p.rows()[0].where == "page cache") == view
+    copied = make_lema(path, num_buffers=2, zero_copy=False)
+    ids = batch(0)
+    torch.testing.assert_close(model(ids).logits, copied(ids).logits, atol=0, rtol=0)
+    assert not weight.requires_grad

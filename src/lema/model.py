@@ -162,13 +162,27 @@ class LemaModel(nn.Module):
         return t
 
     def _load_resident_units(self, base) -> None:
-        """The embedding and the head: loaded once, frozen, tied weights kept tied."""
+        """The embedding and the head: loaded once, frozen, tied weights kept tied.
+
+        On the CPU an embedding that the file holds in the compute dtype, and that is not also the head,
+        stays a view of the mmap (as the ring's layers): a lookup reads only its rows, so the page cache holds
+        those and the kernel may evict the rest, where a copy would take its whole size in anonymous memory
+        (500 MiB for the 7B shape in fp32, room the pager's window then has). The head is always a copy: each
+        step reads all of it, and a view would compete with the window for the page cache."""
         by_id: dict[int, list[str]] = {}
         for name, p in base.named_parameters(remove_duplicate=False):
             by_id.setdefault(id(p), []).append(name)
+        views_ok = self.device.type == "cpu" and self.config.zero_copy is not False
+        self.embedding_view_bytes = 0
         for unit in (EMBED, HEAD):
             for name in self.units.units[unit]:
-                tensor = self._read(name).to(device=self.device, dtype=self.dtype, copy=True)
+                tensor = self._read(name)
+                aliases = by_id[id(base.get_parameter(name))]
+                if (views_ok and unit == EMBED and len(aliases) == 1 and self.sources[name].key is not None
+                        and tensor.dtype == self.dtype):
+                    self.embedding_view_bytes += tensor.numel() * tensor.element_size()
+                else:
+                    tensor = tensor.to(device=self.device, dtype=self.dtype, copy=True)
                 param = nn.Parameter(tensor, requires_grad=False)
                 for alias in by_id[id(base.get_parameter(name))]:
                     owner, attr = alias.rsplit(".", 1)
@@ -439,7 +453,8 @@ class LemaModel(nn.Module):
         set_peft_model_state_dict(self.peft_model, {k: v.to(self.device) for k, v in state.items()})
 
     def memory_stats(self, optimizer=None) -> dict[str, int]:
-        """Bytes: frozen weights in device memory now and at peak, activations, adapters, optimizer state."""
+        """Bytes: frozen weights in device memory now and at peak (an embedding kept as a view of the mmap is
+        page cache, not counted), activations, adapters, optimizer state."""
         def nbytes(ts):
             return sum(t.numel() * t.element_size() for t in ts)
 
@@ -454,8 +469,8 @@ class LemaModel(nn.Module):
         else:
             layers_now = layers_peak = self.source.nbytes
         stats = {
-            "frozen_weights_now": resident + layers_now,
-            "frozen_weights_peak": resident + layers_peak,
+            "frozen_weights_now": resident - self.embedding_view_bytes + layers_now,
+            "frozen_weights_peak": resident - self.embedding_view_bytes + layers_peak,
             # layer inputs kept for the recompute + everything the kept layers saved, last pass (on the device)
             "activations": self.streamed.boundary_bytes - self.streamed.offloaded_bytes + self.streamed.kept_bytes,
             "activations_on_host": self.streamed.offloaded_bytes,

@@ -7,7 +7,8 @@ Notation: B batch, T sequence length, a = B*T tokens, H hidden size, I MLP inter
 nh / nkv attention / key-value heads, d head dim, V vocabulary, L decoder layers, r LoRA rank,
 s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (num_buffers).
 
-    frozen units   embed, head: their parameters x s, resident on the device (tied = once)
+    frozen units   embed, head: their parameters x s, resident on the device (tied = once); on the CPU, with the file
+                   in the compute dtype, an untied embedding is a view of the mmap (page cache): 0
                    layer i: its parameters x s; a ring slot holds the largest layer, each tensor
                    padded to 64 bytes (stream/layout.py)
     ring           k slots x slot bytes on the device; on CUDA also k pinned host slots of that
@@ -153,6 +154,7 @@ class Plan:
     page_cache_window: int = 0
     page_cache_adaptive: bool = False  # the window is sized at run time (smaller where the kernel evicts from it)
     disk_read_bytes: int = 0
+    embedding_view_bytes: int = 0  # CPU, file in the compute dtype: the untied embedding stays a view of the mmap
 
     @property
     def layer_bytes(self) -> int:
@@ -164,7 +166,7 @@ class Plan:
         ring_note = f"{self.ring_depth} slots x {human(self.slot_bytes)}"
         if self.strategy == "resident":
             ring = Row(f"decoder layers ({L})", dev, self.frozen_device_bytes - self.unit_bytes["embed"]
-                       - self.unit_bytes["head"], "resident (strategy resident)")
+                       + self.embedding_view_bytes - self.unit_bytes["head"], "resident (strategy resident)")
         elif self.ring_device_bytes == 0:
             ring = Row(f"ring ({self.ring_depth} slots)", "page cache", 0,
                        f"views of the mmap'd weights; {ring_note} of page cache")
@@ -174,7 +176,9 @@ class Plan:
                          f"loaded once: layers {_short(self.resident_layer_indices)}")]
                     if self.strategy == "streaming" and self.resident_layers else [])
         rows = [
-            Row("embedding", dev, self.unit_bytes["embed"], "frozen, resident"),
+            Row("embedding", dev, self.unit_bytes["embed"], "frozen, resident") if not self.embedding_view_bytes
+            else Row("embedding", "page cache", self.unit_bytes["embed"] - self.embedding_view_bytes,
+                     f"a view of the mmap'd weights: lookups read their rows of {human(self.embedding_view_bytes)}"),
             Row("head (norm + lm_head)", dev, self.unit_bytes["head"],
                 "frozen, resident" + (" (tied to the embedding)" if self.unit_bytes["head"] < 1024 else "")),
             ring,
@@ -345,6 +349,7 @@ class ModelFacts:
     H: int
     chunk_ok: bool      # the chunked loss reproduces this model's head (engine/chunked_loss.py)
     softcap: bool
+    embed_untied_bytes: int = 0  # the embedding unit's bytes not shared with the head (a CPU view can serve them)
 
     @property
     def layer_bytes(self) -> int:
@@ -368,6 +373,10 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     params = dict(base.named_parameters())
     s = dtype.itemsize
     unit_bytes = {u: sum(params[n].numel() for n in names) * s for u, names in units.units.items()}
+    names_of: dict[int, int] = {}
+    for _, p in base.named_parameters(remove_duplicate=False):
+        names_of[id(p)] = names_of.get(id(p), 0) + 1
+    embed_untied = sum(params[n].numel() for n in units.units[EMBED] if names_of[id(params[n])] == 1) * s
     slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
                       for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
     base.requires_grad_(False)  # as LemaModel: only LoRA trains, the head is frozen
@@ -382,7 +391,7 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     c = _text_config(hf_config)
     return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, lora_in_features,
                       units.num_layers,
-                      c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None)
+                      c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied)
 
 
 def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str]] = None,
@@ -457,16 +466,18 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
 
     cpu = device_type == "cpu"
     layers_total = sum(b for u, b in unit_bytes.items() if u not in (EMBED, HEAD))
+    embed_view = f.embed_untied_bytes if cpu and zero_copy else 0  # LemaModel._load_resident_units
+    embed = unit_bytes[EMBED] - embed_view
 
     def peak_of(depth: int, on_device_acts: bool = True, keep: int = 0) -> tuple[int, int, int, str]:
         """The peak with a ring of `depth`; `on_device_acts` False: the recomputed layers' inputs on the host
         (a kept layer's input stays with its other activations on the device)."""
         if strategy == "resident":
             ring_dev = 0
-            frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + layers_total
+            frozen = embed + unit_bytes[HEAD] + layers_total
         else:
             ring_dev = 0 if (cpu and zero_copy) or resident >= L else depth * slot_bytes  # all resident: no ring
-            frozen = unit_bytes[EMBED] + unit_bytes[HEAD] + ring_dev + resident * slot_bytes
+            frozen = embed + unit_bytes[HEAD] + ring_dev + resident * slot_bytes
         fixed = frozen + lora_bytes + grad_bytes + optimizer_bytes
         static = fixed + (boundary if on_device_acts else keep * a * H * s) + keep * kept_extra
         phases = {"the loss (head forward/backward)": static + head_work,
@@ -519,7 +530,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              resident_auto=resident_layers is None and strategy == "streaming",
              modelled_s=step_time_model(f, batch_size, seq_len, s, resident, keep, gpu_zero_copy)
              if strategy == "streaming" and not cpu and L else None,
-             activations_on="host" if offload else "device")
+             activations_on="host" if offload else "device", embedding_view_bytes=embed_view)
     if cpu and zero_copy and strategy == "streaming" and L:
         _page_cache(p, layers_total, page_cache)
     _decide(p, lambda d, on_device_acts=not offload: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
