@@ -13,7 +13,7 @@ from lema.cli import main
 from lema.commands.bench import format_table
 
 KEYS = {"median_step_s", "tokens_per_s", "peak_anon_bytes", "peak_run_bytes", "predicted_peak_bytes",
-        "predicted_over_measured", "bytes_streamed_per_step", "achieved_bytes_per_s", "achieved_over_ceiling",
+        "predicted_over_measured", "prediction_within_10pct", "bytes_streamed_per_step", "achieved_bytes_per_s", "achieved_over_ceiling",
         "vs_peft", "vs_resident", "losses"}
 
 
@@ -55,6 +55,16 @@ def test_lema_bench_json(tmp_path, capsys):
         assert c["kept_layers"] == 3 and c["chunked_loss"] is False  # tiny: everything fits, small logits
     table = format_table(out)
     assert "LEMA STREAMING" in table and "pred/run" in table and "3 layers kept" in table
+    # the planner check: each contender's prediction against its measured peak, flagged outside 10%
+    for c in out["contenders"].values():
+        assert c["prediction_within_10pct"] == (abs(c["predicted_over_measured"] - 1) <= 0.10)
+        assert f"planner check, {c['label']}: predicted / run peak {c['predicted_over_measured']:.2f}" in table
+    s["predicted_over_measured"], s["prediction_within_10pct"] = 0.63, False
+    lines = [ln for ln in format_table(out).splitlines() if ln.startswith("planner check, LEMA STREAMING")]
+    assert lines == ["planner check, LEMA STREAMING: predicted / run peak 0.63, OUTSIDE 10% (RssAnon also counts "
+                     "what glibc's heap keeps of freed blocks, unbounded without --max-vram)"]
+    out["max_vram"] = "1GB"  # with a budget the heap is bounded: no excuse offered
+    assert "planner check, LEMA STREAMING: predicted / run peak 0.63, OUTSIDE 10%" in format_table(out).splitlines()
 
 
 def test_lema_bench_floor_is_timed_in_the_rounds(tmp_path, capsys):

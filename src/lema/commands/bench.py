@@ -6,6 +6,8 @@ from . import add_layer_placement_flags, tristate
 
 HELP = "time training steps of Transformers + PEFT, LEMA RESIDENT and LEMA STREAMING side by side"
 EXAMPLE = "lema bench --shape smollm2-135m --batch-size 4 --seq-len 256 --steps 10"
+# issue 6: the planner's predicted peak and the measured one must agree within this
+PREDICTION_TOLERANCE = 0.10
 
 
 def add_arguments(parser) -> None:
@@ -186,7 +188,7 @@ def run(args) -> int:
         "seq_len": args.seq_len, "lora_rank": args.lora_rank, "steps": args.steps,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "ceiling_bytes_per_s": ceiling, "ceiling_kind": ceiling_kind, "device": args.device,
-        "gpu_memory": args.gpu_memory,
+        "gpu_memory": args.gpu_memory, "max_vram": args.max_vram,
         "contenders": {},
     }
     for n, r in results.items():
@@ -198,6 +200,7 @@ def run(args) -> int:
             "peak_anon_bytes": r.peak_rss, "baseline_anon_bytes": r.baseline_rss, "peak_run_bytes": peak_run,
             "predicted_peak_bytes": predicted[n],
             "predicted_over_measured": predicted[n] / peak_run if peak_run > 0 else None,
+            "prediction_within_10pct": bool(peak_run > 0 and abs(predicted[n] / peak_run - 1) <= PREDICTION_TOLERANCE),
             "bytes_streamed_per_step": r.bytes_per_step, "disk_bytes_read_per_step": r.disk_bytes_per_step,
             "achieved_bytes_per_s": gbps, "achieved_over_ceiling": gbps / ceiling if ceiling else None,
             "vs_peft": r.median / ref["peft"] if "peft" in ref else None,
@@ -280,6 +283,15 @@ def format_table(out: dict) -> str:
             shares = {k: v for k, v in c["cpu"].items() if v >= 0.005}
             lines.append(f"{c['label']}: the machine's CPU during its steps: "
                          + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+    for c in out["contenders"].values():
+        r = c.get("predicted_over_measured")
+        if r is None:
+            continue
+        ok = c.get("prediction_within_10pct")
+        why = ("" if ok or cuda or out.get("max_vram") else
+               " (RssAnon also counts what glibc's heap keeps of freed blocks, unbounded without --max-vram)")
+        lines.append(f"planner check, {c['label']}: predicted / run peak {r:.2f}, "
+                     f"{'within' if ok else 'OUTSIDE'} {PREDICTION_TOLERANCE:.0%}{why}")
     if out.get("device") == "cuda":
         lines.append("peak anon / run peak: here the peak of allocated device memory (torch.cuda.max_memory_allocated)"
                      + (f", on a {out['gpu_memory']} card emulated by a memory fraction" if out.get("gpu_memory") else ""))
