@@ -466,6 +466,61 @@ def test_kept_activations_match_peft(arch, keep, tiny_dir, make_lema, tmp_path):
     assert model.streamed.boundary_bytes == (L - min(keep, L)) * batch().numel() * model.hf_config.hidden_size * 4
 
 
+@pytest.mark.parametrize("arch", ARCHS + ["opt", "gemma2"])
+def test_kept_activations_copied_out_of_the_heap_match_peft(arch, tiny_dir, make_lema, tmp_path, monkeypatch):
+    """On the CPU the kept layers' saved activations are copied into chunks of their own (KeptChunks: not left
+    between the heap's transient blocks). The tiny models' tensors are under the size that is copied, so the
+    threshold is lowered: every saved tensor but the weights, the adapters and the layers' shared inputs is
+    then a copy, and the step still equals PEFT's."""
+    from lema.engine import streamed_layer
+
+    monkeypatch.setattr(streamed_layer, "KEPT_COPY_MIN_BYTES", 0)
+    placed = []
+    place = streamed_layer.KeptChunks.place
+    monkeypatch.setattr(streamed_layer.KeptChunks, "place", lambda self, st: placed.append(st.nbytes()) or place(self, st))
+    model = check_adamw_step(tiny_dir(arch), MemoryStrategy.STREAMING, make_lema, tmp_path, keep_activations=99)
+    assert len(model.streamed.keep) == model.units.num_layers
+    assert placed and 0 < sum(placed) <= model.streamed.kept_bytes  # copies made, of what the kept layers saved
+    assert model.streamed.kept_chunks.used >= placed[-1]
+
+
+def test_kept_chunks_reused_only_when_no_graph_holds_them(tiny_dir, make_lema, monkeypatch):
+    """The chunks the kept activations are copied into serve the next pass once its backward has freed them
+    (no new chunk per step); a graph still alive keeps its chunks: a second pass run before its backward gets
+    other chunks, and that backward still gives the gradients of its own batch."""
+    from lema.engine import streamed_layer
+
+    monkeypatch.setattr(streamed_layer, "KEPT_COPY_MIN_BYTES", 0)
+    monkeypatch.setattr(streamed_layer, "KEPT_CHUNK_BYTES", 4096)  # several chunks per pass
+    path = tiny_dir("llama")
+    model, fresh = (make_lema(path, keep_activations=99) for _ in range(2))
+    chunks = model.streamed.kept_chunks
+    params = model.get_trainable_parameters()
+    first, second = batch(seed=1), batch(seed=2)
+
+    def grads(m, ids):
+        m.zero_grad(set_to_none=True)
+        m(ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in m.get_trainable_parameters()]
+
+    grads(model, first)
+    used = [c for c, _ in chunks.chunks]
+    assert len(used) > 1
+    grads(model, second)
+    assert [c for c, _ in chunks.chunks] == used  # the same chunks again, nothing new
+    model.zero_grad(set_to_none=True)
+    held = model(first, labels=first).loss     # its graph, and so its chunks, stay alive
+    grads(model, second)                      # before that backward: other chunks
+    assert not {id(c) for c, _ in chunks.chunks} & {id(c) for c in used}
+    model.zero_grad(set_to_none=True)
+    held.backward()
+    for got, want in zip([p.grad for p in params], grads(fresh, first)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        model(first)
+    assert chunks.chunks == []  # a pass that keeps nothing lets them go
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_offloaded_boundary_matches_peft(arch, tiny_dir, make_lema, tmp_path):
     """offload_activations=True (forced here; on the CPU the host is the device, so only the mechanism is

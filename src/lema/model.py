@@ -282,6 +282,7 @@ class LemaModel(nn.Module):
         self.streamed.boundary_bytes = 0
         self.streamed.offloaded_bytes = 0
         self.streamed.kept_bytes = 0
+        self.streamed.kept_chunks.new_pass(training=torch.is_grad_enabled())
         L = self.units.num_layers
         schedule = list(range(L))
         if torch.is_grad_enabled() and self.streamed.recompute:
