@@ -6,7 +6,8 @@ Each decoder layer of the skeleton gets, on the instance, a `forward` that
   draws the same mask again) and calls `run` a second time in backward, in the order B(L-1) ... B0;
 - under grad, for a layer in `keep` (activations kept, no recompute): calls `run` under
   `saved_tensors_hooks` that replace every saved tensor viewing the layer's streamed weights by a
-  `WeightRef` (layer, name, size, stride, offset) and keep everything else. In backward the
+  `WeightRef` (layer, name, size, stride, offset) and keep everything else (on the CPU, copied out
+  of the heap into `KeptChunks`, so freed work does not fragment around it). In backward the
   layer's weights are acquired again from the source (B order, as for the recompute) and the
   views rebuilt from the reference: the activations stay, the weights' slots do not;
 - under no_grad: calls `run` directly (nothing is kept).
@@ -118,10 +119,6 @@ class KeptChunks:
         self.chunks = [(c, rest) for c, rest in self.chunks if training and _views_of(c) <= rest]
         self.next, self.chunk, self.used = 0, None, 0
 
-    @property
-    def nbytes(self) -> int:
-        return sum(c.numel() for c, _ in self.chunks)
-
     def place(self, storage) -> tuple:
         """A copy of `storage`'s bytes in the current chunk: (chunk storage, byte offset)."""
         n = storage.nbytes()
@@ -186,7 +183,7 @@ class StreamedLayers:
         self.kept_bytes = 0      # tensors saved by the kept layers in the current pass (weights excluded)
         self.offload = False     # recomputed layers' inputs to (pinned) host memory until their recompute
         self.offloaded_bytes = 0  # of the boundary, in host memory, in the current pass
-        self.kept_chunks = KeptChunks()  # CPU: where the kept layers' activations are copied (new each pass)
+        self.kept_chunks = KeptChunks()  # CPU: where the kept layers' activations are copied
         self.bound_now = 0
         self.peak_bound = 0
         for i, layer in enumerate(layers):
