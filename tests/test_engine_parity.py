@@ -484,6 +484,18 @@ def test_kept_activations_copied_out_of_the_heap_match_peft(arch, tiny_dir, make
     assert model.streamed.kept_chunks.used >= placed[-1]
 
 
+def test_kept_activations_stay_put_when_a_cpu_budget_bounds_the_heap(tiny_dir, make_lema, monkeypatch):
+    """With a CPU budget (max_vram) glibc already returns every freed tensor of 1 MiB or more: nothing is copied."""
+    from lema.engine import streamed_layer
+
+    monkeypatch.setattr(streamed_layer, "KEPT_COPY_MIN_BYTES", 0)
+    model = make_lema(tiny_dir("llama"), keep_activations=99, max_vram="20GB")
+    ids = batch()
+    model(ids, labels=ids).loss.backward()
+    assert model.host_heap_bounded and not model.streamed.copy_kept
+    assert model.streamed.kept_bytes > 0 and model.streamed.kept_chunks.chunks == []
+
+
 def test_kept_chunks_reused_only_when_no_graph_holds_them(tiny_dir, make_lema, monkeypatch):
     """The chunks the kept activations are copied into serve the next pass once its backward has freed them
     (no new chunk per step); a graph still alive keeps its chunks: a second pass run before its backward gets

@@ -115,6 +115,9 @@ class LemaModel(nn.Module):
             self.source = ResidentLayers(self.layouts, self._load_resident)
         recompute = config.strategy == MemoryStrategy.STREAMING or config.gradient_checkpointing
         self.streamed = StreamedLayers(layers, prefix, layer_names, self.source, recompute=recompute)
+        # With a CPU budget each freed tensor of 1 MiB or more already leaves the heap: copying the kept
+        # activations out of it (KeptChunks) would only add the copies (7B b1 x 128: 0.17 GiB more at the peak)
+        self.streamed.copy_kept = not getattr(self, "host_heap_bounded", False)
         owner = base.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else base
         owner.register_forward_pre_hook(self._begin_pass)
         self.decoder = base.base_model  # the stack without the head (LlamaModel, GPT2Model, ...)

@@ -184,6 +184,7 @@ class StreamedLayers:
         self.offload = False     # recomputed layers' inputs to (pinned) host memory until their recompute
         self.offloaded_bytes = 0  # of the boundary, in host memory, in the current pass
         self.kept_chunks = KeptChunks()  # CPU: where the kept layers' activations are copied
+        self.copy_kept = True    # False: leave them where autograd made them (a bounded heap returns freed blocks)
         self.bound_now = 0
         self.peak_bound = 0
         for i, layer in enumerate(layers):
@@ -220,7 +221,8 @@ class StreamedLayers:
         if ptr not in seen:  # `seen` holds the storage until the layer returns: its address names it till then
             self.kept_bytes += storage.nbytes()
             seen[ptr] = (storage, self.kept_chunks.place(storage)
-                         if t.device.type == "cpu" and ptr not in shared and not (t.is_leaf and t.requires_grad)
+                         if self.copy_kept and t.device.type == "cpu" and ptr not in shared
+                         and not (t.is_leaf and t.requires_grad)
                          and storage.nbytes() >= KEPT_COPY_MIN_BYTES else None)
         placed = seen[ptr][1]
         if placed is None:
