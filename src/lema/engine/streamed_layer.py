@@ -100,7 +100,8 @@ class KeptChunks:
     (kept and transient) blocks of other sizes fit those holes badly, so the heap grows by about one more
     layer's worth of work per layer. Measured on SmolLM2 (b4 x 256, 30 layers kept): after the forward 1.2
     GiB in use and 1.2 GiB free in the heap, which the process keeps. Copied into chunks of
-    KEPT_CHUNK_BYTES, the heap holds one layer's transient work at a time.
+    KEPT_CHUNK_BYTES, the heap holds one layer's transient work at a time. (Not where a CPU budget bounds the
+    heap: StreamedLayers.copy_kept.)
 
     The chunks are reused from pass to pass: fresh ones each pass cost their page faults (a step 10-14%
     slower on that shape, measured). A chunk is reused only when no tensor views it any more (its storage's
