@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import LemaConfig, MemoryStrategy
 from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
                               default_lora_targets, find_decoder_layers, inject_lora, layer_unit,
-                              load_hf_config, reset_lora, unit_map)
+                              load_hf_config, parameter_aliases, reset_lora, unit_map)
 from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fused_head_supported
 from .engine.streamed_layer import StreamedLayers
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
@@ -115,9 +115,10 @@ class LemaModel(nn.Module):
             self.source = ResidentLayers(self.layouts, self._load_resident)
         recompute = config.strategy == MemoryStrategy.STREAMING or config.gradient_checkpointing
         self.streamed = StreamedLayers(layers, prefix, layer_names, self.source, recompute=recompute)
-        # With a CPU budget each freed tensor of 1 MiB or more already leaves the heap: copying the kept
-        # activations out of it (KeptChunks) would only add the copies (7B b1 x 128: 0.17 GiB more at the peak)
-        self.streamed.copy_kept = not getattr(self, "host_heap_bounded", False)
+        # Kept activations out of glibc's heap (KeptChunks): on the CPU only, and not with a CPU budget, where each
+        # freed tensor of 1 MiB or more already leaves the heap and the copies only add memory (7B b1 x 128: 0.17
+        # GiB more at the peak). CUDA's caching allocator has no such heap.
+        self.streamed.copy_kept = self.device.type == "cpu" and not getattr(self, "host_heap_bounded", False)
         owner = base.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else base
         owner.register_forward_pre_hook(self._begin_pass)
         self.decoder = base.base_model  # the stack without the head (LlamaModel, GPT2Model, ...)
@@ -172,9 +173,7 @@ class LemaModel(nn.Module):
         those and the kernel may evict the rest, where a copy would take its whole size in anonymous memory
         (500 MiB for the 7B shape in fp32, room the pager's window then has). The head is always a copy: each
         step reads all of it, and a view would compete with the window for the page cache."""
-        by_id: dict[int, list[str]] = {}
-        for name, p in base.named_parameters(remove_duplicate=False):
-            by_id.setdefault(id(p), []).append(name)
+        by_id = parameter_aliases(base)
         views_ok = self.device.type == "cpu" and self.config.zero_copy is not False
         self.embedding_view_bytes = 0
         for unit in (EMBED, HEAD):
@@ -187,7 +186,7 @@ class LemaModel(nn.Module):
                 else:
                     tensor = tensor.to(device=self.device, dtype=self.dtype, copy=True)
                 param = nn.Parameter(tensor, requires_grad=False)
-                for alias in by_id[id(base.get_parameter(name))]:
+                for alias in aliases:
                     owner, attr = alias.rsplit(".", 1)
                     base.get_submodule(owner)._parameters[attr] = param
 

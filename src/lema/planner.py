@@ -97,6 +97,11 @@ class PlanError(ValueError):
     """The run cannot fit its budget; the message gives the numbers and the setting to change."""
 
 
+def largest_layer_bytes(unit_bytes: dict[str, int]) -> int:
+    """The largest decoder layer's weight bytes."""
+    return max((b for u, b in unit_bytes.items() if u.startswith("layer.")), default=0)
+
+
 @dataclass
 class Row:
     item: str
@@ -158,7 +163,7 @@ class Plan:
 
     @property
     def layer_bytes(self) -> int:
-        return max((b for u, b in self.unit_bytes.items() if u.startswith("layer.")), default=0)
+        return largest_layer_bytes(self.unit_bytes)
 
     def rows(self) -> list[Row]:
         L = self.num_layers
@@ -353,8 +358,7 @@ class ModelFacts:
 
     @property
     def layer_bytes(self) -> int:
-        """The largest decoder layer's weight bytes."""
-        return max((b for u, b in self.unit_bytes.items() if u.startswith("layer.")), default=0)
+        return largest_layer_bytes(self.unit_bytes)
 
 
 def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = None) -> ModelFacts:
@@ -364,7 +368,7 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     from .config import parse_dtype
     from .engine.chunked_loss import final_softcap, fused_head_supported
     from .engine.skeleton import (EMBED, HEAD, build_meta_model, default_lora_targets, find_decoder_layers,
-                                  load_hf_config, unit_map)
+                                  load_hf_config, parameter_aliases, unit_map)
 
     dtype = parse_dtype(dtype)
     hf_config = load_hf_config(model) if isinstance(model, str) else model
@@ -373,10 +377,8 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     params = dict(base.named_parameters())
     s = dtype.itemsize
     unit_bytes = {u: sum(params[n].numel() for n in names) * s for u, names in units.units.items()}
-    names_of: dict[int, int] = {}
-    for _, p in base.named_parameters(remove_duplicate=False):
-        names_of[id(p)] = names_of.get(id(p), 0) + 1
-    embed_untied = sum(params[n].numel() for n in units.units[EMBED] if names_of[id(params[n])] == 1) * s
+    aliases = parameter_aliases(base)
+    embed_untied = sum(params[n].numel() for n in units.units[EMBED] if len(aliases[id(params[n])]) == 1) * s
     slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
                       for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
     base.requires_grad_(False)  # as LemaModel: only LoRA trains, the head is frozen

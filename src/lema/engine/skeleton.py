@@ -76,6 +76,14 @@ def build_meta_model(hf_config, dtype: torch.dtype):
     return model
 
 
+def parameter_aliases(model) -> dict[int, list[str]]:
+    """Every name of each parameter, by id: a tied weight (e.g. the embedding that is also lm_head) has several."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
 def find_decoder_layers(model) -> tuple[str, nn.ModuleList]:
     """The ModuleList of decoder layers: the one whose class is in `_no_split_modules`, else the longest."""
     n_layers = getattr(model.config, "num_hidden_layers", None)

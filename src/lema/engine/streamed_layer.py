@@ -185,7 +185,7 @@ class StreamedLayers:
         self.offload = False     # recomputed layers' inputs to (pinned) host memory until their recompute
         self.offloaded_bytes = 0  # of the boundary, in host memory, in the current pass
         self.kept_chunks = KeptChunks()  # CPU: where the kept layers' activations are copied
-        self.copy_kept = True    # False: leave them where autograd made them (a bounded heap returns freed blocks)
+        self.copy_kept = False   # copy them there (LemaModel: on the CPU, unless a budget bounds the heap)
         self.bound_now = 0
         self.peak_bound = 0
         for i, layer in enumerate(layers):
@@ -222,8 +222,7 @@ class StreamedLayers:
         if ptr not in seen:  # `seen` holds the storage until the layer returns: its address names it till then
             self.kept_bytes += storage.nbytes()
             seen[ptr] = (storage, self.kept_chunks.place(storage)
-                         if self.copy_kept and t.device.type == "cpu" and ptr not in shared
-                         and not (t.is_leaf and t.requires_grad)
+                         if self.copy_kept and ptr not in shared and not (t.is_leaf and t.requires_grad)
                          and storage.nbytes() >= KEPT_COPY_MIN_BYTES else None)
         placed = seen[ptr][1]
         if placed is None:
@@ -231,6 +230,14 @@ class StreamedLayers:
         chunk, offset = placed
         return torch.empty(0, dtype=t.dtype).set_(chunk, offset // t.element_size() + t.storage_offset(),
                                                   t.size(), t.stride())
+
+    @staticmethod
+    def _shared_inputs(args, kwargs) -> set:
+        """Storages of a layer's inputs other than the hidden states: every layer's (the rotary cos/sin, the
+        mask), alive through the pass anyway, so not copied per layer."""
+        tensors = [a for a in (*args[1:], *kwargs.values()) if torch.is_tensor(a)]
+        tensors += [a for v in kwargs.values() if isinstance(v, tuple) for a in v if torch.is_tensor(a)]
+        return {a.untyped_storage().data_ptr() for a in tensors}
 
     def _to_host(self, t: torch.Tensor):
         """Pack a checkpoint's input: a copy in host memory (pinned from a GPU, so the copy runs async)."""
@@ -277,9 +284,7 @@ class StreamedLayers:
             binder.bind(weights)
             self.bound_now += 1
             self.peak_bound = max(self.peak_bound, self.bound_now)
-            shared = {a.untyped_storage().data_ptr() for a in (*args[1:], *kwargs.values()) if torch.is_tensor(a)}
-            shared |= {a.untyped_storage().data_ptr() for v in kwargs.values() if isinstance(v, tuple)
-                       for a in v if torch.is_tensor(a)}  # e.g. the rotary (cos, sin): every layer's
+            shared = self._shared_inputs(args, kwargs) if self.copy_kept else set()
             seen: dict = {}
             pack = functools.partial(self._pack, _WeightIndex(index, weights), seen, shared)
             try:
