@@ -144,7 +144,8 @@ def test_generate_with_adapter_differs_and_matches_peft_greedy(smol, trained):
     assert tuned.strip() == expected.strip()
 
 
-@pytest.mark.parametrize("case", ["malformed", "empty", "resume-none", "other-rank", "budget"])
+@pytest.mark.parametrize("case", ["malformed", "empty", "resume-none", "other-rank", "budget", "no-model",
+                                  "no-tokenizer"])
 def test_bad_inputs_fail_cleanly_and_keep_checkpoints(case, smol, small_data, trained, tmp_path):
     out = tmp_path / "out"
     data = small_data
@@ -162,8 +163,16 @@ def test_bad_inputs_fail_cleanly_and_keep_checkpoints(case, smol, small_data, tr
         extra = ["--resume"]
     elif case == "budget":  # refused by the planner before anything is allocated or written
         extra = ["--max-vram", "100MB"]
+    model = smol
+    if case == "no-model":  # named as a missing folder, not looked up on the hub
+        model = tmp_path / "missing"
+    elif case == "no-tokenizer":  # weights and config but no tokenizer files
+        model = tmp_path / "weights-only"
+        model.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            os.symlink(os.path.join(smol, name), model / name)
     before = sorted(os.listdir(out)) if out.exists() else []
-    args = ["train", "--model", smol, "--data", data, "--output", out, *TRAIN_ARGS, *extra]
+    args = ["train", "--model", model, "--data", data, "--output", out, *TRAIN_ARGS, *extra]
     if case == "other-rank":
         args[args.index("--lora-rank") + 1] = "8"
     proc = lema(*args, check=False)
@@ -171,7 +180,8 @@ def test_bad_inputs_fail_cleanly_and_keep_checkpoints(case, smol, small_data, tr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("lema train: error:") and "Traceback" not in proc.stderr
     expected = {"malformed": "bad.jsonl:2", "empty": "empty", "resume-none": "no complete checkpoint",
-                "other-rank": "lora_rank", "budget": "--max-vram"}[case]
+                "other-rank": "lora_rank", "budget": "--max-vram", "no-model": "does not exist",
+                "no-tokenizer": "no usable tokenizer"}[case]
     assert expected in last
     assert (sorted(os.listdir(out)) if out.exists() else []) == before
 

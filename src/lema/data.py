@@ -69,6 +69,18 @@ def _validate(obj: Any) -> str | None:
     return f"unrecognised keys {sorted(keys)}"
 
 
+def load_tokenizer(model_dir: str):
+    """The tokenizer saved in a local model folder (never the hub); a folder without one is named, with the fix."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"no usable tokenizer in {model_dir!r} ({str(e).splitlines()[0].strip()}); "
+                                "convert the model with `lema convert`, which writes the tokenizer files "
+                                "(tokenizer.json, tokenizer_config.json)") from None
+
+
 def load_jsonl(path: str | Path) -> list[dict]:
     """Read and validate a JSONL dataset; every non-blank line is one example.
 

@@ -25,17 +25,18 @@ def adapter_settings(adapter: Optional[str]) -> dict:
 def load_for_generation(model_dir: str, adapter: Optional[str] = None, device: str = "cpu",
                         dtype: str = "float32", strategy: str = "streaming"):
     """(LemaModel with the adapter loaded — or B = 0, i.e. the base model —, tokenizer)."""
-    from transformers import AutoTokenizer
-
     from . import LemaConfig, LemaModel
+    from .data import load_tokenizer
+    from .engine.skeleton import load_hf_config
 
+    load_hf_config(model_dir)  # a missing folder or an unknown architecture is named first
+    tokenizer = load_tokenizer(model_dir)  # before the weights are mapped
     config = LemaConfig(model_name_or_path=model_dir, device=device, dtype=dtype, strategy=strategy,
                         **adapter_settings(adapter))
     model = LemaModel(config)
     model.initialize_lora(seed=0)  # B = 0: exactly the base model until an adapter is loaded
     if adapter is not None:
         model.load_adapter(adapter)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer
 
 

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .checkpointing import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from .engine.skeleton import load_hf_config
 from .planner import human, plan_for_config
 
 
@@ -172,10 +173,8 @@ def evaluate(model, dataset, batch_size: int, pad_id: int) -> float:
 
 def train(args: TrainArgs, out=sys.stdout) -> dict:
     """Run the recipe; returns a summary (steps, final loss, paths)."""
-    from transformers import AutoTokenizer
-
     from . import LemaConfig, LemaModel
-    from .data import BatchSampler, TokenizedDataset, collate, load_jsonl
+    from .data import BatchSampler, TokenizedDataset, collate, load_jsonl, load_tokenizer
 
     # ---- setup: validate every input before anything is written --------------------------
     examples = load_jsonl(args.data)
@@ -187,11 +186,8 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     if not args.resume and checkpoints:
         raise CheckpointError(f"{args.output!r} already holds checkpoints (newest: {checkpoints[-1][1]}); add "
                               "--resume to continue that run, or choose a new --output")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"no tokenizer in {args.model!r} ({str(e).splitlines()[0]}); convert the model "
-                                "with `lema convert`, which writes the tokenizer files") from None
+    load_hf_config(args.model)  # a missing folder or an unknown architecture is named before the tokenizer
+    tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     dataset = TokenizedDataset(examples, tokenizer, args.seq_len)
     eval_set = TokenizedDataset(eval_examples, tokenizer, args.seq_len) if eval_examples else None

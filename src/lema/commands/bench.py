@@ -99,7 +99,10 @@ def run(args) -> int:
         log(f"model: random weights of shape {args.shape} ({args.dtype}) ...")
         folder = bench.build_shape(args.shape, args.cache_dir, dtype, log=log, device=args.device)
     else:
+        from ..engine.skeleton import load_hf_config
+
         folder = args.model
+        load_hf_config(folder)  # a missing folder or an unknown architecture is named before anything runs
     from ..store import weight_files
 
     files = weight_files(folder)  # as the contenders open them; WeightsFileError (naming the fix) if none
