@@ -104,6 +104,18 @@ def test_sigkill_then_resume_equals_uninterrupted(smol, small_data, trained, tmp
     assert resumed.keys() == reference.keys()
     for k in reference:
         torch.testing.assert_close(resumed[k], reference[k], rtol=0, atol=1e-6)
+    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]  # the steps after the checkpoint, logged before the kill, are not doubled
+
+
+def test_resume_of_a_finished_run_rewrites_the_adapter_and_says_so(smol, small_data, trained, tmp_path):
+    out = tmp_path / "finished"
+    shutil.copytree(trained[0], out)
+    shutil.rmtree(out / "adapter")  # as if the run died while writing it
+    proc = lema("train", "--model", smol, "--data", small_data, "--output", out, *TRAIN_ARGS, "--resume")
+    assert "nothing to train" in proc.stdout and "Traceback" not in proc.stderr
+    saved, reference = read_adapter(out / "adapter"), read_adapter(os.path.join(trained[0], "adapter"))
+    assert all(torch.equal(saved[k], reference[k]) for k in reference)
 
 
 def test_adapter_loads_in_peft_with_same_logits(smol, trained):
@@ -145,7 +157,7 @@ def test_generate_with_adapter_differs_and_matches_peft_greedy(smol, trained):
 
 
 @pytest.mark.parametrize("case", ["malformed", "empty", "resume-none", "other-rank", "budget", "no-model",
-                                  "no-tokenizer"])
+                                  "no-tokenizer", "damaged"])
 def test_bad_inputs_fail_cleanly_and_keep_checkpoints(case, smol, small_data, trained, tmp_path):
     out = tmp_path / "out"
     data = small_data
@@ -160,6 +172,11 @@ def test_bad_inputs_fail_cleanly_and_keep_checkpoints(case, smol, small_data, tr
         extra = ["--resume"]
     elif case == "other-rank":
         shutil.copytree(trained[0], out)
+        extra = ["--resume"]
+    elif case == "damaged":  # the newest checkpoint's optimizer state cut short: named, with the older one
+        shutil.copytree(trained[0], out)
+        newest = out / "checkpoint-4" / "optimizer.pt"
+        newest.write_bytes(newest.read_bytes()[:100])
         extra = ["--resume"]
     elif case == "budget":  # refused by the planner before anything is allocated or written
         extra = ["--max-vram", "100MB"]
@@ -181,7 +198,7 @@ def test_bad_inputs_fail_cleanly_and_keep_checkpoints(case, smol, small_data, tr
     assert last.startswith("lema train: error:") and "Traceback" not in proc.stderr
     expected = {"malformed": "bad.jsonl:2", "empty": "empty", "resume-none": "no complete checkpoint",
                 "other-rank": "lora_rank", "budget": "--max-vram", "no-model": "does not exist",
-                "no-tokenizer": "no usable tokenizer"}[case]
+                "no-tokenizer": "no usable tokenizer", "damaged": "checkpoint-2"}[case]
     assert expected in last
     assert (sorted(os.listdir(out)) if out.exists() else []) == before
 
@@ -215,7 +232,8 @@ def test_merge_equals_peft_merge_and_unload(smol, trained, tmp_path):
     assert proc.returncode == 1 and "int3" in proc.stderr and not (tmp_path / "bad").exists()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits(smol, small_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_a_checkpoint_and_exits(sig, smol, small_data, tmp_path):
     out = tmp_path / "interrupted"
     args = list(map(str, TRAIN_ARGS))
     args[args.index("--save-steps") + 1] = "100"  # no interval checkpoint: the one found comes from Ctrl-C
@@ -226,7 +244,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(smol, small_data, tmp_path):
     while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().strip()):
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first step"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and "--resume" in stdout

@@ -194,6 +194,36 @@ def test_dataset_counts_truncated_and_dropped(tok):
     assert all(len(ds[i]["input_ids"]) <= 16 for i in range(len(ds)))
 
 
+def test_dataset_drops_examples_whose_only_target_is_the_first_token(tok):
+    """{"text": ""} is just EOS: supervised, but at position 0, which no position predicts (its loss is NaN)."""
+    ds = TokenizedDataset([{"text": ""}, {"text": "hello there"}], tok, seq_len=16)
+    assert ds.num_dropped == 1 and len(ds) == 1
+    assert all(any(l != IGNORE_INDEX for l in ds[i]["labels"][1:]) for i in range(len(ds)))
+
+
+def test_messages_opening_with_an_assistant_turn_do_not_supervise_the_system_prompt(tok):
+    """SmolLM2's template injects a default system prompt whose words hold the reply's ("helpful"): only the
+    reply itself is supervised."""
+    msgs = [{"role": "assistant", "content": "helpful"}, {"role": "user", "content": "ok"}]
+    ids, labels, _ = tokenize_example({"messages": msgs}, tok, 256)
+    assert "helpful AI assistant" in tok.decode(ids), "the template no longer injects its system prompt"
+    assert [tok.decode(r) for r in supervised_runs(ids, labels)] == ["helpful<|im_end|>"]
+
+
+def test_an_example_the_chat_template_refuses_is_named_by_file_and_line(tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(tokenizer_dir)
+    t.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                       "{% endif %}{{ m['content'] }}{% endfor %}")
+    path = tmp_path / "chat.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"role": "system", "content": "s"}, *good["messages"]]}
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=r"chat.jsonl:3: this example cannot be tokenized \(no system role\)"):
+        TokenizedDataset(load_jsonl(path), t, seq_len=64)
+
+
 def test_dataset_with_nothing_supervised_raises(tok):
     with pytest.raises(DataError, match="seq_len=4"):
         TokenizedDataset([{"prompt": "word " * 20, "completion": "x"}], tok, seq_len=4)

@@ -223,6 +223,41 @@ def test_gradient_accumulation_equals_one_big_batch(arch, strategy, tiny_dir, ma
     assert_lora_equal(after, snapshot(pm), 1e-4, f"{arch}/{strategy.value} accumulated step")
 
 
+def test_accumulation_with_num_items_weighs_every_target_alike(tiny_dir, make_lema, tmp_path):
+    """Micro-batches with unequal supervised targets, num_items_in_batch = all the step's targets: the step
+    equals one reference step on both together (the mean over every target), unlike 1/n per micro-batch."""
+    path = tiny_dir("llama")
+    model = make_lema(path)
+    model.save_adapter(str(tmp_path / "start"))
+    first, second = batch(2, 10, seed=4), batch(2, 10, seed=5)
+    labels1 = first.clone()
+    labels1[:, :8] = -100  # 2 x 2 targets
+    labels2 = second.clone()
+    labels2[:, :2] = -100  # 2 x 8 targets
+    n = int((labels1[:, 1:] != -100).sum() + (labels2[:, 1:] != -100).sum())
+    assert n == 20
+
+    opt = torch.optim.AdamW(model.get_trainable_parameters(), lr=LR, weight_decay=0.0)
+    trainer = model.get_trainer(opt, gradient_accumulation_steps=2)
+    trainer.train_step(first, labels=labels1, num_items_in_batch=n)
+    trainer.train_step(second, labels=labels2, num_items_in_batch=n)
+    assert trainer.last_step_applied
+
+    pm = reference(path, str(tmp_path / "start"))
+    ref_opt = torch.optim.AdamW(list(lora_params(pm).values()), lr=LR, weight_decay=0.0)
+    pm(input_ids=torch.cat([first, second]), labels=torch.cat([labels1, labels2]), use_cache=False).loss.backward()
+    grads = {k: p.grad.clone() for k, p in lora_params(pm).items()}
+    ref_opt.step()
+    assert_lora_equal(snapshot(model.peft_model), snapshot(pm), 1e-4, "num_items_in_batch step")
+
+    # the 1/n rule (the mean of the micro-batch means) gives another gradient here, so the check above can fail
+    pm2 = reference(path, str(tmp_path / "start"))
+    for ids, labels in ((first, labels1), (second, labels2)):
+        (pm2(input_ids=ids, labels=labels, use_cache=False).loss / 2).backward()
+    differs = [k for k, p in lora_params(pm2).items() if not torch.allclose(p.grad, grads[k], atol=1e-6)]
+    assert differs, "the two micro-batches' targets were too alike for the weighting to matter"
+
+
 def test_gradient_clipping_matches_peft(tiny_dir, make_lema, tmp_path):
     """max_grad_norm clips the LoRA gradients' global norm before the step, as torch's clip_grad_norm_."""
     path = tiny_dir("qwen2")

@@ -10,21 +10,27 @@ Layout of `OUT/checkpoint-STEP/`:
 
 A folder named `checkpoint-STEP` exists only once complete: `os.replace` of a finished
 temporary folder is atomic, so a run killed at any moment (SIGKILL included) leaves either the
-previous checkpoints or the new one, never half of one. Temporary folders left by a killed run
-start with `.tmp-` and are ignored (and cleaned up by the next save).
+previous checkpoints or the new one, never half of one. Every file and the folders are fsynced
+before the rename and before older checkpoints are pruned, so a power cut does not leave a
+"complete" checkpoint with empty files either. Temporary folders left by a killed run start with
+`.tmp-` and are ignored (and cleaned up by the next save); a save that fails (a full disk) removes
+its own and names the checkpoint still intact.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
-import tempfile
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
+
+from .fsutil import fsync_tree, make_temp_folder, replace_folder
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -50,45 +56,68 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, sample
                     run_identity: dict, total_limit: Optional[int]) -> str:
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # leftovers of a run killed mid-save
-        if name.startswith(".tmp-checkpoint-"):
+        if name.startswith(".tmp-"):  # a checkpoint's, or an old one set aside by replace_folder
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=out_dir)
-    model.peft_model.save_pretrained(os.path.join(tmp, "adapter"))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, os.path.join(tmp, "rng.pt"))
-    state = {"step": step, "sampler": sampler_state, "run": run_identity}
-    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks completeness
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = make_temp_folder(out_dir, f".tmp-checkpoint-{step}-")
+    try:
+        model.peft_model.save_pretrained(os.path.join(tmp, "adapter"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, os.path.join(tmp, "rng.pt"))
+        state = {"step": step, "sampler": sampler_state, "run": run_identity}
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks completeness
+            json.dump(state, f, indent=1)
+        fsync_tree(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: as they were
+            raise
+        intact = list_checkpoints(out_dir)
+        raise CheckpointError(f"could not write checkpoint-{step} in {out_dir!r} ({str(e).splitlines()[0]}); "
+                              + (f"{intact[-1][1]} is intact" if intact else "no earlier checkpoint exists")
+                              + ": free disk space and continue with --resume") from None
     final = os.path.join(out_dir, f"checkpoint-{step}")
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_folder(tmp, final)  # the rename on the disk before any older checkpoint goes
     if total_limit is not None and total_limit > 0:
         for _, old in list_checkpoints(out_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _unreadable(path: str, e: Exception) -> CheckpointError:
+    """A damaged or partly written checkpoint, named, with the older one to resume from."""
+    older = [p for _, p in list_checkpoints(os.path.dirname(path) or ".") if p != path]
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(f"checkpoint {path!r} cannot be read ({why}); "
+                           + (f"move it away to resume from {older[-1]!r}" if older else
+                              "no older checkpoint exists: start a new run"))
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler, run_identity: dict) -> dict:
     """Restore everything saved by `save_checkpoint`; refuse a checkpoint of another run shape."""
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise _unreadable(path, e) from None
     saved = state.get("run", {})
     for key in ("model", "lora_rank", "lora_alpha", "lora_target_modules"):
         if saved.get(key) != run_identity.get(key):
             raise CheckpointError(f"checkpoint {path!r} was made with {key}={saved.get(key)!r} but this run has "
                                   f"{key}={run_identity.get(key)!r}; resume with the same settings or use "
                                   "a new --output")
-    model.load_adapter(os.path.join(path, "adapter"))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
-    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
-    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
+    try:
+        model.load_adapter(os.path.join(path, "adapter"))
+        # map_location: a checkpoint written on a GPU resumes on the CPU too (load_state_dict moves the state)
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
+                                             weights_only=True))
+        scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+        rng = torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError) as e:
+        raise _unreadable(path, e) from None
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -37,6 +37,14 @@ class DataError(ValueError):
     """A dataset file or example cannot be used; the message says how to fix it."""
 
 
+class Examples(list):
+    """The examples of a JSONL file, with each one's "path:line" (`locations`) for the errors found later."""
+
+    def __init__(self, examples=(), locations=None):
+        super().__init__(examples)
+        self.locations: list[str] = list(locations) if locations is not None else []
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -81,7 +89,7 @@ def load_tokenizer(model_dir: str):
                                 "(tokenizer.json, tokenizer_config.json)") from None
 
 
-def load_jsonl(path: str | Path) -> list[dict]:
+def load_jsonl(path: str | Path) -> Examples:
     """Read and validate a JSONL dataset; every non-blank line is one example.
 
     Raises DataError naming the file and 1-based line number for the first bad
@@ -91,7 +99,7 @@ def load_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
-    examples: list[dict] = []
+    examples = Examples()
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -104,6 +112,7 @@ def load_jsonl(path: str | Path) -> list[dict]:
             if problem:
                 raise DataError(f"{path}:{lineno}: {problem}; {_VALID_SHAPES}")
             examples.append(obj)
+            examples.locations.append(f"{path}:{lineno}")
     if not examples:
         raise DataError(f"{path}: the dataset is empty (no examples); {_VALID_SHAPES}")
     return examples
@@ -162,7 +171,9 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[i
         # Some templates strip or rewrite content; prefer starting exactly at
         # the content when it can be found, otherwise at the first divergence.
         content = msg["content"].strip()
-        found = upto.find(content, start) if content else -1
+        # the last occurrence: the turn ends `upto`, and the same words may appear earlier (a system prompt
+        # the template injects before a conversation that opens with an assistant turn)
+        found = upto.rfind(content, start) if content else -1
         if found != -1:
             start = found
         end = len(upto.rstrip())
@@ -250,8 +261,9 @@ def tokenize_example(example: dict, tokenizer, seq_len: int) -> tuple[list[int],
 class TokenizedDataset(torch.utils.data.Dataset):
     """Tokenized examples ready for :func:`collate`.
 
-    Examples with no supervised token left (e.g. a reply cut off entirely by
-    truncation) are dropped: they would contribute nothing but padding.
+    Examples with no supervised target left (e.g. a reply cut off entirely by
+    truncation, or whose only supervised token is the first, which no position
+    predicts) are dropped: they would contribute nothing but padding.
 
     Attributes:
         num_truncated: examples cut to ``seq_len`` (whether later kept or dropped).
@@ -267,10 +279,15 @@ class TokenizedDataset(torch.utils.data.Dataset):
         self.items: list[dict[str, list[int]]] = []
         self.num_truncated = 0
         self.num_dropped = 0
-        for ex in examples:
-            ids, labels, truncated = tokenize_example(ex, tokenizer, seq_len)
+        locations = getattr(examples, "locations", None) or [f"example {i + 1}" for i in range(len(examples))]
+        for ex, where in zip(examples, locations):
+            try:
+                ids, labels, truncated = tokenize_example(ex, tokenizer, seq_len)
+            except Exception as e:  # a chat template's raise_exception (jinja2), a tokenizer's ValueError ...
+                message = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DataError(f"{where}: this example cannot be tokenized ({message})") from None
             self.num_truncated += truncated
-            if all(l == IGNORE_INDEX for l in labels):
+            if all(l == IGNORE_INDEX for l in labels[1:]):  # the first token is no position's target
                 self.num_dropped += 1
                 continue
             self.items.append({"input_ids": ids, "labels": labels})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import torch
@@ -25,6 +24,7 @@ from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
                               load_hf_config, parameter_aliases, reset_lora, unit_map)
 from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fused_head_supported
 from .engine.streamed_layer import StreamedLayers
+from .fsutil import make_temp_folder, replace_folder
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
 from .store.keymap import map_checkpoint, reader_for
@@ -412,12 +412,10 @@ class LemaModel(nn.Module):
         """PEFT format (adapter_model.safetensors + adapter_config.json), written atomically."""
         parent = os.path.dirname(os.path.abspath(path)) or "."
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
+        tmp = make_temp_folder(parent, ".tmp-adapter-")
         try:
             self.peft_model.save_pretrained(tmp)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            replace_folder(tmp, path)  # the old adapter stays until the new one is in place
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)

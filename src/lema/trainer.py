@@ -11,7 +11,10 @@ class LemaTrainer:
     """`train_step(ids, labels=…) -> (logits, loss)`.
 
     With `gradient_accumulation_steps = n`, each call runs forward and backward on its micro-batch
-    with the loss divided by n, so gradients add up to the mean over the n micro-batches; the
+    with the loss divided by n, so gradients add up to the mean over the n micro-batches (or, given
+    `num_items_in_batch`, the supervised targets of all n micro-batches of the optimizer step, weighted by
+    its own targets over that count: the mean over every target of the step, Transformers Trainer's rule,
+    so a micro-batch with few targets weighs less); the
     optimizer steps (after clipping to `max_grad_norm`, if set) on every n-th call and then zeroes
     the gradients. Every call returns that micro-batch's logits (detached) and its *undivided*
     loss (a detached scalar); `last_step_applied` says whether this call stepped the optimizer.
@@ -33,14 +36,21 @@ class LemaTrainer:
         self.last_step_applied = False
         self.last_grad_norm: Optional[float] = None
 
-    def train_step(self, input_ids, labels=None, attention_mask=None):
+    def train_step(self, input_ids, labels=None, attention_mask=None, num_items_in_batch: Optional[int] = None):
         if labels is None:  # predict the inputs themselves, but not the padding
             labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+        if num_items_in_batch is not None and num_items_in_batch < 1:
+            raise ValueError(f"num_items_in_batch={num_items_in_batch} must be >= 1: the supervised targets "
+                             "(labels[:, 1:] != -100) of the optimizer step's micro-batches")
         was_training = self.model.training
         self.model.train()  # dropout on for this step only: an evaluation between steps runs in eval mode
         try:
             out = self.model(input_ids, labels=labels, attention_mask=attention_mask)
-            (out.loss / self.accum).backward()  # streams B(L-1) .. B0 (NOTE [ring protocol])
+            if num_items_in_batch is None:
+                weight = 1.0 / self.accum
+            else:  # this micro-batch's share of the step's targets (a tensor: no host sync on a GPU)
+                weight = (labels[..., 1:] != -100).sum().to(out.loss.device) / num_items_in_batch
+            (out.loss * weight).backward()  # streams B(L-1) .. B0 (NOTE [ring protocol])
         finally:
             self.model.train(was_training)
         self.micro_step += 1

@@ -54,7 +54,7 @@ class TrainArgs:
     schedule: str = "cosine"
     """Decay after warmup: cosine, linear or constant."""
     max_grad_norm: Optional[float] = 1.0
-    """Clip the LoRA gradients' global norm to this (0 or none: no clipping)."""
+    """Clip the LoRA gradients' global norm to this (0: no clipping)."""
     lora_rank: int = 16
     """LoRA rank r."""
     lora_alpha: float = 32
@@ -66,7 +66,7 @@ class TrainArgs:
     save_steps: int = 100
     """Write a checkpoint every this many steps (and at the end)."""
     save_total_limit: Optional[int] = 3
-    """Keep only the newest this many checkpoints."""
+    """Keep only the newest this many checkpoints (0: keep them all)."""
     eval_data: Optional[str] = None
     """Evaluation data (JSONL, same formats); its mean loss goes to the log."""
     eval_steps: Optional[int] = None
@@ -107,9 +107,20 @@ class TrainArgs:
                 raise ValueError(f"--{name} is required")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give --steps or --epochs, not both")
-        for name in ("batch_size", "seq_len", "grad_accum", "save_steps"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "grad_accum", "save_steps", "steps", "eval_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        if self.seq_len < 2:  # one token predicts nothing: the first token is no position's target
+            raise ValueError(f"--seq-len={self.seq_len} must be >= 2")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"--epochs={self.epochs} must be > 0")
+        for name in ("warmup_steps", "save_total_limit", "max_grad_norm"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha={self.lora_alpha} must be > 0 (the adapter's scale is alpha / r)")
+        if os.path.exists(self.output) and not os.path.isdir(self.output):
+            raise ValueError(f"--output {self.output!r} is a file; give a folder (new or of an earlier run)")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"--schedule={self.schedule!r}: use cosine, linear or constant")
         if self.lr <= 0:
@@ -118,6 +129,57 @@ class TrainArgs:
             self.max_grad_norm = None
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_tokens(args, hf_config, tokenizer, datasets) -> int:
+    """Refuse, before the model loads, data the model cannot take (longer than its positions, ids outside its
+    vocabulary); returns the pad id (the tokenizer's, or EOS / 0 when it has none inside the vocabulary)."""
+    vocab = getattr(hf_config, "vocab_size", None)
+    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    for path, ds in datasets:
+        if ds is None:
+            continue
+        longest = max(len(it["input_ids"]) for it in ds.items)
+        if limit and longest > limit:
+            raise ValueError(f"{path}: examples of up to {longest} tokens pass --seq-len={args.seq_len}, but the model "
+                             f"has {limit} positions; use --seq-len {limit}")
+        top = max(max(it["input_ids"]) for it in ds.items)
+        if vocab and top >= vocab:
+            raise ValueError(f"{path}: the tokenizer gives token id {top}, outside the model's vocabulary of {vocab} "
+                             f"(ids 0..{vocab - 1}); the tokenizer in {args.model!r} does not belong to its weights")
+    candidates = [tokenizer.pad_token_id, tokenizer.eos_token_id, 0]  # padding is masked: any valid id will do
+    return next(i for i in candidates if i is not None and (not vocab or i < vocab))
+
+
+def resume_schedule(optimizer, scheduler, lr: float, schedule) -> None:
+    """After a checkpoint's optimizer and scheduler are loaded: the rates of *this* run's schedule at the
+    checkpoint's step (the same values when nothing changed; with a new --steps or --lr the checkpoint's rate
+    is the old schedule's, which the next step would use)."""
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop log records of steps after `step` (a resumed run writes them again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except (json.JSONDecodeError, AttributeError):  # a line cut by a kill: dropped too
+            continue
+        kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -136,25 +198,28 @@ def _rss_bytes() -> int:
 
 
 class _Interrupt:
-    """Ctrl-C sets a flag; the loop finishes the step, saves a checkpoint and stops."""
+    """Ctrl-C (or SIGTERM) sets a flag; the loop finishes the step, saves a checkpoint and stops."""
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self._old = self._old_term = None
 
     def __enter__(self):
         self._old = signal.signal(signal.SIGINT, self._handle)
+        self._old_term = signal.signal(signal.SIGTERM, self._handle)  # a scheduler's preemption, `docker stop`
         return self
 
     def _handle(self, signum, frame):
         if self.requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.requested = True
-        print("\nlema train: interrupt received, saving a checkpoint after this step "
+        what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\nlema train: {what} received, saving a checkpoint after this step "
               "(Ctrl-C again to stop at once)", file=sys.stderr)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self._old)
+        signal.signal(signal.SIGTERM, self._old_term)
 
 
 def evaluate(model, dataset, batch_size: int, pad_id: int) -> float:
@@ -165,6 +230,8 @@ def evaluate(model, dataset, batch_size: int, pad_id: int) -> float:
         for i in range(0, len(dataset), batch_size):
             batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))], pad_id)
             n = int((batch["labels"][:, 1:] != -100).sum())
+            if n == 0:  # nothing to predict: its mean loss is NaN
+                continue
             out = model(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"])
             total += float(out.loss) * n  # host sync, once per eval batch
             count += n
@@ -186,11 +253,11 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     if not args.resume and checkpoints:
         raise CheckpointError(f"{args.output!r} already holds checkpoints (newest: {checkpoints[-1][1]}); add "
                               "--resume to continue that run, or choose a new --output")
-    load_hf_config(args.model)  # a missing folder or an unknown architecture is named before the tokenizer
+    hf_config = load_hf_config(args.model)  # a missing folder or an unknown architecture is named first
     tokenizer = load_tokenizer(args.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     dataset = TokenizedDataset(examples, tokenizer, args.seq_len)
     eval_set = TokenizedDataset(eval_examples, tokenizer, args.seq_len) if eval_examples else None
+    pad_id = _check_tokens(args, hf_config, tokenizer, [(args.data, dataset), (args.eval_data, eval_set)])
 
     torch.manual_seed(args.seed)
     config = LemaConfig(model_name_or_path=args.model, strategy=args.strategy, device=args.device,
@@ -218,6 +285,9 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
         state = load_checkpoint(checkpoints[-1][1], model, optimizer, scheduler, identity)
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
+        resume_schedule(optimizer, scheduler, args.lr, lambda s: lr_lambda(s, args.warmup_steps, total_steps,
+                                                                           args.schedule))
+        _truncate_log(os.path.join(args.output, "log.jsonl"), step)  # steps after the checkpoint run again
     trainer = model.get_trainer(optimizer, gradient_accumulation_steps=args.grad_accum,
                                 max_grad_norm=args.max_grad_norm)
 
@@ -244,11 +314,12 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     with _Interrupt() as interrupt:
         while step < total_steps:
             t0, step_loss, step_tokens = time.perf_counter(), 0.0, 0
-            for _ in range(args.grad_accum):
-                batch = collate([dataset[i] for i in sampler.next_batch()], pad_id)
+            micro = [collate([dataset[i] for i in sampler.next_batch()], pad_id) for _ in range(args.grad_accum)]
+            targets = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]  # each >= 1 (TokenizedDataset)
+            for batch, n in zip(micro, targets):  # the step's loss: the mean over all its targets (as Trainer)
                 _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
-                                             attention_mask=batch["attention_mask"])
-                step_loss += float(loss) / args.grad_accum  # host sync, once per micro-batch
+                                             attention_mask=batch["attention_mask"], num_items_in_batch=sum(targets))
+                step_loss += float(loss) * n / sum(targets)  # host sync, once per micro-batch
                 step_tokens += int(batch["attention_mask"].sum())
             scheduler.step()
             step += 1
@@ -286,6 +357,9 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
                "tokens_per_s": tokens_total / elapsed if elapsed else 0.0}
     if interrupted:
         print(f"stopped at step {step}; checkpoint saved. Continue with the same command plus --resume.", file=out)
+    elif last_loss is None:  # resumed at or past the last step: only the final adapter was (re)written
+        print(f"nothing to train: {args.output!r} is at step {step} of {total_steps}; adapter in {adapter_dir} "
+              "(raise --steps to train further)", file=out)
     else:
         print(f"done: {step} steps, last loss {last_loss:.4f}, adapter in {adapter_dir}", file=out)
     return summary

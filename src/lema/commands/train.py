@@ -41,6 +41,38 @@ def add_arguments(parser) -> None:
                              "flags given on the command line win")
 
 
+def _setting(path: str, name: str, value, kind):
+    """A YAML value as the type of TrainArgs' field (YAML 1.1 reads `1e-4` as a string); a clear error if not."""
+    inner = [a for a in typing.get_args(kind) if a is not type(None)]
+    if value is None:
+        if inner and len(inner) < len(typing.get_args(kind)):
+            return None
+        raise ValueError(f"--config {path!r}: {name} is empty; give a value or leave the key out")
+    base = inner[0] if inner else kind
+    if typing.get_origin(base) is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ValueError(f"--config {path!r}: {name}={value!r} must be a name or a list of names")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        words = {"true": True, "false": False, "on": True, "off": False, **({} if kind is bool else {"auto": None})}
+        if str(value).lower() not in words:
+            raise ValueError(f"--config {path!r}: {name}={value!r} must be one of {', '.join(words)}")
+        return words[str(value).lower()]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"--config {path!r}: {name}={value!r} must be a {base.__name__}")
+    try:
+        converted = base(value)
+    except ValueError:
+        raise ValueError(f"--config {path!r}: {name}={value!r} is not a {base.__name__}") from None
+    if base is int and isinstance(value, float) and converted != value:
+        raise ValueError(f"--config {path!r}: {name}={value!r} must be a whole number")
+    return converted
+
+
 def args_from_namespace(ns):
     from ..training import TrainArgs
 
@@ -48,19 +80,26 @@ def args_from_namespace(ns):
     if ns.config:
         import yaml
 
-        with open(ns.config) as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            with open(ns.config) as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {ns.config!r} is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {ns.config!r} must hold a mapping of settings")
         known = {f.name for f in dataclasses.fields(TrainArgs)}
         unknown = sorted(set(loaded) - known)
         if unknown:
             raise ValueError(f"--config {ns.config!r}: unknown setting(s) {unknown}; known: {sorted(known)}")
-        values.update(loaded)
+        hints = typing.get_type_hints(TrainArgs)
+        values.update({k: _setting(ns.config, k, v, hints[k]) for k, v in loaded.items()})
     for f in dataclasses.fields(TrainArgs):
         v = getattr(ns, f.name, None)
         if v is not None:
             values[f.name] = v
+    given = {k for k in ("steps", "epochs") if getattr(ns, k, None) is not None}
+    if len(given) == 1:  # --steps on the command line replaces the file's epochs, and the other way round
+        values.pop(({"steps", "epochs"} - given).pop(), None)
     missing = [f"--{k}" for k in ("model", "data", "output") if not values.get(k)]
     if missing:  # not argparse-required, since --config may give them
         raise UsageError(f"the following arguments are required: {', '.join(missing)}")

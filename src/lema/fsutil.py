@@ -1,0 +1,51 @@
+"""Folders written so that a kill or a power cut leaves the old one or the new one, never half of either."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+
+def fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str) -> None:
+    """Every file under `folder`, then the folders themselves, to the disk."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def make_temp_folder(parent: str, prefix: str) -> str:
+    """A new folder in `parent` with the permissions of any other (mkdtemp makes it private)."""
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    return tmp
+
+
+def replace_folder(tmp: str, final: str) -> None:
+    """Put the finished folder `tmp` (fsynced here) at `final`. An existing `final` is first renamed aside
+    and deleted only after the new one is in place, so at every moment one complete folder is there."""
+    fsync_tree(tmp)
+    parent = os.path.dirname(os.path.abspath(final))
+    old = None
+    if os.path.isdir(final):
+        old = tempfile.mkdtemp(prefix=".tmp-old-", dir=parent)
+        os.replace(final, os.path.join(old, "folder"))
+    os.replace(tmp, final)
+    fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,143 @@
+"""`lema train`'s settings and bookkeeping without a model: flags and YAML values, checkpoint writes that
+fail, a damaged checkpoint, the log and the learning rate of a resumed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import pytest
+import torch
+
+from lema.checkpointing import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from lema.cli import build_parser
+from lema.commands.train import args_from_namespace
+from lema.training import TrainArgs, _truncate_log, lr_lambda, resume_schedule
+
+REQUIRED = dict(model="m", data="d.jsonl")
+
+
+def parse(tmp_path, *flags, config: str | None = None):
+    argv = ["train", *flags]
+    if config is not None:
+        path = tmp_path / "run.yaml"
+        path.write_text(config)
+        argv += ["--config", str(path)]
+    return args_from_namespace(build_parser().parse_args(argv))
+
+
+def test_yaml_values_take_the_flags_types(tmp_path):
+    """YAML 1.1 reads `1e-4` as a string and a quoted number stays one: both become the field's type."""
+    args = parse(tmp_path, config=f"model: m\ndata: d.jsonl\noutput: {tmp_path / 'o'}\nlr: 1e-4\nbatch_size: '2'\n"
+                                  "target_modules: q_proj\noffload_activations: auto\nquiet: true\n")
+    assert args.lr == 1e-4 and isinstance(args.lr, float)
+    assert args.batch_size == 2 and isinstance(args.batch_size, int)
+    assert args.target_modules == ["q_proj"] and args.offload_activations is None and args.quiet is True
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: fast", "lr='fast' is not a float"),
+    ("batch_size: 2.5", "batch_size=2.5 must be a whole number"),
+    ("quiet: maybe", "quiet='maybe' must be one of"),
+    ("lr: [1", "is not valid YAML"),
+    ("seq_len:", "seq_len is empty"),
+])
+def test_bad_yaml_values_are_named(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        parse(tmp_path, config=f"model: m\ndata: d.jsonl\noutput: o\n{text}\n")
+
+
+def test_steps_on_the_command_line_replace_the_files_epochs(tmp_path):
+    args = parse(tmp_path, "--steps", "7", config=f"model: m\ndata: d.jsonl\noutput: {tmp_path / 'o'}\nepochs: 2\n")
+    assert args.steps == 7 and args.epochs is None
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "--steps=0 must be >= 1"),
+    ("epochs", 0.0, "--epochs=0.0 must be > 0"),
+    ("seq_len", 1, "--seq-len=1 must be >= 2"),
+    ("warmup_steps", -5, "--warmup-steps=-5 must be >= 0"),
+    ("save_total_limit", -1, "--save-total-limit=-1 must be >= 0"),
+    ("max_grad_norm", -1.0, "--max-grad-norm=-1.0 must be >= 0"),
+    ("lora_alpha", 0, "--lora-alpha=0 must be > 0"),
+    ("eval_steps", 0, "--eval-steps=0 must be >= 1"),
+])
+def test_bad_numbers_are_refused_with_the_flag(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainArgs(**REQUIRED, output=str(tmp_path / "o"), **{field: value})
+
+
+def test_an_output_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "taken"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        TrainArgs(**REQUIRED, output=str(path))
+
+
+class _FailingAdapter:
+    def save_pretrained(self, folder):
+        os.makedirs(folder)
+        with open(os.path.join(folder, "adapter_model.safetensors"), "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+
+def _optimizer():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def test_a_failed_save_removes_its_folder_and_names_the_intact_checkpoint(tmp_path):
+    intact = tmp_path / "checkpoint-2"
+    intact.mkdir()
+    (intact / "trainer_state.json").write_text("{}")
+    opt, sched = _optimizer()
+    model = types.SimpleNamespace(peft_model=_FailingAdapter())
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint-4 .*No space left.*checkpoint-2 is intact"):
+        save_checkpoint(str(tmp_path), 4, model, opt, sched, {}, {}, total_limit=1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]  # no half-written folder, the old one kept
+    assert list_checkpoints(str(tmp_path)) == [(2, str(intact))]
+
+
+def test_a_damaged_checkpoint_names_the_older_one(tmp_path):
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"step": 4, "samp')  # cut by a crash
+    opt, sched = _optimizer()
+    with pytest.raises(CheckpointError, match=r"checkpoint-4' cannot be read .*resume from .*checkpoint-2"):
+        load_checkpoint(str(tmp_path / "checkpoint-4"), None, opt, sched, {})
+
+
+def test_a_resumed_log_drops_the_steps_that_run_again(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    _truncate_log(str(log), 2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+def test_a_resumed_run_with_more_steps_uses_its_own_schedule():
+    """Trained 2 of 2 cosine steps (rate 0 at the end), resumed with --steps 4: the next step's rate is the new
+    schedule's at step 2, not the finished schedule's 0."""
+    def run(total):
+        opt, _ = _optimizer()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, 0, total, "cosine"))
+        return opt, sched
+
+    opt, sched = run(2)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+
+    opt, sched = run(4)
+    opt.load_state_dict(saved_opt)
+    sched.load_state_dict(saved_sched)
+    assert opt.param_groups[0]["lr"] == 0.0  # what the checkpoint holds
+    resume_schedule(opt, sched, 1e-3, lambda s: lr_lambda(s, 0, 4, "cosine"))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_lambda(2, 0, 4, "cosine")) and sched.last_epoch == 2
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_lambda(3, 0, 4, "cosine"))
