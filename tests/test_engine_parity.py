@@ -583,6 +583,14 @@ def test_offloaded_boundary_matches_peft(arch, tiny_dir, make_lema, tmp_path):
         model(batch())
     assert not model.streamed.offload, "nothing is saved without grad"
 
+    # padded rows: GPT-2 passes its attention mask to each layer positionally; only the hidden states go
+    ids = batch()
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    before = model.streamed.offloaded_bytes
+    model(ids, labels=ids.masked_fill(mask == 0, -100), attention_mask=mask).loss.backward()
+    assert model.streamed.offloaded_bytes - before == model.streamed.boundary_bytes > 0
+
 
 def test_kept_layers_reacquire_weights_from_reused_slots(tiny_dir, make_lema):
     """bf16 file, fp32 compute: weights live in 2 host slots that later layers overwrite. A kept layer's

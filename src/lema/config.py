@@ -127,7 +127,8 @@ class LemaConfig:
     (max_vram; else half the free memory); 0: recompute every layer."""
     offload_activations: Optional[bool] = None
     """Keep the recomputed layers' inputs (the boundary activations) in pinned host memory between forward
-    and backward instead of device memory: a copy each way per layer, overlapped on the compute stream.
+    and backward instead of device memory: a copy each way per layer, queued on the compute stream (the host
+    thread does not wait for it, but the layer's kernels do: not overlapped with compute yet).
     None: only when the step would not fit `max_vram` otherwise (the plan says so); the CPU never needs it."""
     chunked_loss: Optional[bool] = None
     """Compute the head and the loss in chunks of tokens, never building the full logits (a forward with

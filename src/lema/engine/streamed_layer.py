@@ -239,9 +239,10 @@ class StreamedLayers:
         tensors += [a for v in kwargs.values() if isinstance(v, tuple) for a in v if torch.is_tensor(a)]
         return {a.untyped_storage().data_ptr() for a in tensors}
 
-    def _to_host(self, t: torch.Tensor):
-        """Pack a checkpoint's input: a copy in host memory (pinned from a GPU, so the copy runs async)."""
-        if t.numel() == 0:  # nothing to move (Transformers passes empty tensors to some layers)
+    def _to_host(self, hidden: torch.Tensor, t: torch.Tensor):
+        """Pack a checkpoint's input: the layer's hidden states as a copy in host memory (pinned from a GPU, so
+        the copy runs async); its other inputs (a mask GPT-2 passes positionally, the rotary cos/sin) stay."""
+        if t.numel() == 0 or t.data_ptr() != hidden.data_ptr() or t.shape != hidden.shape:
             return None, t
         pinned = t.is_cuda
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
@@ -303,8 +304,9 @@ class StreamedLayers:
                 hidden = args[0] if args else kwargs.get("hidden_states")
                 if torch.is_tensor(hidden):  # what checkpoint keeps of this layer: its input
                     self.boundary_bytes += hidden.numel() * hidden.element_size()
-                if self.offload:  # the checkpoint saves its (positional) inputs through these hooks
-                    with torch.autograd.graph.saved_tensors_hooks(self._to_host, self._from_host):
+                if self.offload and torch.is_tensor(hidden):  # the checkpoint saves its positional inputs here
+                    pack = functools.partial(self._to_host, hidden)
+                    with torch.autograd.graph.saved_tensors_hooks(pack, self._from_host):
                         return checkpoint(run, *args, use_reentrant=False, **kwargs)
                 return checkpoint(run, *args, use_reentrant=False, **kwargs)
             return run(*args, **kwargs)

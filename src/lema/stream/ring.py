@@ -272,8 +272,10 @@ class WeightRing:
             req.loaded.set()
 
     def close(self) -> None:
-        if self._host_views is not None:
-            self.copy_stream.synchronize()  # its copies read pages the model unregisters next
+        if self.copy_stream is not None:
+            # copies still queued (a pass that raised mid-way) write slots the caching allocator may hand out
+            # once the ring is gone, and, zero-copy, read pages the model unregisters next
+            self.copy_stream.synchronize()
         self._stop.set()
         if self.pager is not None:
             self.pager.close()
