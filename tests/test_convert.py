@@ -319,3 +319,21 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as helped:
         main(["convert", "--help"])
     assert helped.value.code == 0 and "--default" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config, key, message", [
+    ({"rank_pattern": {"q_proj": 8}}, "lora_A", "rank_pattern"),
+    ({}, "lora_embedding_A", "lora_A / lora_B"),
+])
+def test_merge_refuses_adapters_it_would_fold_wrong(tmp_path, config, key, message):
+    """Per-module ranks or alphas, or LoRA on an embedding: refused with the reason, not merged with one scale."""
+    from safetensors.torch import save_file
+
+    from lema.merge import lora_deltas
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                              **config}))
+    save_file({f"base_model.model.model.layers.0.self_attn.q_proj.{key}.weight": torch.zeros(4, 8)},
+              str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=message):
+        lora_deltas(str(tmp_path))

@@ -97,6 +97,15 @@ def test_prompt_completion_masks_prompt(tok):
     assert tok.decode(ids[:n_prompt]) == ex["prompt"]
 
 
+def test_prompt_completion_is_one_text_as_the_model_reads_it(tok):
+    """A prompt ending in a space: the ids are the tokenization of the whole text (" Paris" one token, as at
+    inference), and the token that reaches into the completion is supervised."""
+    ex = {"prompt": "Capital of France? Answer: ", "completion": "Paris"}
+    ids, labels, _ = tokenize_example(ex, tok, 64)
+    assert ids == tok(ex["prompt"] + ex["completion"])["input_ids"] + [tok.eos_token_id]
+    assert [tok.decode(r) for r in supervised_runs(ids, labels)] == [" Paris" + tok.eos_token]
+
+
 def test_messages_supervise_only_assistant_content_and_end_marker(tok):
     msgs = [
         {"role": "system", "content": "Be brief."},

@@ -141,3 +141,12 @@ def test_a_resumed_run_with_more_steps_uses_its_own_schedule():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_lambda(2, 0, 4, "cosine")) and sched.last_epoch == 2
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_lambda(3, 0, 4, "cosine"))
+
+
+def test_auto_is_taken_where_plan_and_bench_take_it(tmp_path):
+    out = str(tmp_path / "o")
+    args = parse(tmp_path, "--model", "m", "--data", "d.jsonl", "--output", out, "--resident-layers", "auto",
+                 "--keep-activations", "3", "--page-cache", "auto")
+    assert args.resident_layers is None and args.keep_activations == 3 and args.page_cache is None
+    args = parse(tmp_path, config=f"model: m\ndata: d.jsonl\noutput: {out}\nresident_layers: auto\npage_cache: off\n")
+    assert args.resident_layers is None and args.page_cache == "off"

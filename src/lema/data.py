@@ -234,7 +234,8 @@ def tokenize_example(example: dict, tokenizer, seq_len: int) -> tuple[list[int],
     """Tokenize one validated example into ``(input_ids, labels, truncated)``.
 
     * text: the whole text is supervised (tokenizer's default specials, + EOS).
-    * prompt/completion: prompt tokens are masked; completion (+ EOS) supervised.
+    * prompt/completion: tokenized as one text; the tokens reaching into the completion (+ EOS) are
+      supervised, the prompt's masked.
     * messages: chat-template rendering; only assistant turns are supervised.
 
     Sequences longer than ``seq_len`` keep their start (the prompt), since the
@@ -243,9 +244,21 @@ def tokenize_example(example: dict, tokenizer, seq_len: int) -> tuple[list[int],
     if "text" in example:
         ids = _with_eos(_ids(tokenizer, example["text"], add_special_tokens=True), tokenizer)
         labels = list(ids)
+    elif "prompt" in example and getattr(tokenizer, "is_fast", False):
+        # One text, as the model will read it: tokenizing the parts apart differs where a tokenizer treats a
+        # text's start specially (SentencePiece's dummy prefix turns " Paris" alone into "▁", "▁Paris").
+        # A token supervised if it reaches into the completion (one straddling the boundary included).
+        boundary = len(example["prompt"])
+        enc = tokenizer(example["prompt"] + example["completion"], add_special_tokens=True,
+                        return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [t if e > s and e > boundary else IGNORE_INDEX for t, (s, e) in zip(ids, enc["offset_mapping"])]
+        with_eos = _with_eos(ids, tokenizer)
+        labels += with_eos[len(ids):]
+        ids = with_eos
     elif "prompt" in example:
-        # Tokenizing the two parts separately keeps the boundary exact, so the
-        # supervised tokens decode to precisely the completion.
+        # Slow tokenizers have no offsets: the two parts apart, so the supervised tokens decode to precisely
+        # the completion.
         prompt = _ids(tokenizer, example["prompt"], add_special_tokens=True)
         completion = _with_eos(_ids(tokenizer, example["completion"], add_special_tokens=False), tokenizer)
         ids = prompt + completion

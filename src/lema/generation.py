@@ -48,7 +48,10 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: Optional[str] = No
             {"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:  # an empty prompt and a tokenizer without BOS: nothing to continue from
+        raise ValueError("--prompt is empty and this tokenizer adds no BOS token; give a prompt (or --chat)")
+    return ids
 
 
 def generate_text(model, tokenizer, prompt: str, chat: bool = False, system: Optional[str] = None,

@@ -25,6 +25,13 @@ def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
         raise ValueError(f"adapter {adapter!r} is {cfg.get('peft_type')}{' with DoRA' if cfg.get('use_dora') else ''}; "
                          "lema merge folds plain LoRA adapters")
+    patterns = [k for k in ("rank_pattern", "alpha_pattern") if cfg.get(k)]
+    if patterns:  # per-module ranks or scales: one scale for all would merge some of them wrong
+        raise ValueError(f"adapter {adapter!r} sets {' and '.join(patterns)} (per-module rank or alpha); lema merge "
+                         "folds adapters with one r and lora_alpha for every module (merge this one with PEFT's "
+                         "merge_and_unload)")
+    if not cfg.get("r") or "lora_alpha" not in cfg:
+        raise ValueError(f"adapter {adapter!r}: its adapter_config.json lacks r or lora_alpha")
     r = cfg["r"]
     scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
@@ -33,7 +40,11 @@ def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
     for key, tensor in state.items():
         module, _, rest = key.partition(".lora_")
         module = module.removeprefix("base_model.model.")
-        pairs.setdefault(module + ".weight", {})[rest.split(".")[0]] = tensor
+        part = rest.split(".")[0]
+        if part not in ("A", "B"):  # lora_embedding_A/B, lora_magnitude_vector ...
+            raise ValueError(f"adapter {adapter!r} holds {key!r}; lema merge folds LoRA on linear layers "
+                             "(lora_A / lora_B) only")
+        pairs.setdefault(module + ".weight", {})[part] = tensor
     unused = set(pairs)
 
     def transform(name: str, base: torch.Tensor) -> torch.Tensor:

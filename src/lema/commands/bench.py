@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_layer_placement_flags, tristate
+from . import add_layer_placement_flags, count_or_auto, tristate
 
 HELP = "time training steps of Transformers + PEFT, LEMA RESIDENT and LEMA STREAMING side by side"
 EXAMPLE = "lema bench --shape smollm2-135m --batch-size 4 --seq-len 256 --steps 10"
@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=None,
                         help="which to run (default: all three; only streaming when the weights exceed RAM)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per contender (default: all)")
-    parser.add_argument("--keep-activations", type=int, default=None, metavar="N",
+    parser.add_argument("--keep-activations", type=count_or_auto, default=None, metavar="auto|N",
                         help="LEMA: layers keeping their activations instead of recomputing "
                              "(default: the planner's choice, as in training; 0: recompute all)")
     parser.add_argument("--chunked-loss", type=tristate, default=None, metavar="auto|on|off",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_layer_placement_flags, tristate
+from . import add_layer_placement_flags, count_or_auto, tristate
 
 HELP = "print the memory plan of a training run (what goes where, the predicted peak) without training"
 EXAMPLE = "lema plan --shape llama-2-7b --max-vram 16GB --batch-size 8 --seq-len 512 --dtype bfloat16"
@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--strategy", default="streaming", choices=["streaming", "resident"],
                         help="streaming (default) or resident")
     parser.add_argument("--optimizer", default="adamw", help="adamw (default), adam, sgd or sgd-momentum")
-    parser.add_argument("--keep-activations", type=int, default=None, metavar="N",
+    parser.add_argument("--keep-activations", type=count_or_auto, default=None, metavar="auto|N",
                         help="layers keeping their activations instead of recomputing (default: as many as "
                              "--max-vram allows; without a budget, decided at run time)")
     parser.add_argument("--chunked-loss", type=tristate, default=None, metavar="auto|on|off",

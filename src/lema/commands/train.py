@@ -7,6 +7,8 @@ import typing
 
 from ..cli_errors import UsageError
 
+AUTO = ("keep_activations", "resident_layers", "page_cache")  # settings where `auto` (the default) means None
+
 HELP = "fine-tune a LoRA adapter on a JSONL dataset, streaming the base weights"
 EXAMPLE = ("lema train --model runs/smollm2 --data data/lema_reply/train.jsonl --output runs/reply "
            "--steps 100 --lr 1e-3")
@@ -33,6 +35,11 @@ def add_arguments(parser) -> None:
 
             parser.add_argument(flag, type=tristate, default=None, metavar="auto|on|off",
                                 help=f"{docs[f.name]} (default: auto)")
+        elif f.name in AUTO:  # auto|N or auto|off|SIZE, as `lema plan` and `lema bench` take them
+            from . import count_or_auto
+
+            parser.add_argument(flag, type=count_or_auto if base is int else _auto_or_text, default=None,
+                                metavar="auto|N" if base is int else "auto|off|SIZE", help=f"{docs[f.name]}")
         else:
             parser.add_argument(flag, type=base, default=None, metavar=f.name.upper(),
                                 help=f"{docs[f.name]} (default: {f.default})")
@@ -41,8 +48,14 @@ def add_arguments(parser) -> None:
                              "flags given on the command line win")
 
 
+def _auto_or_text(text: str):
+    return None if text == "auto" else text
+
+
 def _setting(path: str, name: str, value, kind):
     """A YAML value as the type of TrainArgs' field (YAML 1.1 reads `1e-4` as a string); a clear error if not."""
+    if name in AUTO and value == "auto":
+        return None
     inner = [a for a in typing.get_args(kind) if a is not type(None)]
     if value is None:
         if inner and len(inner) < len(typing.get_args(kind)):
@@ -62,6 +75,8 @@ def _setting(path: str, name: str, value, kind):
         if str(value).lower() not in words:
             raise ValueError(f"--config {path!r}: {name}={value!r} must be one of {', '.join(words)}")
         return words[str(value).lower()]
+    if base is str and isinstance(value, bool):  # YAML 1.1 reads a bare off / on as a boolean
+        return "on" if value else "off"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"--config {path!r}: {name}={value!r} must be a {base.__name__}")
     try:
