@@ -102,15 +102,19 @@ class LemaModel(nn.Module):
             zero_copy = self._zero_copy if views_ok else None
             # CUDA zero-copy: only when asked for (not yet measured against the pinned staging on a GPU)
             host_views = self._register_page_cache(same_dtype) if not cpu and config.zero_copy else None
-            pager = self._pager() if zero_copy is not None and config.prefetch else None
-            from .planner import spread
+            try:
+                pager = self._pager() if zero_copy is not None and config.prefetch else None
+                from .planner import spread
 
-            resident = {i: self._load_resident(self.layouts[i])  # LemaConfig.resident_layers
-                        for i in spread(config.resident_layers, self.units.num_layers)}
-            slots = config.num_buffers if len(resident) < self.units.num_layers else 0  # all resident: no ring
-            self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
-                                     slots, prefetch=config.prefetch, pager=pager, resident=resident,
-                                     host_views=host_views)
+                resident = {i: self._load_resident(self.layouts[i])  # LemaConfig.resident_layers
+                            for i in spread(config.resident_layers, self.units.num_layers)}
+                slots = config.num_buffers if len(resident) < self.units.num_layers else 0  # all resident: no ring
+                self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
+                                         slots, prefetch=config.prefetch, pager=pager, resident=resident,
+                                         host_views=host_views)
+            except BaseException:  # out of device memory loading the resident layers or the slots, ...
+                self._unregister_page_cache()  # ... must not leave the page cache locked behind a failed init
+                raise
         else:
             self.source = ResidentLayers(self.layouts, self._load_resident)
         recompute = config.strategy == MemoryStrategy.STREAMING or config.gradient_checkpointing
@@ -488,11 +492,15 @@ class LemaModel(nn.Module):
 
     def close(self) -> None:
         self.source.close()  # a ring copying from registered pages finishes its copies first
+        self._unregister_page_cache()
+
+    def _unregister_page_cache(self) -> None:
         for f in self.store.files:  # page-locked ranges (CUDA zero-copy) go back to the page cache
             f.unregister_cuda()
 
     def __del__(self):
         try:
             self.source.close()
+            self._unregister_page_cache()  # after the ring's copies: a model dropped without close()
         except Exception:
             pass

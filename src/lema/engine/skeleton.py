@@ -48,7 +48,8 @@ def load_hf_config(folder: str):
         return AutoConfig.from_pretrained(folder)
     except (ValueError, KeyError) as e:
         raise ArchitectureError(f"{path!r} names model_type={model_type!r}, which this Transformers version does "
-                                f"not know ({str(e).splitlines()[0]}); upgrade transformers or use a supported architecture") from None
+                                f"not know ({str(e).splitlines()[0]}); upgrade transformers or use a supported "
+                                "architecture") from None
 
 
 def build_meta_model(hf_config, dtype: torch.dtype):

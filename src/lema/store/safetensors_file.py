@@ -205,13 +205,24 @@ class SafetensorsFile:
         lo, hi = (start // page) * page, min(-(-end // page) * page, self.size)
         if self._mmap is None or hi <= lo:
             return "nothing to register"
-        try:
-            cudart = torch.cuda.cudart()
-            err = cudart.cudaHostRegister(self._address + lo, hi - lo, CUDA_HOST_REGISTER_READ_ONLY)
-        except Exception as e:  # no CUDA build, no driver
-            return f"{type(e).__name__}: {e}"
-        if int(err) != 0:
-            return f"cudaHostRegister failed: {err}"
+        result: dict = {}
+
+        def register() -> None:
+            try:
+                result["err"] = int(torch.cuda.cudart().cudaHostRegister(self._address + lo, hi - lo,
+                                                                         CUDA_HOST_REGISTER_READ_ONLY))
+            except Exception as e:  # no CUDA build, no driver
+                result["exc"] = e
+
+        # in a thread of its own: a failed call leaves CUDA's last error (per thread, not cleared by torch's
+        # binding) in that thread, not in this one, where the next kernel launch's check would report it
+        worker = threading.Thread(target=register, name="lema-cuda-register")
+        worker.start()
+        worker.join()
+        if "exc" in result:
+            return f"{type(result['exc']).__name__}: {result['exc']}"
+        if result["err"] != 0:
+            return f"cudaHostRegister failed: {result['err']}"
         self._registered.append(self._address + lo)
         return None
 
