@@ -62,6 +62,7 @@ def test_steps_on_the_command_line_replace_the_files_epochs(tmp_path):
     ("max_grad_norm", -1.0, "--max-grad-norm=-1.0 must be >= 0"),
     ("lora_alpha", 0, "--lora-alpha=0 must be > 0"),
     ("eval_steps", 0, "--eval-steps=0 must be >= 1"),
+    ("weight_decay", -0.1, "--weight-decay=-0.1 must be >= 0"),
 ])
 def test_bad_numbers_are_refused_with_the_flag(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):

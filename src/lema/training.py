@@ -49,8 +49,10 @@ class TrainArgs:
     """Micro-batches per optimizer step."""
     lr: float = 2e-4
     """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay on the LoRA weights (0, as Transformers' Trainer)."""
     warmup_steps: int = 0
-    """Steps of linear warmup from 0 to --lr."""
+    """Steps of linear warmup to --lr (step s of w runs at (s + 1) / w of it)."""
     schedule: str = "cosine"
     """Decay after warmup: cosine, linear or constant."""
     max_grad_norm: Optional[float] = 1.0
@@ -114,7 +116,7 @@ class TrainArgs:
             raise ValueError(f"--seq-len={self.seq_len} must be >= 2")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"--epochs={self.epochs} must be > 0")
-        for name in ("warmup_steps", "save_total_limit", "max_grad_norm"):
+        for name in ("warmup_steps", "save_total_limit", "max_grad_norm", "weight_decay"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
         if not self.lora_alpha > 0:
@@ -273,7 +275,7 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     model = LemaModel(config)
     model.initialize_lora(seed=args.seed)
     params = model.get_trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sampler = BatchSampler(len(dataset), args.batch_size, seed=args.seed)
     total_steps = args.steps or max(1, math.ceil(len(sampler) * (args.epochs or 1) / args.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
