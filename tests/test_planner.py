@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lema.cli import main
-from lema.planner import PlanError, head_work_bytes, layer_work_terms, plan, plan_for_config, spread
+from lema.planner import (PlanError, head_work_bytes, layer_work_terms, pinned_block_bytes, plan, plan_for_config,
+                          spread)
 from tiny_models import make_config, save_tiny
 
 B, T = 2, 16
@@ -59,7 +60,8 @@ def test_plan_arithmetic(dtype):
     assert p.logits_bytes == B * T * V * s
     assert p.head_work_bytes == head_work_bytes(B * T, V, s)
     assert p.layer_work_bytes == sum(layer_work_terms(cfg, B * T, s, 4, 7).values())
-    assert p.ring_depth == 3 and p.ring_device_bytes == 3 * p.slot_bytes == p.ring_host_bytes
+    assert p.ring_depth == 3 and p.ring_device_bytes == 3 * p.slot_bytes
+    assert p.ring_host_bytes == 3 * pinned_block_bytes(p.slot_bytes)  # torch's pinned blocks: powers of two
 
     fixed = embed + head + p.ring_device_bytes + 4 * p.lora_bytes
     assert p.peak_bytes == max(fixed + p.boundary_bytes + p.head_work_bytes,
@@ -248,11 +250,19 @@ def test_kept_layer_terms_match_what_autograd_saves(dtype, tmp_path, make_lema):
     assert per_layer == pytest.approx(p.kept_extra_bytes, rel=0.05)
 
 
+def test_pinned_blocks_are_powers_of_two():
+    """torch's pinned host allocator rounds each request up to a power of two: a 7B bf16 layer of 386 MiB takes
+    512 MiB, so three pinned slots take 1.5 GiB, not 1.13."""
+    assert pinned_block_bytes(386 * 2**20) == 512 * 2**20
+    assert pinned_block_bytes(512 * 2**20) == 512 * 2**20 and pinned_block_bytes(512 * 2**20 + 1) == 2**30
+    assert pinned_block_bytes(1) == 1 and pinned_block_bytes(0) == 0
+
+
 def test_gpu_zero_copy_plans_no_pinned_host_slots():
     cfg = make_config("llama")
     staged = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda", num_buffers=3)
     direct = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda", num_buffers=3, zero_copy=True)
-    assert staged.ring_host_bytes == 3 * staged.slot_bytes > 0 and direct.ring_host_bytes == 0
+    assert staged.ring_host_bytes == 3 * pinned_block_bytes(staged.slot_bytes) > 0 and direct.ring_host_bytes == 0
     assert direct.ring_device_bytes == staged.ring_device_bytes and direct.peak_bytes == staged.peak_bytes
 
 

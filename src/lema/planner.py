@@ -12,7 +12,8 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                    layer i: its parameters x s; a ring slot holds the largest layer, each tensor
                    padded to 64 bytes (stream/layout.py)
     ring           k slots x slot bytes on the device; on CUDA also k pinned host slots of that
-                   size. On the CPU with the weights file already in the compute dtype the ring
+                   size, each taking the next power of two (torch's pinned allocator; host memory,
+                   outside the budget). On the CPU with the weights file already in the compute dtype the ring
                    hands out views of the mmap: page cache, no anonymous memory.
     LoRA           sum over adapted linears of r x (in + out) parameters, float32
     gradients      = LoRA bytes (float32)
@@ -92,6 +93,12 @@ GPU_FLOPS_S = 275e12
 GPU_LAUNCH_S = 0.005  # a layer's forward (or backward, or recompute) takes at least this long
 ALIGN = 64  # stream/layout.py pads each tensor of an unpacked slot to this many bytes
 
+
+
+def pinned_block_bytes(nbytes: int) -> int:
+    """Host memory torch's pinned allocator takes for a request of `nbytes` (torch 2.13's CachingHostAllocator
+    rounds each request up to a power of two, to reuse blocks: a 386 MiB slot takes 512 MiB)."""
+    return 1 << max(0, nbytes - 1).bit_length() if nbytes > 0 else 0
 
 class PlanError(ValueError):
     """The run cannot fit its budget; the message gives the numbers and the setting to change."""
@@ -203,7 +210,9 @@ class Plan:
             Row("one layer's recompute", dev, self.layer_work_bytes, "transient: saved + backward tensors"),
         ]
         if self.ring_host_bytes:
-            rows.append(Row("pinned host slots", "host", self.ring_host_bytes, ring_note + " (not in the budget)"))
+            block = pinned_block_bytes(self.slot_bytes)
+            rows.append(Row("pinned host slots", "host", self.ring_host_bytes, ring_note + (
+                f", each pinned as a {human(block)} block" if block != self.slot_bytes else "") + " (not in the budget)"))
         return rows
 
     def table(self) -> str:
@@ -524,7 +533,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              lora_bytes=lora_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
              boundary_bytes=boundary, logits_bytes=logits, head_work_bytes=head_work,
              layer_work_bytes=layer_work, layer_saved_bytes=layer_saved, ring_depth=depth,
-             ring_device_bytes=ring_dev, ring_host_bytes=depth * slot_bytes if host_slots and resident < L else 0,
+             ring_device_bytes=ring_dev,
+             ring_host_bytes=depth * pinned_block_bytes(slot_bytes) if host_slots and resident < L else 0,
              frozen_device_bytes=frozen, peak_bytes=peak, peak_phase=phase, layer_terms=terms,
              chunked_loss=chunked, kept_layers=keep, kept_extra_bytes=kept_extra,
              keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None
