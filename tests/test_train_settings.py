@@ -13,7 +13,7 @@ import torch
 from lema.checkpointing import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from lema.cli import build_parser
 from lema.commands.train import args_from_namespace
-from lema.training import TrainArgs, _truncate_log, lr_lambda, resume_schedule
+from lema.training import TrainArgs, _truncate_log, lock_output, lr_lambda, resume_schedule, unlock_output
 
 REQUIRED = dict(model="m", data="d.jsonl")
 
@@ -151,3 +151,18 @@ def test_auto_is_taken_where_plan_and_bench_take_it(tmp_path):
     assert args.resident_layers is None and args.keep_activations == 3 and args.page_cache is None
     args = parse(tmp_path, config=f"model: m\ndata: d.jsonl\noutput: {out}\nresident_layers: auto\npage_cache: off\n")
     assert args.resident_layers is None and args.page_cache == "off"
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path):
+    import fcntl
+
+    other = os.open(tmp_path, os.O_RDONLY)  # another run's lock (flock: per open file, as another process)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(ValueError, match="another `lema train` is writing to"):
+            lock_output(str(tmp_path))
+    finally:
+        os.close(other)
+    lock_output(str(tmp_path))  # free again once the other lets go; and again after a run here that raised
+    lock_output(str(tmp_path))
+    unlock_output(str(tmp_path))

@@ -163,6 +163,35 @@ def resume_schedule(optimizer, scheduler, lr: float, schedule) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
+_LOCKS: dict = {}  # output folder -> the descriptor holding its lock, in this process
+
+
+def lock_output(folder: str) -> int:
+    """An exclusive lock on the output folder (flock: let go when the process ends, however it ends); a second
+    run writing to the same folder, which would prune and overwrite the first one's checkpoints, is refused.
+    A run of this process that ended by an exception and left its lock is not another run: its lock goes."""
+    import fcntl
+
+    key = os.path.realpath(folder)
+    if key in _LOCKS:
+        os.close(_LOCKS.pop(key))
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"another `lema train` is writing to {folder!r}; wait for it to end or choose another "
+                         "--output") from None
+    _LOCKS[key] = fd
+    return fd
+
+
+def unlock_output(folder: str) -> None:
+    fd = _LOCKS.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def _truncate_log(path: str, step: int) -> None:
     """Drop log records of steps after `step` (a resumed run writes them again)."""
     if not os.path.isfile(path):
@@ -289,7 +318,6 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
         step = state["step"]
         resume_schedule(optimizer, scheduler, args.lr, lambda s: lr_lambda(s, args.warmup_steps, total_steps,
                                                                            args.schedule))
-        _truncate_log(os.path.join(args.output, "log.jsonl"), step)  # steps after the checkpoint run again
     trainer = model.get_trainer(optimizer, gradient_accumulation_steps=args.grad_accum,
                                 max_grad_norm=args.max_grad_norm)
 
@@ -305,6 +333,12 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
 
     # ---- train -------------------------------------------------------------------------------
     os.makedirs(args.output, exist_ok=True)
+    lock_output(args.output)  # one run writes to a folder at a time
+    if list_checkpoints(args.output) != checkpoints:
+        raise CheckpointError(f"the checkpoints in {args.output!r} changed while this run was starting (another "
+                              "run writing there?); start it again")
+    if args.resume:
+        _truncate_log(os.path.join(args.output, "log.jsonl"), step)  # steps after the checkpoint run again
     log = open(os.path.join(args.output, "log.jsonl"), "a")
     bar = None
     if not args.quiet:
@@ -354,6 +388,7 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     if not interrupted:
         model.save_adapter(adapter_dir)
     model.close()
+    unlock_output(args.output)
     elapsed = time.perf_counter() - t_start
     summary = {"steps": step, "loss": last_loss, "interrupted": interrupted, "adapter": adapter_dir,
                "tokens_per_s": tokens_total / elapsed if elapsed else 0.0}
