@@ -381,3 +381,33 @@ def test_cpu_embedding_is_a_view_of_the_mmap_unless_tied_or_converted(arch, file
     ids = batch(0)
     torch.testing.assert_close(model(ids).logits, copied(ids).logits, atol=0, rtol=0)
     assert not weight.requires_grad
+
+
+def test_zero_copy_registers_only_the_streamed_layers(tiny_dir, make_lema, tmp_path_factory):
+    """CUDA zero-copy page-locks the streamed layers' file ranges (the registration itself needs a GPU; its
+    spans are computed here): adjacent streamed layers merge into one page-rounded span, a resident layer
+    between two runs stays pageable, no page is in two spans, every streamed byte is in one."""
+    from lema.convert import convert
+    from lema.model import registration_spans
+
+    src = tiny_dir("llama", num_layers=6)
+    out = convert(src, str(tmp_path_factory.mktemp("packed") / "out"), progress=False)
+    layouts = make_lema(out, gbi_path=out + "/model.safetensors").layouts
+    page = 4096
+    ranges = [layout.ranges[0] for layout in layouts]  # packed: one (file, start, end) per layer
+    f = ranges[0][0]
+    assert all(len(layout.ranges) == 1 and r[0] is f for layout, r in zip(layouts, ranges))
+    down = lambda x: x // page * page  # noqa: E731
+    up = lambda x: -(-x // page) * page  # noqa: E731
+    assert all(r[2] - r[1] > 2 * page for r in ranges), "layers this small would share pages"
+
+    spans = registration_spans(layouts, [0, 1, 3, 4], page)  # layers 2 and 5 resident
+    assert spans == {f: [(down(ranges[0][1]), up(ranges[1][2])), (down(ranges[3][1]), up(ranges[4][2]))]}
+    (lo1, hi1), (lo2, hi2) = spans[f]
+    assert hi1 < lo2 and hi1 - lo1 >= ranges[1][2] - ranges[0][1]
+    assert not any(lo < ranges[2][2] - page and hi > ranges[2][1] + page for lo, hi in spans[f])  # layer 2 out
+    assert hi2 < ranges[5][2] - page  # layer 5 out
+
+    every = registration_spans(layouts, list(range(6)), page)
+    assert every == {f: [(down(ranges[0][1]), up(ranges[5][2]))]}
+    assert registration_spans(layouts, [], page) == {}

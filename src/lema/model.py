@@ -10,6 +10,7 @@ Setup, in data-path order:
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 from typing import Optional
@@ -54,6 +55,26 @@ class ResidentLayers:
     def close(self) -> None:
         pass
 
+
+
+def registration_spans(layouts: list[UnitLayout], streamed: list[int], page: int = mmap.PAGESIZE) -> dict:
+    """{file: [(lo, hi), ...]}: the streamed layers' byte ranges, page-rounded, with ranges that touch or
+    overlap merged (a page is registered once: CUDA refuses a second registration), so a run of adjacent
+    streamed layers is one span and a resident layer between two runs stays out of them."""
+    by_file: dict = {}
+    for i in streamed:
+        for f, lo, hi in layouts[i].ranges:
+            by_file.setdefault(f, []).append(((lo // page) * page, -(-hi // page) * page))
+    spans: dict = {}
+    for f, ranges in by_file.items():
+        merged: list = []
+        for lo, hi in sorted(ranges):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        spans[f] = merged
+    return spans
 
 class LemaModel(nn.Module):
     """See the module docstring; `forward` takes Transformers' arguments and returns its output."""
@@ -100,14 +121,16 @@ class LemaModel(nn.Module):
             cpu = self.device.type == "cpu"
             views_ok = cpu and same_dtype and config.zero_copy is not False
             zero_copy = self._zero_copy if views_ok else None
+            from .planner import spread
+
+            resident_ids = spread(config.resident_layers, self.units.num_layers)  # LemaConfig.resident_layers
+            streamed_ids = [i for i in range(self.units.num_layers) if i not in set(resident_ids)]
             # CUDA zero-copy: only when asked for (not yet measured against the pinned staging on a GPU)
-            host_views = self._register_page_cache(same_dtype) if not cpu and config.zero_copy else None
+            host_views = (self._register_page_cache(same_dtype, streamed_ids) if not cpu and config.zero_copy
+                          else None)
             try:
                 pager = self._pager() if zero_copy is not None and config.prefetch else None
-                from .planner import spread
-
-                resident = {i: self._load_resident(self.layouts[i])  # LemaConfig.resident_layers
-                            for i in spread(config.resident_layers, self.units.num_layers)}
+                resident = {i: self._load_resident(self.layouts[i]) for i in resident_ids}
                 slots = config.num_buffers if len(resident) < self.units.num_layers else 0  # all resident: no ring
                 self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
                                          slots, prefetch=config.prefetch, pager=pager, resident=resident,
@@ -212,30 +235,29 @@ class LemaModel(nn.Module):
         keys = [k for src in sources for k in ([src.key] if src.key is not None else [k for k, _ in src.group.sources])]
         return all(self.store.entry(k).dtype == self.dtype for k in keys)
 
-    def _register_page_cache(self, same_dtype: bool):
+    def _register_page_cache(self, same_dtype: bool, streamed: list[int]):
         """CUDA zero-copy (LemaConfig.zero_copy=True): page-lock the streamed layers' file ranges for the copy
         engine (SafetensorsFile.register_with_cuda), so each layer's host-to-device copy reads the page cache
-        itself, with no pinned staging slot and no host copy; returns the ring's `host_views`."""
+        itself, with no pinned staging slot and no host copy; returns the ring's `host_views`. Resident layers
+        (read once, at load) are left pageable."""
         why = None
         if not same_dtype:
             why = f"the layer weights are not stored in {self.dtype} (the copy engine cannot convert)"
         elif not all(l.packed is not None or len(l.ranges) == len(l.placements) for l in self.layouts):
             why = "some layer weights are built on load (converted tensors such as fused experts)"
         else:
-            need, available = sum(l.nbytes for l in self.layouts), memory_available()
+            need, available = sum(self.layouts[i].nbytes for i in streamed), memory_available()
             if need > available - RESERVE_BYTES:
-                why = (f"the layers ({need / 2**30:.1f} GiB) would stay locked in RAM, but only "
+                why = (f"the streamed layers ({need / 2**30:.1f} GiB) would stay locked in RAM, but only "
                        f"{available / 2**30:.1f} GiB is available")
         if why is None:
-            spans: dict = {}
-            for layout in self.layouts:
-                for f, lo, hi in layout.ranges:
-                    a, b = spans.get(f, (lo, hi))
-                    spans[f] = (min(a, lo), max(b, hi))
-            for f, (lo, hi) in spans.items():
-                err = f.register_with_cuda(lo, hi)
-                if err is not None:
-                    why = f"registering {f.path!r} with CUDA failed ({err})"
+            for f, spans in registration_spans(self.layouts, streamed).items():
+                for lo, hi in spans:
+                    err = f.register_with_cuda(lo, hi)
+                    if err is not None:
+                        why = f"registering {f.path!r} with CUDA failed ({err})"
+                        break
+                if why is not None:
                     break
         if why is not None:
             for f in self.store.files:  # a file registered before another one failed
