@@ -116,6 +116,22 @@ def test_zero_copy_on_cuda_copies_from_the_registered_page_cache(packed, tiny_di
     assert not any(f._registered for f in model.store.files)
 
 
+def test_zero_copy_with_a_resident_layer_registers_only_the_streamed_runs(tiny_dir, make_lema, tmp_path_factory):
+    """zero_copy=True with resident layers: the resident one (layer 2 of 5) stays pageable, the streamed layers
+    are registered as two spans (0-1, 3-4); the step equals RESIDENT's; close() unregisters both."""
+    from lema.convert import convert
+
+    src = tiny_dir("llama", num_layers=LAYERS)
+    path = convert(src, str(tmp_path_factory.mktemp("zcr") / "out"), progress=False)
+    model = make_lema(path, device="cuda", num_buffers=2, zero_copy=True, resident_layers=1)
+    assert sorted(model.source.resident) == [2]
+    (f,) = model.store.files
+    assert len(f._registered) == 2
+    assert_trains_like(model, make_lema(src, device="cuda", strategy=MemoryStrategy.RESIDENT))
+    model.close()
+    assert not f._registered
+
+
 def test_zero_copy_on_cuda_refuses_a_file_in_another_dtype(tiny_dir, make_lema):
     with pytest.raises(ValueError, match="not stored in torch.float32.*--zero-copy auto"):
         make_lema(tiny_dir("llama", num_layers=LAYERS, dtype=torch.bfloat16), device="cuda", zero_copy=True)
