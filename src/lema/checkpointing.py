@@ -30,7 +30,8 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError
 
-from .fsutil import fsync_tree, make_temp_folder, replace_folder
+from .cli_errors import reason
+from .fsutil import make_temp_folder, replace_folder
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -70,17 +71,16 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, sample
         state = {"step": step, "sampler": sampler_state, "run": run_identity}
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks completeness
             json.dump(state, f, indent=1)
-        fsync_tree(tmp)
+        final = os.path.join(out_dir, f"checkpoint-{step}")
+        replace_folder(tmp, final)  # fsynced, then renamed: on the disk before any older checkpoint goes
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: as they were
             raise
         intact = list_checkpoints(out_dir)
-        raise CheckpointError(f"could not write checkpoint-{step} in {out_dir!r} ({str(e).splitlines()[0]}); "
+        raise CheckpointError(f"could not write checkpoint-{step} in {out_dir!r} ({reason(e)}); "
                               + (f"{intact[-1][1]} is intact" if intact else "no earlier checkpoint exists")
                               + ": free disk space and continue with --resume") from None
-    final = os.path.join(out_dir, f"checkpoint-{step}")
-    replace_folder(tmp, final)  # the rename on the disk before any older checkpoint goes
     if total_limit is not None and total_limit > 0:
         for _, old in list_checkpoints(out_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -90,8 +90,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, sample
 def _unreadable(path: str, e: Exception) -> CheckpointError:
     """A damaged or partly written checkpoint, named, with the older one to resume from."""
     older = [p for _, p in list_checkpoints(os.path.dirname(path) or ".") if p != path]
-    why = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return CheckpointError(f"checkpoint {path!r} cannot be read ({why}); "
+    return CheckpointError(f"checkpoint {path!r} cannot be read ({reason(e)}); "
                            + (f"move it away to resume from {older[-1]!r}" if older else
                               "no older checkpoint exists: start a new run"))
 

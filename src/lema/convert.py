@@ -45,6 +45,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .cli_errors import reason
 from .config import parse_dtype
 from .store import PACKED_FORMAT, WeightStore
 from .store.safetensors_file import DTYPE_NAMES
@@ -139,12 +140,12 @@ def gguf_config(source: Source):
     try:
         config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
     except (ValueError, NotImplementedError, KeyError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = reason(e)
         arch = gguf_architecture(path)
         if arch is None:
-            raise ConvertError(f"{path!r} is not a readable GGUF file ({reason}); download it again") from None
+            raise ConvertError(f"{path!r} is not a readable GGUF file ({why}); download it again") from None
         raise ConvertError(f"{path!r}: GGUF architecture {arch!r} cannot be converted by this Transformers "
-                           f"version ({reason}); use a Transformers checkpoint folder of the model "
+                           f"version ({why}); use a Transformers checkpoint folder of the model "
                            "instead") from None
     return config
 

@@ -22,6 +22,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .cli_errors import reason
+
 IGNORE_INDEX = -100
 VALID_ROLES = ("system", "user", "assistant", "tool")
 
@@ -84,7 +86,7 @@ def load_tokenizer(model_dir: str):
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"no usable tokenizer in {model_dir!r} ({str(e).splitlines()[0].strip()}); "
+        raise FileNotFoundError(f"no usable tokenizer in {model_dir!r} ({reason(e)}); "
                                 "convert the model with `lema convert`, which writes the tokenizer files "
                                 "(tokenizer.json, tokenizer_config.json)") from None
 
@@ -297,8 +299,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
             try:
                 ids, labels, truncated = tokenize_example(ex, tokenizer, seq_len)
             except Exception as e:  # a chat template's raise_exception (jinja2), a tokenizer's ValueError ...
-                message = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise DataError(f"{where}: this example cannot be tokenized ({message})") from None
+                raise DataError(f"{where}: this example cannot be tokenized ({reason(e)})") from None
             self.num_truncated += truncated
             if all(l == IGNORE_INDEX for l in labels[1:]):  # the first token is no position's target
                 self.num_dropped += 1

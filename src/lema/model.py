@@ -56,7 +56,6 @@ class ResidentLayers:
         pass
 
 
-
 def registration_spans(layouts: list[UnitLayout], streamed: list[int], page: int = mmap.PAGESIZE) -> dict:
     """{file: [(lo, hi), ...]}: the streamed layers' byte ranges, page-rounded, with ranges that touch or
     overlap merged (a page is registered once: CUDA refuses a second registration), so a run of adjacent
@@ -75,6 +74,7 @@ def registration_spans(layouts: list[UnitLayout], streamed: list[int], page: int
                 merged.append((lo, hi))
         spans[f] = merged
     return spans
+
 
 class LemaModel(nn.Module):
     """See the module docstring; `forward` takes Transformers' arguments and returns its output."""

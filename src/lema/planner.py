@@ -93,12 +93,11 @@ GPU_FLOPS_S = 275e12
 GPU_LAUNCH_S = 0.005  # a layer's forward (or backward, or recompute) takes at least this long
 ALIGN = 64  # stream/layout.py pads each tensor of an unpacked slot to this many bytes
 
-
-
 def pinned_block_bytes(nbytes: int) -> int:
     """Host memory torch's pinned allocator takes for a request of `nbytes` (torch 2.13's CachingHostAllocator
     rounds each request up to a power of two, to reuse blocks: a 386 MiB slot takes 512 MiB)."""
     return 1 << max(0, nbytes - 1).bit_length() if nbytes > 0 else 0
+
 
 class PlanError(ValueError):
     """The run cannot fit its budget; the message gives the numbers and the setting to change."""

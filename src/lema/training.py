@@ -166,7 +166,7 @@ def resume_schedule(optimizer, scheduler, lr: float, schedule) -> None:
 _LOCKS: dict = {}  # output folder -> the descriptor holding its lock, in this process
 
 
-def lock_output(folder: str) -> int:
+def lock_output(folder: str) -> None:
     """An exclusive lock on the output folder (flock: let go when the process ends, however it ends); a second
     run writing to the same folder, which would prune and overwrite the first one's checkpoints, is refused.
     A run of this process that ended by an exception and left its lock is not another run: its lock goes."""
@@ -183,7 +183,6 @@ def lock_output(folder: str) -> int:
         raise ValueError(f"another `lema train` is writing to {folder!r}; wait for it to end or choose another "
                          "--output") from None
     _LOCKS[key] = fd
-    return fd
 
 
 def unlock_output(folder: str) -> None:

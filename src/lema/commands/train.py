@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from ..cli_errors import UsageError
+from ..cli_errors import UsageError, reason
 
 AUTO = ("keep_activations", "resident_layers", "page_cache")  # settings where `auto` (the default) means None
 
@@ -99,7 +99,7 @@ def args_from_namespace(ns):
             with open(ns.config) as f:
                 loaded = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"--config {ns.config!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"--config {ns.config!r} is not valid YAML ({reason(e)})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {ns.config!r} must hold a mapping of settings")
         known = {f.name for f in dataclasses.fields(TrainArgs)}

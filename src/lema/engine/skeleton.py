@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..cli_errors import reason
+
 EMBED, HEAD = "embed", "head"
 
 
@@ -48,7 +50,7 @@ def load_hf_config(folder: str):
         return AutoConfig.from_pretrained(folder)
     except (ValueError, KeyError) as e:
         raise ArchitectureError(f"{path!r} names model_type={model_type!r}, which this Transformers version does "
-                                f"not know ({str(e).splitlines()[0]}); upgrade transformers or use a supported "
+                                f"not know ({reason(e)}); upgrade transformers or use a supported "
                                 "architecture") from None
 
 
@@ -68,7 +70,7 @@ def build_meta_model(hf_config, dtype: torch.dtype):
                 model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="eager")
     except ValueError as e:
         raise ArchitectureError(f"architecture {getattr(hf_config, 'architectures', None) or hf_config.model_type!r} "
-                                f"has no causal-LM class in Transformers ({str(e).splitlines()[0]}); LEMA streams "
+                                f"has no causal-LM class in Transformers ({reason(e)}); LEMA streams "
                                 "models shaped embedding -> decoder layers -> norm -> lm_head") from None
     model.config.use_cache = False
     if getattr(model.config, "tie_word_embeddings", False) or getattr(
