@@ -144,6 +144,7 @@ def test_ring_slots_are_pinned_host_and_device_buffers(tiny_dir, make_lema):
     assert len(ring.slots) == 3
     for s in ring.slots:
         assert s.host is not None and s.host.device.type == "cpu" and s.host.is_pinned()
+        assert s.pinned.exact and s.pinned.registered  # page-locked at its size (not torch's power-of-two block)
         assert s.device is not None and s.device.is_cuda and s.device.dtype == torch.uint8
         assert s.host.numel() == s.device.numel() == ring.slot_bytes >= max(l.nbytes for l in model.layouts)
         assert all(isinstance(e, torch.cuda.Event) for e in (s.ready, s.done, s.h2d_done))
@@ -177,6 +178,8 @@ def test_ring_slots_are_pinned_host_and_device_buffers(tiny_dir, make_lema):
     assert stats["frozen_weights_now"] == stats["frozen_weights_peak"]
     assert stats["frozen_weights_peak"] - ring.bytes_on_device() > 0  # embedding + head, resident
     assert ring.bytes_on_device() == 3 * ring.slot_bytes
+    model.close()
+    assert not any(s.pinned.registered or s.host.is_pinned() for s in ring.slots)  # close() unregistered them
 
 
 def test_streaming_on_cuda_matches_cpu_reference(tiny_dir, make_lema):

@@ -1,10 +1,13 @@
-"""host_memory: with the mmap threshold fixed, the heap does not keep a high-water mark of freed tensors."""
+"""host_memory: the heap follows the live tensors with the mmap threshold fixed; the CUDA ring's exact-size pinned buffers."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 SCRIPT = r"""
 import sys, torch
@@ -109,3 +112,37 @@ def test_weights_bytes_of_a_folder(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert weights_bytes_of(str(tmp_path)) == 15
     assert weights_bytes_of(str(tmp_path / "missing")) is None
+
+
+def test_pinned_buffer_registers_its_exact_pages_and_releases_them_once():
+    """The CUDA ring's staging slots (host_memory.PinnedBuffer): anonymous pages of the slot's size registered
+    with CUDA; here a recording registrar stands in for cudaHostRegister (tests/test_cuda.py runs the real one)."""
+    import mmap
+
+    from lema.host_memory import CUDA_HOST_REGISTER_DEFAULT, PinnedBuffer
+
+    calls = []
+    nbytes = 3 * mmap.PAGESIZE + 5
+    buf = PinnedBuffer(nbytes, register=lambda a, n, f: calls.append(("register", a, n, f)),
+                       unregister=lambda a: calls.append(("unregister", a)))
+    assert buf.exact and buf.registered and buf.tensor.numel() == nbytes and buf.tensor.dtype == torch.uint8
+    address = buf.tensor.data_ptr()
+    assert address % mmap.PAGESIZE == 0
+    assert calls == [("register", address, 4 * mmap.PAGESIZE, CUDA_HOST_REGISTER_DEFAULT)]
+    buf.tensor.fill_(7)  # writable: the loader thread fills it
+    buf.release()
+    buf.release()
+    del buf
+    assert calls[1:] == [("unregister", address)]
+
+
+def test_pinned_buffer_falls_back_to_torchs_allocator_with_a_warning_when_registration_fails():
+    from lema.host_memory import PinnedBuffer
+
+    unregistered = []
+    with pytest.warns(RuntimeWarning, match="could not page-lock a 1,000-byte host buffer.*out of memory"):
+        buf = PinnedBuffer(1000, register=lambda a, n, f: "cudaHostRegister failed: 2 (out of memory)",
+                           unregister=unregistered.append, fallback=lambda n: torch.zeros(n, dtype=torch.uint8))
+    assert not buf.exact and not buf.registered and buf.tensor.numel() == 1000
+    buf.release()
+    assert unregistered == []

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 import torch
 
 from lema.cli import main
-from lema.planner import (PlanError, head_work_bytes, layer_work_terms, pinned_block_bytes, plan, plan_for_config,
+from lema.planner import (PlanError, head_work_bytes, layer_work_terms, pinned_slot_bytes, plan, plan_for_config,
                           spread)
 from tiny_models import make_config, save_tiny
 
@@ -61,7 +63,7 @@ def test_plan_arithmetic(dtype):
     assert p.head_work_bytes == head_work_bytes(B * T, V, s)
     assert p.layer_work_bytes == sum(layer_work_terms(cfg, B * T, s, 4, 7).values())
     assert p.ring_depth == 3 and p.ring_device_bytes == 3 * p.slot_bytes
-    assert p.ring_host_bytes == 3 * pinned_block_bytes(p.slot_bytes)  # torch's pinned blocks: powers of two
+    assert p.ring_host_bytes == 3 * pinned_slot_bytes(p.slot_bytes)  # page-locked at their size, in whole pages
 
     fixed = embed + head + p.ring_device_bytes + 4 * p.lora_bytes
     assert p.peak_bytes == max(fixed + p.boundary_bytes + p.head_work_bytes,
@@ -250,19 +252,19 @@ def test_kept_layer_terms_match_what_autograd_saves(dtype, tmp_path, make_lema):
     assert per_layer == pytest.approx(p.kept_extra_bytes, rel=0.05)
 
 
-def test_pinned_blocks_are_powers_of_two():
-    """torch's pinned host allocator rounds each request up to a power of two: a 7B bf16 layer of 386 MiB takes
-    512 MiB, so three pinned slots take 1.5 GiB, not 1.13."""
-    assert pinned_block_bytes(386 * 2**20) == 512 * 2**20
-    assert pinned_block_bytes(512 * 2**20) == 512 * 2**20 and pinned_block_bytes(512 * 2**20 + 1) == 2**30
-    assert pinned_block_bytes(1) == 1 and pinned_block_bytes(0) == 0
+def test_pinned_slots_take_their_size_in_whole_pages():
+    """The ring's pinned slots are page-locked at their exact size (host_memory.PinnedBuffer), not through torch's
+    pinned allocator, which rounds a 7B bf16 layer's 386 MiB up to 512 MiB (three slots: 1.5 GiB, not 1.13)."""
+    page = mmap.PAGESIZE
+    assert pinned_slot_bytes(386 * 2**20) == 386 * 2**20
+    assert pinned_slot_bytes(page + 1) == 2 * page and pinned_slot_bytes(1) == page and pinned_slot_bytes(0) == 0
 
 
 def test_gpu_zero_copy_plans_no_pinned_host_slots():
     cfg = make_config("llama")
     staged = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda", num_buffers=3)
     direct = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda", num_buffers=3, zero_copy=True)
-    assert staged.ring_host_bytes == 3 * pinned_block_bytes(staged.slot_bytes) > 0 and direct.ring_host_bytes == 0
+    assert staged.ring_host_bytes == 3 * pinned_slot_bytes(staged.slot_bytes) > 0 and direct.ring_host_bytes == 0
     assert direct.ring_device_bytes == staged.ring_device_bytes and direct.peak_bytes == staged.peak_bytes
 
 

@@ -172,3 +172,90 @@ def no_huge_pages_in_children(weights_bytes: int) -> None:
     if _thp_set_here and weights_bytes > memory_available():
         os.environ[THP_ENV] = "0"
 
+
+
+CUDA_HOST_REGISTER_DEFAULT = 0    # cudaHostRegisterDefault
+CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: for a file mapped read-only
+
+
+def cuda_host_register(address: int, nbytes: int, flags: int = CUDA_HOST_REGISTER_DEFAULT) -> Optional[str]:
+    """Page-lock host memory [address, address + nbytes) for the GPU's copy engine (cudaHostRegister): a
+    host-to-device copy from it then runs as DMA, asynchronously. None on success, else CUDA's reason.
+
+    Called in a thread of its own: a failed call leaves CUDA's last error (per thread, and not cleared by
+    torch's binding) in that thread, not in the caller's, where the next kernel launch's check would report it."""
+    import threading
+
+    import torch
+
+    result: dict = {}
+
+    def register() -> None:
+        try:
+            result["err"] = int(torch.cuda.cudart().cudaHostRegister(address, nbytes, flags))
+        except Exception as e:  # no CUDA build, no driver
+            result["exc"] = e
+
+    worker = threading.Thread(target=register, name="lema-cuda-register")
+    worker.start()
+    worker.join()
+    if "exc" in result:
+        return f"{type(result['exc']).__name__}: {result['exc']}"
+    return None if result["err"] == 0 else f"cudaHostRegister failed: {result['err']}"
+
+
+def cuda_host_unregister(address: int) -> None:
+    """Undo `cuda_host_register` (the pages become ordinary pageable memory again)."""
+    import torch
+
+    torch.cuda.cudart().cudaHostUnregister(address)
+
+
+class PinnedBuffer:
+    """`nbytes` of page-locked host memory taken at their exact size (whole pages): anonymous pages mapped
+    here and registered with CUDA (`cuda_host_register`). torch's pinned allocator (`pin_memory=True`)
+    rounds every request up to a power of two to reuse its blocks, so the 7B shape's 386 MiB ring slots
+    would take 512 MiB each; the ring's slots live for the run and are never handed back, so rounding buys
+    nothing there. Where registration fails (a driver that refuses it), falls back to torch's allocator
+    and says so. `tensor` is the buffer (uint8, CPU); `release()` unregisters it, after which it is
+    ordinary memory: call it once no copy from it is queued (the ring's close() waits for its copy stream)."""
+
+    def __init__(self, nbytes: int, register=cuda_host_register, unregister=cuda_host_unregister,
+                 fallback=None):
+        import warnings
+
+        import torch
+
+        self.nbytes = nbytes
+        self._unregister = unregister
+        self._address: Optional[int] = None
+        self._map = mmap.mmap(-1, max(-(-nbytes // mmap.PAGESIZE), 1) * mmap.PAGESIZE)
+        tensor = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes)
+        reason = register(tensor.data_ptr(), len(self._map), CUDA_HOST_REGISTER_DEFAULT)
+        if reason is None:
+            self._address = tensor.data_ptr()
+            self.tensor = tensor
+            self.exact = True
+            return
+        del tensor
+        self._map = None  # the mapping goes with its last view
+        self.tensor = (fallback or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True)))(nbytes)
+        self.exact = False
+        warnings.warn(f"could not page-lock a {nbytes:,}-byte host buffer at its exact size ({reason}); "
+                      f"using torch's pinned allocator, which rounds it up to a power of two", RuntimeWarning)
+
+    @property
+    def registered(self) -> bool:
+        return self._address is not None
+
+    def release(self) -> None:
+        """Unregister the pages (idempotent); the tensor stays valid as pageable memory."""
+        if self._address is not None:
+            address, self._address = self._address, None
+            self._unregister(address)
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown, CUDA already torn down
+            pass

@@ -66,6 +66,7 @@ term leaves the device peak, except the kept layers' inputs).
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -93,10 +94,10 @@ GPU_FLOPS_S = 275e12
 GPU_LAUNCH_S = 0.005  # a layer's forward (or backward, or recompute) takes at least this long
 ALIGN = 64  # stream/layout.py pads each tensor of an unpacked slot to this many bytes
 
-def pinned_block_bytes(nbytes: int) -> int:
-    """Host memory torch's pinned allocator takes for a request of `nbytes` (torch 2.13's CachingHostAllocator
-    rounds each request up to a power of two, to reuse blocks: a 386 MiB slot takes 512 MiB)."""
-    return 1 << max(0, nbytes - 1).bit_length() if nbytes > 0 else 0
+def pinned_slot_bytes(nbytes: int) -> int:
+    """Host memory a CUDA ring slot takes page-locked: its bytes in whole pages (host_memory.PinnedBuffer; torch's
+    pinned allocator would round a 386 MiB slot up to 512 MiB)."""
+    return -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 class PlanError(ValueError):
@@ -209,9 +210,7 @@ class Plan:
             Row("one layer's recompute", dev, self.layer_work_bytes, "transient: saved + backward tensors"),
         ]
         if self.ring_host_bytes:
-            block = pinned_block_bytes(self.slot_bytes)
-            rows.append(Row("pinned host slots", "host", self.ring_host_bytes, ring_note + (
-                f", each pinned as a {human(block)} block" if block != self.slot_bytes else "") + " (not in the budget)"))
+            rows.append(Row("pinned host slots", "host", self.ring_host_bytes, ring_note + " (not in the budget)"))
         return rows
 
     def table(self) -> str:
@@ -533,7 +532,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              boundary_bytes=boundary, logits_bytes=logits, head_work_bytes=head_work,
              layer_work_bytes=layer_work, layer_saved_bytes=layer_saved, ring_depth=depth,
              ring_device_bytes=ring_dev,
-             ring_host_bytes=depth * pinned_block_bytes(slot_bytes) if host_slots and resident < L else 0,
+             ring_host_bytes=depth * pinned_slot_bytes(slot_bytes) if host_slots and resident < L else 0,
              frozen_device_bytes=frozen, peak_bytes=peak, peak_phase=phase, layer_terms=terms,
              chunked_loss=chunked, kept_layers=keep, kept_extra_bytes=kept_extra,
              keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None

@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from ..host_memory import MADV_DONTNEED, MADV_POPULATE_READ, madvise, resident_fraction
+from ..host_memory import (CUDA_HOST_REGISTER_READ_ONLY, MADV_DONTNEED, MADV_POPULATE_READ, cuda_host_register,
+                           cuda_host_unregister, madvise, resident_fraction)
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -28,7 +29,6 @@ SAFETENSORS_DTYPES = {
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
 PARALLEL_PIECE_MIN = 4 * 2**20  # a parallel read gives each thread at least this much
 PAGE_ALIGN = 2**21              # pieces start on 2 MiB boundaries (huge pages of the destination)
 _POOL: "Optional[ThreadPoolExecutor]" = None
@@ -205,31 +205,16 @@ class SafetensorsFile:
         lo, hi = (start // page) * page, min(-(-end // page) * page, self.size)
         if self._mmap is None or hi <= lo:
             return "nothing to register"
-        result: dict = {}
-
-        def register() -> None:
-            try:
-                result["err"] = int(torch.cuda.cudart().cudaHostRegister(self._address + lo, hi - lo,
-                                                                         CUDA_HOST_REGISTER_READ_ONLY))
-            except Exception as e:  # no CUDA build, no driver
-                result["exc"] = e
-
-        # in a thread of its own: a failed call leaves CUDA's last error (per thread, not cleared by torch's
-        # binding) in that thread, not in this one, where the next kernel launch's check would report it
-        worker = threading.Thread(target=register, name="lema-cuda-register")
-        worker.start()
-        worker.join()
-        if "exc" in result:
-            return f"{type(result['exc']).__name__}: {result['exc']}"
-        if result["err"] != 0:
-            return f"cudaHostRegister failed: {result['err']}"
+        reason = cuda_host_register(self._address + lo, hi - lo, CUDA_HOST_REGISTER_READ_ONLY)
+        if reason is not None:
+            return reason
         self._registered.append(self._address + lo)
         return None
 
     def unregister_cuda(self) -> None:
         """Undo `register_with_cuda` (the pages become evictable again)."""
         for address in self._registered:
-            torch.cuda.cudart().cudaHostUnregister(address)
+            cuda_host_unregister(address)
         self._registered = []
 
     def close(self) -> None:

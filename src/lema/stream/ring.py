@@ -3,7 +3,8 @@
 NOTE [ring protocol] — every sync point in this file points here.
 
     schedule (set by the engine per pass):  F0 F1 ... F(L-1) | B(L-1) ... B1 B0
-    slots s = 0..k-1, each: pinned host buffer P[s] and device buffer D[s] (CUDA),
+    slots s = 0..k-1, each: pinned host buffer P[s] (page-locked at its exact size, host_memory.PinnedBuffer)
+                            and device buffer D[s] (CUDA),
                             or one host buffer (CPU, dtype conversion), or none (CPU zero-copy)
 
     main thread (acquire/release)           loader thread                  copy stream        compute stream
@@ -36,8 +37,8 @@ NOTE [ring protocol] — every sync point in this file points here.
   time; the disk -> page-cache stage is the kernel's read-ahead started by madvise(WILLNEED), or,
   when the layers do not all fit in the page cache, the pager's thread (stream/pager.py), which
   `begin` and every `acquire` tell where the schedule stands.
-- Shutdown: `close()` sets the stop event and joins; the worker polls the queue with a timeout,
-  so it exits within one poll interval. The worker holds the ring only by a weak reference, so a
+- Shutdown: `close()` waits for the copy stream, sets the stop event, joins, and unregisters the P[s]
+  pages; the worker polls the queue with a timeout, so it exits within one poll interval. The worker holds the ring only by a weak reference, so a
   ring dropped without close() is freed too, and its worker exits at the next poll.
 - Errors: a loader exception is carried to the consumer, re-raised at the acquire that waits for
   that unit, with the unit named; that slot is then freed, so a later acquire loads it afresh.
@@ -53,6 +54,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..host_memory import PinnedBuffer
 from .layout import UnitLayout
 
 POLL_S = 0.1
@@ -72,6 +74,7 @@ class _Slot:
     request: Optional[_Request] = None
     in_use: bool = False
     host: Optional[torch.Tensor] = None       # pinned staging (CUDA) or the slot itself (CPU conversion)
+    pinned: Optional[PinnedBuffer] = None     # what page-locks `host` (CUDA)
     device: Optional[torch.Tensor] = None     # device buffer (CUDA)
     views: Optional[dict] = None              # the unit's weights, bound by the engine
     ready: object = None                      # CUDA events (see NOTE [ring protocol])
@@ -119,8 +122,11 @@ class WeightRing:
         if zero_copy is None:
             for s in self.slots:
                 # Preallocated once at the exact size: no allocation in the per-layer path.
-                if host_views is None:
-                    s.host = torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=cuda)
+                if host_views is None and cuda:
+                    s.pinned = PinnedBuffer(self.slot_bytes)  # page-locked at its size, not a power of two
+                    s.host = s.pinned.tensor
+                elif host_views is None:
+                    s.host = torch.empty(self.slot_bytes, dtype=torch.uint8)
                 if cuda:
                     s.device = torch.empty(self.slot_bytes, dtype=torch.uint8, device=device)
                     s.ready, s.done, s.h2d_done = (torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event())
@@ -283,6 +289,9 @@ class WeightRing:
             if self._thread is not threading.current_thread():  # a finalizer may run on the worker itself
                 self._thread.join(timeout=10 * POLL_S)
             self._thread = None
+        for s in self.slots:  # no copy from them is queued now (the copy stream was synchronised above)
+            if s.pinned is not None:
+                s.pinned.release()
 
     def bytes_on_device(self) -> int:
         """Frozen-weight bytes the ring holds in device memory (its preallocated slots and resident units)."""
