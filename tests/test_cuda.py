@@ -191,7 +191,10 @@ def test_streaming_on_cuda_matches_cpu_reference(tiny_dir, make_lema):
         model = make_lema(path, device=device, num_buffers=2)
         with torch.no_grad():
             losses[device] = model(ids.to(device), labels=ids.to(device)).loss.item()
+            if device == "cuda":  # CPU inputs go to the GPU through pinned copies (LemaModel._to_device)
+                losses["cpu inputs"] = model(ids, labels=ids).loss.item()
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-4)
+    assert losses["cpu inputs"] == losses["cuda"]
 
 
 def test_loader_error_on_cuda_names_the_unit(tiny_dir, make_lema):
@@ -247,18 +250,22 @@ def test_resident_layers_on_cuda_stay_on_the_device_and_match(tiny_dir, make_lem
 
 
 def test_offloaded_boundary_on_cuda_is_pinned_host_and_matches(tiny_dir, make_lema):
-    """offload_activations=True on a GPU: the checkpoint's saved inputs are pinned host copies, the step
-    equals RESIDENT's, and the device holds none of the boundary between forward and backward."""
+    """offload_activations=True on a GPU: the checkpoint's saved inputs (the hidden states only) are pinned host
+    copies made on the offload stream, each recompute but the first copies the next layer's input back early,
+    and the step equals RESIDENT's."""
     path = tiny_dir("llama", num_layers=LAYERS)
     streamed = make_lema(path, device="cuda", num_buffers=2, keep_activations=0, offload_activations=True)
     resident = make_lema(path, strategy=MemoryStrategy.RESIDENT, device="cuda", keep_activations=0)
-    hosts = []
-    original = streamed.streamed._to_host
-    streamed.streamed._to_host = lambda t: hosts.append(original(t)[1]) or (t.device, hosts[-1])
+    offload = streamed.streamed.host_offload
+    entries = []
+    original = offload.pack
+    offload.pack = lambda t: entries.append(original(t)) or entries[-1]
     for m in (streamed, resident):
         m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)).train_step(batch(0).cuda())
-    hosts = [h for h in hosts if h.numel() > 0]  # Transformers 5.17 passed each layer an empty tensor too
-    assert len(hosts) == LAYERS and all(h.is_pinned() and h.device.type == "cpu" for h in hosts)
+    torch.cuda.synchronize()
+    assert len(entries) == LAYERS and all(e.host.is_pinned() and e.host.device.type == "cpu" for e in entries)
+    assert offload.stream is not None and offload.stream != torch.cuda.current_stream()
+    assert offload.prefetched == LAYERS - 1 and offload.last is None
     assert streamed.streamed.offloaded_bytes == streamed.streamed.boundary_bytes > 0
     for name, want in lora_state(resident).items():
         torch.testing.assert_close(lora_state(streamed)[name], want, atol=1e-5, rtol=0, msg=name)

@@ -309,6 +309,7 @@ class LemaModel(nn.Module):
             trim_heap()
         self.streamed.boundary_bytes = 0
         self.streamed.offloaded_bytes = 0
+        self.streamed.host_offload.new_pass()
         self.streamed.kept_bytes = 0
         self.streamed.kept_chunks.new_pass(training=torch.is_grad_enabled())
         L = self.units.num_layers
@@ -362,8 +363,16 @@ class LemaModel(nn.Module):
                 if tuple(t.shape) != tuple(input_ids.shape):
                     raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has "
                                      f"{tuple(input_ids.shape)}; they must match")
-        to = lambda t: None if t is None else (t.unsqueeze(0) if t.dim() == 1 else t).to(self.device)
-        return to(input_ids), to(labels), to(attention_mask)
+        return self._to_device(input_ids), self._to_device(labels), self._to_device(attention_mask)
+
+    def _to_device(self, t):
+        if t is None:
+            return None
+        t = t.unsqueeze(0) if t.dim() == 1 else t
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            # through a pinned copy: a copy from pageable memory would first wait for all queued GPU work
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def forward(self, input_ids, labels=None, attention_mask=None, **kwargs):
         """Transformers' causal-LM forward; `.loss` (labels shifted inside, -100 ignored) and `.logits`.

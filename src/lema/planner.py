@@ -489,8 +489,9 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
             frozen = embed + unit_bytes[HEAD] + ring_dev + resident * slot_bytes
         fixed = frozen + lora_bytes + grad_bytes + optimizer_bytes
         static = fixed + (boundary if on_device_acts else keep * a * H * s) + keep * kept_extra
+        prefetched = 0 if on_device_acts else a * H * s  # offloaded: the next layer's input copied back early
         phases = {"the loss (head forward/backward)": static + head_work,
-                  "the first layer's recompute in backward": static + logits + layer_work,
+                  "the first layer's recompute in backward": static + logits + layer_work + prefetched,
                   "the optimizer step": fixed + logits + optimizer_temp}
         phase = max(phases, key=phases.get)
         return phases[phase], ring_dev, frozen, phase
@@ -538,7 +539,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              keep_decided_at_run_time=recompute and keep_activations is None and max_vram_bytes is None
              and free_bytes is None, resident_layers=resident, resident_layer_indices=spread(resident, L),
              resident_auto=resident_layers is None and strategy == "streaming",
-             modelled_s=step_time_model(f, batch_size, seq_len, s, resident, keep, gpu_zero_copy)
+             modelled_s=step_time_model(f, batch_size, seq_len, s, resident, keep, gpu_zero_copy, offload)
              if strategy == "streaming" and not cpu and L else None,
              activations_on="host" if offload else "device", embedding_view_bytes=embed_view)
     if cpu and zero_copy and strategy == "streaming" and L:
@@ -548,11 +549,12 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
 
 
 def step_time_model(f: ModelFacts, batch: int, seq: int, s: int, resident: int, keep: int,
-                    zero_copy: bool) -> tuple[float, float]:
+                    zero_copy: bool, offload: bool = False) -> tuple[float, float]:
     """(streaming, compute) seconds of a GPU training step with `resident` layers loaded once and `keep` layers
-    keeping their activations, by the GPU_* rates: every streamed layer crosses the bus twice; every layer
-    runs forward and backward (~2 forwards: the frozen weights' gradient is not needed), a recomputed layer
-    one forward more. The two overlap, so the step takes about the larger."""
+    keeping their activations, by the GPU_* rates: every streamed layer crosses the bus twice, and with
+    `offload` every recomputed layer's input too, out and back (on a stream of their own, HostOffload); every
+    layer runs forward and backward (~2 forwards: the frozen weights' gradient is not needed), a recomputed
+    layer one forward more. The two overlap, so the step takes about the larger."""
     c = _text_config(f.hf_config)
     layer_bytes = f.layer_bytes
     # the weights' matmuls, and attention's two (causal: half of 4 B T^2 H)
@@ -560,6 +562,8 @@ def step_time_model(f: ModelFacts, batch: int, seq: int, s: int, resident: int, 
     fwd_s = max(GPU_LAUNCH_S, fwd_flops / GPU_FLOPS_S)
     per_layer = layer_bytes / GPU_STREAM_BYTES_S["zero_copy" if zero_copy else "staged"] + GPU_STREAM_LAYER_S
     stream_s = 2 * (f.L - resident) * per_layer
+    if offload:
+        stream_s += 2 * (f.L - keep) * batch * seq * c.hidden_size * s / GPU_STREAM_BYTES_S["zero_copy"]
     return stream_s, (3 * f.L - keep) * fwd_s
 
 

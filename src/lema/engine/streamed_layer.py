@@ -13,10 +13,11 @@ Each decoder layer of the skeleton gets, on the instance, a `forward` that
 - under no_grad: calls `run` directly (nothing is kept).
 
 With `offload` (LemaConfig.offload_activations), a recomputed layer's checkpoint saves its input
-through saved-tensor hooks that copy it into pinned host memory (non-blocking, on the compute
-stream) and back to the device when the recompute unpacks it: the checkpoint saves its inputs
-outside its own hooks, so only the inputs move, and the gradient still flows through the
-original graph (nothing crosses the bus in backward but the input itself).
+through saved-tensor hooks that copy it into pinned host memory and back to the device when the
+recompute unpacks it, both on a stream of their own, the copy back of the next layer's input issued
+while this one recomputes (HostOffload): the checkpoint saves its inputs outside its own hooks, so
+only the inputs move, and the gradient still flows through the original graph (nothing crosses the
+bus in backward but the input itself).
 
 `run` acquires the layer's weights from the source (the ring, or the resident store), binds them
 into the layer's modules, calls Transformers' own forward, and unbinds them in a `finally`.
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 from torch import nn
@@ -169,6 +170,76 @@ class LayerBinder:
             module._parameters[attr] = meta[plain]
 
 
+class _Offloaded:
+    """A recomputed layer's input held in host memory (HostOffload)."""
+
+    __slots__ = ("device", "host", "ready", "on_device", "prev")
+
+    def __init__(self, device: torch.device, host: torch.Tensor, prev: "Optional[_Offloaded]"):
+        self.device = device
+        self.host = host
+        self.ready = None      # CUDA event: the copy back to the device has landed
+        self.on_device = None  # that copy
+        self.prev = prev       # the input offloaded before this one: backward needs it next
+
+
+class HostOffload:
+    """The recomputed layers' inputs in host memory until their recompute (LemaConfig.offload_activations).
+
+    On a GPU both copies run on a stream of their own, so the layers' kernels do not wait for them: the copy
+    to pinned host memory is queued after the compute stream's work that wrote the input, and its device block
+    is not reused until the copy has read it (record_stream); in backward, when the recompute of a layer takes
+    its input back, the input of the layer before it (the next the backward needs) is copied to the device at
+    once, so it lands while this layer recomputes and runs its backward. One input beyond the layer's own is on
+    the device at a time (the planner counts it). `prefetched` counts the copies back issued ahead of need."""
+
+    def __init__(self):
+        self.stream = None  # created at the first CUDA input
+        self.last: Optional[_Offloaded] = None
+        self.prefetched = 0
+
+    def new_pass(self) -> None:
+        self.last = None
+
+    def pack(self, t: torch.Tensor) -> _Offloaded:
+        if not t.is_cuda:  # the host is the device: a copy, so the mechanism is the same as on a GPU
+            return _Offloaded(t.device, t.clone(), None)
+        if self.stream is None or self.stream.device != t.device:
+            self.stream = torch.cuda.Stream(t.device)
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written by the compute stream
+        with torch.cuda.stream(self.stream):
+            host.copy_(t, non_blocking=True)  # torch records the host block's use on this stream
+        t.record_stream(self.stream)  # t's device block is not handed out again before the copy has read it
+        entry = _Offloaded(t.device, host, self.last)
+        self.last = entry
+        return entry
+
+    def _fetch(self, entry: _Offloaded) -> None:
+        if entry.on_device is not None:
+            return
+        with torch.cuda.stream(self.stream):  # after the copy to the host on the same stream
+            entry.on_device = torch.empty(entry.host.shape, dtype=entry.host.dtype, device=entry.device)
+            entry.on_device.copy_(entry.host, non_blocking=True)
+            entry.ready = torch.cuda.Event()
+            entry.ready.record(self.stream)
+
+    def unpack(self, entry: _Offloaded) -> torch.Tensor:
+        if entry.device.type != "cuda":
+            return entry.host
+        self._fetch(entry)  # not prefetched: the first input backward needs
+        current = torch.cuda.current_stream(entry.device)
+        current.wait_event(entry.ready)
+        entry.on_device.record_stream(current)  # made on the offload stream, used and freed on this one
+        previous, entry.prev = entry.prev, None
+        if self.last is entry:  # the graph alone holds it (and its device copy) from now on
+            self.last = None
+        if previous is not None and previous.on_device is None:
+            self._fetch(previous)  # lands while this layer recomputes
+            self.prefetched += 1
+        return entry.on_device
+
+
 class StreamedLayers:
     """Installs the streaming forward on every decoder layer and tracks backward releases."""
 
@@ -184,6 +255,7 @@ class StreamedLayers:
         self.kept_bytes = 0      # tensors saved by the kept layers in the current pass (weights excluded)
         self.offload = False     # recomputed layers' inputs to (pinned) host memory until their recompute
         self.offloaded_bytes = 0  # of the boundary, in host memory, in the current pass
+        self.host_offload = HostOffload()
         self.kept_chunks = KeptChunks()  # CPU: where the kept layers' activations are copied
         self.copy_kept = False   # copy them there (LemaModel: on the CPU, unless a budget bounds the heap)
         self.bound_now = 0
@@ -240,20 +312,15 @@ class StreamedLayers:
         return {a.untyped_storage().data_ptr() for a in tensors}
 
     def _to_host(self, hidden: torch.Tensor, t: torch.Tensor):
-        """Pack a checkpoint's input: the layer's hidden states as a copy in host memory (pinned from a GPU, so
-        the copy runs async); its other inputs (a mask GPT-2 passes positionally, the rotary cos/sin) stay."""
+        """Pack a checkpoint's input: the layer's hidden states go to host memory (HostOffload); its other
+        inputs (a mask GPT-2 passes positionally, the rotary cos/sin) stay where they are."""
         if t.numel() == 0 or t.data_ptr() != hidden.data_ptr() or t.shape != hidden.shape:
-            return None, t
-        pinned = t.is_cuda
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
-        host.copy_(t, non_blocking=pinned)
-        self.offloaded_bytes += host.numel() * host.element_size()
-        return t.device, host
+            return t
+        self.offloaded_bytes += t.numel() * t.element_size()
+        return self.host_offload.pack(t)
 
-    @staticmethod
-    def _from_host(packed) -> torch.Tensor:
-        device, host = packed
-        return host if device is None else host.to(device, non_blocking=host.is_pinned())
+    def _from_host(self, packed) -> torch.Tensor:
+        return self.host_offload.unpack(packed) if isinstance(packed, _Offloaded) else packed
 
     def _unpack(self, x):
         if isinstance(x, WeightRef):
