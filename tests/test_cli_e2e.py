@@ -157,7 +157,7 @@ def test_generate_with_adapter_differs_and_matches_peft_greedy(smol, trained):
 
 
 @pytest.mark.parametrize("case", ["malformed", "empty", "resume-none", "other-rank", "budget", "no-model",
-                                  "no-tokenizer", "damaged"])
+                                  "no-tokenizer", "damaged", "other-data"])
 def test_bad_inputs_fail_cleanly_and_keep_checkpoints(case, smol, small_data, trained, tmp_path):
     out = tmp_path / "out"
     data = small_data
@@ -177,6 +177,13 @@ def test_bad_inputs_fail_cleanly_and_keep_checkpoints(case, smol, small_data, tr
         shutil.copytree(trained[0], out)
         newest = out / "checkpoint-4" / "optimizer.pt"
         newest.write_bytes(newest.read_bytes()[:100])
+        extra = ["--resume"]
+    elif case == "other-data":  # the same examples in another order: the checkpoint's data hash names it
+        shutil.copytree(trained[0], out)
+        data = tmp_path / "changed.jsonl"
+        lines = open(small_data).read().splitlines(keepends=True)
+        data.write_text("".join([lines[1], lines[0], *lines[2:]]))
+        assert data.read_text() != open(small_data).read()
         extra = ["--resume"]
     elif case == "budget":  # refused by the planner before anything is allocated or written
         extra = ["--max-vram", "100MB"]
@@ -198,7 +205,8 @@ def test_bad_inputs_fail_cleanly_and_keep_checkpoints(case, smol, small_data, tr
     assert last.startswith("lema train: error:") and "Traceback" not in proc.stderr
     expected = {"malformed": "bad.jsonl:2", "empty": "empty", "resume-none": "no complete checkpoint",
                 "other-rank": "lora_rank", "budget": "--max-vram", "no-model": "does not exist",
-                "no-tokenizer": "no usable tokenizer", "damaged": "checkpoint-2"}[case]
+                "no-tokenizer": "no usable tokenizer", "damaged": "checkpoint-2",
+                "other-data": "other training data"}[case]
     assert expected in last
     assert (sorted(os.listdir(out)) if out.exists() else []) == before
 

@@ -166,3 +166,25 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
     lock_output(str(tmp_path))  # free again once the other lets go; and again after a run here that raised
     lock_output(str(tmp_path))
     unlock_output(str(tmp_path))
+
+
+def test_resume_refuses_other_data_seq_len_or_accumulation(tmp_path):
+    """A checkpoint records its data file's hash, seq_len and grad_accum; another value is named with the fix. A
+    checkpoint from before these were recorded is checked on what it has."""
+    from lema.checkpointing import check_run_identity, data_identity
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n{"text": "b"}\n')
+    shape = {"model": "/m", "lora_rank": 8, "lora_alpha": 16, "lora_target_modules": ["q_proj"]}
+    saved = {**shape, "data": data_identity(str(data)), "seq_len": 256, "grad_accum": 2}
+    check_run_identity("ck", saved, dict(saved))  # the same run: no error
+    check_run_identity("ck", shape, dict(saved))  # an older checkpoint without them
+    with pytest.raises(CheckpointError, match=r"seq_len=256 but this run has seq_len=128.*--seq-len 256"):
+        check_run_identity("ck", saved, {**saved, "seq_len": 128})
+    with pytest.raises(CheckpointError, match=r"grad_accum=2 but this run has grad_accum=4.*--grad-accum 2"):
+        check_run_identity("ck", saved, {**saved, "grad_accum": 4})
+    data.write_text('{"text": "a"}\n{"text": "c"}\n')  # same size, same number of examples, other content
+    with pytest.raises(CheckpointError, match=r"other training data: .*train.jsonl' has sha256"):
+        check_run_identity("ck", saved, {**saved, "data": data_identity(str(data))})
+    with pytest.raises(CheckpointError, match=r"lora_rank=8 but this run has lora_rank=4"):
+        check_run_identity("ck", shape, {**saved, "lora_rank": 4})

@@ -6,7 +6,8 @@ Layout of `OUT/checkpoint-STEP/`:
     scheduler.pt             LR scheduler state_dict
     rng.pt                   torch CPU (+ CUDA) RNG states and Python's
     trainer_state.json       step, data position (sampler state), and what the run was made for
-                             (model, LoRA rank/alpha/targets), checked on resume
+                             (model, LoRA rank/alpha/targets, the data file's sha256, seq_len,
+                             grad_accum), checked on resume (check_run_identity)
 
 A folder named `checkpoint-STEP` exists only once complete: `os.replace` of a finished
 temporary folder is atomic, so a run killed at any moment (SIGKILL included) leaves either the
@@ -19,6 +20,7 @@ its own and names the checkpoint still intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -95,6 +97,38 @@ def _unreadable(path: str, e: Exception) -> CheckpointError:
                               "no older checkpoint exists: start a new run"))
 
 
+RUN_SHAPE = ("model", "lora_rank", "lora_alpha", "lora_target_modules")  # in every checkpoint
+RUN_DATA = ("data", "seq_len", "grad_accum")  # since 2026-11-26: checked where the checkpoint has them
+
+
+def check_run_identity(path: str, saved: dict, run_identity: dict) -> None:
+    """Refuse to resume checkpoint `path` (made by a run of identity `saved`) with other settings: another model
+    or adapter shape cannot load it, and other data, sequence length or accumulation would make the remaining
+    steps differ from the run it continues (its sampler position counts that run's batches)."""
+    for key in RUN_SHAPE + tuple(k for k in RUN_DATA if k in saved):
+        was, now = saved.get(key), run_identity.get(key)
+        if was == now:
+            continue
+        if key == "data":
+            raise CheckpointError(f"checkpoint {path!r} was made with other training data: {now['file']!r} has "
+                                  f"sha256 {now['sha256'][:12]}..., the run's {was['file']!r} had "
+                                  f"{was['sha256'][:12]}...; resume with that data, or use a new --output")
+        flag = {"model": "--model", "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha",
+                "lora_target_modules": "--target-modules", "seq_len": "--seq-len", "grad_accum": "--grad-accum"}[key]
+        value = " ".join(map(str, was)) if isinstance(was, list) else was
+        raise CheckpointError(f"checkpoint {path!r} was made with {key}={was!r} but this run has {key}={now!r}; "
+                              f"resume with the same settings ({flag} {value}) or use a new --output")
+
+
+def data_identity(path: str) -> dict:
+    """What a checkpoint records of its training data: the file and a hash of its bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": os.path.abspath(path), "sha256": digest.hexdigest()}
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler, run_identity: dict) -> dict:
     """Restore everything saved by `save_checkpoint`; refuse a checkpoint of another run shape."""
     try:
@@ -102,12 +136,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, run_identity: dict) 
             state = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise _unreadable(path, e) from None
-    saved = state.get("run", {})
-    for key in ("model", "lora_rank", "lora_alpha", "lora_target_modules"):
-        if saved.get(key) != run_identity.get(key):
-            raise CheckpointError(f"checkpoint {path!r} was made with {key}={saved.get(key)!r} but this run has "
-                                  f"{key}={run_identity.get(key)!r}; resume with the same settings or use "
-                                  "a new --output")
+    check_run_identity(path, state.get("run", {}), run_identity)
     try:
         model.load_adapter(os.path.join(path, "adapter"))
         # map_location: a checkpoint written on a GPU resumes on the CPU too (load_state_dict moves the state)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .checkpointing import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpointing import CheckpointError, data_identity, list_checkpoints, load_checkpoint, save_checkpoint
 from .engine.skeleton import load_hf_config
 from .planner import human, plan_for_config
 
@@ -309,11 +309,16 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule))
     identity = {"model": os.path.abspath(args.model), "lora_rank": args.lora_rank,
-                "lora_alpha": args.lora_alpha, "lora_target_modules": model.lora_targets}
+                "lora_alpha": args.lora_alpha, "lora_target_modules": model.lora_targets,
+                "data": data_identity(args.data), "seq_len": args.seq_len, "grad_accum": args.grad_accum}
     step = 0
     if args.resume:
         state = load_checkpoint(checkpoints[-1][1], model, optimizer, scheduler, identity)
-        sampler.load_state_dict(state["sampler"])
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except ValueError as e:  # another --batch-size or --seed (the data's own change is named above)
+            raise CheckpointError(f"checkpoint {checkpoints[-1][1]!r}: {e}; resume with the run's settings or use "
+                                  "a new --output") from None
         step = state["step"]
         resume_schedule(optimizer, scheduler, args.lr, lambda s: lr_lambda(s, args.warmup_steps, total_steps,
                                                                            args.schedule))
