@@ -231,23 +231,29 @@ def test_boundary_goes_to_host_memory_when_only_that_fits():
                 offload_activations=True).activations_on == "device"  # the host is the device
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kept_layer_terms_match_what_autograd_saves(dtype, tmp_path, make_lema):
+@pytest.mark.parametrize("arch, dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32)])
+def test_kept_layer_terms_match_what_autograd_saves(arch, dtype, tmp_path, make_lema):
     """The plan's per-layer saved terms against the bytes a kept layer's saved tensors hold in a real step
     (LEMA's kept-layer hooks count them, weights excluded): in bf16 PEFT saves a float32 copy of each
-    adapted linear's input (on a GPU the 7B b1 x 4096 default plan ran out of memory without that term)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    adapted linear's input (on a GPU the 7B b1 x 4096 default plan ran out of memory without that term);
+    GPT-2 (no gate, gelu_new made of several ops, dropout 0.1 on attention and on each sublayer's output, so the
+    CPU's attention takes SDPA's math path and keeps the T x T probabilities) saved 1.8x the Llama terms."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=96, n_embd=256, n_layer=2, n_head=8, n_positions=256, bos_token_id=0,
+                         eos_token_id=0)
+    else:
+        cfg = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                          tie_word_embeddings=False)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
     batch, seq = 2, 128
     model = make_lema(str(tmp_path / "m"), dtype=str(dtype).split(".")[-1], keep_activations=2, lora_rank=8)
     ids = torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(0))
     model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3)).train_step(ids, labels=ids)
-    p = plan(cfg, dtype, lora_rank=8, batch_size=batch, seq_len=seq, keep_activations=2)
+    p = plan(cfg, dtype, lora_rank=8, batch_size=batch, seq_len=seq, keep_activations=2, device_type="cpu")
     assert p.kept_layers == 2 and model.streamed.keep == frozenset({0, 1})
     a, s = batch * seq, dtype.itemsize
     # in float32 the first norm saves the layer's input itself (the boundary's term); in bf16 its fp32 upcast

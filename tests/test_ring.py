@@ -359,7 +359,8 @@ def test_resident_layers_setting_is_checked():
     ("llama", torch.bfloat16, None, False),        # converted to fp32 at load: a copy
     ("llama", torch.float32, False, False),        # views turned off
     ("llama-tied", torch.float32, None, False),    # it is the head too, read in full each step: a copy
-], ids=["view", "converted", "zero-copy-off", "tied"])
+    ("gpt2", torch.float32, None, False),          # wte is the head (a copy); wpe, untied, a view
+], ids=["view", "converted", "zero-copy-off", "tied", "gpt2"])
 def test_cpu_embedding_is_a_view_of_the_mmap_unless_tied_or_converted(arch, file_dtype, zero_copy, view,
                                                                        tiny_dir, make_lema):
     """On the CPU the input embedding stays a view of the mmap'd file where it can (a lookup reads only its
@@ -373,10 +374,17 @@ def test_cpu_embedding_is_a_view_of_the_mmap_unless_tied_or_converted(arch, file
     mapped = any(f._address <= weight.data_ptr() < f._address + f.size for f in model.store.files)
     assert mapped == view
     nbytes = weight.numel() * weight.element_size()
-    assert model.embedding_view_bytes == (nbytes if view else 0)
+    positions = model.base_model.get_submodule("transformer.wpe").weight if arch == "gpt2" else None
+    position_bytes = positions.numel() * positions.element_size() if arch == "gpt2" else 0
+    assert model.embedding_view_bytes == (nbytes if view else position_bytes)
     p = plan_for_config(model.config, batch_size=2, seq_len=8)
     assert p.embedding_view_bytes == model.embedding_view_bytes
-    assert (p.rows()[0].where == "page cache") == view
+    row = p.rows()[0]
+    assert (row.where == "page cache") == view
+    assert row.nbytes == p.unit_bytes["embed"] - p.embedding_view_bytes  # what the embedding holds in memory
+    if arch == "gpt2":
+        assert any(f._address <= positions.data_ptr() < f._address + f.size for f in model.store.files)
+        assert row.where == "cpu" and "not tied to the head a view" in row.note
     copied = make_lema(path, num_buffers=2, zero_copy=False)
     ids = batch(0)
     torch.testing.assert_close(model(ids).logits, copied(ids).logits, atol=0, rtol=0)

@@ -52,6 +52,16 @@ SHAPES: dict[str, dict] = {
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
                          bos_token_id=0, eos_token_id=0),
+    # other architectures, for the planner's check beside Llama's (GPT-2: fused qkv Conv1D, learned positions,
+    # GELU MLP, LayerNorm; Mistral: grouped-query attention, a sliding window)
+    "gpt2-124m": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=50257, n_positions=1024,
+                      n_embd=768, n_layer=12, n_head=12, activation_function="gelu_new", tie_word_embeddings=True,
+                      bos_token_id=50256, eos_token_id=50256),
+    "mistral-7b": dict(model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32000,
+                       hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=32768, rope_theta=10000.0,
+                       sliding_window=4096, hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False,
+                       bos_token_id=1, eos_token_id=2),
     # for tests: seconds to build and run
     "tiny-llama": dict(_LLAMA_COMMON, vocab_size=128, hidden_size=64, intermediate_size=128,
                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

@@ -12,8 +12,7 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                    layer i: its parameters x s; a ring slot holds the largest layer, each tensor
                    padded to 64 bytes (stream/layout.py)
     ring           k slots x slot bytes on the device; on CUDA also k pinned host slots of that
-                   size, each taking the next power of two (torch's pinned allocator; host memory,
-                   outside the budget). On the CPU with the weights file already in the compute dtype the ring
+                   size in whole pages (host_memory.PinnedBuffer; host memory, outside the budget). On the CPU with the weights file already in the compute dtype the ring
                    hands out views of the mmap: page cache, no anonymous memory.
     LoRA           sum over adapted linears of r x (in + out) parameters, float32
     gradients      = LoRA bytes (float32)
@@ -33,6 +32,14 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                      attention in  nh d + 2 nkv d         rotated q; k, v as SDPA gets them (kv heads)
                      attention out nh d + nh x 4/s        SDPA output (o_proj's input), logsumexp
                      mlp           4 I (3 I when s != 4)  gate, up, act(gate) [, act(gate) x up]
+                                   (2 + e) I (- I, s != 4) an MLP without a gate (GPT-2): fc out, act out,
+                                                          + e the activation's own saved tensors when it is
+                                                          made of several ops (gelu_new, GPT-2's: e = 3)
+                     attention     3 nh T                 on the CPU with attention dropout (GPT-2's 0.1 when
+                     probs                                training), SDPA takes its math path: the B nh T T
+                                                          probabilities, their dropped copy, the bmm's input
+                                                          (and 2 nh T more in `backward`)
+                     dropout masks 2 H (x 1/s on CUDA)    sublayer-output dropout (GPT-2's resid_pdrop)
                      lora          n_t x r x 4/s          each adapted linear's A output (fp32), and its
                                    + 2 H                  input: the two norms' outputs when s = 4; when
                                    (Σ in_t x 4/s)         s != 4, PEFT's float32 cast of it, one per
@@ -172,6 +179,16 @@ class Plan:
     def layer_bytes(self) -> int:
         return largest_layer_bytes(self.unit_bytes)
 
+    def _embedding_row(self) -> Row:
+        embed, view = self.unit_bytes["embed"], self.embedding_view_bytes
+        if not view:
+            return Row("embedding", self.device_type, embed, "frozen, resident")
+        if view == embed:
+            return Row("embedding", "page cache", 0, f"a view of the mmap'd weights: lookups read their rows of "
+                                                     f"{human(view)}")
+        return Row("embedding", self.device_type, embed - view, f"frozen, resident; the {human(view)} not tied to "
+                                                                f"the head a view of the mmap'd weights")
+
     def rows(self) -> list[Row]:
         L = self.num_layers
         dev = self.device_type
@@ -188,9 +205,7 @@ class Plan:
                          f"loaded once: layers {_short(self.resident_layer_indices)}")]
                     if self.strategy == "streaming" and self.resident_layers else [])
         rows = [
-            Row("embedding", dev, self.unit_bytes["embed"], "frozen, resident") if not self.embedding_view_bytes
-            else Row("embedding", "page cache", self.unit_bytes["embed"] - self.embedding_view_bytes,
-                     f"a view of the mmap'd weights: lookups read their rows of {human(self.embedding_view_bytes)}"),
+            self._embedding_row(),
             Row("head (norm + lm_head)", dev, self.unit_bytes["head"],
                 "frozen, resident" + (" (tied to the embedding)" if self.unit_bytes["head"] < 1024 else "")),
             ring,
@@ -303,11 +318,16 @@ def _text_config(hf_config):
     return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
 
 
+COMPOSITE_ACTIVATIONS = {"gelu_new": 3, "quick_gelu": 1}  # tensors their ops save beyond input and output
+
+
 def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
-                     lora_in_features: Optional[int] = None) -> dict[str, int]:
+                     lora_in_features: Optional[int] = None, seq_len: Optional[int] = None,
+                     device_type: str = "cuda", mlp_gated: bool = True) -> dict[str, int]:
     """Bytes of one layer's recompute + backward working set, term by term (see the module docstring).
     `lora_in_features`: the adapted linears' input widths, summed over one layer (default: Llama's seven,
-    6 H + I)."""
+    6 H + I). `mlp_gated` False: an MLP without a gate projection (GPT-2's fc -> act -> proj). `seq_len` and
+    `device_type`: where attention has dropout, the CPU's SDPA saves the T x T probabilities (its math path)."""
     c = _text_config(hf_config)
     H = c.hidden_size
     nh = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
@@ -319,14 +339,26 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
     f32 = 4
     cast = s != f32  # PEFT casts each adapted linear's input to the adapters' float32: a copy per linear
     lora_in = lora_in_features if lora_in_features is not None else 6 * H + I
+    if mlp_gated:
+        mlp = 3 if cast else 4
+    else:
+        act = getattr(c, "hidden_act", None) or getattr(c, "activation_function", None)
+        mlp = 2 + COMPOSITE_ACTIVATIONS.get(act, 0) - (1 if cast else 0)
+    dropout = getattr(c, "attn_pdrop", None) or getattr(c, "attention_dropout", None) or 0.0
+    math_path = device_type == "cpu" and dropout > 0 and seq_len is not None  # no fused CPU kernel with dropout
     terms = {
         "norms": a * (H * f32 * (2 if cast else 1) + 2 * f32),
         "attention in": a * s * (nh * d + 2 * nkv * d),
         "attention out": a * (s * nh * d + nh * f32),
-        "mlp": a * s * I * (3 if cast else 4),
+        "mlp": a * s * I * mlp,
         "lora": a * (n_targets * lora_rank * f32 + (lora_in * f32 if cast else 2 * H * s)),
-        "backward": a * s * (2 * H + 3 * I),
+        "backward": a * s * (2 * H + 3 * I + (2 * nh * seq_len if math_path else 0)),
     }
+    if math_path:  # the probabilities, their dropped copy and the bmm's input: B x nh x T x T each
+        terms["attention probs"] = 3 * a * nh * seq_len * s
+    if (getattr(c, "resid_pdrop", None) or getattr(c, "hidden_dropout", None) or 0.0) > 0:
+        # dropout on each sublayer's output (GPT-2's two): the CPU keeps a mask in the dtype, CUDA in bytes
+        terms["dropout masks"] = 2 * a * H * (s if device_type == "cpu" else 1)
     return terms
 
 
@@ -362,6 +394,7 @@ class ModelFacts:
     chunk_ok: bool      # the chunked loss reproduces this model's head (engine/chunked_loss.py)
     softcap: bool
     embed_untied_bytes: int = 0  # the embedding unit's bytes not shared with the head (a CPU view can serve them)
+    mlp_gated: bool = True  # the decoder layer's MLP has a gate projection (Llama's); GPT-2's has none
 
     @property
     def layer_bytes(self) -> int:
@@ -391,6 +424,7 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     base.requires_grad_(False)  # as LemaModel: only LoRA trains, the head is frozen
     chunk_ok = fused_head_supported(base) is None
     prefix, layers = find_decoder_layers(base)
+    mlp_gated = any("gate" in n for n, _ in layers[0].named_parameters()) if len(layers) else True
     targets = list(targets or default_lora_targets(layers))
     peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
                                                  task_type="CAUSAL_LM"))
@@ -400,7 +434,8 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     c = _text_config(hf_config)
     return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, lora_in_features,
                       units.num_layers,
-                      c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied)
+                      c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied,
+                      mlp_gated)
 
 
 def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str]] = None,
@@ -468,7 +503,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     else:
         logits = a * V * s
         head_work = head_work_bytes(a, V, s)
-    terms = layer_work_terms(hf_config, a, s, lora_rank, f.n_targets, f.lora_in_features)
+    terms = layer_work_terms(hf_config, a, s, lora_rank, f.n_targets, f.lora_in_features, seq_len, device_type,
+                             f.mlp_gated)
     layer_work = sum(terms.values())
     layer_saved = layer_work - terms["backward"]
     kept_extra = layer_saved  # what a kept layer saves beyond its input (the input is in the boundary)
