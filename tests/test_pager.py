@@ -144,6 +144,37 @@ def test_window_shrinks_by_what_the_kernel_evicted_and_grows_back(monkeypatch):
     assert pager.stats.shed == 0 and f.dropped_held == []
 
 
+def test_first_window_leaves_room_for_the_steps_planned_growth(monkeypatch):
+    """Before the first pass the window has nothing to adapt from: told the step will take 250 bytes (more than
+    the 200-byte reserve), it starts 250 + the 100-byte margin below the memory available (3 layers, not 4);
+    once a pass has run, the window sizes itself on what it saw and the hint changes nothing."""
+    f, mem, pager = _memory_pager(monkeypatch)
+    pager.expect_step(100)  # within the reserve: nothing changes
+    assert pager.stats.trim == 0
+    pager.expect_step(250)
+    assert pager.stats.trim == 150 and pager.capacity() == 600 - 250 - 100
+    _run_pass(pager)
+    assert pager.stats.history == [] and pager.stats.capacity == 250  # the first pass is not recorded: no adapting
+    pager.expect_step(500)
+    assert pager.stats.trim == 150
+
+
+def test_a_training_step_tells_the_pager_its_planned_growth(tiny_dir, make_lema, monkeypatch):
+    import lema.model
+
+    monkeypatch.setattr(lema.model, "memory_available", lambda: 2**30)  # the layers do not fit: a pager
+    model = make_lema(tiny_dir("llama", num_layers=L))
+    told = []
+    model.source.pager.expect_step = told.append
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        model(ids)
+    assert told == []  # generation and evaluation grow nothing worth a hint
+    model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3)).train_step(ids)
+    budget = model._activation_budget()
+    assert told == [budget.step_growth(16, 8)] and told[0] > 0
+
+
 def test_refill_reads_back_evictions_without_shrinking_the_window(monkeypatch):
     f, mem, pager = _memory_pager(monkeypatch)
     _run_pass(pager)

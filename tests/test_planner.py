@@ -231,16 +231,22 @@ def test_boundary_goes_to_host_memory_when_only_that_fits():
                 offload_activations=True).activations_on == "device"  # the host is the device
 
 
-@pytest.mark.parametrize("arch, dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32)])
+@pytest.mark.parametrize("arch, dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32),
+                                         ("opt", torch.float32)])
 def test_kept_layer_terms_match_what_autograd_saves(arch, dtype, tmp_path, make_lema):
     """The plan's per-layer saved terms against the bytes a kept layer's saved tensors hold in a real step
     (LEMA's kept-layer hooks count them, weights excluded): in bf16 PEFT saves a float32 copy of each
     adapted linear's input (on a GPU the 7B b1 x 4096 default plan ran out of memory without that term);
     GPT-2 (no gate, gelu_new made of several ops, dropout 0.1 on attention and on each sublayer's output, so the
-    CPU's attention takes SDPA's math path and keeps the T x T probabilities) saved 1.8x the Llama terms."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    CPU's attention takes SDPA's math path and keeps the T x T probabilities) saved 1.8x the Llama terms; OPT
+    (ReLU, whose backward needs its output alone, and dropout 0.1 on each sublayer's output) 0.77x the terms
+    of an ungated MLP."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
 
-    if arch == "gpt2":
+    if arch == "opt":
+        cfg = OPTConfig(vocab_size=96, hidden_size=256, ffn_dim=1024, num_hidden_layers=2, num_attention_heads=8,
+                        word_embed_proj_dim=256, max_position_embeddings=256)
+    elif arch == "gpt2":
         cfg = GPT2Config(vocab_size=96, n_embd=256, n_layer=2, n_head=8, n_positions=256, bos_token_id=0,
                          eos_token_id=0)
     else:
@@ -360,3 +366,24 @@ def test_time_model_counts_the_offloaded_inputs_on_the_link():
     offloaded = step_time_model(facts, 8, 512, 2, 0, 4, False, offload=True)
     assert offloaded[1] == plain[1]
     assert offloaded[0] - plain[0] == pytest.approx(2 * 28 * 8 * 512 * 4096 * 2 / GPU_STREAM_BYTES_S["zero_copy"])
+
+
+def test_run_time_decisions_use_the_steps_rows(tmp_path):
+    """The engine asks the plan per step shape: GPT-2's attention terms on the CPU grow with T x T (attention
+    dropout on, as GPT-2's own 0.1), so 4 rows of 8 tokens are not 1 row of 32 (ActivationBudget keys its
+    answers by tokens and row length)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from lema import LemaConfig
+    from lema.planner import ActivationBudget
+
+    cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt2")
+    config = LemaConfig(model_name_or_path=str(tmp_path / "gpt2"), device="cpu")
+    budget = ActivationBudget(config, free_bytes=2**30)
+    rows = plan_for_config(config, 4, 8, facts=budget.facts, free_bytes=2**30)
+    row = plan_for_config(config, 1, 32, facts=budget.facts, free_bytes=2**30)
+    assert rows.layer_terms["attention probs"] * 4 == row.layer_terms["attention probs"]
+    assert budget.step_growth(32, 8) == rows.peak_bytes - rows.frozen_device_bytes - rows.lora_bytes
+    assert budget.step_growth(32) == row.peak_bytes - row.frozen_device_bytes - row.lora_bytes
+    assert budget.keepable_layers(32, 8) == rows.kept_layers

@@ -412,11 +412,11 @@ class _Contender:
                          device=spec.device)
         self.model = LemaModel(cfg)
         tokens = spec.batch_size * spec.seq_len
-        self.info = {"kept_layers": len(self.model.kept_layers(tokens)),
+        self.info = {"kept_layers": len(self.model.kept_layers(tokens, spec.seq_len)),
                      "zero_copy": isinstance(self.model.source, WeightRing) and (
                          self.model.source._zero_copy is not None or self.model.source._host_views is not None),
                      "chunked_loss": self.model.uses_chunked_loss(tokens),
-                     "offload_activations": self.model.offloads_activations(tokens)}
+                     "offload_activations": self.model.offloads_activations(tokens, spec.seq_len)}
         pager = getattr(self.model.source, "pager", None)
         if pager is not None:
             self.info["page_cache_window"] = pager.capacity()

@@ -32,9 +32,9 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                      attention in  nh d + 2 nkv d         rotated q; k, v as SDPA gets them (kv heads)
                      attention out nh d + nh x 4/s        SDPA output (o_proj's input), logsumexp
                      mlp           4 I (3 I when s != 4)  gate, up, act(gate) [, act(gate) x up]
-                                   (2 + e) I (- I, s != 4) an MLP without a gate (GPT-2): fc out, act out,
-                                                          + e the activation's own saved tensors when it is
-                                                          made of several ops (gelu_new, GPT-2's: e = 3)
+                                   m I (- I, s != 4)      an MLP without a gate (GPT-2, OPT): the act's input
+                                                          and output, m = 2; ReLU (OPT) its output, m = 1;
+                                                          gelu_new (GPT-2) five ops, m = 5
                      attention     3 nh T                 on the CPU with attention dropout (GPT-2's 0.1 when
                      probs                                training), SDPA takes its math path: the B nh T T
                                                           probabilities, their dropped copy, the bmm's input
@@ -318,7 +318,9 @@ def _text_config(hf_config):
     return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
 
 
-COMPOSITE_ACTIVATIONS = {"gelu_new": 3, "quick_gelu": 1}  # tensors their ops save beyond input and output
+# An MLP without a gate (fc -> act -> proj): per token, the I-wide tensors it saves: the activation's input and
+# output (F.gelu, silu); ReLU backs off its output alone; gelu_new (GPT-2's) is five ops saving three more
+UNGATED_MLP_SAVED = {"relu": 1, "gelu_new": 5, "quick_gelu": 3}
 
 
 def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
@@ -343,7 +345,7 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
         mlp = 3 if cast else 4
     else:
         act = getattr(c, "hidden_act", None) or getattr(c, "activation_function", None)
-        mlp = 2 + COMPOSITE_ACTIVATIONS.get(act, 0) - (1 if cast else 0)
+        mlp = UNGATED_MLP_SAVED.get(act, 2) - (1 if cast and act != "relu" else 0)
     dropout = getattr(c, "attn_pdrop", None) or getattr(c, "attention_dropout", None) or 0.0
     math_path = device_type == "cpu" and dropout > 0 and seq_len is not None  # no fused CPU kernel with dropout
     terms = {
@@ -356,8 +358,9 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
     }
     if math_path:  # the probabilities, their dropped copy and the bmm's input: B x nh x T x T each
         terms["attention probs"] = 3 * a * nh * seq_len * s
-    if (getattr(c, "resid_pdrop", None) or getattr(c, "hidden_dropout", None) or 0.0) > 0:
-        # dropout on each sublayer's output (GPT-2's two): the CPU keeps a mask in the dtype, CUDA in bytes
+    resid = getattr(c, "resid_pdrop", None) or getattr(c, "hidden_dropout", None) or getattr(c, "dropout", None)
+    if isinstance(resid, float) and resid > 0:
+        # dropout on each sublayer's output (GPT-2's and OPT's two): the CPU keeps a mask in the dtype, CUDA bytes
         terms["dropout masks"] = 2 * a * H * (s if device_type == "cpu" else 1)
     return terms
 
@@ -776,9 +779,11 @@ def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "ada
 
 
 class ActivationBudget:
-    """The engine's run-time answers for a step of `tokens` tokens: how many layers keep their activations
-    (LemaModel.kept_layers) and whether the boundary goes to host memory (LemaModel.offloads_activations):
-    the plan's own decisions, computed once per token count."""
+    """The engine's run-time answers for a step of `tokens` tokens (`seq_len` per row where known: attention's
+    T x T terms need it): how many layers keep their activations (LemaModel.kept_layers), whether the boundary
+    goes to host memory (LemaModel.offloads_activations) and how much memory the step will still take beyond
+    the weights and adapters (`step_growth`, for the CPU's page-cache pager): the plan's own decisions,
+    computed once per step shape."""
 
     def __init__(self, config, free_bytes: Optional[int] = None):
         self.config = config
@@ -786,20 +791,26 @@ class ActivationBudget:
                                  config.lora_target_modules)
         self.free_bytes = free_bytes if free_bytes is not None or config.max_vram_bytes is not None \
             else free_memory_bytes(config.torch_device) // 2
-        self._cache: dict[int, tuple[int, bool]] = {}
+        self._cache: dict[tuple, tuple[int, bool, int]] = {}
 
-    def _decide(self, tokens: int) -> tuple[int, bool]:
-        if tokens not in self._cache:
+    def _decide(self, tokens: int, seq_len: Optional[int]) -> tuple[int, bool, int]:
+        key = (tokens, seq_len)
+        if key not in self._cache:
+            batch, seq = (tokens // seq_len, seq_len) if seq_len and tokens % seq_len == 0 else (1, max(1, tokens))
             try:
-                p = plan_for_config(self.config, 1, max(1, tokens), facts=self.facts, free_bytes=self.free_bytes)
-                self._cache[tokens] = (p.kept_layers, p.activations_on == "host")
+                p = plan_for_config(self.config, batch, seq, facts=self.facts, free_bytes=self.free_bytes)
+                self._cache[key] = (p.kept_layers, p.activations_on == "host",
+                                    max(0, p.peak_bytes - p.frozen_device_bytes - p.lora_bytes))
             except PlanError:  # over budget even so: keep nothing, offload what can be (the plan printed said so)
-                self._cache[tokens] = (0, self.config.torch_device.type == "cuda"
-                                       and self.config.offload_activations is not False)
-        return self._cache[tokens]
+                self._cache[key] = (0, self.config.torch_device.type == "cuda"
+                                    and self.config.offload_activations is not False, 0)
+        return self._cache[key]
 
-    def keepable_layers(self, tokens: int) -> int:
-        return self._decide(tokens)[0]
+    def keepable_layers(self, tokens: int, seq_len: Optional[int] = None) -> int:
+        return self._decide(tokens, seq_len)[0]
 
-    def offloads(self, tokens: int) -> bool:
-        return self._decide(tokens)[1]
+    def offloads(self, tokens: int, seq_len: Optional[int] = None) -> bool:
+        return self._decide(tokens, seq_len)[1]
+
+    def step_growth(self, tokens: int, seq_len: Optional[int] = None) -> int:
+        return self._decide(tokens, seq_len)[2]

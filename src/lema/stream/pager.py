@@ -151,6 +151,16 @@ class PageCachePager:
                                             name="lema-pager", daemon=True)
             self._thread.start()
 
+    def expect_step(self, growth: int) -> None:
+        """The coming training step will take `growth` more bytes of memory (activations, gradients, optimizer
+        state: the plan's, beyond the weights and adapters). Before the first pass, where the window has nothing
+        to adapt from yet, it starts that much (and the free margin) below the memory available, where the fixed
+        reserve would leave less: the first step's growth then finds free memory instead of making the pager shed
+        layers and the kernel evict others. Later passes size the window on what they saw (`_adapt`)."""
+        with self._cond:
+            if self.fixed_capacity is None and self._passes == 0:
+                self.stats.trim = max(self.stats.trim, growth + FREE_MARGIN_BYTES - RESERVE_BYTES)
+
     def capacity(self) -> int:
         """Bytes the window may hold: fixed, or what the machine has available now (our own cached
         layers count as available) less a reserve for the step's growth."""
