@@ -32,6 +32,9 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                      attention in  nh d + 2 nkv d         rotated q; k, v as SDPA gets them (kv heads)
                      attention out nh d + nh x 4/s        SDPA output (o_proj's input), logsumexp
                      mlp           4 I (3 I when s != 4)  gate, up, act(gate) [, act(gate) x up]
+                                   3 I k + k H            MoE with frozen experts (k routed, I per expert):
+                                                          gate_up, act, the down output the routing weight
+                                                          scales (no input is saved for a weight gradient)
                                    m I (- I, s != 4)      an MLP without a gate (GPT-2, OPT): the act's input
                                                           and output, m = 2; ReLU (OPT) its output, m = 1;
                                                           gelu_new (GPT-2) five ops, m = 5
@@ -41,7 +44,8 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                                                           (and 2 nh T more in `backward`)
                      dropout masks 2 H (x 1/s on CUDA)    sublayer-output dropout (GPT-2's resid_pdrop)
                      lora          n_t x r x 4/s          each adapted linear's A output (fp32), and its
-                                   + 2 H                  input: the two norms' outputs when s = 4; when
+                                   + 2 H                  input: the two norms' outputs when s = 4 (one when
+                                                          only attention is adapted, Mixtral's default); when
                                    (Σ in_t x 4/s)         s != 4, PEFT's float32 cast of it, one per
                                                           adapted linear (Σ in_t = 6 H + I for Llama)
                      backward      2 H + 3 I              gradients alive at once in the MLP backward
@@ -74,6 +78,7 @@ term leaves the device peak, except the kept layers' inputs).
 from __future__ import annotations
 
 import mmap
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -325,7 +330,8 @@ UNGATED_MLP_SAVED = {"relu": 1, "gelu_new": 5, "quick_gelu": 3}
 
 def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
                      lora_in_features: Optional[int] = None, seq_len: Optional[int] = None,
-                     device_type: str = "cuda", mlp_gated: bool = True) -> dict[str, int]:
+                     device_type: str = "cuda", mlp_gated: bool = True,
+                     experts_adapted: bool = False, mlp_adapted: bool = True) -> dict[str, int]:
     """Bytes of one layer's recompute + backward working set, term by term (see the module docstring).
     `lora_in_features`: the adapted linears' input widths, summed over one layer (default: Llama's seven,
     6 H + I). `mlp_gated` False: an MLP without a gate projection (GPT-2's fc -> act -> proj). `seq_len` and
@@ -336,12 +342,17 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
     nkv = getattr(c, "num_key_value_heads", None) or nh
     d = getattr(c, "head_dim", None) or H // nh
     I = (getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * H)
-    if getattr(c, "num_experts_per_tok", None):  # MoE: the routed experts' intermediates
-        I *= c.num_experts_per_tok
+    k = getattr(c, "num_experts_per_tok", None)
+    if k:  # MoE: the routed experts' intermediates
+        I *= k
     f32 = 4
     cast = s != f32  # PEFT casts each adapted linear's input to the adapters' float32: a copy per linear
     lora_in = lora_in_features if lora_in_features is not None else 6 * H + I
-    if mlp_gated:
+    if k and not experts_adapted:
+        # frozen experts save no input for a weight gradient: each routed copy keeps its gate_up output, the
+        # activation's output and its down output (scaled by the routing weight)
+        mlp = 3 + k * H / I
+    elif mlp_gated:
         mlp = 3 if cast else 4
     else:
         act = getattr(c, "hidden_act", None) or getattr(c, "activation_function", None)
@@ -350,14 +361,15 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
     math_path = device_type == "cpu" and dropout > 0 and seq_len is not None  # no fused CPU kernel with dropout
     terms = {
         "norms": a * (H * f32 * (2 if cast else 1) + 2 * f32),
-        "attention in": a * s * (nh * d + 2 * nkv * d),
+        "attention in": a * (f32 if math_path else s) * (nh * d + 2 * nkv * d),
         "attention out": a * (s * nh * d + nh * f32),
-        "mlp": a * s * I * mlp,
-        "lora": a * (n_targets * lora_rank * f32 + (lora_in * f32 if cast else 2 * H * s)),
+        "mlp": int(a * s * I * mlp),
+        "lora": a * (n_targets * lora_rank * f32 + (lora_in * f32 if cast else (2 if mlp_adapted else 1) * H * s)),
         "backward": a * s * (2 * H + 3 * I + (2 * nh * seq_len if math_path else 0)),
     }
-    if math_path:  # the probabilities, their dropped copy and the bmm's input: B x nh x T x T each
-        terms["attention probs"] = 3 * a * nh * seq_len * s
+    if math_path:  # the probabilities, their dropped copy and the bmm's input: B x nh x T x T each, and like
+        # q, k, v in float32 (the CPU's math path upcasts bf16/fp16)
+        terms["attention probs"] = 3 * a * nh * seq_len * f32
     resid = getattr(c, "resid_pdrop", None) or getattr(c, "hidden_dropout", None) or getattr(c, "dropout", None)
     if isinstance(resid, float) and resid > 0:
         # dropout on each sublayer's output (GPT-2's and OPT's two): the CPU keeps a mask in the dtype, CUDA bytes
@@ -398,6 +410,8 @@ class ModelFacts:
     softcap: bool
     embed_untied_bytes: int = 0  # the embedding unit's bytes not shared with the head (a CPU view can serve them)
     mlp_gated: bool = True  # the decoder layer's MLP has a gate projection (Llama's); GPT-2's has none
+    experts_adapted: bool = False  # MoE: LoRA on the experts (by default only attention is adapted)
+    mlp_adapted: bool = True  # LoRA on some linear outside attention (the MLP's), whose input it then keeps
 
     @property
     def layer_bytes(self) -> int:
@@ -434,11 +448,14 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
     first = [p for n, p in peft_model.named_parameters() if ".lora_A." in n and f"{prefix}.0." in n]
     n_targets, lora_in_features = len(first), sum(p.shape[-1] for p in first)
+    adapted = [n for n, _ in peft_model.named_parameters() if ".lora_" in n and f"{prefix}.0." in n]
+    experts_adapted = any("expert" in n for n in adapted)
+    mlp_adapted = any(not re.search(r"\.(self_attn|attn|attention)\.", n) for n in adapted)
     c = _text_config(hf_config)
     return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, lora_in_features,
                       units.num_layers,
                       c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied,
-                      mlp_gated)
+                      mlp_gated, experts_adapted, mlp_adapted)
 
 
 def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str]] = None,
@@ -507,7 +524,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         logits = a * V * s
         head_work = head_work_bytes(a, V, s)
     terms = layer_work_terms(hf_config, a, s, lora_rank, f.n_targets, f.lora_in_features, seq_len, device_type,
-                             f.mlp_gated)
+                             f.mlp_gated, f.experts_adapted, f.mlp_adapted)
     layer_work = sum(terms.values())
     layer_saved = layer_work - terms["backward"]
     kept_extra = layer_saved  # what a kept layer saves beyond its input (the input is in the boundary)
