@@ -38,10 +38,10 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                                    m I (- I, s != 4)      an MLP without a gate (GPT-2, OPT): the act's input
                                                           and output, m = 2; ReLU (OPT) its output, m = 1;
                                                           gelu_new (GPT-2) five ops, m = 5
-                     attention     3 nh T                 on the CPU with attention dropout (GPT-2's 0.1 when
-                     probs                                training), SDPA takes its math path: the B nh T T
-                                                          probabilities, their dropped copy, the bmm's input
-                                                          (and 2 nh T more in `backward`)
+                     attention     3 nh T x 4/s           on the CPU with attention dropout (GPT-2's 0.1 when
+                     probs                                training), SDPA takes its math path, in float32: the
+                                                          B nh T T probabilities, their dropped copy, the bmm's
+                                                          input (q, k, v float32 too; 2 nh T more in `backward`)
                      dropout masks 2 H (x 1/s on CUDA)    sublayer-output dropout (GPT-2's resid_pdrop)
                      lora          n_t x r x 4/s          each adapted linear's A output (fp32), and its
                                    + 2 H                  input: the two norms' outputs when s = 4 (one when
@@ -49,8 +49,9 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                                    (Σ in_t x 4/s)         s != 4, PEFT's float32 cast of it, one per
                                                           adapted linear (Σ in_t = 6 H + I for Llama)
                      backward      2 H + 3 I              gradients alive at once in the MLP backward
-                   (the saved terms checked against autograd's saved tensors of a real layer in fp32
-                   and bf16, tests/test_planner.py; rotary cos/sin and the mask are shared)
+                   (the saved terms checked against autograd's saved tensors of a real layer: Llama in
+                   fp32 and bf16, GPT-2 in fp32 and bf16, OPT, Mixtral, tests/test_planner.py; rotary
+                   cos/sin and the mask are shared)
 
     kept           n_keep x saved terms: layers that keep what autograd saves instead of being
                    recomputed (their input is already counted in the boundary)
