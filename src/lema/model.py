@@ -119,7 +119,9 @@ class LemaModel(nn.Module):
         if config.strategy == MemoryStrategy.STREAMING:
             same_dtype = self._file_dtype_is_compute_dtype(layer_names)
             cpu = self.device.type == "cpu"
-            views_ok = cpu and same_dtype and config.zero_copy is not False
+            # views only of tensors stored as the model uses them: a tensor built on load (Mixtral's experts,
+            # stacked from per-expert ones) would be a new allocation at every load; it goes through the slots
+            views_ok = cpu and same_dtype and self._layers_stored_as_used() and config.zero_copy is not False
             zero_copy = self._zero_copy if views_ok else None
             from .planner import spread
 
@@ -235,6 +237,10 @@ class LemaModel(nn.Module):
         keys = [k for src in sources for k in ([src.key] if src.key is not None else [k for k, _ in src.group.sources])]
         return all(self.store.entry(k).dtype == self.dtype for k in keys)
 
+    def _layers_stored_as_used(self) -> bool:
+        """Every layer tensor lies in the file as one range (no tensor built on load from several)."""
+        return all(l.packed is not None or len(l.ranges) == len(l.placements) for l in self.layouts)
+
     def _register_page_cache(self, same_dtype: bool, streamed: list[int]):
         """CUDA zero-copy (LemaConfig.zero_copy=True): page-lock the streamed layers' file ranges for the copy
         engine (SafetensorsFile.register_with_cuda), so each layer's host-to-device copy reads the page cache
@@ -243,7 +249,7 @@ class LemaModel(nn.Module):
         why = None
         if not same_dtype:
             why = f"the layer weights are not stored in {self.dtype} (the copy engine cannot convert)"
-        elif not all(l.packed is not None or len(l.ranges) == len(l.placements) for l in self.layouts):
+        elif not self._layers_stored_as_used():
             why = "some layer weights are built on load (converted tensors such as fused experts)"
         else:
             need, available = sum(self.layouts[i].nbytes for i in streamed), memory_available()

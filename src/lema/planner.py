@@ -413,6 +413,7 @@ class ModelFacts:
     mlp_gated: bool = True  # the decoder layer's MLP has a gate projection (Llama's); GPT-2's has none
     experts_adapted: bool = False  # MoE: LoRA on the experts (by default only attention is adapted)
     mlp_adapted: bool = True  # LoRA on some linear outside attention (the MLP's), whose input it then keeps
+    layers_as_stored: bool = True  # the folder's layer tensors are the model's, none built on load from several
 
     @property
     def layer_bytes(self) -> int:
@@ -436,6 +437,10 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     s = dtype.itemsize
     unit_bytes = {u: sum(params[n].numel() for n in names) * s for u, names in units.units.items()}
     aliases = parameter_aliases(base)
+    layers_as_stored = True
+    if isinstance(model, str):  # Mixtral's experts, stacked from per-expert tensors at each load, are not views
+        layers_as_stored = _layers_as_stored(model, base, [n for u, names in units.units.items()
+                                                          if u not in (EMBED, HEAD) for n in names])
     embed_untied = sum(params[n].numel() for n in units.units[EMBED] if len(aliases[id(params[n])]) == 1) * s
     slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
                       for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
@@ -456,7 +461,7 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, lora_in_features,
                       units.num_layers,
                       c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied,
-                      mlp_gated, experts_adapted, mlp_adapted)
+                      mlp_gated, experts_adapted, mlp_adapted, layers_as_stored)
 
 
 def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str]] = None,
@@ -500,11 +505,14 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     if num_buffers < 2:
         raise ValueError(f"num_buffers={num_buffers} must be >= 2")
     folder = model if isinstance(model, str) else None
-    host_slots = device_type != "cpu" and strategy == "streaming" and zero_copy is not True
-    gpu_zero_copy = device_type != "cpu" and zero_copy is True  # streams at the bus's rate (split_room)
+    f = facts or model_facts(model, dtype, lora_rank, targets)
+    # a layer tensor built on load (Mixtral's stacked experts) cannot be served as stored: slots, on any device
+    gpu_zero_copy = device_type != "cpu" and zero_copy is True and f.layers_as_stored  # at the bus's rate
+    host_slots = device_type != "cpu" and strategy == "streaming" and not gpu_zero_copy
     if zero_copy is None:
         zero_copy = _file_dtype(folder) == dtype if folder else True
-    f = facts or model_facts(model, dtype, lora_rank, targets)
+    embed_views = zero_copy  # the embedding is one tensor: a view wherever the file's dtype is the model's
+    zero_copy = zero_copy and f.layers_as_stored
     hf_config, unit_bytes, slot_bytes, L, V, H = f.hf_config, f.unit_bytes, f.slot_bytes, f.L, f.V, f.H
     lora_params = f.lora_params
     s = dtype.itemsize
@@ -532,7 +540,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
 
     cpu = device_type == "cpu"
     layers_total = sum(b for u, b in unit_bytes.items() if u not in (EMBED, HEAD))
-    embed_view = f.embed_untied_bytes if cpu and zero_copy else 0  # LemaModel._load_resident_units
+    embed_view = f.embed_untied_bytes if cpu and embed_views else 0  # LemaModel._load_resident_units
     embed = unit_bytes[EMBED] - embed_view
 
     def peak_of(depth: int, on_device_acts: bool = True, keep: int = 0) -> tuple[int, int, int, str]:
@@ -742,6 +750,23 @@ def _refuse(p: Plan, budget: int, without_acts: Optional[int], two_slots: Option
     if two_slots is not None:
         lines.append(f"With --num-buffers 2 it needs {human(two_slots)}, which fits (loads then overlap compute less).")
     raise PlanError(" ".join(lines))
+
+
+def _layers_as_stored(folder: str, meta_model, layer_names: list[str]) -> bool:
+    """Whether every layer parameter of `meta_model` is one tensor of the folder's weights (LemaModel serves
+    only those as views of the mmap on the CPU); True where the folder cannot be read (the model says why)."""
+    try:
+        from .store import WeightStore
+        from .store.keymap import map_checkpoint
+
+        store = WeightStore(folder)
+        try:
+            sources, _ = map_checkpoint(meta_model, store)
+        finally:
+            store.close()
+    except Exception:
+        return True
+    return all(sources[n].key is not None for n in layer_names if n in sources)
 
 
 def _file_dtype(folder: str) -> Optional[torch.dtype]:

@@ -170,7 +170,10 @@ def run(args) -> int:
         info = results[n].info
         p = plan(folder, dtype, args.lora_rank, args.lora_target_modules, "adamw", args.batch_size, args.seq_len,
                  parse_bytes(args.max_vram), args.device, args.num_buffers, "streaming" if n == "streaming" else "resident",
-                 zero_copy=info.get("zero_copy"), keep_activations=info.get("kept_layers", 0),
+                 # Transformers copies every weight; LEMA on the CPU decides views as the plan does (the file's
+                 # dtype, tensors stored as used); on a GPU, what the contender did (registration may fail)
+                 zero_copy=False if n == "peft" else info.get("zero_copy") if cuda else args.zero_copy,
+                 keep_activations=info.get("kept_layers", 0),
                  chunked_loss=info.get("chunked_loss", False),
                  gradient_checkpointing=True, page_cache=info.get("page_cache_window"),
                  resident_layers=args.resident_layers if n == "streaming" else 0,
