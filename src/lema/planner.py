@@ -12,8 +12,10 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                    layer i: its parameters x s; a ring slot holds the largest layer, each tensor
                    padded to 64 bytes (stream/layout.py)
     ring           k slots x slot bytes on the device; on CUDA also k pinned host slots of that
-                   size in whole pages (host_memory.PinnedBuffer; host memory, outside the budget). On the CPU with the weights file already in the compute dtype the ring
-                   hands out views of the mmap: page cache, no anonymous memory.
+                   size in whole pages (host_memory.PinnedBuffer; host memory, outside the budget). On
+                   the CPU with the weights file already in the compute dtype, and every layer tensor
+                   stored as the model uses it, the ring hands out views of the mmap: page cache, no
+                   anonymous memory.
     LoRA           sum over adapted linears of r x (in + out) parameters, float32
     gradients      = LoRA bytes (float32)
     optimizer      AdamW/Adam: 2 x LoRA bytes (exp_avg, exp_avg_sq, float32); SGD: 0
@@ -325,7 +327,7 @@ def _text_config(hf_config):
 
 
 # An MLP without a gate (fc -> act -> proj): per token, the I-wide tensors it saves: the activation's input and
-# output (F.gelu, silu); ReLU backs off its output alone; gelu_new (GPT-2's) is five ops saving three more
+# output (F.gelu, silu); ReLU keeps its output alone; gelu_new (GPT-2's) is five ops saving three more
 UNGATED_MLP_SAVED = {"relu": 1, "gelu_new": 5, "quick_gelu": 3}
 
 
@@ -342,7 +344,8 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
     nh = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
     nkv = getattr(c, "num_key_value_heads", None) or nh
     d = getattr(c, "head_dim", None) or H // nh
-    I = (getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * H)
+    I = (getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or getattr(c, "ffn_dim", None)
+         or 4 * H)
     k = getattr(c, "num_experts_per_tok", None)
     if k:  # MoE: the routed experts' intermediates
         I *= k
