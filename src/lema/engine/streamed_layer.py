@@ -203,13 +203,13 @@ class HostOffload:
 
     def pack(self, t: torch.Tensor) -> _Offloaded:
         if not t.is_cuda:  # the host is the device: a copy, so the mechanism is the same as on a GPU
-            return _Offloaded(t.device, t.clone(), None)
+            return _Offloaded(t.device, t.detach().clone(), None)
         if self.stream is None or self.stream.device != t.device:
             self.stream = torch.cuda.Stream(t.device)
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written by the compute stream
         with torch.cuda.stream(self.stream):
-            host.copy_(t, non_blocking=True)  # torch records the host block's use on this stream
+            host.copy_(t.detach(), non_blocking=True)  # torch records the host block's use on this stream
         t.record_stream(self.stream)  # t's device block is not handed out again before the copy has read it
         entry = _Offloaded(t.device, host, self.last)
         self.last = entry
