@@ -127,8 +127,8 @@ class LemaConfig:
     (max_vram; else half the free memory); 0: recompute every layer."""
     offload_activations: Optional[bool] = None
     """Keep the recomputed layers' inputs (the boundary activations) in pinned host memory between forward
-    and backward instead of device memory: a copy each way per layer, queued on the compute stream (the host
-    thread does not wait for it, but the layer's kernels do: not overlapped with compute yet).
+    and backward instead of device memory: a copy each way per layer, on a stream of its own, the next
+    backward layer's input copied back while the current one recomputes (engine/streamed_layer.HostOffload).
     None: only when the step would not fit `max_vram` otherwise (the plan says so); the CPU never needs it."""
     chunked_loss: Optional[bool] = None
     """Compute the head and the loss in chunks of tokens, never building the full logits (a forward with

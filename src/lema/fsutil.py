@@ -7,8 +7,9 @@ import shutil
 import tempfile
 
 
-def fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: str) -> None:
+    """A file's or a folder's (its entries') written state to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -19,12 +20,8 @@ def fsync_tree(folder: str) -> None:
     """Every file under `folder`, then the folders themselves, to the disk."""
     for root, dirs, files in os.walk(folder, topdown=False):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(root)
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
 
 
 def make_temp_folder(parent: str, prefix: str) -> str:
@@ -46,6 +43,6 @@ def replace_folder(tmp: str, final: str) -> None:
         old = tempfile.mkdtemp(prefix=".tmp-old-", dir=parent)
         os.replace(final, os.path.join(old, "folder"))
     os.replace(tmp, final)
-    fsync_dir(parent)
+    fsync_path(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

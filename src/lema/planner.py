@@ -417,6 +417,7 @@ class ModelFacts:
     experts_adapted: bool = False  # MoE: LoRA on the experts (by default only attention is adapted)
     mlp_adapted: bool = True  # LoRA on some linear outside attention (the MLP's), whose input it then keeps
     layers_as_stored: bool = True  # the folder's layer tensors are the model's, none built on load from several
+    file_dtype: Optional[torch.dtype] = None  # the folder's first floating tensor's dtype (None: a config, no file)
 
     @property
     def layer_bytes(self) -> int:
@@ -440,10 +441,10 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     s = dtype.itemsize
     unit_bytes = {u: sum(params[n].numel() for n in names) * s for u, names in units.units.items()}
     aliases = parameter_aliases(base)
-    layers_as_stored = True
+    file_dtype, layers_as_stored = None, True
     if isinstance(model, str):  # Mixtral's experts, stacked from per-expert tensors at each load, are not views
-        layers_as_stored = _layers_as_stored(model, base, [n for u, names in units.units.items()
-                                                          if u not in (EMBED, HEAD) for n in names])
+        file_dtype, layers_as_stored = _folder_facts(model, base, [n for u, names in units.units.items()
+                                                                   if u not in (EMBED, HEAD) for n in names])
     embed_untied = sum(params[n].numel() for n in units.units[EMBED] if len(aliases[id(params[n])]) == 1) * s
     slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
                       for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
@@ -464,7 +465,7 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, lora_in_features,
                       units.num_layers,
                       c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied,
-                      mlp_gated, experts_adapted, mlp_adapted, layers_as_stored)
+                      mlp_gated, experts_adapted, mlp_adapted, layers_as_stored, file_dtype)
 
 
 def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str]] = None,
@@ -513,7 +514,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     gpu_zero_copy = device_type != "cpu" and zero_copy is True and f.layers_as_stored  # at the bus's rate
     host_slots = device_type != "cpu" and strategy == "streaming" and not gpu_zero_copy
     if zero_copy is None:
-        zero_copy = _file_dtype(folder) == dtype if folder else True
+        zero_copy = f.file_dtype == dtype if folder else True
     embed_views = zero_copy  # the embedding is one tensor: a view wherever the file's dtype is the model's
     zero_copy = zero_copy and f.layers_as_stored
     hf_config, unit_bytes, slot_bytes, L, V, H = f.hf_config, f.unit_bytes, f.slot_bytes, f.L, f.V, f.H
@@ -755,39 +756,23 @@ def _refuse(p: Plan, budget: int, without_acts: Optional[int], two_slots: Option
     raise PlanError(" ".join(lines))
 
 
-def _layers_as_stored(folder: str, meta_model, layer_names: list[str]) -> bool:
-    """Whether every layer parameter of `meta_model` is one tensor of the folder's weights (LemaModel serves
-    only those as views of the mmap on the CPU); True where the folder cannot be read (the model says why)."""
+def _folder_facts(folder: str, meta_model, layer_names: list[str]) -> tuple[Optional[torch.dtype], bool]:
+    """From the folder's weights-file headers (one read): the dtype of its first floating tensor, and whether
+    every layer parameter of `meta_model` is one tensor of the file (LemaModel serves only those as views of the
+    mmap on the CPU). (None, True) where the folder cannot be read: the model says why when it loads."""
     try:
         from .store import WeightStore
         from .store.keymap import map_checkpoint
 
         store = WeightStore(folder)
         try:
+            file_dtype = next((e.dtype for e in map(store.entry, store.keys()) if e.dtype.is_floating_point), None)
             sources, _ = map_checkpoint(meta_model, store)
         finally:
             store.close()
     except Exception:
-        return True
-    return all(sources[n].key is not None for n in layer_names if n in sources)
-
-
-def _file_dtype(folder: str) -> Optional[torch.dtype]:
-    """The dtype of the first floating tensor of the folder's weights (header read only)."""
-    try:
-        from .store import WeightStore
-
-        store = WeightStore(folder)
-        try:
-            for key in store.keys():
-                e = store.entry(key)
-                if e.dtype.is_floating_point:
-                    return e.dtype
-        finally:
-            store.close()
-    except (ValueError, OSError):
-        return None
-    return None
+        return None, True
+    return file_dtype, all(sources[n].key is not None for n in layer_names if n in sources)
 
 
 def free_memory_bytes(device) -> int:

@@ -356,10 +356,11 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
             t0, step_loss, step_tokens = time.perf_counter(), 0.0, 0
             micro = [collate([dataset[i] for i in sampler.next_batch()], pad_id) for _ in range(args.grad_accum)]
             targets = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]  # each >= 1 (TokenizedDataset)
+            total = sum(targets)
             for batch, n in zip(micro, targets):  # the step's loss: the mean over all its targets (as Trainer)
                 _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
-                                             attention_mask=batch["attention_mask"], num_items_in_batch=sum(targets))
-                step_loss += float(loss) * n / sum(targets)  # host sync, once per micro-batch
+                                             attention_mask=batch["attention_mask"], num_items_in_batch=total)
+                step_loss += float(loss) * n / total  # host sync, once per micro-batch
                 step_tokens += int(batch["attention_mask"].sum())
             scheduler.step()
             step += 1

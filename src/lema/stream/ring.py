@@ -37,9 +37,10 @@ NOTE [ring protocol] — every sync point in this file points here.
   time; the disk -> page-cache stage is the kernel's read-ahead started by madvise(WILLNEED), or,
   when the layers do not all fit in the page cache, the pager's thread (stream/pager.py), which
   `begin` and every `acquire` tell where the schedule stands.
-- Shutdown: `close()` waits for the copy stream, sets the stop event, joins, and unregisters the P[s]
-  pages; the worker polls the queue with a timeout, so it exits within one poll interval. The worker holds the ring only by a weak reference, so a
-  ring dropped without close() is freed too, and its worker exits at the next poll.
+- Shutdown: `close()` waits for the copy stream, sets the stop event, joins, and unregisters the
+  P[s] pages; the worker polls the queue with a timeout, so it exits within one poll interval. The
+  worker holds the ring only by a weak reference, so a ring dropped without close() is freed too,
+  and its worker exits at the next poll.
 - Errors: a loader exception is carried to the consumer, re-raised at the acquire that waits for
   that unit, with the unit named; that slot is then freed, so a later acquire loads it afresh.
 """
