@@ -145,18 +145,16 @@ def test_window_shrinks_by_what_the_kernel_evicted_and_grows_back(monkeypatch):
 
 
 def test_first_window_leaves_room_for_the_steps_planned_growth(monkeypatch):
-    """Before the first pass the window has nothing to adapt from: told the step will take 250 bytes (more than
-    the 200-byte reserve), it starts 250 + the 100-byte margin below the memory available (3 layers, not 4);
-    once a pass has run, the window sizes itself on what it saw and the hint changes nothing."""
+    """Before the first pass the window has nothing to adapt from: told the step will take 100 bytes, it starts
+    that much below what the 200-byte reserve leaves (3 layers, not 4); once a pass has run, the window sizes
+    itself on what it saw and the hint changes nothing."""
     f, mem, pager = _memory_pager(monkeypatch)
-    pager.expect_step(100)  # within the reserve: nothing changes
-    assert pager.stats.trim == 0
-    pager.expect_step(250)
-    assert pager.stats.trim == 150 and pager.capacity() == 600 - 250 - 100
+    pager.expect_step(100)
+    assert pager.stats.trim == 100 and pager.capacity() == 600 - 200 - 100
     _run_pass(pager)
-    assert pager.stats.history == [] and pager.stats.capacity == 250  # the first pass is not recorded: no adapting
+    assert pager.stats.history == [] and pager.stats.capacity == 300  # the first pass is not recorded: no adapting
     pager.expect_step(500)
-    assert pager.stats.trim == 150
+    assert pager.stats.trim == 100
 
 
 def test_a_training_step_tells_the_pager_its_planned_growth(tiny_dir, make_lema, monkeypatch):

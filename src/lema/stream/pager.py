@@ -154,12 +154,15 @@ class PageCachePager:
     def expect_step(self, growth: int) -> None:
         """The coming training step will take `growth` more bytes of memory (activations, gradients, optimizer
         state: the plan's, beyond the weights and adapters). Before the first pass, where the window has nothing
-        to adapt from yet, it starts that much (and the free margin) below the memory available, where the fixed
-        reserve would leave less: the first step's growth then finds free memory instead of making the pager shed
-        layers and the kernel evict others. Later passes size the window on what they saw (`_adapt`)."""
+        to adapt from yet, it starts that much below what the reserve leaves: the first step's growth then finds
+        free memory instead of making the pager shed layers and the kernel evict others, and the reserve stays
+        for the kernel and the rest of the machine (7B fp32 at 128 tokens, 1.7 GiB planned growth: with the window
+        only the growth and the free margin below the memory available, the kernel evicted 7-8 GiB of it in the
+        first step in two runs of three, BENCHMARKS.md session 10). Later passes size the window on what they saw
+        (`_adapt`), growing it back by half the spare margin a pass."""
         with self._cond:
             if self.fixed_capacity is None and self._passes == 0:
-                self.stats.trim = max(self.stats.trim, growth + FREE_MARGIN_BYTES - RESERVE_BYTES)
+                self.stats.trim = max(self.stats.trim, growth)
 
     def capacity(self) -> int:
         """Bytes the window may hold: fixed, or what the machine has available now (our own cached
