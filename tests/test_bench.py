@@ -36,6 +36,32 @@ def test_build_shape_writes_a_packed_checkpoint_once(tmp_path):
     assert os.path.getmtime(os.path.join(folder, "model.safetensors")) == mtime  # not rebuilt
 
 
+def _file_mapped(t: torch.Tensor, path: str) -> bool:
+    """Whether `t`'s data lies in a mapping of file `path` (/proc/self/maps)."""
+    ptr, real = t.data_ptr(), os.path.realpath(path)
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= ptr < hi:
+                return len(fields) == 6 and fields[5].strip() == real
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_transformers_maps_a_file_in_the_compute_dtype(tmp_path):
+    """What the plan of the Transformers + PEFT contender assumes (weights_mapped): its weights are the file's
+    pages when the file is in the compute dtype, anonymous copies when they are cast."""
+    from transformers import AutoModelForCausalLM
+
+    folder = build_shape("tiny-llama", str(tmp_path))
+    weights = os.path.join(folder, "model.safetensors")
+    mapped = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert all(_file_mapped(p, weights) for p in mapped.parameters())
+    cast = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert not any(_file_mapped(p, weights) for p in cast.parameters())
+
+
 def test_lema_bench_json(tmp_path, capsys):
     rc = main(["bench", "--shape", "tiny-llama", "--cache-dir", str(tmp_path), "--steps", "2",
                "--batch-size", "2", "--seq-len", "16", "--num-buffers", "2", "--threads", "1", "--json"])

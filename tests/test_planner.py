@@ -89,6 +89,18 @@ def test_cpu_zero_copy_ring_costs_no_memory_and_resident_holds_every_layer():
     assert resident.peak_bytes - streaming.peak_bytes == layers
 
 
+def test_weights_mapped_resident_plan_has_no_frozen_anonymous_bytes():
+    """Transformers' loader maps a weights file already in the compute dtype (lema bench's PEFT contender):
+    its plan counts no frozen weights in anonymous memory, and only on the CPU."""
+    cfg = make_config("llama")
+    copied = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", strategy="resident")
+    mapped = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", strategy="resident", weights_mapped=True)
+    assert copied.frozen_device_bytes > 0 and mapped.frozen_device_bytes == 0
+    assert copied.peak_bytes - mapped.peak_bytes == copied.frozen_device_bytes
+    gpu = dict(batch_size=B, seq_len=T, device_type="cuda", strategy="resident")
+    assert plan(cfg, "float32", weights_mapped=True, **gpu).peak_bytes == plan(cfg, "float32", **gpu).peak_bytes
+
+
 def test_cpu_page_cache_window_and_disk_reads_per_step():
     """A pager window of C of the L layers reads L - C layers each way per training step; a window holding
     every layer reads nothing; 'off' leaves the cache to the kernel (no pager window); GPU plans say nothing."""

@@ -475,7 +475,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
          keep_activations: Optional[int] = None, free_bytes: Optional[int] = None,
          gradient_checkpointing: bool = True, facts: Optional["ModelFacts"] = None,
          page_cache: Optional[int | str] = None, resident_layers: Optional[int] = 0,
-         offload_activations: Optional[bool] = None) -> Plan:
+         offload_activations: Optional[bool] = None, weights_mapped: bool = False) -> Plan:
     """Plan one training step of `model` (a Transformers config, or a checkpoint folder).
 
     `zero_copy`: on the CPU, whether the ring serves views of the mmap (weights file already in the
@@ -494,6 +494,9 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     layers; a resident copy would only take anonymous memory from it).
     `offload_activations`: the recomputed layers' inputs in pinned host memory (LemaConfig.offload_activations);
     None: on a GPU, only when the budget is not met otherwise (and then no layer keeps its activations).
+    `weights_mapped` (resident, CPU): the frozen weights are views of the mmap'd weights file, none of them
+    anonymous memory: how Transformers' own loader holds a file already in the compute dtype (lema bench's
+    Transformers + PEFT contender; LEMA RESIDENT copies them).
     Raises PlanError when `max_vram_bytes` is given and the predicted peak exceeds it.
     """
     from .config import parse_dtype
@@ -552,7 +555,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         (a kept layer's input stays with its other activations on the device)."""
         if strategy == "resident":
             ring_dev = 0
-            frozen = embed + unit_bytes[HEAD] + layers_total
+            frozen = 0 if weights_mapped and cpu else embed + unit_bytes[HEAD] + layers_total
         else:
             ring_dev = 0 if (cpu and zero_copy) or resident >= L else depth * slot_bytes  # all resident: no ring
             frozen = embed + unit_bytes[HEAD] + ring_dev + resident * slot_bytes

@@ -84,7 +84,7 @@ def run(args) -> int:
     from .. import bench
     from ..config import parse_dtype
     from ..config import LemaConfig, parse_bytes
-    from ..planner import plan, plan_for_config
+    from ..planner import model_facts, plan, plan_for_config
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     for name in ("steps", "batch_size", "seq_len", "lora_rank"):
@@ -166,18 +166,22 @@ def run(args) -> int:
     for n in floor_names:
         results.pop(n)
     predicted, modelled = {}, {}
+    facts = model_facts(folder, dtype, args.lora_rank, args.lora_target_modules)  # the slow part of a plan: once
     for n in names:  # the plan of what each contender did (its kept layers and loss, as it decided them)
         info = results[n].info
         p = plan(folder, dtype, args.lora_rank, args.lora_target_modules, "adamw", args.batch_size, args.seq_len,
                  parse_bytes(args.max_vram), args.device, args.num_buffers, "streaming" if n == "streaming" else "resident",
-                 # Transformers copies every weight; LEMA on the CPU decides views as the plan does (the file's
-                 # dtype, tensors stored as used); on a GPU, what the contender did (registration may fail)
+                 # LEMA on the CPU decides views as the plan does (the file's dtype, tensors stored as used); on a
+                 # GPU, what the contender did (registration may fail)
                  zero_copy=False if n == "peft" else info.get("zero_copy") if cuda else args.zero_copy,
                  keep_activations=info.get("kept_layers", 0),
                  chunked_loss=info.get("chunked_loss", False),
                  gradient_checkpointing=True, page_cache=info.get("page_cache_window"),
                  resident_layers=args.resident_layers if n == "streaming" else 0,
-                 offload_activations=info.get("offload_activations", False))
+                 offload_activations=info.get("offload_activations", False), facts=facts,
+                 # Transformers maps a file already in the compute dtype (no copy: checked with RssAnon on SmolLM2,
+                 # the gpt2-124m and a 4-layer 7B shape) and copies it only to cast it
+                 weights_mapped=n == "peft" and not cuda and facts.file_dtype == dtype)
         predicted[n] = p.peak_bytes
         modelled[n] = p.modelled_s
         if info.get("page_cache_window"):  # the disk bytes the pager's window implies, against what was read
