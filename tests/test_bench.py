@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from lema.bench import build_shape, shape_config
+from lema.bench import build_shape, layer_timeline, shape_config
 from lema.cli import main
 from lema.commands.bench import format_table
 
@@ -79,8 +79,15 @@ def test_lema_bench_json(tmp_path, capsys):
     for name in ("resident", "streaming"):  # what LEMA decided, and the plan it is compared with, agree
         c = out["contenders"][name]
         assert c["kept_layers"] == 3 and c["chunked_loss"] is False  # tiny: everything fits, small logits
+    for name in ("resident", "streaming"):  # the median step's layer timeline: 3 layers forward and backward
+        t = out["contenders"][name]["layers"]
+        assert t["layer_runs"] == 6 and t["forward_s"] > 0 and t["backward_s"] > 0 and t["outside_layers_s"] > 0
+        assert t["forward_s"] + t["backward_s"] + t["outside_layers_s"] == pytest.approx(
+            out["contenders"][name]["median_step_s"], rel=0.5)  # the step closest to the median (of 2)
+    assert "layers" not in out["contenders"]["peft"]
     table = format_table(out)
     assert "LEMA STREAMING" in table and "pred/run" in table and "3 layers kept" in table
+    assert "LEMA STREAMING: where the median step went: layers forward" in table
     # the planner check: each contender's prediction against its measured peak, flagged outside 10%
     for c in out["contenders"].values():
         assert c["prediction_within_10pct"] == (abs(c["predicted_over_measured"] - 1) <= 0.10)
@@ -91,6 +98,17 @@ def test_lema_bench_json(tmp_path, capsys):
                      "what glibc's heap keeps of freed blocks, unbounded without --max-vram)"]
     out["max_vram"] = "1GB"  # with a budget the heap is bounded: no excuse offered
     assert "planner check, LEMA STREAMING: predicted / run peak 0.63, OUTSIDE 10%" in format_table(out).splitlines()
+
+
+def test_layer_timeline_splits_the_step():
+    """A 2-layer step: F0 F1 then B1 B0 (a unit's second run is its backward); reads beside B1 only."""
+    spans = [("acquire", 0, 0.0, 0.1), ("release", 0, 1.0, 1.0), ("acquire", 1, 1.0, 1.0), ("release", 1, 2.0, 2.0),
+             ("acquire", 1, 2.5, 2.5), ("release", 1, 4.5, 4.5), ("acquire", 0, 4.5, 4.5), ("release", 0, 5.5, 5.5)]
+    t = layer_timeline(spans, [(2.5, 4.0, 100)], step_s=6.0)
+    assert (t["forward_s"], t["backward_s"], t["layer_runs"]) == (2.0, 3.0, 4)
+    assert t["outside_layers_s"] == pytest.approx(1.0) and t["wait_s"] == pytest.approx(0.1)
+    assert t["beside_read"] == {"runs": 1, "mean_s": 2.0} and t["alone"] == {"runs": 3, "mean_s": 1.0}
+    assert t["read_bytes"] == 100
 
 
 def test_lema_bench_floor_is_timed_in_the_rounds(tmp_path, capsys):

@@ -70,6 +70,7 @@ def test_pager_reads_each_missing_layer_a_window_ahead_and_no_more_than_belady()
     layouts = [SimpleNamespace(ranges=[(f, u * 100, u * 100 + 100)]) for u in range(L)]
     f.cached = {u * 100 for u in range(L)}  # the file was just written: all of it cached
     pager = PageCachePager(layouts, capacity=C * 100, thread=False)
+    pager.read_log = []  # lema bench's record of the reads (layer_timeline)
     f.pager = pager
     acquires: list[int] = []
     populated_at: list[tuple[int, int]] = []   # (unit, acquire index when populated)
@@ -89,6 +90,7 @@ def test_pager_reads_each_missing_layer_a_window_ahead_and_no_more_than_belady()
             acquires.append(unit)
         per_pass.append(pager.stats.populated - before)
     assert per_pass[1:] == [2 * (L - C)] * 2, per_pass
+    assert len(pager.read_log) == pager.stats.populated and all(n == 100 and b >= a for a, b, n in pager.read_log)
     for unit, at in populated_at:
         if at == 0:
             continue  # before the first acquire

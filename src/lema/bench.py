@@ -426,6 +426,10 @@ class _Contender:
         trainer = self.model.get_trainer(self.opt)
         self.ring = self.model.source if isinstance(self.model.source, WeightRing) else None
         self.step = lambda: self._lema_step(trainer, pager)
+        if spec.device == "cpu":  # on a GPU the host's acquire/release times are not the layers' compute
+            self.spans = _time_layers(self.model.source)
+            if pager is not None:
+                pager.read_log = []
 
     def _lema_step(self, trainer, pager) -> float:
         loss = float(trainer.train_step(self.ids, labels=self.ids)[1])
@@ -463,6 +467,60 @@ class _Contender:
 
     def bytes_loaded(self) -> int:
         return self.ring.stats.bytes_loaded if self.ring is not None else 0
+
+
+def _time_layers(source) -> list:
+    """Record each layer's acquire and release on `source` (the ring or the resident layers), as
+    ("acquire" | "release", unit, time when called, time when the acquire returned): a layer runs from its
+    acquire to its release (in backward, its recompute and its backward: NOTE [ring protocol])."""
+    spans: list = []
+    acquire, release = source.acquire, source.release
+
+    def timed_acquire(unit):
+        t = time.perf_counter()
+        views = acquire(unit)
+        spans.append(("acquire", unit, t, time.perf_counter()))
+        return views
+
+    def timed_release(unit):
+        t = time.perf_counter()
+        spans.append(("release", unit, t, t))
+        return release(unit)
+
+    source.acquire, source.release = timed_acquire, timed_release
+    return spans
+
+
+def layer_timeline(spans: list, reads: list, step_s: float) -> dict:
+    """Where a step's time went, from `_time_layers`' records and the pager's `read_log` of the same step:
+    the layers' forward and backward time (a unit's first acquire-release in the step is its forward, a
+    second its backward), the time outside the layers (embedding, head and loss, optimizer), the time spent
+    waiting in acquire for weights, and the mean time of a layer that ran while the pager read (more than half
+    of its span) against one that did not: whether reading slows the compute that runs beside it."""
+    opened: dict = {}
+    runs = []  # (unit, start, end, waited, pass)
+    seen: set = set()
+    for kind, unit, t, t_ret in spans:
+        if kind == "acquire":
+            opened[unit] = (t, t_ret - t)
+        elif unit in opened:
+            start, waited = opened.pop(unit)
+            runs.append((unit, start, t, waited, "backward" if unit in seen else "forward"))
+            seen.add(unit)
+
+    def overlap(a: float, b: float) -> float:
+        return sum(max(0.0, min(b, e) - max(a, s)) for s, e, _ in reads)
+
+    out = {"forward_s": sum(e - s for _, s, e, _, p in runs if p == "forward"),
+           "backward_s": sum(e - s for _, s, e, _, p in runs if p == "backward"),
+           "layer_runs": len(runs), "wait_s": sum(w for *_, w, _ in runs), "read_bytes": sum(n for *_, n in reads)}
+    out["outside_layers_s"] = step_s - out["forward_s"] - out["backward_s"]
+    near = [e > s and overlap(s, e) > (e - s) / 4 for _, s, e, _, _ in runs]
+    beside = [e - s for (_, s, e, _, _), b in zip(runs, near) if b]
+    alone = [e - s for (_, s, e, _, _), b in zip(runs, near) if not b]
+    out["beside_read"] = {"runs": len(beside), "mean_s": statistics.mean(beside) if beside else None}
+    out["alone"] = {"runs": len(alone), "mean_s": statistics.mean(alone) if alone else None}
+    return out
 
 
 def _vocab(folder: str) -> int:
@@ -504,6 +562,11 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                     pager.refill()
                     pager.wait_idle()
                 b0, d0, c0 = contender.bytes_loaded(), disk_read_bytes(), cpu_ticks()
+                spans = getattr(contender, "spans", None)
+                reads = getattr(pager, "read_log", None) if pager is not None else None
+                for log in (spans, reads):
+                    if log is not None:
+                        log.clear()
                 dt = math.inf
                 for _ in range(cmd.get("repeat", 1)):  # the floor probes: the fastest of a few steps
                     sampler.start()
@@ -513,6 +576,8 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                     sampler.pause()
                 msg = {"ok": True, "time": dt, "loss": loss, "bytes": contender.bytes_loaded() - b0,
                        "disk": disk_read_bytes() - d0, "peak": sampler.peak, "cpu": cpu_shares(c0, cpu_ticks())}
+                if spans is not None and cmd.get("repeat", 1) == 1:
+                    msg["layers"] = layer_timeline(spans, reads or [], dt)
                 if pager is not None and cmd.get("refill"):
                     pager.pause()  # the other contenders' turns: their memory is not this run's (refill resumes)
                 if pager is not None:  # cumulative counts; the window of the last pass
@@ -596,6 +661,7 @@ class ContenderResult:
     build_s: float = 0.0
     builds: int = 0  # processes built: 1, or one per round for a transient contender
     info: dict = field(default_factory=dict)  # LEMA contenders: kept_layers, chunked_loss
+    timelines: list = field(default_factory=list)  # LEMA on the CPU: layer_timeline() of each measured step
 
     @property
     def median(self) -> float:
@@ -658,6 +724,8 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
                 res.disk_reads.append(m["disk"])
                 res.disk_bytes_per_step = int(statistics.median(res.disk_reads))
                 res.peak_rss = max(res.peak_rss, m["peak"])
+                if "layers" in m:
+                    res.timelines.append(m["layers"])
                 if m.get("cpu"):  # the machine's CPU during this contender's steps, mean over the rounds
                     prev = res.info.get("cpu", {})
                     res.info["cpu"] = {k: (prev.get(k, 0.0) * r + v) / (r + 1) for k, v in m["cpu"].items()}

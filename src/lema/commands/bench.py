@@ -217,6 +217,9 @@ def run(args) -> int:
             "vs_resident": r.median / ref["resident"] if "resident" in ref else None,
             "build_s": r.build_s, **r.info,
         }
+        if r.timelines and len(r.timelines) == len(r.times):  # the median step's (the one closest to it)
+            i = min(range(len(r.times)), key=lambda k: abs(r.times[k] - r.median))
+            out["contenders"][n]["layers"] = r.timelines[i]
     if "streaming" in out["contenders"]:
         out["contenders"]["streaming"]["resident_layers"] = args.resident_layers
         if modelled.get("streaming"):  # the planner's time model (GPU), to hold against the measured step
@@ -286,6 +289,16 @@ def format_table(out: dict) -> str:
                             f"step's window, {human(c['disk_bytes_read_per_step'])} measured)"
                             if c.get("page_cache_window") else ""))
     for c in out["contenders"].values():
+        t = c.get("layers")
+        if t and t["layer_runs"]:
+            runs = t["layer_runs"] / 2 if t["backward_s"] else t["layer_runs"]
+            mean = lambda k: "-" if t[k]["mean_s"] is None else f"{t[k]['mean_s']:.3f} s"  # noqa: E731
+            lines.append(f"{c['label']}: where the median step went: layers forward {t['forward_s']:.2f} s "
+                         f"({t['forward_s'] / runs:.3f} s a layer), backward {t['backward_s']:.2f} s "
+                         f"({t['backward_s'] / runs:.3f} s a layer), outside the layers {t['outside_layers_s']:.2f} s "
+                         f"(embedding, head and loss, optimizer), waiting for weights {t['wait_s']:.2f} s"
+                         + (f"; a layer beside a page-cache read {mean('beside_read')} ({t['beside_read']['runs']} of "
+                            f"them), the others {mean('alone')} ({human(t['read_bytes'])} read)" if t["read_bytes"] else ""))
         if c.get("modelled_stream_s") is not None:
             lines.append(f"{c['label']}: the plan's time model (H200 rates) said streaming {c['modelled_stream_s']:.3f} s, "
                          f"compute {c['modelled_compute_s']:.3f} s per step; measured {c['median_step_s']:.3f} s")

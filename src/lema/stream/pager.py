@@ -59,6 +59,7 @@ memory was under 512 MiB ratcheted it 3.7 GiB smaller (19.6 GiB).
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -146,6 +147,7 @@ class PageCachePager:
         self._idle.set()
         self._stop = False
         self._thread = None
+        self.read_log: Optional[list] = None  # a list: each populate appends (start, end, bytes), perf_counter times
         if thread:  # weakly: a model dropped without close() is still freed (as the ring's loader)
             self._thread = threading.Thread(target=_pager_main, args=(weakref.ref(self), self._cond),
                                             name="lema-pager", daemon=True)
@@ -277,8 +279,11 @@ class PageCachePager:
             if unit not in self.held:
                 if i >= 2 and not self._make_room(want, i):
                     return False  # memory allows no more of the window this pass (it shrank to what is held)
+                t0 = time.perf_counter()
                 for f, start, end in self.ranges[unit]:
                     f.populate(start, end)
+                if self.read_log is not None:
+                    self.read_log.append((t0, time.perf_counter(), self.sizes[unit]))
                 self.held.add(unit)
                 self.stats.populated += 1
                 self.stats.bytes_populated += self.sizes[unit]
