@@ -114,7 +114,7 @@ def test_layer_timeline_splits_the_step():
 def test_lema_bench_floor_is_timed_in_the_rounds(tmp_path, capsys):
     rc = main(["bench", "--shape", "tiny-llama", "--cache-dir", str(tmp_path), "--steps", "2", "--batch-size", "2",
                "--seq-len", "16", "--threads", "1", "--contenders", "streaming", "--floor", "--keep-activations",
-               "0", "--chunked-loss", "on", "--json"])
+               "0", "--chunked-loss", "on", "--page-cache", "1KB", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["contenders"]) == {"streaming"}  # the floor probes are not contenders
@@ -125,6 +125,12 @@ def test_lema_bench_floor_is_timed_in_the_rounds(tmp_path, capsys):
     # 3 layers: t(n) = rest + n x t_layer, so t_layer = (t4 - t1) / 3 and the step = t1 + 2 t_layer
     assert fl["t_layer"] == pytest.approx((t4 - t1) / 3) and fl["compute_s"] == pytest.approx(t1 + 2 * (t4 - t1) / 3)
     assert fl["floor_s"] == pytest.approx(max(fl["compute_s"], fl["disk_s"]))
+    # the disk's rate: the ceiling probe's, or the pager's own reads in the median step when they ran faster
+    t = s["layers"]
+    assert t["read_bytes"] > 0 and fl["pager_read_bytes_per_s"] == pytest.approx(t["read_bytes"] / t["read_s"])
+    assert fl["disk_bytes_per_s"] == pytest.approx(max(out["ceiling_bytes_per_s"], fl["pager_read_bytes_per_s"]))
+    assert fl["disk_s"] == pytest.approx(s["disk_bytes_read_per_step"] / fl["disk_bytes_per_s"])
+    assert "the pager's own reads ran at" in format_table(out)
     assert fl["streaming_over_floor"] == pytest.approx(s["median_step_s"] / fl["floor_s"])
     assert fl["fastest_streaming_over_floor"] == pytest.approx(min(s["step_times_s"]) / fl["floor_s"])
 

@@ -494,7 +494,7 @@ def _time_layers(source) -> list:
 def layer_timeline(spans: list, reads: list, step_s: float) -> dict:
     """Where a step's time went, from `_time_layers`' records and the pager's `read_log` of the same step:
     the layers' forward and backward time (a unit's first acquire-release in the step is its forward, a
-    second its backward), the time outside the layers (embedding, head and loss, optimizer), the time spent
+    second its backward), the pager's bytes and time reading (one layer at a time), the time outside the layers (embedding, head and loss, optimizer), the time spent
     waiting in acquire for weights, and the mean time of a layer that ran while the pager read (more than half
     of its span) against one that did not: whether reading slows the compute that runs beside it."""
     opened: dict = {}
@@ -513,7 +513,8 @@ def layer_timeline(spans: list, reads: list, step_s: float) -> dict:
 
     out = {"forward_s": sum(e - s for _, s, e, _, p in runs if p == "forward"),
            "backward_s": sum(e - s for _, s, e, _, p in runs if p == "backward"),
-           "layer_runs": len(runs), "wait_s": sum(w for *_, w, _ in runs), "read_bytes": sum(n for *_, n in reads)}
+           "layer_runs": len(runs), "wait_s": sum(w for *_, w, _ in runs), "read_bytes": sum(n for *_, n in reads),
+           "read_s": sum(e - s for s, e, _ in reads)}
     out["outside_layers_s"] = step_s - out["forward_s"] - out["backward_s"]
     near = [e > s and overlap(s, e) > (e - s) / 4 for _, s, e, _, _ in runs]
     beside = [e - s for (_, s, e, _, _), b in zip(runs, near) if b]
