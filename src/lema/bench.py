@@ -494,9 +494,10 @@ def _time_layers(source) -> list:
 def layer_timeline(spans: list, reads: list, step_s: float) -> dict:
     """Where a step's time went, from `_time_layers`' records and the pager's `read_log` of the same step:
     the layers' forward and backward time (a unit's first acquire-release in the step is its forward, a
-    second its backward), the pager's bytes and time reading (one layer at a time), the time outside the layers (embedding, head and loss, optimizer), the time spent
-    waiting in acquire for weights, and the mean time of a layer that ran while the pager read (more than half
-    of its span) against one that did not: whether reading slows the compute that runs beside it."""
+    second its backward), the time outside the layers (embedding, head and loss, optimizer), the time spent
+    waiting in acquire for weights, the pager's bytes and seconds reading (one layer at a time), and the mean
+    time of a layer that ran while the pager read (more than a quarter of its span) against one that did not:
+    whether reading slows the compute that runs beside it."""
     opened: dict = {}
     runs = []  # (unit, start, end, waited, pass)
     seen: set = set()
