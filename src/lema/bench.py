@@ -31,6 +31,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from .host_memory import heap_allocated
 from .planner import human
 
 if TYPE_CHECKING:  # for annotations; the functions import torch themselves
@@ -246,6 +247,9 @@ def h2d_ceiling(device, nbytes: int = 2**30, repeats: int = 5) -> float:
 
 class PeakSampler:
     """A thread sampling RssAnon every `interval` seconds while active; `peak` is the largest value seen.
+    With `allocated` on, also malloc's bytes in use (host_memory.heap_allocated), `peak_allocated`: not in a
+    timed step, as glibc's mallinfo2 walks the heap's free lists under its lock (160-300 us a call on the
+    SmolLM2 step, which it slowed by up to 10%).
 
     Sampling runs only between `start()` and `pause()` (the steps), so idle contenders waiting
     for their turn cost no CPU.
@@ -254,6 +258,8 @@ class PeakSampler:
     def __init__(self, interval: float = 0.001):
         self.interval = interval
         self.peak = rss_anon()
+        self.allocated = False
+        self.peak_allocated: Optional[int] = None
         self._active = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lema-peak-rss", daemon=True)
@@ -263,16 +269,23 @@ class PeakSampler:
         while not self._stop.is_set():
             if not self._active.wait(0.05):
                 continue
-            self.peak = max(self.peak, rss_anon())
+            self._sample()
             time.sleep(self.interval)
 
-    def start(self) -> None:
+    def _sample(self) -> None:
         self.peak = max(self.peak, rss_anon())
+        if self.allocated:
+            now = heap_allocated()
+            if now is not None:
+                self.peak_allocated = max(self.peak_allocated or 0, now)
+
+    def start(self) -> None:
+        self._sample()
         self._active.set()
 
     def pause(self) -> None:
         self._active.clear()
-        self.peak = max(self.peak, rss_anon())
+        self._sample()
 
     def reset(self) -> None:
         self.peak = rss_anon()
@@ -549,9 +562,11 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, spec.device_memory / total), device)
         sampler = DevicePeak(spec.device) if cuda else PeakSampler()
         baseline = 0 if cuda else rss_anon()  # device memory: all of it is the run's
+        baseline_allocated = None if cuda else heap_allocated()
         t0 = time.perf_counter()
         contender = _Contender(name, spec)
-        conn.send({"ok": True, "baseline": baseline, "build_s": time.perf_counter() - t0, **contender.info})
+        conn.send({"ok": True, "baseline": baseline, "baseline_allocated": baseline_allocated,
+                   "build_s": time.perf_counter() - t0, **contender.info})
         while True:
             cmd = conn.recv()
             if cmd["op"] == "stop":
@@ -569,6 +584,8 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                 for log in (spans, reads):
                     if log is not None:
                         log.clear()
+                if cmd.get("allocated"):  # an untimed step that measures malloc's bytes in use (PeakSampler)
+                    sampler.allocated, sampler.peak_allocated = True, None
                 dt = math.inf
                 for _ in range(cmd.get("repeat", 1)):  # the floor probes: the fastest of a few steps
                     sampler.start()
@@ -577,7 +594,9 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                     dt = min(dt, time.perf_counter() - t)
                     sampler.pause()
                 msg = {"ok": True, "time": dt, "loss": loss, "bytes": contender.bytes_loaded() - b0,
-                       "disk": disk_read_bytes() - d0, "peak": sampler.peak, "cpu": cpu_shares(c0, cpu_ticks())}
+                       "disk": disk_read_bytes() - d0, "peak": sampler.peak, "cpu": cpu_shares(c0, cpu_ticks()),
+                       "peak_allocated": getattr(sampler, "peak_allocated", None)}
+                sampler.allocated = False
                 if spans is not None and cmd.get("repeat", 1) == 1:
                     msg["layers"] = layer_timeline(spans, reads or [], dt)
                 if pager is not None and cmd.get("refill"):
@@ -660,6 +679,8 @@ class ContenderResult:
     disk_reads: list[int] = field(default_factory=list)
     baseline_rss: int = 0
     peak_rss: int = 0
+    baseline_allocated: Optional[int] = None  # malloc's bytes in use (CPU, glibc): after imports, and the peak
+    peak_allocated: Optional[int] = None
     build_s: float = 0.0
     builds: int = 0  # processes built: 1, or one per round for a transient contender
     info: dict = field(default_factory=dict)  # LEMA contenders: kept_layers, chunked_loss
@@ -672,7 +693,8 @@ class ContenderResult:
 
 def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, threads: Optional[int] = None,
                log=print, transient: tuple[str, ...] = ()) -> tuple[dict[str, ContenderResult], dict[str, "Worker"]]:
-    """Warm-up steps, then `steps` interleaved rounds: each contender one step per round, in turn.
+    """Warm-up steps, then `steps` interleaved rounds: each contender one step per round, in turn; on the CPU,
+    then one more step each, untimed, that measures the peak of malloc's bytes in use (PeakSampler).
 
     The `transient` contenders (the floor probes of a model bigger than the RAM) live for their turn only:
     built before it, their process ended after it, so that their memory is not taken from the page cache
@@ -693,8 +715,10 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
         results[n].builds += 1
         if results[n].builds == 1:
             results[n].baseline_rss = info["baseline"]
+            results[n].baseline_allocated = info.get("baseline_allocated")
             results[n].build_s = info["build_s"]
-            results[n].info = {k: v for k, v in info.items() if k not in ("ok", "baseline", "build_s")}
+            results[n].info = {k: v for k, v in info.items() if k not in ("ok", "baseline", "baseline_allocated",
+                                                                          "build_s")}
 
     try:
         log(f"building {', '.join(LABELS[n] for n in names if n not in transient)} (in parallel) ...")
@@ -739,6 +763,10 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
                                     page_cache_min_free=m["pager_min_free"])
                     res.info["page_cache_passes"] = m["pager_history"]  # (window, evicted, shed, lowest free, trim)
             log(f"round {r + 1}/{steps}: " + ", ".join(f"{n} {results[n].times[-1]:.3f} s" for n in names))
+        for n in names:  # one more step each, untimed: the peak of malloc's bytes in use (the CPU)
+            if n not in transient and spec.device == "cpu":
+                results[n].peak_allocated = workers[n].request(op="step", reset_peak=False, allocated=True,
+                                                               refill=bool(transient)).get("peak_allocated")
         return results, workers
     except BaseException:
         for w in workers.values():

@@ -67,6 +67,24 @@ def trim_heap() -> bool:
     return True
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_allocated() -> Optional[int]:
+    """Bytes malloc has handed out and not had back, over all arenas (glibc's mallinfo2: in-use heap chunks
+    plus mmap'd ones): what the process's tensors hold, without the freed blocks the heap keeps, which RssAnon
+    also counts. The CPU's counterpart of torch.cuda.memory_allocated. None where not glibc 2.33 or later."""
+    libc = _c_library()
+    mallinfo2 = getattr(libc, "mallinfo2", None) if libc else None
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = _Mallinfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 MADV_DONTNEED = 4
 MADV_POPULATE_READ = 22  # Linux >= 5.14: fault a range in (reading the file) and map it, no copy
 

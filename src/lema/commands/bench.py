@@ -217,6 +217,15 @@ def run(args) -> int:
             "vs_resident": r.median / ref["resident"] if "resident" in ref else None,
             "build_s": r.build_s, **r.info,
         }
+        if r.peak_allocated is not None and r.baseline_allocated is not None:
+            # malloc's bytes in use at the peak, above the baseline: what the tensors held, as the GPU's
+            # max_memory_allocated; RssAnon also holds the freed blocks glibc's heap keeps (no budget)
+            allocated = r.peak_allocated - r.baseline_allocated
+            out["contenders"][n].update(
+                peak_allocated_bytes=r.peak_allocated, peak_run_allocated_bytes=allocated,
+                predicted_over_allocated=predicted[n] / allocated if allocated > 0 else None,
+                allocated_prediction_within_10pct=bool(
+                    allocated > 0 and abs(predicted[n] / allocated - 1) <= PREDICTION_TOLERANCE))
         if r.timelines and len(r.timelines) == len(r.times):  # the median step's (the one closest to it)
             i = min(range(len(r.times)), key=lambda k: abs(r.times[k] - r.median))
             out["contenders"][n]["layers"] = r.timelines[i]
@@ -322,8 +331,12 @@ def format_table(out: dict) -> str:
         ok = c.get("prediction_within_10pct")
         why = ("" if ok or cuda or out.get("max_vram") else
                " (RssAnon also counts what glibc's heap keeps of freed blocks, unbounded without --max-vram)")
-        lines.append(f"planner check, {c['label']}: predicted / run peak {r:.2f}, "
-                     f"{'within' if ok else 'OUTSIDE'} {PREDICTION_TOLERANCE:.0%}{why}")
+        line = (f"planner check, {c['label']}: predicted / run peak {r:.2f}, "
+                f"{'within' if ok else 'OUTSIDE'} {PREDICTION_TOLERANCE:.0%}{why}")
+        if c.get("predicted_over_allocated") is not None:
+            line += (f"; predicted / peak allocated (malloc's bytes in use) {c['predicted_over_allocated']:.2f}, "
+                     f"{'within' if c['allocated_prediction_within_10pct'] else 'OUTSIDE'} {PREDICTION_TOLERANCE:.0%}")
+        lines.append(line)
     if out.get("device") == "cuda":
         lines.append("peak anon / run peak: here the peak of allocated device memory (torch.cuda.max_memory_allocated)"
                      + (f", on a {out['gpu_memory']} card emulated by a memory fraction" if out.get("gpu_memory") else ""))
