@@ -580,11 +580,12 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                     pager.wait_idle()
                 b0, d0, c0 = contender.bytes_loaded(), disk_read_bytes(), cpu_ticks()
                 spans = getattr(contender, "spans", None)
-                reads = getattr(pager, "read_log", None) if pager is not None else None
+                reads = getattr(pager, "read_log", None)
                 for log in (spans, reads):
                     if log is not None:
                         log.clear()
-                if cmd.get("allocated"):  # an untimed step that measures malloc's bytes in use (PeakSampler)
+                allocated = bool(cmd.get("allocated"))  # an untimed step measuring malloc's bytes in use
+                if allocated:
                     sampler.allocated, sampler.peak_allocated = True, None
                 dt = math.inf
                 for _ in range(cmd.get("repeat", 1)):  # the floor probes: the fastest of a few steps
@@ -595,8 +596,9 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                     sampler.pause()
                 msg = {"ok": True, "time": dt, "loss": loss, "bytes": contender.bytes_loaded() - b0,
                        "disk": disk_read_bytes() - d0, "peak": sampler.peak, "cpu": cpu_shares(c0, cpu_ticks()),
-                       "peak_allocated": getattr(sampler, "peak_allocated", None)}
-                sampler.allocated = False
+                       "peak_allocated": sampler.peak_allocated if allocated else None}
+                if allocated:
+                    sampler.allocated = False
                 if spans is not None and cmd.get("repeat", 1) == 1:
                     msg["layers"] = layer_timeline(spans, reads or [], dt)
                 if pager is not None and cmd.get("refill"):

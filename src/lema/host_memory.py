@@ -25,6 +25,11 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 THRESHOLD_BYTES = 1 << 20
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 _libc = None
 
 
@@ -42,6 +47,8 @@ def _c_library():
             _libc.madvise.restype = ctypes.c_int
             _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
             _libc.mincore.restype = ctypes.c_int
+            if hasattr(_libc, "mallinfo2"):  # glibc >= 2.33
+                _libc.mallinfo2.restype = _Mallinfo2
     return _libc
 
 
@@ -67,21 +74,14 @@ def trim_heap() -> bool:
     return True
 
 
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def heap_allocated() -> Optional[int]:
     """Bytes malloc has handed out and not had back, over all arenas (glibc's mallinfo2: in-use heap chunks
     plus mmap'd ones): what the process's tensors hold, without the freed blocks the heap keeps, which RssAnon
     also counts. The CPU's counterpart of torch.cuda.memory_allocated. None where not glibc 2.33 or later."""
     libc = _c_library()
-    mallinfo2 = getattr(libc, "mallinfo2", None) if libc else None
-    if mallinfo2 is None:
+    if not (libc and hasattr(libc, "mallinfo2")):
         return None
-    mallinfo2.restype = _Mallinfo2
-    info = mallinfo2()
+    info = libc.mallinfo2()
     return info.uordblks + info.hblkhd
 
 

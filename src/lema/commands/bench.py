@@ -129,6 +129,7 @@ def run(args) -> int:
 
     if args.gpu_memory and not args.max_vram:  # LEMA plans for the emulated card, not the real one's free memory
         args.max_vram = args.gpu_memory
+    facts = model_facts(folder, dtype, args.lora_rank, args.lora_target_modules)  # the slow part of a plan: once
     # The floor probes time recomputed and/or kept layers, as LEMA STREAMING will run them.
     expected = plan_for_config(LemaConfig(model_name_or_path=folder, dtype=args.dtype, lora_rank=args.lora_rank,
                                           lora_target_modules=args.lora_target_modules, num_buffers=args.num_buffers,
@@ -137,7 +138,7 @@ def run(args) -> int:
                                           offload_activations=args.offload_activations,
                                           max_vram=args.max_vram, device=args.device,
                                           zero_copy=args.zero_copy),
-                               args.batch_size, args.seq_len, auto_resident=args.resident_layers is None)
+                               args.batch_size, args.seq_len, facts=facts, auto_resident=args.resident_layers is None)
     args.resident_layers = expected.resident_layers  # as `lema train` decides it (auto: the plan's split)
     spec = bench.BenchSpec(model=folder, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                            lora_rank=args.lora_rank, targets=args.lora_target_modules, num_buffers=args.num_buffers,
@@ -166,7 +167,6 @@ def run(args) -> int:
     for n in floor_names:
         results.pop(n)
     predicted, modelled = {}, {}
-    facts = model_facts(folder, dtype, args.lora_rank, args.lora_target_modules)  # the slow part of a plan: once
     for n in names:  # the plan of what each contender did (its kept layers and loss, as it decided them)
         info = results[n].info
         p = plan(folder, dtype, args.lora_rank, args.lora_target_modules, "adamw", args.batch_size, args.seq_len,
