@@ -89,6 +89,21 @@ def test_cpu_zero_copy_ring_costs_no_memory_and_resident_holds_every_layer():
     assert resident.peak_bytes - streaming.peak_bytes == layers
 
 
+def test_cpu_budget_counts_the_allocators_cache_of_one_layers_work():
+    """With a CPU budget LEMA's CPU allocator keeps up to one layer's transient of freed blocks (cpu_allocator.py):
+    a row of the plan and part of every phase's peak; no row without a budget or on a GPU."""
+    cfg = make_config("llama")
+    free = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", keep_activations=0)
+    budget = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", keep_activations=0,
+                  max_vram_bytes=free.peak_bytes * 4)
+    assert free.allocator_cache_bytes == 0 and budget.allocator_cache_bytes == budget.layer_work_bytes > 0
+    assert budget.peak_bytes - free.peak_bytes == budget.layer_work_bytes
+    assert [r.nbytes for r in budget.rows() if r.item == "allocator cache"] == [budget.layer_work_bytes]
+    assert not [r for r in free.rows() if r.item == "allocator cache"]
+    gpu = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda", max_vram_bytes=free.peak_bytes * 4)
+    assert gpu.allocator_cache_bytes == 0
+
+
 def test_weights_mapped_resident_plan_has_no_frozen_anonymous_bytes():
     """Transformers' loader maps a weights file already in the compute dtype (lema bench's PEFT contender):
     its plan counts no frozen weights in anonymous memory, and only on the CPU."""

@@ -31,6 +31,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from .fsutil import default_cache
+from . import cpu_allocator
 from .host_memory import heap_allocated
 from .planner import human
 
@@ -80,8 +82,6 @@ def shape_config(name: str):
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
-def default_cache() -> str:
-    return os.environ.get("LEMA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lema")
 
 
 def build_shape(name: str, cache: Optional[str] = None, dtype: Optional["torch.dtype"] = None, seed: int = 0,
@@ -245,9 +245,19 @@ def h2d_ceiling(device, nbytes: int = 2**30, repeats: int = 5) -> float:
     return nbytes / statistics.median(times)
 
 
+def allocated_bytes() -> Optional[int]:
+    """The bytes the process's tensors hold: malloc's in use (host_memory.heap_allocated) plus the blocks LEMA's
+    CPU allocator has handed out (cpu_allocator.py, mapped apart from malloc). None where not glibc 2.33+."""
+    heap = heap_allocated()
+    if heap is None:
+        return None
+    cached = cpu_allocator.stats()
+    return heap + (cached.in_use_bytes if cached else 0)
+
+
 class PeakSampler:
     """A thread sampling RssAnon every `interval` seconds while active; `peak` is the largest value seen.
-    With `allocated` on, also malloc's bytes in use (host_memory.heap_allocated), `peak_allocated`: not in a
+    With `allocated` on, also the tensors' bytes in use (`allocated_bytes`), `peak_allocated`: not in a
     timed step, as glibc's mallinfo2 walks the heap's free lists under its lock (160-300 us a call on the
     SmolLM2 step, which it slowed by up to 10%).
 
@@ -275,7 +285,7 @@ class PeakSampler:
     def _sample(self) -> None:
         self.peak = max(self.peak, rss_anon())
         if self.allocated:
-            now = heap_allocated()
+            now = allocated_bytes()
             if now is not None:
                 self.peak_allocated = max(self.peak_allocated or 0, now)
 
@@ -562,7 +572,7 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, spec.device_memory / total), device)
         sampler = DevicePeak(spec.device) if cuda else PeakSampler()
         baseline = 0 if cuda else rss_anon()  # device memory: all of it is the run's
-        baseline_allocated = None if cuda else heap_allocated()
+        baseline_allocated = None if cuda else allocated_bytes()
         t0 = time.perf_counter()
         contender = _Contender(name, spec)
         conn.send({"ok": True, "baseline": baseline, "baseline_allocated": baseline_allocated,
@@ -578,7 +588,7 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                 if pager is not None and cmd.get("refill"):  # memory the bench took between steps (run_rounds)
                     pager.refill()
                     pager.wait_idle()
-                b0, d0, c0 = contender.bytes_loaded(), disk_read_bytes(), cpu_ticks()
+                b0, d0, c0, a0 = contender.bytes_loaded(), disk_read_bytes(), cpu_ticks(), cpu_allocator.stats()
                 spans = getattr(contender, "spans", None)
                 reads = getattr(pager, "read_log", None)
                 for log in (spans, reads):
@@ -601,6 +611,9 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                     sampler.allocated = False
                 if spans is not None and cmd.get("repeat", 1) == 1:
                     msg["layers"] = layer_timeline(spans, reads or [], dt)
+                a1 = cpu_allocator.stats() if cpu_allocator.installed() else None
+                if a1 is not None and a0 is not None:  # large blocks reused vs newly mapped, this step
+                    msg["allocator"] = {"hits": a1.hits - a0.hits, "misses": a1.misses - a0.misses}
                 if pager is not None and cmd.get("refill"):
                     pager.pause()  # the other contenders' turns: their memory is not this run's (refill resumes)
                 if pager is not None:  # cumulative counts; the window of the last pass
@@ -754,6 +767,8 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
                 res.peak_rss = max(res.peak_rss, m["peak"])
                 if "layers" in m:
                     res.timelines.append(m["layers"])
+                if "allocator" in m:  # LEMA's CPU allocator: the last measured step's reuse
+                    res.info["cpu_allocator"] = m["allocator"]
                 if m.get("cpu"):  # the machine's CPU during this contender's steps, mean over the rounds
                     prev = res.info.get("cpu", {})
                     res.info["cpu"] = {k: (prev.get(k, 0.0) * r + v) / (r + 1) for k, v in m["cpu"].items()}

@@ -7,6 +7,11 @@ import shutil
 import tempfile
 
 
+def default_cache() -> str:
+    """LEMA's cache folder: $LEMA_CACHE_DIR or ~/.cache/lema (bench shapes, the compiled CPU allocator)."""
+    return os.environ.get("LEMA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lema")
+
+
 def fsync_path(path: str) -> None:
     """A file's or a folder's (its entries') written state to the disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -26,6 +26,7 @@ from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
 from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fused_head_supported
 from .engine.streamed_layer import StreamedLayers
 from .fsutil import make_temp_folder, replace_folder
+from . import cpu_allocator
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
 from .store.keymap import map_checkpoint, reader_for
@@ -87,6 +88,9 @@ class LemaModel(nn.Module):
         if self.device.type == "cpu" and config.max_vram_bytes is not None:
             # a CPU budget bounds anonymous memory: large freed tensors must leave the heap (host_memory.py)
             self.host_heap_bounded = return_freed_memory_to_os()
+            # and large tensors reuse freed blocks of their size instead of fresh pages (cpu_allocator.py); the
+            # cap is the plan's, set at the first training step, when its size is known
+            self.host_allocator_cached = cpu_allocator.install(cpu_allocator.DEFAULT_CAP_BYTES)
         self.hf_config = load_hf_config(config.model_name_or_path)
         base = build_meta_model(self.hf_config, self.dtype)
         self.units = unit_map(base)
@@ -394,6 +398,8 @@ class LemaModel(nn.Module):
         pager = getattr(self.source, "pager", None)
         if pager is not None and torch.is_grad_enabled() and self.streamed.recompute:
             pager.expect_step(self._activation_budget().step_growth(tokens, seq_len))
+        if getattr(self, "host_allocator_cached", False) and torch.is_grad_enabled():
+            cpu_allocator.install(self._activation_budget().allocator_cache(tokens, seq_len))
         if labels is not None and self.uses_chunked_loss(labels.numel()) and set(kwargs) <= {"use_cache"} \
                 and not kwargs.get("use_cache"):
             # engine/chunked_loss.py: the head and the loss chunk by chunk; the full logits are never built

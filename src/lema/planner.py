@@ -55,12 +55,15 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                    fp32 and bf16, GPT-2 in fp32 and bf16, OPT, Mixtral, tests/test_planner.py; rotary
                    cos/sin and the mask are shared)
 
+    allocator      CPU with a budget: layer work bytes, the freed blocks of 1 MiB or more that LEMA's CPU
+    cache          allocator keeps for the next layer's tensors of the same sizes (cpu_allocator.py); what it
+                   keeps beyond that goes back to the OS
     kept           n_keep x saved terms: layers that keep what autograd saves instead of being
                    recomputed (their input is already counted in the boundary)
     chunked loss   (engine/chunked_loss.py) logits kept 0; head work = one chunk of c tokens'
                    float32 logits and logsumexp's shifted copy + 2 a H s, c = 64 MiB / (4 V)
 
-Peak = frozen (embed + head + ring or all layers) + LoRA + gradients + optimizer
+Peak = frozen (embed + head + ring or all layers) + LoRA + gradients + optimizer + allocator cache
        + max(boundary + kept + head work, boundary + kept + logits kept + layer work,
              logits kept + optimizer step).
 
@@ -182,6 +185,7 @@ class Plan:
     page_cache_adaptive: bool = False  # the window is sized at run time (smaller where the kernel evicts from it)
     disk_read_bytes: int = 0
     embedding_view_bytes: int = 0  # CPU, file in the compute dtype: the untied embedding stays a view of the mmap
+    allocator_cache_bytes: int = 0  # CPU with a budget: the freed blocks LEMA's CPU allocator may keep (its cap)
 
     @property
     def layer_bytes(self) -> int:
@@ -232,6 +236,9 @@ class Plan:
                 else "transient: log-softmax + grads, fp32"),
             Row("one layer's recompute", dev, self.layer_work_bytes, "transient: saved + backward tensors"),
         ]
+        if self.allocator_cache_bytes:
+            rows.append(Row("allocator cache", dev, self.allocator_cache_bytes,
+                            "at most: freed blocks >= 1 MiB kept for reuse (LEMA's CPU allocator)"))
         if self.ring_host_bytes:
             rows.append(Row("pinned host slots", "host", self.ring_host_bytes, ring_note + " (not in the budget)"))
         return rows
@@ -546,6 +553,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     kept_extra = layer_saved  # what a kept layer saves beyond its input (the input is in the boundary)
 
     cpu = device_type == "cpu"
+    # with a CPU budget, LEMA's CPU allocator keeps up to one layer's transient of freed blocks (cpu_allocator.py)
+    cache = layer_work if cpu and max_vram_bytes is not None else 0
     layers_total = sum(b for u, b in unit_bytes.items() if u not in (EMBED, HEAD))
     embed_view = f.embed_untied_bytes if cpu and embed_views else 0  # LemaModel._load_resident_units
     embed = unit_bytes[EMBED] - embed_view
@@ -559,7 +568,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         else:
             ring_dev = 0 if (cpu and zero_copy) or resident >= L else depth * slot_bytes  # all resident: no ring
             frozen = embed + unit_bytes[HEAD] + ring_dev + resident * slot_bytes
-        fixed = frozen + lora_bytes + grad_bytes + optimizer_bytes
+        fixed = frozen + lora_bytes + grad_bytes + optimizer_bytes + cache
         static = fixed + (boundary if on_device_acts else keep * a * H * s) + keep * kept_extra
         prefetched = 0 if on_device_acts else a * H * s  # offloaded: the next layer's input copied back early
         phases = {"the loss (head forward/backward)": static + head_work,
@@ -613,7 +622,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              resident_auto=resident_layers is None and strategy == "streaming",
              modelled_s=step_time_model(f, batch_size, seq_len, s, resident, keep, gpu_zero_copy, offload)
              if strategy == "streaming" and not cpu and L else None,
-             activations_on="host" if offload else "device", embedding_view_bytes=embed_view)
+             activations_on="host" if offload else "device", embedding_view_bytes=embed_view,
+             allocator_cache_bytes=cache)
     if cpu and zero_copy and strategy == "streaming" and L:
         _page_cache(p, layers_total, page_cache)
     _decide(p, lambda d, on_device_acts=not offload: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
@@ -728,7 +738,8 @@ def _refuse(p: Plan, budget: int, without_acts: Optional[int], two_slots: Option
     a ring of 2, when that fits)."""
     over = p.peak_bytes - budget
     kept = p.kept_layers * p.kept_extra_bytes
-    acts = p.boundary_bytes + kept + max(p.head_work_bytes, p.logits_bytes + p.layer_work_bytes)
+    acts = p.boundary_bytes + kept + max(p.head_work_bytes, p.logits_bytes + p.layer_work_bytes) \
+        + p.allocator_cache_bytes  # one layer's work too: it scales with the tokens
     fixed = p.peak_bytes - acts
     lines = [f"the run needs {human(p.peak_bytes)} of {p.device_type} memory at its peak ({p.peak_phase}) "
              f"but --max-vram is {human(budget)} ({human(over)} over)."]
@@ -816,7 +827,8 @@ class ActivationBudget:
     """The engine's run-time answers for a step of `tokens` tokens (`seq_len` per row where known: attention's
     T x T terms need it): how many layers keep their activations (LemaModel.kept_layers), whether the boundary
     goes to host memory (LemaModel.offloads_activations) and how much memory the step will still take beyond
-    the weights and adapters (`step_growth`, for the CPU's page-cache pager): the plan's own decisions,
+    the weights and adapters (`step_growth`, for the CPU's page-cache pager) and the CPU allocator's cache
+    (`allocator_cache`): the plan's own decisions,
     computed once per step shape."""
 
     def __init__(self, config, free_bytes: Optional[int] = None):
@@ -825,19 +837,20 @@ class ActivationBudget:
                                  config.lora_target_modules)
         self.free_bytes = free_bytes if free_bytes is not None or config.max_vram_bytes is not None \
             else free_memory_bytes(config.torch_device) // 2
-        self._cache: dict[tuple, tuple[int, bool, int]] = {}
+        self._cache: dict[tuple, tuple[int, bool, int, int]] = {}
 
-    def _decide(self, tokens: int, seq_len: Optional[int]) -> tuple[int, bool, int]:
+    def _decide(self, tokens: int, seq_len: Optional[int]) -> tuple[int, bool, int, int]:
         key = (tokens, seq_len)
         if key not in self._cache:
             batch, seq = (tokens // seq_len, seq_len) if seq_len and tokens % seq_len == 0 else (1, max(1, tokens))
             try:
                 p = plan_for_config(self.config, batch, seq, facts=self.facts, free_bytes=self.free_bytes)
                 self._cache[key] = (p.kept_layers, p.activations_on == "host",
-                                    max(0, p.peak_bytes - p.frozen_device_bytes - p.lora_bytes))
+                                    max(0, p.peak_bytes - p.frozen_device_bytes - p.lora_bytes),
+                                    p.allocator_cache_bytes)
             except PlanError:  # over budget even so: keep nothing, offload what can be (the plan printed said so)
                 self._cache[key] = (0, self.config.torch_device.type == "cuda"
-                                    and self.config.offload_activations is not False, 0)
+                                    and self.config.offload_activations is not False, 0, 0)
         return self._cache[key]
 
     def keepable_layers(self, tokens: int, seq_len: Optional[int] = None) -> int:
@@ -848,3 +861,7 @@ class ActivationBudget:
 
     def step_growth(self, tokens: int, seq_len: Optional[int] = None) -> int:
         return self._decide(tokens, seq_len)[2]
+
+    def allocator_cache(self, tokens: int, seq_len: Optional[int] = None) -> int:
+        """The most freed memory LEMA's CPU allocator may keep in a step of this size (the plan's row)."""
+        return self._decide(tokens, seq_len)[3]
