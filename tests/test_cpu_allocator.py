@@ -22,7 +22,7 @@ s = ca.stats()
 assert (s.hits, s.misses, s.in_use_bytes) == (1, 1, 2 * MiB), s
 c = torch.empty(2 * MiB + 1, dtype=torch.uint8)  # a size in other pages: a new block
 assert c.data_ptr() != address and ca.stats().misses == 2
-small = torch.ones(1000)                         # under 1 MiB: the allocator that was there before
+small = torch.ones(1000)                         # under min_bytes: the allocator that was there before
 assert ca.stats().in_use_bytes == 2 * MiB + 2 * MiB + 4096
 del b, c, small
 assert ca.stats().in_use_bytes == 0 and ca.stats().cached_bytes == 4 * MiB + 4096

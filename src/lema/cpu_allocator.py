@@ -5,9 +5,11 @@ freed tensors leave the process and its anonymous memory follows the plan. The p
 or more is a fresh mapping whose pages the kernel faults in and zeroes, then unmaps. On the Llama-2-7B shape
 at batch 1 x 128 tokens that is ~2.2 M page faults a step (5.5-9.4 s of system time, BENCHMARKS.md session
 11). A layer's tensors have the same sizes at every layer, so this allocator keeps each freed block of
-`min_bytes` or more, keyed by its size in whole pages, and hands it to the next request of that size; what it
-keeps beyond `cap_bytes` goes back to the OS, oldest first, so the process's anonymous memory stays within
-the plan plus the cap. Smaller tensors go to the allocator that was there before.
+`min_bytes` (64 KiB) or more, keyed by its size in whole pages, and hands it to the next request of that size;
+what it keeps beyond `cap_bytes` goes back to the OS, oldest first, so the process's anonymous memory stays
+within the plan, which counts the cap. Smaller tensors go to the allocator that was there before. The blocks
+between 64 KiB and 1 MiB are taken too: in glibc's heap they fragmented it (SmolLM2 b4 x 256 with a budget:
+RssAnon 0.89 of the plan with 1 MiB, 1.02 with 64 KiB, BENCHMARKS.md session 12).
 
 PyTorch exposes no CPU allocator hook to Python, so the allocator is ~150 lines of C++ against c10's
 `Allocator` interface, compiled with the system's C++ compiler on first use (about a second) into LEMA's cache
@@ -31,7 +33,7 @@ from .fsutil import default_cache
 log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(__file__), "native", "cpu_allocator.cpp")
-MIN_BYTES = 1 << 20  # the blocks glibc would map on its own with the threshold at 1 MiB
+MIN_BYTES = 1 << 16  # smaller tensors stay glibc's (heap chunks, reused without a fault)
 DEFAULT_CAP_BYTES = 64 << 20  # until the plan of a step says (planner: the allocator cache row)
 ENV = "LEMA_CPU_ALLOCATOR"  # "0" keeps glibc's allocator
 

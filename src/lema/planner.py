@@ -55,7 +55,7 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                    fp32 and bf16, GPT-2 in fp32 and bf16, OPT, Mixtral, tests/test_planner.py; rotary
                    cos/sin and the mask are shared)
 
-    allocator      CPU with a budget: layer work bytes, the freed blocks of 1 MiB or more that LEMA's CPU
+    allocator      CPU with a budget: layer work bytes, the freed blocks of 64 KiB or more that LEMA's CPU
     cache          allocator keeps for the next layer's tensors of the same sizes (cpu_allocator.py); what it
                    keeps beyond that goes back to the OS
     kept           n_keep x saved terms: layers that keep what autograd saves instead of being
@@ -238,7 +238,7 @@ class Plan:
         ]
         if self.allocator_cache_bytes:
             rows.append(Row("allocator cache", dev, self.allocator_cache_bytes,
-                            "at most: freed blocks >= 1 MiB kept for reuse (LEMA's CPU allocator)"))
+                            "at most: freed blocks >= 64 KiB kept for reuse (LEMA's CPU allocator)"))
         if self.ring_host_bytes:
             rows.append(Row("pinned host slots", "host", self.ring_host_bytes, ring_note + " (not in the budget)"))
         return rows

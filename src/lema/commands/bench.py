@@ -306,7 +306,7 @@ def format_table(out: dict) -> str:
                             f"disk reads per step: {human(c['predicted_disk_bytes_per_step'])} planned for the last "
                             f"step's window, {human(c['disk_bytes_read_per_step'])} measured)"
                             if c.get("page_cache_window") else "")
-                         + (f", {c['cpu_allocator']['hits']} tensors of 1 MiB or more in a step on reused blocks and "
+                         + (f", {c['cpu_allocator']['hits']} tensors of 64 KiB or more in a step on reused blocks and "
                             f"{c['cpu_allocator']['misses']} on new ones (LEMA's CPU allocator)"
                             if c.get("cpu_allocator") else ""))
     for c in out["contenders"].values():
