@@ -36,6 +36,15 @@ for _ in range(5):
     assert z.abs().sum().item() == 0
     del y, z
 
+# oneDNN's bf16 matmul takes its scratchpad through raw_allocate and frees it through raw_deleter(): blocks of
+# ours and (under min_bytes) of the allocator before
+for n in (64, 1024):
+    inp = torch.randn(n, n, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(2 * n, n, dtype=torch.bfloat16)
+    torch.nn.functional.linear(inp, weight).float().sum().backward()
+    assert torch.allclose(inp.grad.float(), weight.float().sum(0).expand(n, n), rtol=2e-2, atol=1e-1)
+del inp, weight
+
 # more freed than the cap: the oldest go back to the OS, the cache never holds more than the cap
 many = [torch.ones(i * MiB // 4) for i in range(5, 13)]   # 1.25 .. 3 MiB, sizes all different
 before = ca.stats().releases
@@ -44,7 +53,7 @@ s = ca.stats()
 assert s.cached_bytes <= 8 * MiB and s.releases > before, (s, before)
 rss = rss_anon()
 ca.release(0)
-assert ca.stats().cached_bytes == 0 and ca.stats().mapped_bytes == ca.stats().in_use_bytes == 3 * MiB
+assert ca.stats().cached_bytes == 0 and ca.stats().mapped_bytes == ca.stats().in_use_bytes >= 3 * MiB  # x (and what oneDNN keeps)
 assert rss - rss_anon() >= 4 * MiB, "released blocks stayed resident"
 assert ca.install(MiB) and ca.stats().hits >= 1  # a second install changes the cap only
 print("ok")
