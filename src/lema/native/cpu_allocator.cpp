@@ -7,6 +7,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <cstdint>
@@ -114,6 +115,11 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   static void Delete(void* ptr);
 
+  // fork() while another thread holds the lock would leave it held forever in the child (a DataLoader worker):
+  // the lock is taken around the fork, and released on both sides
+  void lock_for_fork() { mu_.lock(); }
+  void unlock_after_fork() { mu_.unlock(); }
+
  private:
   void give_back(void* ptr) {
     size_t over = 0;
@@ -151,6 +157,9 @@ CachingCPUAllocator* instance = nullptr;
 
 void CachingCPUAllocator::Delete(void* ptr) { instance->give_back(ptr); }
 
+void before_fork() { instance->lock_for_fork(); }
+void after_fork() { instance->unlock_after_fork(); }
+
 }  // namespace
 
 extern "C" {
@@ -160,6 +169,7 @@ int lema_cpu_allocator_install(uint64_t min_bytes, uint64_t cap_bytes) {
   const bool first = instance == nullptr;
   if (first) {
     instance = new CachingCPUAllocator(c10::GetCPUAllocator(), min_bytes, cap_bytes);
+    pthread_atfork(before_fork, after_fork, after_fork);
     c10::SetCPUAllocator(instance, /*priority=*/UINT8_MAX);
   } else {
     instance->set_cap(cap_bytes);
