@@ -149,4 +149,3 @@ def test_a_cpu_budget_installs_it_with_the_plans_cap(tiny_dir, make_lema):
     model(ids, labels=ids).loss.backward()
     p = plan_for_config(model.config, batch_size=2, seq_len=12)
     assert cpu_allocator.stats().cap_bytes == p.allocator_cache_bytes == p.layer_work_bytes > 0
-
