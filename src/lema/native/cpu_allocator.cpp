@@ -1,8 +1,9 @@
 // A caching allocator for PyTorch's CPU tensors of `min_bytes` or more (see lema/cpu_allocator.py).
 //
 // Each freed block is kept, keyed by its size in whole pages, and handed to the next request of that
-// size: a layer's activations have the same sizes at every layer, so after the first layer a step
-// maps and faults in no new pages. Freed blocks beyond `cap_bytes` go back to the OS, oldest first.
+// size: a layer's activations have the same sizes at every layer, so after the first layer they take
+// no new pages (no mmap, no page faults, no zeroing). Freed blocks beyond `cap_bytes` go back to the OS,
+// oldest first; the sizes the cap cannot keep across a step are mapped anew.
 // Smaller requests go to the allocator that was there before (glibc malloc through c10).
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
