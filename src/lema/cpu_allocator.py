@@ -5,9 +5,12 @@ freed tensors leave the process and its anonymous memory follows the plan. The p
 or more is a fresh mapping whose pages the kernel faults in and zeroes, then unmaps. On the Llama-2-7B shape
 at batch 1 x 128 tokens that is ~2.2 M page faults a step (5.5-9.4 s of system time, BENCHMARKS.md session
 11). A layer's tensors have the same sizes at every layer, so this allocator keeps each freed block of
-`min_bytes` (64 KiB) or more, keyed by its size in whole pages, and hands it to the next request of that size;
-what it keeps beyond `cap_bytes` goes back to the OS, oldest first, so the process's anonymous memory stays
-within the plan, which counts the cap. Smaller tensors go to the allocator that was there before. The blocks
+`min_bytes` (64 KiB) or more, keyed by its size in whole pages, and hands it to the next request of that size.
+What it holds (in use + cached) stays under the most it ever had in use (the step's peak of live tensors, which
+the plan predicts) plus `cap_bytes` (the plan's "allocator cache" row): beyond that, cached blocks go back to
+the OS, oldest first, and a size it does not hold then is mapped anew. So the cache may fill back up to the peak
+between peaks (on SmolLM2 b4 x 256 a cap of one layer's work alone left ~750 tensors a step on new mappings)
+without raising it. Smaller tensors go to the allocator that was there before. The blocks
 between 64 KiB and 1 MiB are taken too: in glibc's heap they fragmented it (SmolLM2 b4 x 256 with a budget:
 RssAnon 0.89 of the plan with 1 MiB, 1.02 with 64 KiB, BENCHMARKS.md session 12).
 
@@ -92,7 +95,7 @@ def _load():
 
 def install(cap_bytes: int, min_bytes: int = MIN_BYTES) -> bool:
     """Make the caching allocator PyTorch's CPU allocator for this process, for tensors of `min_bytes` or more,
-    keeping at most `cap_bytes` of freed blocks (a later call only changes the cap). False, with the reason
+    holding at most `cap_bytes` above the most it ever had in use (a later call only changes the cap). False, with the reason
     logged once, where it cannot be built or $LEMA_CPU_ALLOCATOR is "0"."""
     if os.environ.get(ENV, "1") == "0":
         return False
@@ -123,14 +126,15 @@ class Stats:
     misses: int            # requests that mapped new memory
     releases: int          # cached blocks given back to the OS
     mapped_bytes: int      # in use + cached
-    cap_bytes: int         # the most it keeps cached
+    cap_bytes: int         # how far above `high_water_bytes` what it holds may go
+    high_water_bytes: int  # the most it ever had in use: cached blocks fill back up to that, plus the cap
 
 
 def stats() -> Optional[Stats]:
     """The allocator's counters; None where it is not loaded."""
     if not _lib:
         return None
-    out = (ctypes.c_uint64 * 9)()
+    out = (ctypes.c_uint64 * 10)()
     _lib.lema_cpu_allocator_stats(out)
     return Stats(*[int(v) for v in out])
 

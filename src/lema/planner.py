@@ -55,9 +55,9 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                    fp32 and bf16, GPT-2 in fp32 and bf16, OPT, Mixtral, tests/test_planner.py; rotary
                    cos/sin and the mask are shared)
 
-    allocator      CPU with a budget: layer work bytes, the freed blocks of 64 KiB or more that LEMA's CPU
-    cache          allocator keeps for the next layer's tensors of the same sizes (cpu_allocator.py); what it
-                   keeps beyond that goes back to the OS
+    allocator      CPU with a budget: layer work bytes, how far above the step's peak of live tensors LEMA's
+    cache          CPU allocator may hold freed blocks of 64 KiB or more for the next tensors of their sizes
+                   (cpu_allocator.py; below the peak it may keep as many as it had in use)
     kept           n_keep x saved terms: layers that keep what autograd saves instead of being
                    recomputed (their input is already counted in the boundary)
     chunked loss   (engine/chunked_loss.py) logits kept 0; head work = one chunk of c tokens'
@@ -185,7 +185,7 @@ class Plan:
     page_cache_adaptive: bool = False  # the window is sized at run time (smaller where the kernel evicts from it)
     disk_read_bytes: int = 0
     embedding_view_bytes: int = 0  # CPU, file in the compute dtype: the untied embedding stays a view of the mmap
-    allocator_cache_bytes: int = 0  # CPU with a budget: the freed blocks LEMA's CPU allocator may keep (its cap)
+    allocator_cache_bytes: int = 0  # CPU with a budget: what LEMA's CPU allocator may hold above the live peak
 
     @property
     def layer_bytes(self) -> int:
@@ -238,7 +238,7 @@ class Plan:
         ]
         if self.allocator_cache_bytes:
             rows.append(Row("allocator cache", dev, self.allocator_cache_bytes,
-                            "at most: freed blocks >= 64 KiB kept for reuse (LEMA's CPU allocator)"))
+                            "at most, above the live peak: freed blocks >= 64 KiB kept for reuse"))
         if self.ring_host_bytes:
             rows.append(Row("pinned host slots", "host", self.ring_host_bytes, ring_note + " (not in the budget)"))
         return rows

@@ -2,8 +2,10 @@
 //
 // Each freed block is kept, keyed by its size in whole pages, and handed to the next request of that
 // size: a layer's activations have the same sizes at every layer, so after the first layer they take
-// no new pages (no mmap, no page faults, no zeroing). Freed blocks beyond `cap_bytes` go back to the OS,
-// oldest first; the sizes the cap cannot keep across a step are mapped anew.
+// no new pages (no mmap, no page faults, no zeroing). What it holds (blocks in use + cached) stays under
+// the most it ever had in use plus `cap_bytes`: memory the process already needed at its peak is kept
+// for reuse, and the peak grows by at most the cap. Beyond that, cached blocks go back to the OS, oldest
+// first, and a size the cache does not hold then is mapped anew.
 // Smaller requests go to the allocator that was there before (glibc malloc through c10).
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -11,6 +13,7 @@
 #include <pthread.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -49,6 +52,12 @@ class CachingCPUAllocator final : public c10::Allocator {
       }
     }
     if (ptr == nullptr) {
+      std::deque<Block> out;
+      {  // room for the new block under the limit, grown by this block if it sets a new high-water mark
+        std::lock_guard<std::mutex> lock(mu_);
+        take_over_limit(std::max(high_water_, in_use_ + bytes) + cap_bytes_ - bytes, out);
+      }
+      unmap(out);
       ptr = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (ptr == MAP_FAILED) {
         release(0);  // what the cache holds goes first, then one more try
@@ -63,6 +72,7 @@ class CachingCPUAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mu_);
       sizes_[ptr] = bytes;
       in_use_ += bytes;
+      if (in_use_ > high_water_) high_water_ = in_use_;
       if (in_use_ > peak_in_use_) peak_in_use_ = in_use_;
       if (in_use_ + cached_ > peak_held_) peak_held_ = in_use_ + cached_;
     }
@@ -82,30 +92,26 @@ class CachingCPUAllocator final : public c10::Allocator {
     std::deque<Block> out;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      while (cached_ > keep && !lru_.empty()) {
-        Block b = lru_.front();
-        auto& q = free_[b.bytes];
-        q.pop_front();  // the oldest of its size is the front of its queue
-        lru_.pop_front();
-        cached_ -= b.bytes;
-        mapped_ -= b.bytes;
-        releases_++;
-        out.push_back(b);
-      }
+      while (cached_ > keep && !lru_.empty()) take_oldest(out);
     }
-    for (auto& b : out) munmap(b.ptr, b.bytes);
+    unmap(out);
   }
 
   void set_cap(size_t cap_bytes) {
-    { std::lock_guard<std::mutex> lock(mu_); cap_bytes_ = cap_bytes; }
-    release(cap_bytes);
+    std::deque<Block> out;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cap_bytes_ = cap_bytes;
+      take_over_limit(high_water_ + cap_bytes_, out);
+    }
+    unmap(out);
   }
 
   void stats(uint64_t* out) {
     std::lock_guard<std::mutex> lock(mu_);
     out[0] = in_use_; out[1] = cached_; out[2] = peak_in_use_; out[3] = peak_held_;
     out[4] = hits_; out[5] = misses_; out[6] = releases_; out[7] = mapped_;
-    out[8] = cap_bytes_;
+    out[8] = cap_bytes_; out[9] = high_water_;
   }
 
   void reset_peaks() {
@@ -122,8 +128,28 @@ class CachingCPUAllocator final : public c10::Allocator {
   void unlock_after_fork() { mu_.unlock(); }
 
  private:
+  // Under the lock: the oldest cached block out of the cache (into `out`, to unmap after the lock).
+  void take_oldest(std::deque<Block>& out) {
+    Block b = lru_.front();
+    free_[b.bytes].pop_front();  // the oldest of its size is the front of its queue
+    lru_.pop_front();
+    cached_ -= b.bytes;
+    mapped_ -= b.bytes;
+    releases_++;
+    out.push_back(b);
+  }
+
+  // Under the lock: cached blocks out, oldest first, until in use + cached is at most `limit`.
+  void take_over_limit(size_t limit, std::deque<Block>& out) {
+    while (in_use_ + cached_ > limit && !lru_.empty()) take_oldest(out);
+  }
+
+  static void unmap(const std::deque<Block>& out) {
+    for (auto& b : out) munmap(b.ptr, b.bytes);
+  }
+
   void give_back(void* ptr) {
-    size_t over = 0;
+    std::deque<Block> out;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = sizes_.find(ptr);
@@ -139,9 +165,9 @@ class CachingCPUAllocator final : public c10::Allocator {
       lru_.push_back({ptr, bytes});
       free_[bytes].push_back(std::prev(lru_.end()));
       cached_ += bytes;
-      over = cached_ > cap_bytes_;
+      take_over_limit(high_water_ + cap_bytes_, out);
     }
-    if (over) release(cap_bytes_);
+    unmap(out);
   }
 
   c10::Allocator* fallback_;
@@ -151,6 +177,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::unordered_map<size_t, std::deque<std::list<Block>::iterator>> free_;
   std::unordered_map<void*, size_t> sizes_;  // blocks handed out, and their sizes
   size_t in_use_ = 0, cached_ = 0, peak_in_use_ = 0, peak_held_ = 0, mapped_ = 0;
+  size_t high_water_ = 0;  // the most ever in use (reset_peaks leaves it): what the cache may fill back to
   uint64_t hits_ = 0, misses_ = 0, releases_ = 0;
 };
 
