@@ -31,8 +31,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Optional
 
-from .fsutil import default_cache
 from . import cpu_allocator
+from .fsutil import default_cache
 from .host_memory import heap_allocated
 from .planner import human
 
@@ -80,8 +80,6 @@ def shape_config(name: str):
         raise ValueError(f"--shape {name!r} is not known; use one of {', '.join(SHAPES)}")
     kwargs = dict(SHAPES[name])
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-
-
 
 
 def build_shape(name: str, cache: Optional[str] = None, dtype: Optional["torch.dtype"] = None, seed: int = 0,

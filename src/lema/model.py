@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import cpu_allocator
 from .config import LemaConfig, MemoryStrategy
 from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
                               default_lora_targets, find_decoder_layers, inject_lora, layer_unit,
@@ -26,7 +27,6 @@ from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
 from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fused_head_supported
 from .engine.streamed_layer import StreamedLayers
 from .fsutil import make_temp_folder, replace_folder
-from . import cpu_allocator
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
 from .store.keymap import map_checkpoint, reader_for
