@@ -162,3 +162,28 @@ def test_pinned_buffer_falls_back_to_torchs_allocator_with_a_warning_when_regist
     assert not buf.exact and not buf.registered and buf.tensor.numel() == 1000
     buf.release()
     assert unregistered == []
+
+
+def test_rss_anon_is_statuss_rssanon_in_this_process_and_in_a_forked_child():
+    """lema bench's RssAnon sampler reads /proc/<pid>/statm on a kept descriptor: the same bytes as
+    /proc/self/status's RssAnon, and a forked child reads its own, not its parent's."""
+    from lema.bench import rss_anon
+    from lema.host_memory import proc_bytes
+
+    kept = torch.ones(2**24)  # 64 MiB of anonymous pages
+    assert abs(rss_anon() - proc_bytes("/proc/self/status", "RssAnon")) <= 2**20
+    before = rss_anon()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # no torch here: only Python's own allocations
+        try:
+            extra = b"\x01" * (96 * 2**20)
+            ok = abs(rss_anon() - proc_bytes("/proc/self/status", "RssAnon")) <= 2**20 and len(extra)
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.waitpid(pid, 0)
+    assert abs(rss_anon() - before) < 32 * 2**20  # the child's 96 MiB is not the parent's
+    del kept

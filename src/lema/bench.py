@@ -162,11 +162,22 @@ def _free_bytes(path: str) -> int:
 
 # ----- measurement helpers ----------------------------------------------------------------------
 
-def rss_anon() -> int:
-    """Anonymous resident bytes of this process (heap, tensors; not the mmap'd page cache)."""
-    from .host_memory import proc_bytes
+_statm: Optional[tuple[int, int]] = None  # (pid, fd of its /proc/<pid>/statm): reopened in a child process
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
-    return proc_bytes("/proc/self/status", "RssAnon")
+
+def rss_anon() -> int:
+    """Anonymous resident bytes of this process (heap, tensors; not the mmap'd page cache): /proc/self/status's
+    RssAnon, read from /proc/self/statm as resident - shared (shared is the file and shmem pages), with one
+    pread on a kept descriptor. The PeakSampler calls it every millisecond beside the step it measures: parsing
+    /proc/self/status took ~30 us of Python a sample (with the GIL) and slowed a 7B STREAMING step by 8-10%
+    (14.5 s against 13.1 s, 16 layers); this takes ~3 us."""
+    global _statm
+    pid = os.getpid()
+    if _statm is None or _statm[0] != pid:
+        _statm = (pid, os.open(f"/proc/{pid}/statm", os.O_RDONLY))
+    fields = os.pread(_statm[1], 128, 0).split()
+    return (int(fields[1]) - int(fields[2])) * _PAGE
 
 
 def disk_read_bytes() -> int:
