@@ -14,7 +14,7 @@ without raising it. Smaller tensors go to the allocator that was there before. T
 between 64 KiB and 1 MiB are taken too: in glibc's heap they fragmented it (SmolLM2 b4 x 256 with a budget:
 RssAnon 0.89 of the plan with 1 MiB, 1.02 with 64 KiB, BENCHMARKS.md session 12).
 
-PyTorch exposes no CPU allocator hook to Python, so the allocator is ~150 lines of C++ against c10's
+PyTorch exposes no CPU allocator hook to Python, so the allocator is ~200 lines of C++ against c10's
 `Allocator` interface, compiled with the system's C++ compiler on first use (about a second) into LEMA's cache
 folder and loaded with ctypes. Where there is no compiler (or the build fails), `install` says why and returns
 False, and the run goes on with glibc's allocator as before.
@@ -95,8 +95,8 @@ def _load():
 
 def install(cap_bytes: int, min_bytes: int = MIN_BYTES) -> bool:
     """Make the caching allocator PyTorch's CPU allocator for this process, for tensors of `min_bytes` or more,
-    holding at most `cap_bytes` above the most it ever had in use (a later call only changes the cap). False, with the reason
-    logged once, where it cannot be built or $LEMA_CPU_ALLOCATOR is "0"."""
+    holding at most `cap_bytes` above the most it ever had in use (a later call only changes the cap). False,
+    with the reason logged once, where it cannot be built or $LEMA_CPU_ALLOCATOR is "0"."""
     if os.environ.get(ENV, "1") == "0":
         return False
     lib = _load()
@@ -120,8 +120,6 @@ def installed() -> bool:
 class Stats:
     in_use_bytes: int      # blocks handed out and not freed
     cached_bytes: int      # freed blocks kept for reuse
-    peak_in_use_bytes: int
-    peak_held_bytes: int   # peak of in use + cached: what the allocator adds to the process's anonymous memory
     hits: int              # requests served from the cache
     misses: int            # requests that mapped new memory
     releases: int          # cached blocks given back to the OS
@@ -134,7 +132,7 @@ def stats() -> Optional[Stats]:
     """The allocator's counters; None where it is not loaded."""
     if not _lib:
         return None
-    out = (ctypes.c_uint64 * 10)()
+    out = (ctypes.c_uint64 * 8)()
     _lib.lema_cpu_allocator_stats(out)
     return Stats(*[int(v) for v in out])
 
@@ -143,8 +141,3 @@ def release(keep_bytes: int = 0) -> None:
     """Give cached blocks back to the OS, oldest first, until at most `keep_bytes` stay."""
     if _lib:
         _lib.lema_cpu_allocator_release(int(keep_bytes))
-
-
-def reset_peaks() -> None:
-    if _lib:
-        _lib.lema_cpu_allocator_reset_peaks()

@@ -73,8 +73,6 @@ class CachingCPUAllocator final : public c10::Allocator {
       sizes_[ptr] = bytes;
       in_use_ += bytes;
       if (in_use_ > high_water_) high_water_ = in_use_;
-      if (in_use_ > peak_in_use_) peak_in_use_ = in_use_;
-      if (in_use_ + cached_ > peak_held_) peak_held_ = in_use_ + cached_;
     }
     return {ptr, ptr, &CachingCPUAllocator::Delete, c10::Device(c10::DeviceType::CPU)};
   }
@@ -109,15 +107,8 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   void stats(uint64_t* out) {
     std::lock_guard<std::mutex> lock(mu_);
-    out[0] = in_use_; out[1] = cached_; out[2] = peak_in_use_; out[3] = peak_held_;
-    out[4] = hits_; out[5] = misses_; out[6] = releases_; out[7] = mapped_;
-    out[8] = cap_bytes_; out[9] = high_water_;
-  }
-
-  void reset_peaks() {
-    std::lock_guard<std::mutex> lock(mu_);
-    peak_in_use_ = in_use_;
-    peak_held_ = in_use_ + cached_;
+    out[0] = in_use_; out[1] = cached_; out[2] = hits_; out[3] = misses_;
+    out[4] = releases_; out[5] = mapped_; out[6] = cap_bytes_; out[7] = high_water_;
   }
 
   static void Delete(void* ptr);
@@ -176,8 +167,8 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::list<Block> lru_;  // cached blocks, oldest first
   std::unordered_map<size_t, std::deque<std::list<Block>::iterator>> free_;
   std::unordered_map<void*, size_t> sizes_;  // blocks handed out, and their sizes
-  size_t in_use_ = 0, cached_ = 0, peak_in_use_ = 0, peak_held_ = 0, mapped_ = 0;
-  size_t high_water_ = 0;  // the most ever in use (reset_peaks leaves it): what the cache may fill back to
+  size_t in_use_ = 0, cached_ = 0, mapped_ = 0;
+  size_t high_water_ = 0;  // the most ever in use: what the cache may fill back to
   uint64_t hits_ = 0, misses_ = 0, releases_ = 0;
 };
 
@@ -212,9 +203,5 @@ void lema_cpu_allocator_release(uint64_t keep_bytes) {
 
 void lema_cpu_allocator_stats(uint64_t* out) {
   if (instance != nullptr) instance->stats(out);
-}
-
-void lema_cpu_allocator_reset_peaks() {
-  if (instance != nullptr) instance->reset_peaks();
 }
 }
