@@ -10,7 +10,8 @@ import types
 import pytest
 import torch
 
-from lema.checkpointing import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from lema.checkpointing import (CheckpointError, CheckpointUnreadable, list_checkpoints, load_checkpoint,
+                                newest_readable, save_checkpoint, set_aside)
 from lema.cli import build_parser
 from lema.commands.train import args_from_namespace
 from lema.training import TrainArgs, _truncate_log, lock_output, lr_lambda, resume_schedule, unlock_output
@@ -110,6 +111,56 @@ def test_a_damaged_checkpoint_names_the_older_one(tmp_path):
     opt, sched = _optimizer()
     with pytest.raises(CheckpointError, match=r"checkpoint-4' cannot be read .*resume from .*checkpoint-2"):
         load_checkpoint(str(tmp_path / "checkpoint-4"), None, opt, sched, {})
+
+
+def test_a_checkpoint_with_a_damaged_file_changes_nothing(tmp_path):
+    """Every file is read before any is applied: rng.pt cut short leaves the optimizer's state and the
+    scheduler as they were (a fallback to an older checkpoint starts from a clean slate)."""
+    opt, sched = _optimizer()
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    opt.step()
+    sched.step()
+    folder = tmp_path / "checkpoint-3"
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 3, "sampler": {}, "run": {}}))
+    torch.save(opt.state_dict(), folder / "optimizer.pt")
+    torch.save(sched.state_dict(), folder / "scheduler.pt")
+    (folder / "rng.pt").write_bytes(b"PK\x03\x04 cut")
+    fresh_opt, fresh_sched = _optimizer()
+    model = types.SimpleNamespace(load_adapter=lambda path: pytest.fail("applied before every file was read"))
+    with pytest.raises(CheckpointUnreadable, match=r"checkpoint-3' cannot be read") as e:
+        load_checkpoint(str(folder), model, fresh_opt, fresh_sched, {})
+    assert e.value.path == str(folder) and e.value.why
+    assert fresh_opt.state_dict()["state"] == {} and fresh_sched.last_epoch == 0
+
+
+def test_the_newest_readable_checkpoint_resumes(tmp_path):
+    paths = {s: str(tmp_path / f"checkpoint-{s}") for s in (2, 4, 6)}
+
+    def load(path):
+        if path != paths[2]:
+            raise CheckpointUnreadable(f"checkpoint {path!r} cannot be read", path, f"cut {path[-1]}")
+        return {"step": 2}
+
+    assert newest_readable(sorted(paths.items()), load) == (paths[2], {"step": 2},
+                                                             [(paths[6], "cut 6"), (paths[4], "cut 4")])
+    with pytest.raises(CheckpointError, match=r"no checkpoint can be read: .*checkpoint-4' \(cut 4\); .*--output"):
+        newest_readable([(4, paths[4])], load)
+
+    def other_settings(path):
+        raise CheckpointError("was made with lora_rank=4")
+
+    with pytest.raises(CheckpointError, match="lora_rank=4"):  # not damage: no fallback past it
+        newest_readable(sorted(paths.items()), other_settings)
+
+
+def test_a_damaged_checkpoint_is_set_aside_not_deleted(tmp_path):
+    for name in ("checkpoint-4", "damaged-checkpoint-4"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text("{")
+    assert set_aside(str(tmp_path / "checkpoint-4")) == str(tmp_path / "damaged-checkpoint-4-2")
+    assert sorted(os.listdir(tmp_path)) == ["damaged-checkpoint-4", "damaged-checkpoint-4-2"]
+    assert list_checkpoints(str(tmp_path)) == []
 
 
 def test_a_resumed_log_drops_the_steps_that_run_again(tmp_path):

@@ -16,6 +16,13 @@ before the rename and before older checkpoints are pruned, so a power cut does n
 "complete" checkpoint with empty files either. Temporary folders left by a killed run start with
 `.tmp-` and are ignored (and cleaned up by the next save); a save that fails (a full disk) removes
 its own and names the checkpoint still intact.
+
+A checkpoint that cannot be read on resume (a disk error, a file cut short or edited by hand) is
+not the end of the run: `newest_readable` reads the checkpoints newest first, and
+`set_aside` renames the damaged ones to `damaged-checkpoint-STEP` (kept for inspection, out of the
+rotation: a later save's pruning would otherwise keep a damaged newest folder and delete good
+ones). Every file of a checkpoint is read before any of it is applied, so a damaged one leaves
+the model and optimizer as they were.
 """
 
 from __future__ import annotations
@@ -40,6 +47,14 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed here; the message says why and what to do."""
+
+
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint whose files cannot be read (damaged or cut short): an older one may still resume the run."""
+
+    def __init__(self, message: str, path: str, why: str):
+        super().__init__(message)
+        self.path, self.why = path, why
 
 
 def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
@@ -89,12 +104,12 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, sample
     return final
 
 
-def _unreadable(path: str, e: Exception) -> CheckpointError:
+def _unreadable(path: str, e: Exception) -> CheckpointUnreadable:
     """A damaged or partly written checkpoint, named, with the older one to resume from."""
     older = [p for _, p in list_checkpoints(os.path.dirname(path) or ".") if p != path]
-    return CheckpointError(f"checkpoint {path!r} cannot be read ({reason(e)}); "
-                           + (f"move it away to resume from {older[-1]!r}" if older else
-                              "no older checkpoint exists: start a new run"))
+    return CheckpointUnreadable(f"checkpoint {path!r} cannot be read ({reason(e)}); "
+                                + (f"move it away to resume from {older[-1]!r}" if older else
+                                   "no older checkpoint exists: start a new run"), path, reason(e))
 
 
 RUN_SHAPE = ("model", "lora_rank", "lora_alpha", "lora_target_modules")  # in every checkpoint
@@ -129,25 +144,59 @@ def data_identity(path: str) -> dict:
     return {"file": os.path.abspath(path), "sha256": digest.hexdigest()}
 
 
+_READ_ERRORS = (OSError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError, SafetensorError)
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler, run_identity: dict) -> dict:
-    """Restore everything saved by `save_checkpoint`; refuse a checkpoint of another run shape."""
+    """Restore everything saved by `save_checkpoint`; refuse a checkpoint of another run shape. Every file is
+    read before anything is applied: a checkpoint that cannot be read (`CheckpointUnreadable`) changes nothing."""
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             state = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "sampler" not in state:
+            raise ValueError("trainer_state.json lacks the step or the data position")
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise _unreadable(path, e) from None
     check_run_identity(path, state.get("run", {}), run_identity)
     try:
-        model.load_adapter(os.path.join(path, "adapter"))
         # map_location: a checkpoint written on a GPU resumes on the CPU too (load_state_dict moves the state)
-        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
-                                             weights_only=True))
-        scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+        optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+        scheduler_state = torch.load(os.path.join(path, "scheduler.pt"), weights_only=False)
         rng = torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError) as e:
+        rng["torch"], rng["python"]  # noqa: B018 (present, or KeyError: damaged)
+        model.load_adapter(os.path.join(path, "adapter"))  # reads and checks every tensor, then sets them
+    except _READ_ERRORS as e:
         raise _unreadable(path, e) from None
+    optimizer.load_state_dict(optimizer_state)  # checked against the optimizer's groups; a mismatch is not damage
+    scheduler.load_state_dict(scheduler_state)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+def newest_readable(checkpoints: list[tuple[int, str]], load) -> tuple[str, dict, list[tuple[str, str]]]:
+    """Resume from the newest checkpoint that `load(path) -> state` can read: returns its path, its state and
+    the newer ones that could not be read, as (path, reason). Any other refusal (a run of other settings) is
+    raised as it is; where none can be read, the error names each."""
+    damaged = []
+    for _, path in reversed(checkpoints):
+        try:
+            return path, load(path), damaged
+        except CheckpointUnreadable as e:
+            damaged.append((path, e.why))
+    raise CheckpointError("no checkpoint can be read: " + "; ".join(f"{p!r} ({why})" for p, why in damaged)
+                          + "; start a new run with another --output (these folders are left as they are)")
+
+
+def set_aside(path: str) -> str:
+    """Rename a damaged checkpoint `checkpoint-STEP` to `damaged-checkpoint-STEP` (or `...-2`, ...): kept for
+    inspection, no longer listed, resumed or pruned."""
+    folder, name = os.path.split(path)
+    target, n = os.path.join(folder, "damaged-" + name), 1
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(folder, f"damaged-{name}-{n}")
+    os.rename(path, target)
+    return target

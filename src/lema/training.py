@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from .checkpointing import CheckpointError, data_identity, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpointing import (CheckpointError, data_identity, list_checkpoints, load_checkpoint, newest_readable,
+                            save_checkpoint, set_aside)
 from .engine.skeleton import load_hf_config
 from .planner import human, plan_for_config
 
@@ -311,13 +312,14 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     identity = {"model": os.path.abspath(args.model), "lora_rank": args.lora_rank,
                 "lora_alpha": args.lora_alpha, "lora_target_modules": model.lora_targets,
                 "data": data_identity(args.data), "seq_len": args.seq_len, "grad_accum": args.grad_accum}
-    step = 0
-    if args.resume:
-        state = load_checkpoint(checkpoints[-1][1], model, optimizer, scheduler, identity)
+    step, damaged = 0, []
+    if args.resume:  # the newest checkpoint that can be read; damaged newer ones are set aside below
+        resumed, state, damaged = newest_readable(
+            checkpoints, lambda path: load_checkpoint(path, model, optimizer, scheduler, identity))
         try:
             sampler.load_state_dict(state["sampler"])
         except ValueError as e:  # another --batch-size or --seed (the data's own change is named above)
-            raise CheckpointError(f"checkpoint {checkpoints[-1][1]!r}: {e}; resume with the run's settings or use "
+            raise CheckpointError(f"checkpoint {resumed!r}: {e}; resume with the run's settings or use "
                                   "a new --output") from None
         step = state["step"]
         resume_schedule(optimizer, scheduler, args.lr, lambda s: lr_lambda(s, args.warmup_steps, total_steps,
@@ -341,6 +343,9 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     if list_checkpoints(args.output) != checkpoints:
         raise CheckpointError(f"the checkpoints in {args.output!r} changed while this run was starting (another "
                               "run writing there?); start it again")
+    for path, why in damaged:
+        print(f"warning: {path} cannot be read ({why}); moved to {set_aside(path)}, resuming from {resumed} "
+              f"(step {step})", file=out, flush=True)
     if args.resume:
         _truncate_log(os.path.join(args.output, "log.jsonl"), step)  # steps after the checkpoint run again
     log = open(os.path.join(args.output, "log.jsonl"), "a")
