@@ -167,6 +167,33 @@ def test_messages_without_offsets_fallback_matches(tok):
     assert slow == fast
 
 
+def test_prompt_completion_without_offsets_is_one_text_too(tok):
+    """The slow path tokenizes the same one text as the fast one: " Paris" stays one token (tokenized apart,
+    the prompt's trailing space and "Paris" would be two) and is supervised."""
+    ex = {"prompt": "Capital of France? Answer: ", "completion": "Paris"}
+    assert tok(ex["prompt"])["input_ids"] + tok("Paris", add_special_tokens=False)["input_ids"] != \
+        tok(ex["prompt"] + "Paris")["input_ids"]  # the case the parts-apart tokenization got wrong
+    slow = tokenize_example(ex, _SlowProxy(tok), 64)
+    assert slow == tokenize_example(ex, tok, 64)
+    assert [tok.decode(r) for r in supervised_runs(*slow[:2])] == [" Paris" + tok.eos_token]
+
+
+def test_messages_without_offsets_match_where_a_token_straddles_the_reply(tokenizer_dir):
+    """A template that writes the reply straight after the role with no separator: the first reply token merges
+    with the text before it. Fast and slow paths supervise the same tokens, one-shot tokenization in both."""
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(tokenizer_dir)
+    t.chat_template = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    msgs = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hello there"},
+            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "ok"}]
+    fast = tokenize_example({"messages": msgs}, t, 128)
+    slow = tokenize_example({"messages": msgs}, _SlowProxy(t), 128)
+    assert slow == fast and fast[0] == t(t.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)[
+        "input_ids"]
+    assert len(supervised_runs(*slow[:2])) == 2
+
+
 def test_messages_without_chat_template_raises(tokenizer_dir):
     from transformers import AutoTokenizer
 

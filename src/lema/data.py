@@ -127,6 +127,19 @@ def _ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def _tokens_before(tokenizer, text: str, ids: list[int], pos: int, add_special_tokens: bool) -> tuple[int, bool]:
+    """How many of `ids` (the tokenization of `text`) lie wholly before character `pos`, for tokenizers without
+    offsets: the length of the common start of `ids` and the tokenization of `text[:pos]`; and whether a token
+    straddles `pos` (then it is the first that differs: it counts as after `pos`, as with offsets)."""
+    head = _ids(tokenizer, text[:pos], add_special_tokens) if pos > 0 else []
+    n = 0
+    for a, b in zip(head, ids):
+        if a != b:
+            break
+        n += 1
+    return n, n < len(head)
+
+
 def _with_eos(ids: list[int], tokenizer) -> list[int]:
     # Ending every example with EOS teaches the model to stop; skip it if the
     # tokenizer has none or already appended one.
@@ -219,16 +232,15 @@ def _tokenize_messages(messages: list[dict], tokenizer) -> tuple[list[int], list
             inside = e > s and any(s < b and e > a for a, b in spans)
             labels.append(tok if inside else IGNORE_INDEX)
         return ids, labels
-    # Slow tokenizers have no offsets: tokenize the pieces between span
-    # boundaries separately (may differ slightly from one-shot tokenization).
-    ids, labels, pos = [], [], 0
-    for a, b in spans + [(len(full), len(full))]:
-        for piece, supervised in ((full[pos:a], False), (full[a:b], True)):
-            if piece:
-                p = _ids(tokenizer, piece, add_special_tokens=False)
-                ids += p
-                labels += p if supervised else [IGNORE_INDEX] * len(p)
-        pos = b
+    # Slow tokenizers have no offsets: the same one-shot tokenization, each span's tokens found by tokenizing the
+    # text up to its start and its end (a token straddling either boundary is supervised, as above).
+    ids = _ids(tokenizer, full, add_special_tokens=False)
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in spans:
+        start, _ = _tokens_before(tokenizer, full, ids, a, add_special_tokens=False)
+        end, straddled = _tokens_before(tokenizer, full, ids, b, add_special_tokens=False)
+        end += straddled  # the token reaching over the span's end carries reply characters
+        labels[start:end] = ids[start:end]
     return ids, labels
 
 
@@ -259,12 +271,13 @@ def tokenize_example(example: dict, tokenizer, seq_len: int) -> tuple[list[int],
         labels += with_eos[len(ids):]
         ids = with_eos
     elif "prompt" in example:
-        # Slow tokenizers have no offsets: the two parts apart, so the supervised tokens decode to precisely
-        # the completion.
-        prompt = _ids(tokenizer, example["prompt"], add_special_tokens=True)
-        completion = _with_eos(_ids(tokenizer, example["completion"], add_special_tokens=False), tokenizer)
-        ids = prompt + completion
-        labels = [IGNORE_INDEX] * len(prompt) + completion
+        # Slow tokenizers have no offsets: the same one text, the prompt's tokens those it shares with the
+        # prompt tokenized alone (_tokens_before).
+        text = example["prompt"] + example["completion"]
+        ids = _ids(tokenizer, text, add_special_tokens=True)
+        masked, _ = _tokens_before(tokenizer, text, ids, len(example["prompt"]), add_special_tokens=True)
+        ids = _with_eos(ids, tokenizer)
+        labels = [IGNORE_INDEX] * masked + ids[masked:]
     elif "messages" in example:
         ids, labels = _tokenize_messages(example["messages"], tokenizer)
     else:
