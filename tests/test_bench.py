@@ -142,6 +142,10 @@ def test_lema_bench_floor_is_timed_in_the_rounds(tmp_path, capsys):
     assert "the pager's own reads ran at" in format_table(out)
     assert fl["streaming_over_floor"] == pytest.approx(s["median_step_s"] / fl["floor_s"])
     assert fl["fastest_streaming_over_floor"] == pytest.approx(min(s["step_times_s"]) / fl["floor_s"])
+    by_round = [t / max(fl["disk_s"], c) for t, c in zip(s["step_times_s"], fl["compute_by_round_s"])]
+    assert len(by_round) == 2 and fl["streaming_over_floor_by_round"] == pytest.approx(by_round)
+    assert fl["median_round_streaming_over_floor"] == pytest.approx(sum(by_round) / 2)
+    assert "round by round, against the probes of the same round" in format_table(out)
 
 
 def test_floor_mixes_kept_and_recomputed_layer_times():
@@ -162,6 +166,24 @@ def test_floor_mixes_kept_and_recomputed_layer_times():
     # recomputed: rest 2, 3 s/layer; kept: rest 2, 2 s/layer -> 2 + 4 x 2 + 6 x 3
     assert fl["t_layer"] == 3.0 and fl["t_layer_kept"] == 2.0 and fl["t_rest"] == 2.0
     assert fl["compute_s"] == pytest.approx(2 + 4 * 2 + 6 * 3)
+    assert fl["compute_by_round_s"] == pytest.approx([2 + 4 * 2 + 6 * 3])
+
+
+def test_the_floor_round_by_round_follows_the_machine():
+    """Round 2 ran with everything 1.5x slower (the VM's drift): the floor (fastest round) stays round 1's,
+    and each round's own fit gives that round's compute, so a ratio round by round cancels the drift."""
+    import tempfile
+
+    from transformers import LlamaConfig
+
+    from lema.bench import ContenderResult, floor_from_rounds
+
+    results = {n: ContenderResult(n, n, times=[t, 1.5 * t]) for n, t in {"floor-1": 5.0, "floor-4": 14.0}.items()}
+    folder = tempfile.mkdtemp()
+    LlamaConfig(num_hidden_layers=10).save_pretrained(folder)
+    fl = floor_from_rounds(folder, results, kept_layers=0)
+    assert fl["compute_s"] == pytest.approx(2 + 10 * 3)
+    assert fl["compute_by_round_s"] == pytest.approx([32.0, 48.0])
 
 
 def test_lema_bench_reports_the_pager_and_the_cpu(tmp_path, capsys):

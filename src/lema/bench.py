@@ -844,6 +844,19 @@ def floor_from_rounds(model: str, results: dict[str, ContenderResult], kept_laye
     kept = fits.get("-kept", recomputed)
     t_rest = (recomputed[0] + kept[0]) / 2
     compute = t_rest + kept_layers * kept[1] + (L - kept_layers) * recomputed[1]
+
+    # The same fit on each round's probes alone: the floor of the hour each round ran in, for a ratio round by
+    # round (the machine's drift between rounds then cancels, as the interleaving intends).
+    def round_compute(r: int) -> float:
+        per = {}
+        for kind in fits:
+            ta, tb = results[f"floor-{a}{kind}"].times[r], results[f"floor-{b}{kind}"].times[r]
+            per[kind] = (ta - a * (tb - ta) / (b - a), (tb - ta) / (b - a))
+        rec = per.get("", per.get("-kept"))
+        kp = per.get("-kept", rec)
+        return (rec[0] + kp[0]) / 2 + kept_layers * kp[1] + (L - kept_layers) * rec[1]
+
+    rounds = min(len(results[f"floor-{n}{kind}"].times) for kind in fits for n in FLOOR_LAYERS)
     return {"t_layer": recomputed[1], "t_layer_kept": kept[1], "t_rest": t_rest, "kept_layers": kept_layers,
             "compute_s": compute, "layers_timed": recomputed[2], "layers_timed_kept": kept[2], "interleaved": True,
-            "probe_repeats": PROBE_REPEATS}
+            "probe_repeats": PROBE_REPEATS, "compute_by_round_s": [round_compute(r) for r in range(rounds)]}
