@@ -76,6 +76,8 @@ def test_lema_bench_json(tmp_path, capsys):
     assert s["bytes_streamed_per_step"] > 0 and r["bytes_streamed_per_step"] == 0  # 3 layers, 2 slots
     torch.testing.assert_close(torch.tensor(s["losses"]), torch.tensor(r["losses"]))  # same engine, same numbers
     assert out["contenders"]["peft"]["vs_peft"] == 1.0 and r["vs_resident"] == 1.0
+    paired = [a / b for a, b in zip(s["step_times_s"], r["step_times_s"])]  # each round's pair, then the median
+    assert s["vs_resident_by_round"] == pytest.approx(sum(paired) / 2) and r["vs_resident_by_round"] == 1.0
     assert out["ceiling_bytes_per_s"] > 0
     for name in ("resident", "streaming"):  # what LEMA decided, and the plan it is compared with, agree
         c = out["contenders"][name]
@@ -89,6 +91,7 @@ def test_lema_bench_json(tmp_path, capsys):
     table = format_table(out)
     assert "LEMA STREAMING" in table and "pred/run" in table and "3 layers kept" in table
     assert "LEMA STREAMING: where the median step went: layers forward" in table
+    assert "round by round (median of each step over the other's in the same round): LEMA STREAMING " in table
     if heap_allocated() is not None:  # the check against malloc's bytes in use, from an untimed step
         for c in out["contenders"].values():
             assert c["peak_run_allocated_bytes"] > 0

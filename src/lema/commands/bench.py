@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from . import add_layer_placement_flags, count_or_auto, tristate
 
 HELP = "time training steps of Transformers + PEFT, LEMA RESIDENT and LEMA STREAMING side by side"
@@ -202,6 +204,13 @@ def run(args) -> int:
         "gpu_memory": args.gpu_memory, "max_vram": args.max_vram,
         "contenders": {},
     }
+    def by_round(r, other: str) -> Optional[float]:
+        """The median over the rounds of this contender's step over `other`'s in the same round: the two ran
+        minutes apart, so drift in the machine between rounds cancels (the medians' ratio keeps some of it)."""
+        if other not in results or not r.times:
+            return None
+        return statistics.median(t / o for t, o in zip(r.times, results[other].times) if o > 0)
+
     for n, r in results.items():
         peak_run = r.peak_rss - r.baseline_rss
         gbps = r.bytes_per_step / r.median if r.median else 0.0
@@ -216,6 +225,7 @@ def run(args) -> int:
             "achieved_bytes_per_s": gbps, "achieved_over_ceiling": gbps / ceiling if ceiling else None,
             "vs_peft": r.median / ref["peft"] if "peft" in ref else None,
             "vs_resident": r.median / ref["resident"] if "resident" in ref else None,
+            "vs_peft_by_round": by_round(r, "peft"), "vs_resident_by_round": by_round(r, "resident"),
             "build_s": r.build_s, **r.info,
         }
         if r.peak_allocated is not None and r.baseline_allocated is not None:
@@ -296,6 +306,11 @@ def format_table(out: dict) -> str:
                      f"{human(c['bytes_streamed_per_step']):>13} {c['achieved_bytes_per_s'] / gb:>6.2f} "
                      f"{f(c['achieved_over_ceiling'], '.2f'):>6} {f(c['vs_peft'], '.2f'):>7} "
                      f"{f(c['vs_resident'], '.2f'):>7}")
+    paired = [f"{c['label']} {f(c.get('vs_peft_by_round'), '.2f')} x PEFT, {f(c.get('vs_resident_by_round'), '.2f')} "
+              "x RESIDENT" for n, c in out["contenders"].items() if n not in ("peft", "resident")
+              and (c.get("vs_peft_by_round") is not None or c.get("vs_resident_by_round") is not None)]
+    if paired:
+        lines.append("round by round (median of each step over the other's in the same round): " + "; ".join(paired))
     lines.append("")
     for c in out["contenders"].values():
         if "kept_layers" in c:
