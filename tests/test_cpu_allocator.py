@@ -1,4 +1,4 @@
-"""cpu_allocator: the caching allocator for large CPU tensors (CPU runs with a budget), in fresh processes, as it
+"""cpu_allocator: the caching allocator for large CPU tensors (LEMA's CPU runs), in fresh processes, as it
 changes the whole process's allocator."""
 
 from __future__ import annotations
@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = r"""
 import sys, torch
@@ -141,21 +143,21 @@ def test_training_on_reused_blocks_gives_the_same_numbers(tiny_dir, tmp_path):
         assert torch.equal(t, cached["lora"][n]), n
 
 
-def test_a_cpu_budget_installs_it_with_the_plans_cap(tiny_dir, make_lema):
-    """LemaModel with a CPU budget: the allocator is PyTorch's, and a training step sets its cap to the plan's
-    allocator cache (one layer's work at that step's size). In this process: any later test runs with it too,
-    as a CPU-budget run's process does."""
-    import pytest
+@pytest.mark.parametrize("budget", [None, "20GB"])
+def test_a_cpu_run_installs_it_with_the_plans_cap(tiny_dir, make_lema, budget):
+    """LemaModel on the CPU, with a budget or without: the allocator is PyTorch's, and a training step sets its
+    cap to the plan's allocator cache (one layer's work at that step's size). In this process: any later test
+    runs with it too, as a LEMA run's process does."""
     import torch
 
     from lema import cpu_allocator
     from lema.planner import plan_for_config
 
-    model = make_lema(tiny_dir("llama"), max_vram="20GB")
+    model = make_lema(tiny_dir("llama"), max_vram=budget)
     if not model.host_allocator_cached:
         pytest.skip("the allocator could not be built here (no C++ compiler)")
     assert cpu_allocator.installed()
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1 if budget else 2))
     model(ids, labels=ids).loss.backward()
     p = plan_for_config(model.config, batch_size=2, seq_len=12)
     assert cpu_allocator.stats().cap_bytes == p.allocator_cache_bytes == p.layer_work_bytes > 0

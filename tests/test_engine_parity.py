@@ -615,7 +615,8 @@ def test_keep_activations_none_follows_the_budget(tiny_dir, make_lema):
     probe = make_lema(path, keep_activations=0)
     tokens = batch().numel()
     p = plan_for_config(probe.config, 1, tokens, free_bytes=0)
-    base = p.peak_bytes + p.layer_work_bytes  # a CPU budget adds the allocator's cache: one layer's work
+    base = p.peak_bytes  # the allocator's cache (one layer's work) counts with a budget or without
+    assert p.allocator_cache_bytes == p.layer_work_bytes
     budget = base + 2 * p.kept_extra_bytes + p.kept_extra_bytes // 2  # room for 2.5 layers
     model = make_lema(path, max_vram=str(budget))
     assert model.kept_layers(tokens) == spread(2, 5)

@@ -89,17 +89,24 @@ def test_cpu_zero_copy_ring_costs_no_memory_and_resident_holds_every_layer():
     assert resident.peak_bytes - streaming.peak_bytes == layers
 
 
-def test_cpu_budget_counts_the_allocators_cache_of_one_layers_work():
-    """With a CPU budget LEMA's CPU allocator keeps up to one layer's transient of freed blocks (cpu_allocator.py):
-    a row of the plan and part of every phase's peak; no row without a budget or on a GPU."""
+def test_cpu_plans_count_the_allocators_cache_of_one_layers_work(monkeypatch):
+    """On the CPU LEMA's CPU allocator keeps up to one layer's transient of freed blocks (cpu_allocator.py), with a
+    budget or without: a row of the plan and part of every phase's peak. No row for a process without it
+    (Transformers + PEFT in lema bench, $LEMA_CPU_ALLOCATOR=0) or on a GPU."""
+    monkeypatch.delenv("LEMA_CPU_ALLOCATOR", raising=False)
     cfg = make_config("llama")
+    bare = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", keep_activations=0, host_allocator=False)
     free = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", keep_activations=0)
     budget = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", keep_activations=0,
                   max_vram_bytes=free.peak_bytes * 4)
-    assert free.allocator_cache_bytes == 0 and budget.allocator_cache_bytes == budget.layer_work_bytes > 0
-    assert budget.peak_bytes - free.peak_bytes == budget.layer_work_bytes
-    assert [r.nbytes for r in budget.rows() if r.item == "allocator cache"] == [budget.layer_work_bytes]
-    assert not [r for r in free.rows() if r.item == "allocator cache"]
+    for p in (free, budget):
+        assert p.allocator_cache_bytes == p.layer_work_bytes > 0
+        assert p.peak_bytes - bare.peak_bytes == p.layer_work_bytes
+        assert [r.nbytes for r in p.rows() if r.item == "allocator cache"] == [p.layer_work_bytes]
+    assert bare.allocator_cache_bytes == 0 and not [r for r in bare.rows() if r.item == "allocator cache"]
+    monkeypatch.setenv("LEMA_CPU_ALLOCATOR", "0")
+    off = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", keep_activations=0)
+    assert off.allocator_cache_bytes == 0 and off.peak_bytes == bare.peak_bytes
     gpu = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda", max_vram_bytes=free.peak_bytes * 4)
     assert gpu.allocator_cache_bytes == 0
 

@@ -1,4 +1,4 @@
-"""A caching allocator for PyTorch's large CPU tensors (native/cpu_allocator.cpp), for CPU runs with a budget.
+"""A caching allocator for PyTorch's large CPU tensors (native/cpu_allocator.cpp), for LEMA's CPU runs.
 
 With a CPU budget, glibc's mmap threshold is fixed at 1 MiB (host_memory.return_freed_memory_to_os) so that
 freed tensors leave the process and its anonymous memory follows the plan. The price: every tensor of 1 MiB
@@ -13,6 +13,10 @@ between peaks (on SmolLM2 b4 x 256 a cap of one layer's work alone left ~750 ten
 without raising it. Smaller tensors go to the allocator that was there before. The blocks
 between 64 KiB and 1 MiB are taken too: in glibc's heap they fragmented it (SmolLM2 b4 x 256 with a budget:
 RssAnon 0.89 of the plan with 1 MiB, 1.02 with 64 KiB, BENCHMARKS.md session 12).
+
+Without a budget glibc's own heap keeps freed blocks, but fragments: on SmolLM2 b4 x 256 a STREAMING process's
+RssAnon peaked at 2689 MiB above its baseline with glibc, 1534 MiB with this allocator, same speed (5.62 / 5.46
+s a step, BENCHMARKS.md session 13). So LemaModel installs it on every CPU run, budget or not.
 
 PyTorch exposes no CPU allocator hook to Python, so the allocator is ~200 lines of C++ against c10's
 `Allocator` interface, compiled with the system's C++ compiler on first use (about a second) into LEMA's cache
@@ -93,11 +97,16 @@ def _load():
     return _lib
 
 
+def enabled() -> bool:
+    """Whether LEMA's CPU runs use the allocator ($LEMA_CPU_ALLOCATOR is not "0"; the plan counts its cache)."""
+    return os.environ.get(ENV, "1") != "0"
+
+
 def install(cap_bytes: int, min_bytes: int = MIN_BYTES) -> bool:
     """Make the caching allocator PyTorch's CPU allocator for this process, for tensors of `min_bytes` or more,
     holding at most `cap_bytes` above the most it ever had in use (a later call only changes the cap). False,
     with the reason logged once, where it cannot be built or $LEMA_CPU_ALLOCATOR is "0"."""
-    if os.environ.get(ENV, "1") == "0":
+    if not enabled():
         return False
     lib = _load()
     if not lib:

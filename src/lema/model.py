@@ -88,8 +88,10 @@ class LemaModel(nn.Module):
         if self.device.type == "cpu" and config.max_vram_bytes is not None:
             # a CPU budget bounds anonymous memory: large freed tensors must leave the heap (host_memory.py)
             self.host_heap_bounded = return_freed_memory_to_os()
-            # and large tensors reuse freed blocks of their size instead of fresh pages (cpu_allocator.py); the
-            # cap is the plan's, set at the first training step, when its size is known
+        if self.device.type == "cpu":
+            # large tensors reuse freed blocks of their size: no fresh pages (a budget's mmap threshold), no
+            # fragmented heap (glibc's, without one); cpu_allocator.py. The cap is the plan's, set at the first
+            # training step, when its size is known
             self.host_allocator_cached = cpu_allocator.install(cpu_allocator.DEFAULT_CAP_BYTES)
         self.hf_config = load_hf_config(config.model_name_or_path)
         base = build_meta_model(self.hf_config, self.dtype)

@@ -55,7 +55,7 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                    fp32 and bf16, GPT-2 in fp32 and bf16, OPT, Mixtral, tests/test_planner.py; rotary
                    cos/sin and the mask are shared)
 
-    allocator      CPU with a budget: layer work bytes, how far above the step's peak of live tensors LEMA's
+    allocator      CPU (LEMA): layer work bytes, how far above the step's peak of live tensors LEMA's
     cache          CPU allocator may hold freed blocks of 64 KiB or more for the next tensors of their sizes
                    (cpu_allocator.py; below the peak it may keep as many as it had in use)
     kept           n_keep x saved terms: layers that keep what autograd saves instead of being
@@ -185,7 +185,7 @@ class Plan:
     page_cache_adaptive: bool = False  # the window is sized at run time (smaller where the kernel evicts from it)
     disk_read_bytes: int = 0
     embedding_view_bytes: int = 0  # CPU, file in the compute dtype: the untied embedding stays a view of the mmap
-    allocator_cache_bytes: int = 0  # CPU with a budget: what LEMA's CPU allocator may hold above the live peak
+    allocator_cache_bytes: int = 0  # CPU: what LEMA's CPU allocator may hold above the live peak
 
     @property
     def layer_bytes(self) -> int:
@@ -482,7 +482,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
          keep_activations: Optional[int] = None, free_bytes: Optional[int] = None,
          gradient_checkpointing: bool = True, facts: Optional["ModelFacts"] = None,
          page_cache: Optional[int | str] = None, resident_layers: Optional[int] = 0,
-         offload_activations: Optional[bool] = None, weights_mapped: bool = False) -> Plan:
+         offload_activations: Optional[bool] = None, weights_mapped: bool = False,
+         host_allocator: Optional[bool] = None) -> Plan:
     """Plan one training step of `model` (a Transformers config, or a checkpoint folder).
 
     `zero_copy`: on the CPU, whether the ring serves views of the mmap (weights file already in the
@@ -504,8 +505,11 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     `weights_mapped` (resident, CPU): the frozen weights are views of the mmap'd weights file, none of them
     anonymous memory: how Transformers' own loader holds a file already in the compute dtype (lema bench's
     Transformers + PEFT contender; LEMA RESIDENT copies them).
+    `host_allocator` (CPU): LEMA's caching CPU allocator runs and its cache counts (None: unless
+    $LEMA_CPU_ALLOCATOR is "0"; lema bench's Transformers + PEFT contender: False).
     Raises PlanError when `max_vram_bytes` is given and the predicted peak exceeds it.
     """
+    from . import cpu_allocator
     from .config import parse_dtype
     from .engine.skeleton import EMBED, HEAD
 
@@ -553,8 +557,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     kept_extra = layer_saved  # what a kept layer saves beyond its input (the input is in the boundary)
 
     cpu = device_type == "cpu"
-    # with a CPU budget, LEMA's CPU allocator keeps up to one layer's transient of freed blocks (cpu_allocator.py)
-    cache = layer_work if cpu and max_vram_bytes is not None else 0
+    # on the CPU, LEMA's CPU allocator keeps up to one layer's transient of freed blocks (cpu_allocator.py)
+    cache = layer_work if cpu and (cpu_allocator.enabled() if host_allocator is None else host_allocator) else 0
     layers_total = sum(b for u, b in unit_bytes.items() if u not in (EMBED, HEAD))
     embed_view = f.embed_untied_bytes if cpu and embed_views else 0  # LemaModel._load_resident_units
     embed = unit_bytes[EMBED] - embed_view

@@ -184,7 +184,8 @@ def run(args) -> int:
                  offload_activations=info.get("offload_activations", False), facts=facts,
                  # Transformers maps a file already in the compute dtype (no copy: checked with RssAnon on SmolLM2,
                  # the gpt2-124m and a 4-layer 7B shape) and copies it only to cast it
-                 weights_mapped=n == "peft" and not cuda and facts.file_dtype == dtype)
+                 weights_mapped=n == "peft" and not cuda and facts.file_dtype == dtype,
+                 host_allocator=False if n == "peft" else None)  # LEMA's CPU allocator runs in LEMA's processes
         predicted[n] = p.peak_bytes
         modelled[n] = p.modelled_s
         if info.get("page_cache_window"):  # the disk bytes the pager's window implies, against what was read
