@@ -14,9 +14,11 @@ without raising it. Smaller tensors go to the allocator that was there before. T
 between 64 KiB and 1 MiB are taken too: in glibc's heap they fragmented it (SmolLM2 b4 x 256 with a budget:
 RssAnon 0.89 of the plan with 1 MiB, 1.02 with 64 KiB, BENCHMARKS.md session 12).
 
-Without a budget glibc's own heap keeps freed blocks, but fragments: on SmolLM2 b4 x 256 a STREAMING process's
-RssAnon peaked at 2689 MiB above its baseline with glibc, 1534 MiB with this allocator, same speed (5.62 / 5.46
-s a step, BENCHMARKS.md session 13). So LemaModel installs it on every CPU run, budget or not.
+Without a budget glibc's own heap keeps freed blocks, but fragments: on SmolLM2 b4 x 256 a STREAMING process
+(a library user's: no THP_MEM_ALLOC_ENABLE) peaked at 2689 MiB of RssAnon above its baseline with glibc, 1534
+MiB with this allocator, same speed (5.62 / 5.46 s a step); under `lema bench` (huge pages on, as the `lema`
+command sets them) 1.7 -> 1.6 GiB, planner check 0.88 -> 0.98, system time 7% -> 3% of the step, LEMA RESIDENT
+0.81 -> 0.62x Transformers + PEFT (BENCHMARKS.md session 13). So LemaModel installs it on every CPU run.
 
 PyTorch exposes no CPU allocator hook to Python, so the allocator is ~200 lines of C++ against c10's
 `Allocator` interface, compiled with the system's C++ compiler on first use (about a second) into LEMA's cache
