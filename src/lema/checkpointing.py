@@ -163,7 +163,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, run_identity: dict) 
         optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
         scheduler_state = torch.load(os.path.join(path, "scheduler.pt"), weights_only=False)
         rng = torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=False)
-        rng["torch"], rng["python"]  # noqa: B018 (present, or KeyError: damaged)
+        if not isinstance(rng, dict) or not {"torch", "python"} <= rng.keys():
+            raise KeyError("rng.pt lacks the torch or Python RNG state")
         model.load_adapter(os.path.join(path, "adapter"))  # reads and checks every tensor, then sets them
     except _READ_ERRORS as e:
         raise _unreadable(path, e) from None

@@ -9,7 +9,7 @@ returned to the OS when freed, and the process's anonymous memory stays close to
 peak. The price is a fresh mapping (and its page faults) per large tensor, so LEMA sets it only
 when a CPU run has a memory budget (`LemaConfig.max_vram` with device='cpu'), and the `lema` command
 asks PyTorch for huge pages (`use_huge_pages_for_tensors`), which makes those faults 512 times fewer
-where the memory has free 2 MiB blocks; with a budget LEMA also installs its caching CPU allocator
+where the memory has free 2 MiB blocks; LEMA also installs its caching CPU allocator on every CPU run
 (cpu_allocator.py), which reuses freed blocks of 64 KiB or more by size, so the faults are paid once.
 
 Also here: `madvise` and `resident_fraction` (ctypes, GIL released) and `memory_available` for the

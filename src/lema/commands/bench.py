@@ -205,6 +205,7 @@ def run(args) -> int:
         "gpu_memory": args.gpu_memory, "max_vram": args.max_vram,
         "contenders": {},
     }
+
     def by_round(r, other: str) -> Optional[float]:
         """The median over the rounds of this contender's step over `other`'s in the same round: the two ran
         minutes apart, so drift in the machine between rounds cancels (the medians' ratio keeps some of it)."""
