@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from lema.bench import build_shape, layer_timeline, shape_config
+from lema.bench import VM_COUNTERS, build_shape, layer_timeline, shape_config, vm_counters
 from lema.cli import main
 from lema.commands.bench import format_table
 from lema.host_memory import heap_allocated
@@ -209,6 +209,19 @@ def test_lema_bench_reports_the_pager_and_the_cpu(tmp_path, capsys):
     assert s["pager_late_per_step"] >= 0
     assert sum(s["cpu"].values()) == pytest.approx(1.0) and set(s["cpu"]) >= {"user", "system", "steal"}
     assert "held by the pager" in format_table(out)
+    # the kernel's memory work during the steps (/proc/vmstat deltas, per step): counts, never negative
+    assert set(s["vm_per_step"]) == set(VM_COUNTERS) and all(v >= 0 for v in s["vm_per_step"].values())
+    out["contenders"]["streaming"]["vm_per_step"] = dict.fromkeys(VM_COUNTERS, 0) | {"pgsteal_kswapd": 256,
+                                                                                      "compact_stall": 3}
+    assert "the kernel's memory work a step: kswapd reclaimed 1.0 MiB" in format_table(out)
+    assert "3 compaction stalls" in format_table(out)
+
+
+def test_vm_counters_read_the_kernels_counts():
+    counters = vm_counters()
+    with open("/proc/vmstat") as f:
+        names = {line.split()[0] for line in f}
+    assert set(counters) == set(VM_COUNTERS) & names and all(isinstance(v, int) for v in counters.values())
 
 
 def test_transient_probes_live_for_their_turn_only(tmp_path):
