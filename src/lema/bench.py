@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import multiprocessing as mp
 import os
 import statistics
@@ -219,11 +220,11 @@ VM_COUNTERS = ("pgsteal_kswapd", "pgscan_kswapd", "pgsteal_direct", "compact_sta
 
 
 def vm_counters() -> dict[str, int]:
-    """The machine's VM_COUNTERS now (/proc/vmstat); {} where unavailable."""
+    """The machine's VM_COUNTERS now (/proc/vmstat), in bytes (compact_stall: events); {} where unavailable."""
     try:
         with open("/proc/vmstat") as f:
             found = dict(line.split() for line in f)
-        return {k: int(found[k]) for k in VM_COUNTERS if k in found}
+        return {k: int(found[k]) * (1 if k == "compact_stall" else mmap.PAGESIZE) for k in VM_COUNTERS if k in found}
     except (OSError, ValueError):
         return {}
 

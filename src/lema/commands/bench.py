@@ -354,12 +354,11 @@ def format_table(out: dict) -> str:
                          + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
         vm = c.get("vm_per_step") or {}
         if any(vm.values()):
-            page = 4096
             lines.append(f"{c['label']}: the kernel's memory work a step: kswapd reclaimed "
-                         f"{human(vm.get('pgsteal_kswapd', 0) * page)} ({human(vm.get('pgscan_kswapd', 0) * page)} "
-                         f"scanned), direct reclaim {human(vm.get('pgsteal_direct', 0) * page)}, "
+                         f"{human(vm.get('pgsteal_kswapd', 0))} ({human(vm.get('pgscan_kswapd', 0))} "
+                         f"scanned), direct reclaim {human(vm.get('pgsteal_direct', 0))}, "
                          f"{vm.get('compact_stall', 0):.0f} compaction stalls, "
-                         f"{human(vm.get('workingset_refault_file', 0) * page)} of file pages read again")
+                         f"{human(vm.get('workingset_refault_file', 0))} of file pages read again")
     for c in out["contenders"].values():
         r = c.get("predicted_over_measured")
         if r is None:
