@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import multiprocessing as mp
 import os
 import statistics
@@ -224,7 +223,7 @@ def vm_counters() -> dict[str, int]:
     try:
         with open("/proc/vmstat") as f:
             found = dict(line.split() for line in f)
-        return {k: int(found[k]) * (1 if k == "compact_stall" else mmap.PAGESIZE) for k in VM_COUNTERS if k in found}
+        return {k: int(found[k]) * (1 if k == "compact_stall" else _PAGE) for k in VM_COUNTERS if k in found}
     except (OSError, ValueError):
         return {}
 
@@ -854,31 +853,28 @@ def floor_from_rounds(model: str, results: dict[str, ContenderResult], kept_laye
 
     L = AutoConfig.from_pretrained(model).num_hidden_layers
     a, b = FLOOR_LAYERS
-    fits = {}
-    for kind in ("", "-kept"):
-        if f"floor-{a}{kind}" in results:
-            # the fastest over all rounds: noise (steal, other processes) only adds time, and the per-layer time,
-            # a difference of two probes, would carry both probes' noise (medians varied +-40% between runs)
-            ta, tb = min(results[f"floor-{a}{kind}"].times), min(results[f"floor-{b}{kind}"].times)
+    kinds = [kind for kind in ("", "-kept") if f"floor-{a}{kind}" in results]
+
+    def fit(pick):
+        """(recomputed, kept, t_rest, compute) from the probe times `pick` chooses of each probe's steps;
+        recomputed and kept are (rest, t_layer, {layers: time})."""
+        fits = {}
+        for kind in kinds:
+            ta, tb = pick(results[f"floor-{a}{kind}"].times), pick(results[f"floor-{b}{kind}"].times)
             t_layer = (tb - ta) / (b - a)
             fits[kind] = (ta - a * t_layer, t_layer, {a: ta, b: tb})
-    recomputed = fits.get("", fits.get("-kept"))  # a missing kind (the plan guessed otherwise): the other's
-    kept = fits.get("-kept", recomputed)
-    t_rest = (recomputed[0] + kept[0]) / 2
-    compute = t_rest + kept_layers * kept[1] + (L - kept_layers) * recomputed[1]
+        recomputed = fits.get("", fits.get("-kept"))  # a missing kind (the plan guessed otherwise): the other's
+        kept = fits.get("-kept", recomputed)
+        t_rest = (recomputed[0] + kept[0]) / 2
+        return recomputed, kept, t_rest, t_rest + kept_layers * kept[1] + (L - kept_layers) * recomputed[1]
 
-    # The same fit on each round's probes alone: the floor of the hour each round ran in, for a ratio round by
-    # round (the machine's drift between rounds then cancels, as the interleaving intends).
-    def round_compute(r: int) -> float:
-        per = {}
-        for kind in fits:
-            ta, tb = results[f"floor-{a}{kind}"].times[r], results[f"floor-{b}{kind}"].times[r]
-            per[kind] = (ta - a * (tb - ta) / (b - a), (tb - ta) / (b - a))
-        rec = per.get("", per.get("-kept"))
-        kp = per.get("-kept", rec)
-        return (rec[0] + kp[0]) / 2 + kept_layers * kp[1] + (L - kept_layers) * rec[1]
-
-    rounds = min(len(results[f"floor-{n}{kind}"].times) for kind in fits for n in FLOOR_LAYERS)
+    # the fastest over all rounds: noise (steal, other processes) only adds time, and the per-layer time, a
+    # difference of two probes, would carry both probes' noise (medians varied +-40% between runs)
+    recomputed, kept, t_rest, compute = fit(min)
+    # and each round's probes alone: the floor of the hour each round ran in, for a ratio round by round (the
+    # machine's drift between rounds then cancels, as the interleaving intends)
+    rounds = min(len(results[f"floor-{n}{kind}"].times) for kind in kinds for n in FLOOR_LAYERS)
+    by_round = [fit(lambda times, r=r: times[r])[3] for r in range(rounds)]
     return {"t_layer": recomputed[1], "t_layer_kept": kept[1], "t_rest": t_rest, "kept_layers": kept_layers,
             "compute_s": compute, "layers_timed": recomputed[2], "layers_timed_kept": kept[2], "interleaved": True,
-            "probe_repeats": PROBE_REPEATS, "compute_by_round_s": [round_compute(r) for r in range(rounds)]}
+            "probe_repeats": PROBE_REPEATS, "compute_by_round_s": by_round}
