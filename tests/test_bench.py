@@ -88,7 +88,13 @@ def test_lema_bench_json(tmp_path, capsys):
         assert t["forward_s"] + t["backward_s"] + t["outside_layers_s"] == pytest.approx(
             out["contenders"][name]["median_step_s"], rel=0.5)  # the step closest to the median (of 2)
     assert "layers" not in out["contenders"]["peft"]
+    gemm = out["gemm_ceiling_flops_per_s"]  # the compute floor: the step's FLOPs over one large product's rate
+    for c in out["contenders"].values():
+        assert c["over_compute_ceiling"] == pytest.approx(c["median_step_s"] * gemm / c["flops_per_step"])
+    peft = out["contenders"]["peft"]["flops_per_step"]  # it recomputes its 3 layers, LEMA keeps them: 3 forwards
+    assert s["flops_per_step"] == r["flops_per_step"] < peft
     table = format_table(out)
+    assert f"LEMA STREAMING: {s['flops_per_step'] / 1e12:.2f} TFLOP a step (counted from the shape)" in table
     assert "LEMA STREAMING" in table and "pred/run" in table and "3 layers kept" in table
     assert "LEMA STREAMING: where the median step went: layers forward" in table
     assert "round by round (median of each step over the other's in the same round): LEMA STREAMING " in table
@@ -110,6 +116,32 @@ def test_lema_bench_json(tmp_path, capsys):
     out["max_vram"] = "1GB"  # with a budget the heap is bounded: no excuse offered
     assert any(ln.startswith("planner check, LEMA STREAMING: predicted / run peak 0.63, OUTSIDE 10%") and "glibc" not in ln
                for ln in format_table(out).splitlines())
+
+
+def test_step_flops_counts_the_products_of_the_layers_lora_and_head(tiny_dir):
+    """step_flops against the parameters of the model itself: a recomputed layer adds one forward (its frozen
+    weights' 2 N P, its LoRA's 2 N r (in + out), its attention's 2 B T^2 H), and a step without recompute is
+    the forward and backward of the layers (the backward: 2 N P, 6 N r (in + out), twice the attention) plus the
+    head's 4 N V H."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lema.bench import step_flops
+    from lema.engine.skeleton import default_lora_targets, find_decoder_layers
+    from lema.planner import model_facts
+
+    path = tiny_dir("llama")
+    facts = model_facts(path, torch.float32, 4)
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    frozen = sum(p.numel() for n, p in m.named_parameters() if ".layers." in n)
+    m = get_peft_model(m, LoraConfig(r=4, target_modules=default_lora_targets(find_decoder_layers(m)[1])))
+    lora = sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
+    cfg, (B, T), L = m.config, (2, 16), m.config.num_hidden_layers
+    N, attention = B * T, 2 * B * T * T * cfg.hidden_size * L
+    forward = 2 * N * frozen + 2 * N * lora + attention
+    kept = step_flops(facts, torch.float32, B, T, recomputed=0)
+    assert kept == forward + 2 * N * frozen + 6 * N * lora + 2 * attention + 4 * N * cfg.vocab_size * cfg.hidden_size
+    assert step_flops(facts, torch.float32, B, T, recomputed=L) == kept + forward
 
 
 def test_layer_timeline_splits_the_step():

@@ -628,16 +628,19 @@ def test_keep_activations_none_follows_the_budget(tiny_dir, make_lema):
 
 
 # ------------------------------------------------------------------------------ chunked loss
+@pytest.mark.parametrize("linear", ["auto", "transposed"])
 @pytest.mark.parametrize("arch", ARCHS + ["llama-tied", "opt", "gemma2"])
-def test_chunked_loss_matches_peft(arch, tiny_dir, make_lema, tmp_path, monkeypatch):
+def test_chunked_loss_matches_peft(arch, linear, tiny_dir, make_lema, tmp_path, monkeypatch):
     """The head + loss in chunks of 5 tokens (several chunks, ignored labels skipped) == Transformers'
-    full-logits loss: the loss, the gradient of every LoRA tensor, and the eval loss.
+    full-logits loss: the loss, the gradient of every LoRA tensor, and the eval loss; with the head's products
+    (and the layers') in torch's orientation (auto, on these tiny shapes) or transposed (engine/cpu_linear.py).
     Gemma 2 checks the final logit soft-capping inside the chunks. (Gradients, not an AdamW step:
     Adam's first step divides by |g|, which turns float32 summation-order noise on the tiniest
     gradient entries into visible differences.)"""
     from lema.engine import chunked_loss
 
     monkeypatch.setattr(chunked_loss, "CHUNK_BYTES", 5 * 4 * VOCAB)
+    monkeypatch.setenv("LEMA_CPU_LINEAR", linear)
     assert chunked_loss.chunk_rows(VOCAB) == 5
     path = tiny_dir(arch)
     model = make_lema(path, strategy=MemoryStrategy.STREAMING, chunked_loss=True)
@@ -664,6 +667,8 @@ def test_chunked_loss_matches_peft(arch, tiny_dir, make_lema, tmp_path, monkeypa
     assert abs(loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
     assert all(float(g.abs().max()) > 0 for g in want.values())
     assert_lora_equal(got, want, 1e-6, f"{arch} chunked loss, LoRA gradients")
+    head = {(k[0], k[2]) for k, pick in model.linear_orientations.picked.items() if k[1] == 5 and pick == 1}
+    assert head == ({("forward", VOCAB), ("backward", VOCAB)} if linear == "transposed" else set())  # 5-row chunks
 
     model.eval(), pm.eval()
     with torch.no_grad():
@@ -698,3 +703,19 @@ def test_all_labels_ignored_gives_nan_like_transformers(tiny_dir, make_lema):
         loss = model(ids, labels=torch.full_like(ids, -100)).loss
         want = reference(tiny_dir("llama"))(input_ids=ids, labels=torch.full_like(ids, -100), use_cache=False).loss
     assert torch.isnan(loss) and torch.isnan(want)
+
+
+@pytest.mark.parametrize("keep", [0, 99], ids=["recomputed", "all-kept"])
+@pytest.mark.parametrize("arch", ARCHS + ["opt", "gemma2"])
+def test_transposed_frozen_products_match_peft(arch, keep, tiny_dir, make_lema, tmp_path, monkeypatch):
+    """Every frozen linear's forward and backward product in the transposed orientation (engine/cpu_linear.py;
+    the tiny models' products are below what `auto` times, so the other tests run torch's): the same step as
+    PEFT's, through the recompute and through the kept layers' saved weights (the pack hook's WeightRef)."""
+    monkeypatch.setenv("LEMA_CPU_LINEAR", "transposed")
+    model = check_adamw_step(tiny_dir(arch), MemoryStrategy.STREAMING, make_lema, tmp_path, keep_activations=keep)
+    picked = model.linear_orientations.picked
+    assert {k[0] for k in picked} == {"forward", "backward"} and set(picked.values()) == {1}
+    if arch == "gpt2":  # its projections are Conv1D, not nn.Linear: only the head's products are LEMA's
+        assert {k[2] for k in picked} == {VOCAB}
+    else:
+        assert len({k[2:4] for k in picked}) > 1

@@ -270,6 +270,46 @@ def h2d_ceiling(device, nbytes: int = 2**30, repeats: int = 5) -> float:
     return nbytes / statistics.median(times)
 
 
+def gemm_ceiling(device, dtype, n: Optional[int] = None, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` n x n x n products in `dtype` (after one untimed): the compute ceiling,
+    measured in the same run as the contenders (the CPU: n = 2048, 17 GFLOP; CUDA: n = 8192, 1.1 TFLOP)."""
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    n = n or (8192 if cuda else 2048)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    best = math.inf
+    for i in range(repeats + 1):
+        sync()  # host-device sync: the product is timed alone
+        t = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        if i:
+            best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def step_flops(facts, dtype, batch: int, seq: int, recomputed: int) -> float:
+    """The FLOPs of one LoRA training step's products, counted from the model's shape (`facts`: planner.ModelFacts):
+    - the decoder layers' frozen weights: 2 N P in the forward, as much in the backward (the inputs' gradient
+      only: the weights are frozen), and a forward again for each of the `recomputed` layers;
+    - attention's two products: causal, half of 4 B T^2 H in a forward, twice that in a backward;
+    - LoRA: 2 N r (in + out) per adapted linear in a forward, three times that in a backward (the input's
+      gradient and both factors');
+    - the head: its forward and its input's gradient, 2 N V H each.
+    Norms, activations, softmax and the optimizer are not counted (under 1% at the bench's shapes); a MoE
+    layer's experts are all counted (an upper bound: a token runs through a few)."""
+    import torch
+
+    tokens = batch * seq
+    params = sum(b for u, b in facts.unit_bytes.items() if u.startswith("layer.")) // torch.empty(0, dtype=dtype).element_size()
+    attention = 2 * batch * seq * seq * facts.H * facts.L
+    forward = 2 * tokens * params + attention + 2 * tokens * facts.lora_params
+    backward = 2 * tokens * params + 2 * attention + 6 * tokens * facts.lora_params
+    return forward + backward + forward * recomputed / facts.L + 4 * tokens * facts.V * facts.H
+
+
 def allocated_bytes() -> Optional[int]:
     """The bytes the process's tensors hold: malloc's in use (host_memory.heap_allocated) plus the blocks LEMA's
     CPU allocator has handed out (cpu_allocator.py, mapped apart from malloc). None where not glibc 2.33+."""
@@ -397,6 +437,7 @@ class _Contender:
         gen = torch.Generator().manual_seed(spec.seed)
         self.ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len), generator=gen).to(spec.device)
         self.ring = None
+        self.orientations = None  # the frozen linears' product orientations (LEMA on the CPU, and the floor probes)
         self.info: dict = {}
         if name == "peft":
             self._build_peft()
@@ -459,6 +500,7 @@ class _Contender:
                          zero_copy=spec.zero_copy, page_cache=spec.page_cache, max_vram=spec.max_vram,
                          device=spec.device)
         self.model = LemaModel(cfg)
+        self.orientations = self.model.linear_orientations
         tokens = spec.batch_size * spec.seq_len
         self.info = {"kept_layers": len(self.model.kept_layers(tokens, spec.seq_len)),
                      "zero_copy": isinstance(self.model.source, WeightRing) and (
@@ -494,6 +536,7 @@ class _Contender:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from .config import parse_dtype
+        from .engine import cpu_linear
         from .engine.skeleton import default_lora_targets, find_decoder_layers
 
         spec = self.spec
@@ -503,8 +546,14 @@ class _Contender:
         m = AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(spec.dtype), attn_implementation="sdpa")
         m.config.use_cache = False
         m.to(spec.device)
-        targets = spec.targets or default_lora_targets(find_decoder_layers(m)[1])
+        layers = find_decoder_layers(m)[1]
+        targets = spec.targets or default_lora_targets(layers)
         m = get_peft_model(m, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules=targets))
+        if spec.device == "cpu":  # the frozen linears' products as LEMA's layers run them (engine/cpu_linear.py)
+            self.orientations = cpu_linear.Orientations()
+            cpu_linear.install(layers, self.orientations)
+            if type(m.get_output_embeddings()) is torch.nn.Linear:  # and the head's, as LemaModel does
+                cpu_linear.install(m.get_output_embeddings(), self.orientations)
         if checkpointing:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             m.enable_input_require_grads()
@@ -641,6 +690,9 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                 a1 = cpu_allocator.stats() if cpu_allocator.installed() else None
                 if a1 is not None and a0 is not None:  # large blocks reused vs newly mapped, this step
                     msg["allocator"] = {"hits": a1.hits - a0.hits, "misses": a1.misses - a0.misses}
+                orientations = contender.orientations
+                if orientations is not None and orientations.timings:  # the shapes timed so far (cpu_linear.py)
+                    msg["linear"] = [[*key[:4], *t, orientations.picked[key]] for key, t in orientations.timings.items()]
                 if pager is not None and cmd.get("refill"):
                     pager.pause()  # the other contenders' turns: their memory is not this run's (refill resumes)
                 if pager is not None:  # cumulative counts; the window of the last pass
@@ -734,7 +786,8 @@ class ContenderResult:
 
 
 def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, threads: Optional[int] = None,
-               log=print, transient: tuple[str, ...] = ()) -> tuple[dict[str, ContenderResult], dict[str, "Worker"]]:
+               log=print, transient: tuple[str, ...] = (), between_rounds=None
+               ) -> tuple[dict[str, ContenderResult], dict[str, "Worker"]]:
     """Warm-up steps, then `steps` interleaved rounds: each contender one step per round, in turn; on the CPU,
     then one more step each, untimed, that measures the peak of malloc's bytes in use (PeakSampler).
 
@@ -794,6 +847,8 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
                 res.peak_rss = max(res.peak_rss, m["peak"])
                 if "layers" in m:
                     res.timelines.append(m["layers"])
+                if "linear" in m:  # (pass, rows, out, in, torch's s, transposed s, pick) of each timed product shape
+                    res.info["linear_orientations"] = m["linear"]
                 if "allocator" in m:  # LEMA's CPU allocator: the last measured step's reuse
                     res.info["cpu_allocator"] = m["allocator"]
                 if m.get("cpu"):  # the machine's CPU during this contender's steps, mean over the rounds
@@ -810,6 +865,8 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
                                     page_cache_min_free=m["pager_min_free"])
                     res.info["page_cache_passes"] = m["pager_history"]  # (window, evicted, shed, lowest free, trim)
             log(f"round {r + 1}/{steps}: " + ", ".join(f"{n} {results[n].times[-1]:.3f} s" for n in names))
+            if between_rounds is not None:  # no contender runs now
+                between_rounds()
         for n in names:  # one more step each, untimed: the peak of malloc's bytes in use (the CPU)
             if n not in transient and spec.device == "cpu":
                 results[n].peak_allocated = workers[n].request(op="step", reset_peak=False, allocated=True,

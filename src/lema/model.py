@@ -24,6 +24,7 @@ from .config import LemaConfig, MemoryStrategy
 from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
                               default_lora_targets, find_decoder_layers, inject_lora, layer_unit,
                               load_hf_config, parameter_aliases, reset_lora, unit_map)
+from .engine import cpu_linear
 from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fused_head_supported
 from .engine.streamed_layer import StreamedLayers
 from .fsutil import make_temp_folder, replace_folder
@@ -154,6 +155,12 @@ class LemaModel(nn.Module):
         # freed tensor of 1 MiB or more already leaves the heap and the copies only add memory (7B b1 x 128: 0.17
         # GiB more at the peak). CUDA's caching allocator has no such heap.
         self.streamed.copy_kept = self.device.type == "cpu" and not getattr(self, "host_heap_bounded", False)
+        # the frozen linears' products in the orientation MKL runs faster for each shape (engine/cpu_linear.py)
+        self.linear_orientations = cpu_linear.Orientations() if self.device.type == "cpu" else None
+        if self.linear_orientations is not None:
+            cpu_linear.install(layers, self.linear_orientations)
+            if type(base.get_output_embeddings()) is nn.Linear:  # the head, and the chunked loss's products below
+                cpu_linear.install(base.get_output_embeddings(), self.linear_orientations)
         owner = base.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else base
         owner.register_forward_pre_hook(self._begin_pass)
         self.decoder = base.base_model  # the stack without the head (LlamaModel, GPT2Model, ...)
@@ -406,7 +413,8 @@ class LemaModel(nn.Module):
                 and not kwargs.get("use_cache"):
             # engine/chunked_loss.py: the head and the loss chunk by chunk; the full logits are never built
             hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-            loss = causal_lm_loss(hidden, self.base_model.get_output_embeddings(), labels, self._softcap)
+            loss = causal_lm_loss(hidden, self.base_model.get_output_embeddings(), labels, self._softcap,
+                                  orientations=self.linear_orientations)
             return CausalLMOutputWithPast(loss=loss, logits=None)
         return self.peft_model(input_ids=input_ids, labels=labels, attention_mask=attention_mask, **kwargs)
 

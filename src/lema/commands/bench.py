@@ -156,8 +156,21 @@ def run(args) -> int:
     # A model bigger than the RAM: the probes (GBs in RAM) run only in their turn, not taking the page cache the
     # streamed run holds its window in (on a GPU their memory is the device's, not the host's page cache).
     transient = tuple(floor_names) if big and not cuda else ()
+    gemm_rates = []
+
+    def measure_gemm() -> None:
+        """The compute ceiling, one large product's FLOP/s on the contenders' threads, after each round (this VM's
+        cores changed speed by a third within minutes): the step's FLOPs over the best of them is its compute floor."""
+        saved = torch.get_num_threads()
+        torch.set_num_threads(args.threads or saved)
+        try:
+            gemm_rates.append(bench.gemm_ceiling(args.device, dtype, repeats=3))
+        finally:
+            torch.set_num_threads(saved)
+
     results, workers = bench.run_rounds(names + floor_names, spec, args.steps, threads=args.threads, log=log,
-                                        transient=transient)
+                                        transient=transient, between_rounds=measure_gemm)
+    gemm = max(gemm_rates)
     try:
         tables = bench.profile_contenders({n: workers[n] for n in names}, args.profile) if args.profile else {}
     finally:
@@ -201,7 +214,9 @@ def run(args) -> int:
         "model": folder, "weights_bytes": weight_bytes, "dtype": args.dtype, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "lora_rank": args.lora_rank, "steps": args.steps,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-        "ceiling_bytes_per_s": ceiling, "ceiling_kind": ceiling_kind, "device": args.device,
+        "ceiling_bytes_per_s": ceiling, "ceiling_kind": ceiling_kind, "gemm_ceiling_flops_per_s": gemm,
+        "gemm_by_round_flops_per_s": gemm_rates,
+        "device": args.device,
         "gpu_memory": args.gpu_memory, "max_vram": args.max_vram,
         "contenders": {},
     }
@@ -216,6 +231,9 @@ def run(args) -> int:
     for n, r in results.items():
         peak_run = r.peak_rss - r.baseline_rss
         gbps = r.bytes_per_step / r.median if r.median else 0.0
+        # Transformers + PEFT recomputes every layer (gradient checkpointing); LEMA those it does not keep
+        flops = bench.step_flops(facts, dtype, args.batch_size, args.seq_len,
+                                 facts.L - r.info.get("kept_layers", 0) if n != "peft" else facts.L)
         out["contenders"][n] = {
             "label": r.label, "median_step_s": r.median, "step_times_s": r.times,
             "tokens_per_s": tokens / r.median, "losses": r.losses,
@@ -228,6 +246,8 @@ def run(args) -> int:
             "vs_peft": r.median / ref["peft"] if "peft" in ref else None,
             "vs_resident": r.median / ref["resident"] if "resident" in ref else None,
             "vs_peft_by_round": by_round(r, "peft"), "vs_resident_by_round": by_round(r, "resident"),
+            "flops_per_step": flops, "flops_per_s": flops / r.median if r.median else None,
+            "over_compute_ceiling": r.median * gemm / flops if flops and gemm else None,
             "build_s": r.build_s, **r.info,
         }
         if r.peak_allocated is not None and r.baseline_allocated is not None:
@@ -345,6 +365,15 @@ def format_table(out: dict) -> str:
                          f"(embedding, head and loss, optimizer), waiting for weights {t['wait_s']:.2f} s"
                          + (f"; a layer beside a page-cache read {mean('beside_read')} ({t['beside_read']['runs']} of "
                             f"them), the others {mean('alone')} ({human(t['read_bytes'])} read)" if t["read_bytes"] else ""))
+        if c.get("flops_per_step") and out.get("gemm_ceiling_flops_per_s"):
+            lines.append(f"{c['label']}: {c['flops_per_step'] / 1e12:.2f} TFLOP a step (counted from the shape), "
+                         f"{c['flops_per_s'] / 1e9:.0f} GFLOP/s: {c['over_compute_ceiling']:.2f}x the step's FLOPs at the "
+                         f"ceiling of one large product ({out['gemm_ceiling_flops_per_s'] / 1e9:.0f} GFLOP/s, the best after a round)")
+        timed = c.get("linear_orientations") or []
+        if timed:
+            lines.append(f"{c['label']}: frozen linears, product orientation per shape (torch's s, transposed s): "
+                         + "; ".join(f"{w} {n}x{o}x{i} {'transposed' if pick else 'torch'} ({a * 1e3:.1f}, {b * 1e3:.1f} ms)"
+                                     for w, n, o, i, a, b, pick in timed))
         if c.get("modelled_stream_s") is not None:
             lines.append(f"{c['label']}: the plan's time model (H200 rates) said streaming {c['modelled_stream_s']:.3f} s, "
                          f"compute {c['modelled_compute_s']:.3f} s per step; measured {c['median_step_s']:.3f} s")

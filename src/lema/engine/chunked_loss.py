@@ -65,7 +65,7 @@ def fused_head_supported(model: nn.Module) -> Optional[str]:
 
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, softcap):
+    def forward(ctx, hidden, weight, bias, labels, rows, softcap, orientations):
         H = hidden.shape[-1]
         h = hidden.detach().reshape(-1, H)
         y = labels.reshape(-1)
@@ -77,7 +77,11 @@ class _FusedHeadLoss(torch.autograd.Function):
         for s in range(0, n, rows):
             idx = keep[s: s + rows]
             hc, yc = h.index_select(0, idx), y.index_select(0, idx)
-            z = nn.functional.linear(hc, weight, bias).float()
+            if orientations is None:
+                z = nn.functional.linear(hc, weight, bias).float()
+            else:  # the product in the orientation MKL runs faster (engine/cpu_linear.py)
+                z = orientations.run("forward", hc, weight)
+                z = (z if bias is None else z.add_(bias)).float()
             if softcap:
                 t = torch.tanh(z / softcap)
                 z = t * softcap
@@ -89,7 +93,8 @@ class _FusedHeadLoss(torch.autograd.Function):
                 dz.div_(n)
                 if softcap:
                     dz.mul_(1.0 - t * t)
-                grad.index_copy_(0, idx, dz.to(h.dtype) @ weight)
+                dz = dz.to(h.dtype)
+                grad.index_copy_(0, idx, dz @ weight if orientations is None else orientations.run("backward", dz, weight))
                 del dz
             del z  # before the next chunk's logits exist: one chunk's alive at a time, not two
             if softcap:
@@ -102,13 +107,15 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return None, None, None, None, None, None
-        return (grad * grad_out.to(grad.dtype)).view(ctx.shape), None, None, None, None, None
+            return None, None, None, None, None, None, None
+        return (grad * grad_out.to(grad.dtype)).view(ctx.shape), None, None, None, None, None, None
 
 
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
-                   softcap: Optional[float] = None, rows: Optional[int] = None) -> torch.Tensor:
-    """Mean next-token loss of `hidden` (batch, seq, H) under `head`; `labels` unshifted, -100 ignored."""
+                   softcap: Optional[float] = None, rows: Optional[int] = None,
+                   orientations=None) -> torch.Tensor:
+    """Mean next-token loss of `hidden` (batch, seq, H) under `head`; `labels` unshifted, -100 ignored; the head's
+    products through `orientations` (engine/cpu_linear.py) when given, else F.linear's."""
     shift = nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:].to(hidden.device)
     rows = rows or chunk_rows(head.out_features)
-    return _FusedHeadLoss.apply(hidden, head.weight, head.bias, shift, rows, softcap)
+    return _FusedHeadLoss.apply(hidden, head.weight, head.bias, shift, rows, softcap, orientations)
