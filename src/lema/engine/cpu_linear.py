@@ -4,18 +4,20 @@ A frozen linear's forward is y = x @ W^T (x: (N, in), W: (out, in)), its backwar
 both with the output in row-major order. The same numbers come out of the transposed product, y = (W @ x^T)^T
 (and dx = (W^T @ dy^T)^T), made contiguous again (one copy of the output, (N, out) floats). MKL's sgemm runs the
 two orientations at different speeds, and which is faster depends on the shape. On this project's 2-core Zen 4
-VM (BENCHMARKS.md, session 14), fp32, the median over interleaved repeats, transposed / standard:
+VM, fp32, transposed / torch's (median of 7 interleaved runs, `scripts/linear_orientations.py`, BENCHMARKS.md
+session 14):
 
-    Llama-2-7B shape, N = 128 tokens      q/k/v/o (4096 x 4096)  fwd 0.83  bwd 0.93
-                                          gate/up (11008 x 4096) fwd 0.91  bwd 0.88
-                                          down    (4096 x 11008) fwd 0.99  bwd 0.75
-    Llama-2-7B shape, N = 256             gate/up                fwd 0.75  bwd 0.80
-    SmolLM2-135M shape, N = 1024          every linear           fwd 1.11-1.23  bwd 1.11-1.58
+    Llama-2-7B shapes, 128 tokens     forward 0.78-0.88   input gradient 0.72-0.77
+                       256 tokens     forward 0.91-1.01   input gradient 0.79-0.82
+                       1024 tokens    forward 0.97-1.02   input gradient 0.91-1.02
+    SmolLM2-135M shapes, 128-1024     forward 1.02-1.23   input gradient 1.03-1.45
 
-A 2-layer 7B-shaped Transformers + PEFT model at b1 x 128 went from 2.40 to 2.15 s a step (forward + backward)
-with every frozen linear transposed; SmolLM2 at b4 x 256 got 6% slower. No rule of thumb covers both, so
-`Orientations` times the two at the first product of each shape, on the product's own operands, and keeps the
-faster for the rest of the run.
+So no one orientation is right, and no rule of thumb covers both: `Orientations` times the two at the first
+product of each shape, on the product's own operands, and keeps the faster for the rest of the run. Target 2 of
+issue 6 (the 7B shape at b1 x 128, `lema bench ... --floor`, one run each way): the median step 37.84 s with
+torch's products, 31.30 s with the timed choice (every 7B shape, the head's included, went transposed; a layer's
+forward 0.644 -> 0.505 s, its backward 0.511 -> 0.440 s). On SmolLM2 (b4 x 256) the layers' shapes keep torch's,
+and so do the chunked head's, but for one within 2% (a coin toss either way).
 
 Only products of at least MIN_FLOPS are timed: below that a product takes under a few milliseconds and the
 choice saves nothing, and the result then never depends on a timing (the test suite's tiny models always run
@@ -94,15 +96,16 @@ class Orientations:
         return products[pick](a, w)
 
     def _time(self, key: tuple, products, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        best, outs = [float("inf")] * 2, [None, None]
+        best = [float("inf")] * 2
         for _ in range(self.repeats):
             for i, product in enumerate(products):
                 t = self.clock()
-                outs[i] = product(a, w)
+                out = product(a, w)
                 best[i] = min(best[i], self.clock() - t)
+                del out  # one output alive at a time: the step's peak memory is the plan's, timing or not
         pick = self.picked[key] = int(best[1] < best[0])
         self.timings[key] = (best[0], best[1])
-        return outs[pick]  # the same product, computed while timing it
+        return products[pick](a, w)
 
 
 class _FrozenLinear(torch.autograd.Function):
