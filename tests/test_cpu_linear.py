@@ -79,15 +79,19 @@ def test_auto_times_each_shape_once_and_keeps_the_faster(monkeypatch):
     assert len(o.timings) == 3 and log[2:] == [("forward", 0), ("forward", 1)] * 2 + [("forward", 1)]
 
 
-def test_small_products_are_never_timed():
-    """Below MIN_FLOPS torch's orientation runs without timing, so tiny models' runs never depend on a clock."""
+@pytest.mark.parametrize("mode", ["auto", "standard"])
+def test_small_products_and_standard_mode_run_torchs_linear(mode, monkeypatch):
+    """Below MIN_FLOPS (auto), and always with $LEMA_CPU_LINEAR=standard, F.linear runs as without the module:
+    nothing timed, the same bits."""
     def clock():
-        raise AssertionError("timed a product below MIN_FLOPS")
+        raise AssertionError("timed a product")
 
-    o = Orientations("auto", clock=clock)
+    monkeypatch.setattr(cpu_linear, "_FrozenLinear", None)  # never reached
+    o = Orientations(mode, min_flops=cpu_linear.MIN_FLOPS if mode == "auto" else 0, clock=clock)
     lin = frozen_linear(True, o)
-    lin(torch.randn(4, 48, requires_grad=True)).sum().backward()
-    assert set(o.picked.values()) == {0} and o.timings == {}
+    x = torch.randn(4, 48)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert o.picked == {} and o.timings == {}
 
 
 def test_mode_from_the_environment(monkeypatch):

@@ -303,7 +303,8 @@ def step_flops(facts, dtype, batch: int, seq: int, recomputed: int) -> float:
     import torch
 
     tokens = batch * seq
-    params = sum(b for u, b in facts.unit_bytes.items() if u.startswith("layer.")) // torch.empty(0, dtype=dtype).element_size()
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    params = sum(b for u, b in facts.unit_bytes.items() if u.startswith("layer.")) // itemsize
     attention = 2 * batch * seq * seq * facts.H * facts.L
     forward = 2 * tokens * params + attention + 2 * tokens * facts.lora_params
     backward = 2 * tokens * params + 2 * attention + 6 * tokens * facts.lora_params
@@ -692,7 +693,8 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                     msg["allocator"] = {"hits": a1.hits - a0.hits, "misses": a1.misses - a0.misses}
                 orientations = contender.orientations
                 if orientations is not None and orientations.timings:  # the shapes timed so far (cpu_linear.py)
-                    msg["linear"] = [[*key[:4], *t, orientations.picked[key]] for key, t in orientations.timings.items()]
+                    msg["linear"] = [[*key[:4], *t, orientations.picked[key]]
+                                     for key, t in orientations.timings.items()]
                 if pager is not None and cmd.get("refill"):
                     pager.pause()  # the other contenders' turns: their memory is not this run's (refill resumes)
                 if pager is not None:  # cumulative counts; the window of the last pass

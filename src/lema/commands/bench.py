@@ -367,13 +367,14 @@ def format_table(out: dict) -> str:
                             f"them), the others {mean('alone')} ({human(t['read_bytes'])} read)" if t["read_bytes"] else ""))
         if c.get("flops_per_step") and out.get("gemm_ceiling_flops_per_s"):
             lines.append(f"{c['label']}: {c['flops_per_step'] / 1e12:.2f} TFLOP a step (counted from the shape), "
-                         f"{c['flops_per_s'] / 1e9:.0f} GFLOP/s: {c['over_compute_ceiling']:.2f}x the step's FLOPs at the "
-                         f"ceiling of one large product ({out['gemm_ceiling_flops_per_s'] / 1e9:.0f} GFLOP/s, the best after a round)")
+                         f"{c['flops_per_s'] / 1e9:.0f} GFLOP/s: {c['over_compute_ceiling']:.2f}x the step's FLOPs "
+                         f"at the ceiling of one large product ({out['gemm_ceiling_flops_per_s'] / 1e9:.0f} GFLOP/s, "
+                         "the best after a round)")
         timed = c.get("linear_orientations") or []
         if timed:
             lines.append(f"{c['label']}: frozen linears, product orientation per shape (torch's s, transposed s): "
-                         + "; ".join(f"{w} {n}x{o}x{i} {'transposed' if pick else 'torch'} ({a * 1e3:.1f}, {b * 1e3:.1f} ms)"
-                                     for w, n, o, i, a, b, pick in timed))
+                         + "; ".join(f"{w} {n}x{o}x{i} {'transposed' if pick else 'torch'} "
+                                     f"({a * 1e3:.1f}, {b * 1e3:.1f} ms)" for w, n, o, i, a, b, pick in timed))
         if c.get("modelled_stream_s") is not None:
             lines.append(f"{c['label']}: the plan's time model (H200 rates) said streaming {c['modelled_stream_s']:.3f} s, "
                          f"compute {c['modelled_compute_s']:.3f} s per step; measured {c['median_step_s']:.3f} s")

@@ -77,7 +77,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         for s in range(0, n, rows):
             idx = keep[s: s + rows]
             hc, yc = h.index_select(0, idx), y.index_select(0, idx)
-            if orientations is None:
+            timed = orientations is not None and orientations.applies(idx.numel(), weight)
+            if not timed:
                 z = nn.functional.linear(hc, weight, bias).float()
             else:  # the product in the orientation MKL runs faster (engine/cpu_linear.py)
                 z = orientations.run("forward", hc, weight)
@@ -94,7 +95,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                 if softcap:
                     dz.mul_(1.0 - t * t)
                 dz = dz.to(h.dtype)
-                grad.index_copy_(0, idx, dz @ weight if orientations is None else orientations.run("backward", dz, weight))
+                grad.index_copy_(0, idx, orientations.run("backward", dz, weight) if timed else dz @ weight)
                 del dz
             del z  # before the next chunk's logits exist: one chunk's alive at a time, not two
             if softcap:

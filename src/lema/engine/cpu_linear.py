@@ -20,11 +20,11 @@ forward 0.644 -> 0.505 s, its backward 0.511 -> 0.440 s). On SmolLM2 (b4 x 256) 
 and so do the chunked head's, but for one within 2% (a coin toss either way).
 
 Only products of at least MIN_FLOPS are timed: below that a product takes under a few milliseconds and the
-choice saves nothing, and the result then never depends on a timing (the test suite's tiny models always run
-torch's own orientation, so their runs are bit for bit reproducible). The two orientations sum in different
+choice saves nothing, so F.linear runs them as before (the test suite's tiny models run exactly as without this
+module, and a result never depends on a timing). The two orientations sum in different
 orders, so a timed shape may give results that differ from F.linear's in the last bits, and from one run to
-the next where the two are about as fast (the choice can then go either way); $LEMA_CPU_LINEAR=standard keeps
-torch's own everywhere. The GPU runs torch's own (cuBLAS picks its kernels itself).
+the next where the two are about as fast (the choice can then go either way); $LEMA_CPU_LINEAR=standard runs
+F.linear everywhere. The GPU runs torch's own (cuBLAS picks its kernels itself).
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ class Orientations:
         self.picked: dict[tuple, int] = {}
         self.timings: dict[tuple, tuple[float, float]] = {}
 
+    def applies(self, rows: int, w: torch.Tensor) -> bool:
+        """Whether a product of `rows` rows with `w` goes through `run`; if not, F.linear's own (and autograd's)
+        product runs, exactly as without this module: $LEMA_CPU_LINEAR=standard, or a product under MIN_FLOPS."""
+        return self.mode == "transposed" or (self.mode == "auto" and 2 * rows * w.numel() >= self.min_flops)
+
     def run(self, which: str, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The product `which` ("forward": a @ w^T, "backward": a @ w) of a 2-D `a` and the weight `w`."""
         products = PRODUCTS[which]
@@ -133,8 +138,8 @@ def _frozen_forward(module: nn.Linear, orientations: Orientations):
     def forward(x: torch.Tensor) -> torch.Tensor:
         w, b = module.weight, module.bias
         if (w.requires_grad or (b is not None and b.requires_grad) or x.device.type != "cpu"
-                or x.dtype != w.dtype or x.dim() < 2):
-            return nn.functional.linear(x, w, b)  # a trained weight, another device or dtype: torch's
+                or x.dtype != w.dtype or x.dim() < 2 or not orientations.applies(x.numel() // x.shape[-1], w)):
+            return nn.functional.linear(x, w, b)  # a trained weight, another device or dtype, a small product
         return _FrozenLinear.apply(x, w, b, orientations)
 
     return forward
