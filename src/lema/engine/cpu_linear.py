@@ -17,7 +17,7 @@ product of each shape, on the product's own operands, and keeps the faster for t
 issue 6 (the 7B shape at b1 x 128, `lema bench ... --floor`, one run each way): the median step 37.84 s with
 torch's products, 31.30 s with the timed choice (every 7B shape, the head's included, went transposed; a layer's
 forward 0.644 -> 0.505 s, its backward 0.511 -> 0.440 s). On SmolLM2 (b4 x 256) the layers' shapes keep torch's,
-and so do the chunked head's, but for one within 2% (a coin toss either way).
+and so does the chunked head's forward; its backward's two are within 2% and go either way.
 
 Only products of at least MIN_FLOPS are timed: below that a product takes under a few milliseconds and the
 choice saves nothing, so F.linear runs them as before (the test suite's tiny models run exactly as without this
