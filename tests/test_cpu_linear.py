@@ -13,7 +13,7 @@ from lema.engine.cpu_linear import Orientations
 def frozen_linear(bias: bool, orientations: Orientations) -> torch.nn.Linear:
     torch.manual_seed(0)
     lin = torch.nn.Linear(48, 80, bias=bias).requires_grad_(False)
-    assert cpu_linear.install(lin, orientations) == 1
+    assert cpu_linear.install(orientations, lin) == 1
     return lin
 
 

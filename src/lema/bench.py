@@ -552,9 +552,7 @@ class _Contender:
         m = get_peft_model(m, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules=targets))
         if spec.device == "cpu":  # the frozen linears' products as LEMA's layers run them (engine/cpu_linear.py)
             self.orientations = cpu_linear.Orientations()
-            cpu_linear.install(layers, self.orientations)
-            if type(m.get_output_embeddings()) is torch.nn.Linear:  # and the head's, as LemaModel does
-                cpu_linear.install(m.get_output_embeddings(), self.orientations)
+            cpu_linear.install(self.orientations, layers, m.get_output_embeddings())  # and the head, as LemaModel
         if checkpointing:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             m.enable_input_require_grads()

@@ -157,10 +157,8 @@ class LemaModel(nn.Module):
         self.streamed.copy_kept = self.device.type == "cpu" and not getattr(self, "host_heap_bounded", False)
         # the frozen linears' products in the orientation MKL runs faster for each shape (engine/cpu_linear.py)
         self.linear_orientations = cpu_linear.Orientations() if self.device.type == "cpu" else None
-        if self.linear_orientations is not None:
-            cpu_linear.install(layers, self.linear_orientations)
-            if type(base.get_output_embeddings()) is nn.Linear:  # the head, and the chunked loss's products below
-                cpu_linear.install(base.get_output_embeddings(), self.linear_orientations)
+        if self.linear_orientations is not None:  # the layers, the head (and the chunked loss's products below)
+            cpu_linear.install(self.linear_orientations, layers, base.get_output_embeddings())
         owner = base.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else base
         owner.register_forward_pre_hook(self._begin_pass)
         self.decoder = base.base_model  # the stack without the head (LlamaModel, GPT2Model, ...)

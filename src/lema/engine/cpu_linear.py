@@ -145,11 +145,12 @@ def _frozen_forward(module: nn.Linear, orientations: Orientations):
     return forward
 
 
-def install(root: nn.Module, orientations: Orientations) -> int:
-    """Give every plain nn.Linear under `root` the frozen forward above (it falls back to F.linear whenever its
-    weight or bias is trained, or the input is not a CPU tensor of the weight's dtype). Returns how many."""
+def install(orientations: Orientations, *roots: nn.Module) -> int:
+    """Give every plain nn.Linear in `roots` (the decoder layers, the head: a plain nn.Linear or a module without
+    one) the frozen forward above (it falls back to F.linear whenever its weight or bias is trained, or the input
+    is not a CPU tensor of the weight's dtype, or the product is small). Returns how many."""
     count = 0
-    for module in root.modules():
+    for module in (m for root in roots if root is not None for m in root.modules()):  # a model may have no head
         if type(module) is nn.Linear:  # not subclasses (PEFT's LoRA wrappers hold their base nn.Linear inside)
             module.forward = _frozen_forward(module, orientations)
             count += 1
