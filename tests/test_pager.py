@@ -425,10 +425,51 @@ def test_pager_is_on_only_when_the_layers_exceed_the_available_memory(tiny_dir, 
     assert make_lema(path).source.pager is not None
     assert make_lema(path, page_cache="off").source.pager is None
     assert make_lema(path, strategy=MemoryStrategy.RESIDENT).source.__class__.__name__ == "ResidentLayers"
-    assert make_lema(path, zero_copy=False).source.pager is None  # slots read by pread: no mapped pages
+    assert make_lema(path, zero_copy=False).source.pager is not None  # the loader's preads read the page cache too
     monkeypatch.setattr(lema.model, "memory_available", lambda: 2**40)
     assert make_lema(path).source.pager is None
     assert make_lema(path, page_cache="64MB").source.pager.capacity() == 64 * 10**6
+
+
+@pytest.mark.parametrize("arch,setting", [("llama", {"zero_copy": False}), ("llama", {"dtype": "bfloat16"}),
+                                          ("mixtral", {})])
+def test_pager_serves_the_paths_that_copy_into_slots(arch, setting, tiny_dir, make_lema):
+    """Slots filled by the loader thread (views off; another dtype than the file's; Mixtral's experts stacked on
+    load from one tensor per expert) get the pager too: it holds every file range a layer reads, the experts'
+    included, and the run trains exactly as with the page cache left to the kernel."""
+    from safetensors import safe_open
+
+    path = tiny_dir(arch, num_layers=L)
+    runs = {}
+    for page_cache in ("1KB", "off"):
+        model = make_lema(path, page_cache=page_cache, **setting)
+        assert model.source._zero_copy is None  # the loader thread fills slots
+        trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-2))
+        ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+        losses = [trainer.train_step(ids)[1].item() for _ in range(2)]
+        runs[page_cache] = (losses, {n: p.detach().clone() for n, p in model.peft_model.named_parameters()
+                                     if ".lora_" in n})
+        if page_cache == "off":
+            assert model.source.pager is None
+            continue
+        pager = model.source.pager
+        assert pager.wait_idle(10)
+        assert pager.stats.populated >= L - 2 and pager.stats.dropped >= L - 2
+        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:  # every layer tensor of the file
+            layer_bytes = sum(_numel(f.get_slice(k).get_shape()) * 4 for k in f.keys() if ".layers." in k)  # fp32
+        assert sum(pager.sizes) == layer_bytes
+        if arch == "mixtral":  # the stacked experts are read from several ranges each
+            assert all(len(r) > len(model.layouts[i].placements) for i, r in enumerate(pager.ranges))
+    assert runs["1KB"][0] == runs["off"][0]
+    for name, want in runs["off"][1].items():
+        torch.testing.assert_close(runs["1KB"][1][name], want, atol=0, rtol=0, msg=name)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def test_page_cache_setting_is_checked():

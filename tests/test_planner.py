@@ -125,7 +125,7 @@ def test_weights_mapped_resident_plan_has_no_frozen_anonymous_bytes():
 
 def test_cpu_page_cache_window_and_disk_reads_per_step():
     """A pager window of C of the L layers reads L - C layers each way per training step; a window holding
-    every layer reads nothing; 'off' leaves the cache to the kernel (no pager window); GPU plans say nothing."""
+    every layer reads nothing; 'off' leaves the cache to the kernel (no pager window)."""
     cfg = make_config("llama", num_layers=6)
     full = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache=10**12)
     layer = full.layer_bytes
@@ -138,7 +138,30 @@ def test_cpu_page_cache_window_and_disk_reads_per_step():
     assert tiny.page_cache_layers == 2  # the pager always holds the layer in use and the next
     off = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache="off")
     assert off.page_cache_window == 0
-    assert plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda").page_cache_layers is None
+    # a GPU's pinned staging reads the page cache as the CPU's views do; zero-copy locks every page in RAM instead
+    staged = plan(cfg, "bfloat16", batch_size=B, seq_len=T, device_type="cuda", page_cache=3 * (layer // 2) + 1)
+    assert staged.page_cache_layers == 3 and staged.disk_read_bytes == 2 * 3 * (layer // 2)
+    assert plan(cfg, "bfloat16", batch_size=B, seq_len=T, device_type="cuda", zero_copy=True).page_cache_layers is None
+
+
+def test_page_cache_holds_the_files_bytes_where_layers_are_converted_on_load(tmp_path):
+    """A float32 file trained in bfloat16 (copied into slots, converted): the page cache holds float32 layers,
+    twice the slots' bytes, so a window fits half as many of them and each misses twice the bytes."""
+    folder = save_tiny("llama", str(tmp_path / "m"), num_layers=6)
+    fp32 = plan(folder, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache=10**12)
+    file_layer = fp32.layer_bytes
+    bf16 = plan(folder, "bfloat16", batch_size=B, seq_len=T, device_type="cpu", page_cache=3 * file_layer + 1)
+    assert bf16.layer_bytes * 2 == file_layer
+    assert bf16.page_cache_layers == 3 and bf16.disk_read_bytes == 2 * 3 * file_layer
+    # converted at every load: the plan names the one-off conversion that makes them views
+    advice = [a for a in bf16.advice if "lema convert" in a]
+    assert advice == [f"the layers are stored in float32: every load converts them, in the loader thread (12 loads a "
+                      f"step, CPU time beside the compute); `lema convert {folder} OUT --dtype bfloat16` stores them "
+                      "as used, once"]
+    assert not [a for a in fp32.advice if "lema convert" in a]
+    mixtral = save_tiny("mixtral", str(tmp_path / "x"), num_layers=2)
+    assert [a for a in plan(mixtral, "float32", batch_size=B, seq_len=T, device_type="cpu").advice
+            if a.startswith("the layers are built on load from several tensors (experts stacked): ")]
 
 
 def test_cpu_auto_window_is_the_available_memory_less_the_reserve_and_says_it_adapts(monkeypatch):

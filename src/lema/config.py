@@ -113,10 +113,12 @@ class LemaConfig:
     layers must fit in RAM; refused otherwise). None/False: staged through pinned slots (not yet measured
     against each other on a GPU, so staging stays the default there)."""
     page_cache: Optional[str] = None
-    """CPU zero-copy only: how much of the page cache the streamed layers may hold, e.g. '16GB'. A pager thread
-    then keeps the layers needed soonest there (read ahead, mapped) and drops the rest, so disk reads overlap
-    compute. None: on when the layers exceed the memory available less 2 GiB, sized to that and shrunk where
-    the kernel evicts part of it; 'off': leave the page cache to the kernel."""
+    """Streaming (all but CUDA zero-copy, whose pages stay locked): how much of the page cache the streamed layers'
+    file bytes may hold, e.g. '16GB'. A pager thread then keeps the layers needed soonest there (read ahead,
+    mapped) and drops the rest, so disk reads overlap compute, whoever reads the pages (the CPU's views, the
+    loader thread's conversions, a GPU's pinned staging). None: on when the streamed layers' file bytes exceed
+    the memory available less 2 GiB, sized to that and shrunk where the kernel evicts part of it; 'off': leave
+    the page cache to the kernel."""
     resident_layers: int = 0
     """Streaming: this many decoder layers stay loaded (on the device) for the whole run instead of streaming,
     spread evenly through the stack (not the first n, so the copies of the others keep overlapping compute);

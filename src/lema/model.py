@@ -117,8 +117,9 @@ class LemaModel(nn.Module):
         self._move_buffers(base)
 
         direct = {n: s.key for n, s in self.sources.items()}
+        built_from = {n: [k for k, _ in s.group.sources] for n, s in self.sources.items() if s.group is not None}
         layer_names = [self.units.units[layer_unit(i)] for i in range(self.units.num_layers)]
-        self.layouts = [UnitLayout.build(layer_unit(i), names, shapes, self.dtype, self.store, direct)
+        self.layouts = [UnitLayout.build(layer_unit(i), names, shapes, self.dtype, self.store, direct, built_from)
                         for i, names in enumerate(layer_names)]
         # Reader threads per slot fill: on a GPU the host cores are free while the layers compute, and one
         # thread's copy out of the page cache (a few GB/s) is slower than the link it feeds.
@@ -138,7 +139,8 @@ class LemaModel(nn.Module):
             host_views = (self._register_page_cache(same_dtype, streamed_ids) if not cpu and config.zero_copy
                           else None)
             try:
-                pager = self._pager() if zero_copy is not None and config.prefetch else None
+                # the page cache of every path but CUDA zero-copy's (its pages stay locked, and fit the RAM)
+                pager = self._pager(streamed_ids) if host_views is None and config.prefetch else None
                 resident = {i: self._load_resident(self.layouts[i]) for i in resident_ids}
                 slots = config.num_buffers if len(resident) < self.units.num_layers else 0  # all resident: no ring
                 self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
@@ -250,7 +252,7 @@ class LemaModel(nn.Module):
 
     def _layers_stored_as_used(self) -> bool:
         """Every layer tensor lies in the file as one range (no tensor built on load from several)."""
-        return all(l.packed is not None or len(l.ranges) == len(l.placements) for l in self.layouts)
+        return all(l.stored_as_used for l in self.layouts)
 
     def _register_page_cache(self, same_dtype: bool, streamed: list[int]):
         """CUDA zero-copy (LemaConfig.zero_copy=True): page-lock the streamed layers' file ranges for the copy
@@ -301,14 +303,16 @@ class LemaModel(nn.Module):
     def _zero_copy(self, layout: UnitLayout) -> dict:
         return {p.name: self._read_checked(p.name, p.shape).to(self.dtype) for p in layout.placements}
 
-    def _pager(self) -> Optional[PageCachePager]:
-        """The page-cache pager (stream/pager.py) when the streamed layers do not all fit in the page
-        cache, or when `page_cache` gives its size; None leaves the page cache to the kernel."""
+    def _pager(self, streamed: list[int]) -> Optional[PageCachePager]:
+        """The page-cache pager (stream/pager.py) when the streamed layers' file bytes do not all fit in the
+        page cache, or when `page_cache` gives its size; None leaves the page cache to the kernel. Whatever
+        reads the pages: the CPU's views, the loader thread converting into CPU slots (another dtype, Mixtral's
+        experts stacked on load), or the pinned staging of a GPU's copies."""
         if self.config.page_cache == "off":
             return None
         if self.config.page_cache_bytes is not None:
             return PageCachePager(self.layouts, self.config.page_cache_bytes)
-        layers = sum(l.nbytes for l in self.layouts)
+        layers = sum(end - start for i in streamed for _, start, end in self.layouts[i].ranges)
         return PageCachePager(self.layouts) if layers > memory_available() - RESERVE_BYTES else None
 
     def _hint(self, layout: UnitLayout) -> None:

@@ -493,8 +493,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     `free_bytes`: memory the run may take beyond the plan's own peak when no budget is given (the engine
     passes half the free memory); with neither, no layer keeps its activations.
     `facts`: `model_facts(model, dtype, lora_rank, targets)` computed before (it is the slow part).
-    `page_cache` (CPU, views): the pager's window in bytes, 'off', or None (as the engine decides it from
-    the memory available now).
+    `page_cache` (streaming, but CUDA zero-copy): the pager's window in bytes, 'off', or None (as the engine
+    decides it from the memory available now).
     `resident_layers` (streaming): decoder layers loaded once for the run, spread through the stack
     (LemaConfig.resident_layers); they count in the frozen bytes at the largest layer's size. None: decided
     here (`split_room`): on a GPU, the room the budget (or `free_bytes`) leaves is shared between resident
@@ -628,9 +628,20 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              if strategy == "streaming" and not cpu and L else None,
              activations_on="host" if offload else "device", embedding_view_bytes=embed_view,
              allocator_cache_bytes=cache)
-    if cpu and zero_copy and strategy == "streaming" and L:
-        _page_cache(p, layers_total, page_cache)
+    if strategy == "streaming" and L and not gpu_zero_copy:  # CUDA zero-copy locks the layers' pages in RAM
+        # the page cache holds the file's bytes: another dtype's size where the layers are converted on load
+        file_scale = f.file_dtype.itemsize / s if f.file_dtype is not None and f.file_dtype.is_floating_point else 1
+        _page_cache(p, int(layers_total * file_scale), page_cache)
     _decide(p, lambda d, on_device_acts=not offload: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
+    if strategy == "streaming" and folder and L > p.resident_layers:
+        converted = [] if f.layers_as_stored else ["built on load from several tensors (experts stacked)"]
+        if f.file_dtype is not None and f.file_dtype.is_floating_point and f.file_dtype != dtype:
+            converted.insert(0, f"stored in {str(f.file_dtype).split('.')[-1]}")
+        if converted:
+            name = str(dtype).split(".")[-1]
+            p.advice.append(f"the layers are {' and '.join(converted)}: every load converts them, in the loader "
+                            f"thread ({2 * (L - p.resident_layers)} loads a step, CPU time beside the compute); "
+                            f"`lema convert {folder} OUT --dtype {name}` stores them as used, once")
     return p
 
 
@@ -692,8 +703,10 @@ def _page_cache(p: Plan, layers_total: int, page_cache: Optional[int | str]) -> 
     from .stream.pager import RESERVE_BYTES
 
     # As the pager sizes it at each pass: the memory available then, which the run's own weights, adapters and
-    # optimizer state (allocated by then) no longer count in, less the reserve for a step's activations.
-    fixed = p.frozen_device_bytes + p.lora_bytes + p.grad_bytes + p.optimizer_bytes
+    # optimizer state (allocated by then; on a GPU, the pinned slots) no longer count in, less the reserve for a
+    # step's activations.
+    fixed = (p.frozen_device_bytes + p.lora_bytes + p.grad_bytes + p.optimizer_bytes if p.device_type == "cpu"
+             else p.ring_host_bytes)
     cache = max(0, memory_available() - fixed - RESERVE_BYTES) if page_cache in (None, "off") else int(page_cache)
     pager = page_cache != "off" and (page_cache is not None or layers_total > cache)
     per_layer = layers_total / p.num_layers

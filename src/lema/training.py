@@ -90,7 +90,7 @@ class TrainArgs:
     """Decoder layers that keep their activations instead of recomputing them in backward (default: as many as
     --max-vram, or half the free memory, allows; 0: recompute all, least memory)."""
     page_cache: Optional[str] = None
-    """CPU: page cache the streamed layers may hold, read ahead by a thread, e.g. 16GB (default: automatic when
+    """Page cache the streamed layers may hold, read ahead by a thread, e.g. 16GB (default: automatic when
     the weights exceed the available memory; off: leave it to the kernel)."""
     resident_layers: Optional[int] = None
     """Streaming: decoder layers that stay loaded for the run, spread through the stack (default: on a GPU the

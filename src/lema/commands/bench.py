@@ -47,8 +47,8 @@ def add_arguments(parser) -> None:
                              "CUDA, on copies each layer straight from the page cache registered with CUDA, "
                              "auto/off through pinned staging slots")
     parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
-                        help="LEMA STREAMING on the CPU with views: the page-cache window the pager holds "
-                             "(default auto: on when the layers exceed the available memory)")
+                        help="LEMA STREAMING (but CUDA zero-copy): the page-cache window the pager holds "
+                             "(default auto: on when the layers' file bytes exceed the available memory)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where every contender runs (default: cpu); on cuda the peak is device memory and "
                              "the ceiling a pinned host-to-device copy loop")

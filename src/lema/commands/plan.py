@@ -34,8 +34,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chunked-loss", type=tristate, default=None, metavar="auto|on|off",
                         help="head + loss in chunks (default auto: when the float32 logits pass 64 MiB)")
     parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
-                        help="CPU, weights as mmap views: the pager's page-cache window (default auto: the memory "
-                             "available now less 2 GiB, when the layers exceed it)")
+                        help="streaming (but CUDA zero-copy): the pager's page-cache window (default auto: the "
+                             "memory available now less 2 GiB, when the layers' file bytes exceed it)")
     add_layer_placement_flags(parser)
 
 

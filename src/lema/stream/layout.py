@@ -44,17 +44,24 @@ class UnitLayout:
 
     def __init__(self, unit: str, placements: list[Placement], nbytes: int,
                  packed: Optional[tuple[SafetensorsFile, int, int]] = None,
-                 ranges: Optional[list[tuple[SafetensorsFile, int, int]]] = None):
+                 ranges: Optional[list[tuple[SafetensorsFile, int, int]]] = None, stored_as_used: bool = True):
         self.unit = unit
         self.placements = placements
         self.nbytes = nbytes
         self.packed = packed  # (file, start, end) when the fill is a single read
-        # (file, start, end) byte ranges the unit reads, for the page-cache prefetch hint
+        # (file, start, end) byte ranges the unit reads from the files, for the page cache (the prefetch hint, the
+        # pager); stored as used: one per placement, in its order (CUDA registers them, zero-copy views them)
         self.ranges = ranges if ranges is not None else ([packed] if packed is not None else [])
+        # every tensor lies in the file as one range of the compute dtype's layout (no tensor built on load from
+        # several, such as Mixtral's stacked experts)
+        self.stored_as_used = packed is not None or stored_as_used
 
     @classmethod
     def build(cls, unit: str, names: list[str], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-              store: WeightStore, direct_keys: dict[str, Optional[str]]) -> "UnitLayout":
+              store: WeightStore, direct_keys: dict[str, Optional[str]],
+              built_from: Optional[dict[str, list[str]]] = None) -> "UnitLayout":
+        """`direct_keys`: each parameter's file key where it is stored as one tensor (else None); `built_from`:
+        the file keys a tensor built on load is made from (its bytes are paged like the others')."""
         packed = store.units.get(unit)
         if packed is not None and all(direct_keys.get(n) for n in names):
             f, start, end = packed
@@ -64,15 +71,20 @@ class UnitLayout:
             if inside:
                 placements = [Placement(n, dtype, shapes[n], e.start - start) for n, e in zip(names, entries)]
                 return cls(unit, placements, end - start, packed)
-        offset, placements, ranges = 0, [], []
+        offset, placements, ranges, seen = 0, [], [], set()
         for n in names:
             p = Placement(n, dtype, tuple(shapes[n]), offset)
             placements.append(p)
             offset += -(-p.nbytes // ALIGN) * ALIGN
             if direct_keys.get(n):
-                e = store.entry(direct_keys[n])
+                keys = [direct_keys[n]]
+            else:  # several tensors built from one group read its keys once
+                keys = [k for k in (built_from or {}).get(n, []) if k not in seen]
+                seen.update(keys)
+            for key in keys:
+                e = store.entry(key)
                 ranges.append((store.file_of(e.key), e.start, e.end))
-        return cls(unit, placements, offset, ranges=ranges)
+        return cls(unit, placements, offset, ranges=ranges, stored_as_used=all(direct_keys.get(n) for n in names))
 
     def fill(self, dst: torch.Tensor, read: Callable[[str], torch.Tensor], store: WeightStore,
              threads: int = 1) -> None:
