@@ -132,6 +132,23 @@ def test_zero_copy_with_a_resident_layer_registers_only_the_streamed_runs(tiny_d
     assert not f._registered
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["safetensors", "layer-packed"])
+def test_pinned_staging_reads_through_the_pager(packed, tiny_dir, make_lema, tmp_path_factory):
+    """Staged copies (pinned slots filled by the loader's reads) with a pager window of 2 layers: the pager pages
+    the layers' file ranges ahead of the loader and drops the rest; the step equals RESIDENT's. Zero-copy gets
+    no pager (its registered pages stay locked)."""
+    from lema.convert import convert
+
+    src = tiny_dir("llama", num_layers=LAYERS)
+    path = convert(src, str(tmp_path_factory.mktemp("pg") / "out"), progress=False) if packed else src
+    model = make_lema(path, device="cuda", num_buffers=2, page_cache="1KB")
+    pager = model.source.pager
+    assert pager is not None and model.source._host_views is None
+    assert_trains_like(model, make_lema(src, device="cuda", strategy=MemoryStrategy.RESIDENT))
+    assert pager.wait_idle(10) and pager.stats.populated >= LAYERS - 2 and pager.stats.dropped >= LAYERS - 2
+    assert make_lema(path, device="cuda", num_buffers=2, page_cache="1KB", zero_copy=True).source.pager is None
+
+
 def test_zero_copy_on_cuda_refuses_a_file_in_another_dtype(tiny_dir, make_lema):
     with pytest.raises(ValueError, match="not stored in torch.float32.*--zero-copy auto"):
         make_lema(tiny_dir("llama", num_layers=LAYERS, dtype=torch.bfloat16), device="cuda", zero_copy=True)
