@@ -449,3 +449,24 @@ def test_run_time_decisions_use_the_steps_rows(tmp_path):
     assert budget.step_growth(32, 8) == rows.peak_bytes - rows.frozen_device_bytes - rows.lora_bytes
     assert budget.step_growth(32) == row.peak_bytes - row.frozen_device_bytes - row.lora_bytes
     assert budget.keepable_layers(32, 8) == rows.kept_layers
+
+
+def test_a_70b_model_plans_onto_a_16gb_card():
+    """The mission's other size: the Llama-2-70B shape (68,976,648,192 parameters, the published count) in bf16
+    streams through a 16 GB card at b1 x 512: a ring of 1.6 GiB slots, LoRA on every linear with AdamW and the
+    activations fit the budget, and a host with less RAM than its 138 GB pages the layers (the pager's window)."""
+    from lema.bench import shape_config
+    from lema.planner import model_facts
+
+    cfg = shape_config("llama-2-70b")
+    facts = model_facts(cfg, "bfloat16", 16)
+    assert sum(facts.unit_bytes.values()) == 2 * 68_976_648_192
+    budget = 16 * 10**9
+    p = plan(cfg, "bfloat16", batch_size=1, seq_len=512, max_vram_bytes=budget, device_type="cuda",
+             resident_layers=None, facts=facts, page_cache=14 * 2**30)
+    assert p.num_layers == 80 and p.peak_bytes <= budget
+    per_layer = 2 * (68_976_648_192 - 2 * 32000 * 8192 - 8192) // 80  # less the embedding, the head, the norm
+    assert p.slot_bytes >= per_layer and p.ring_device_bytes == 3 * p.slot_bytes
+    streamed = 80 - p.resident_layers
+    assert p.page_cache_layers == 14 * 2**30 // per_layer < streamed
+    assert p.disk_read_bytes == 2 * (streamed - p.page_cache_layers) * per_layer

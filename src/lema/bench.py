@@ -48,6 +48,10 @@ SHAPES: dict[str, dict] = {
     "llama-2-7b": dict(_LLAMA_COMMON, vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                        max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False),
+    # for `lema plan --shape` above all: `lema bench` builds its random weights only where the disk has 138 GB (bf16)
+    "llama-2-70b": dict(_LLAMA_COMMON, vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                        max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False),
     "tinyllama-1.1b": dict(_LLAMA_COMMON, vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                            num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                            max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False),
