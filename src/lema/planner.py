@@ -640,7 +640,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         if converted:
             name = str(dtype).split(".")[-1]
             p.advice.append(f"the layers are {' and '.join(converted)}: every load converts them, in the loader "
-                            f"thread ({2 * (L - p.resident_layers)} loads a step, CPU time beside the compute); "
+                            f"thread (up to {2 * (L - p.resident_layers)} loads a step, CPU time beside the compute); "
                             f"`lema convert {folder} OUT --dtype {name}` stores them as used, once")
     return p
 
