@@ -11,6 +11,8 @@
 #   t4long  target 4: b1 x 4096 in a 16 GB card, resident layers as training decides them (auto: the plan shares
 #           the room between resident and kept layers by the step time each saves)
 #   t4longr0  the same, every layer streamed (--resident-layers 0): the auto split's gain, side by side
+#   t3pc    target 3 staged with --page-cache 6GB: a host with less RAM than the model, emulated (the pager holds
+#           15 of the 32 layers and drops the rest, so each step reads ~14 GB from the disk)
 #   t5zc, t5longzc, t3zc, t4zc: the same with --zero-copy on (layers copied from the page cache registered
 #           with CUDA, no pinned staging): run each beside its staged twin on the same machine
 # Targets 5 say "every layer streamed": their stages pass --resident-layers 0 (auto might keep some).
@@ -21,9 +23,9 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LEMA_CACHE_DIR=${LEMA_CACHE_DIR:-/tmp/lema-cache}
 PY=python3
 BENCH="$PY -m lema bench --device cuda --gpu-memory 16GB --dtype bfloat16 --json"
-declare -A NEED=([tests]=60 [probe]=30 [t5]=60 [t5long]=60 [t3]=80 [t4]=80 [t4long]=40 [t4longr0]=40
+declare -A NEED=([tests]=60 [probe]=30 [t5]=60 [t5long]=60 [t3]=80 [t4]=80 [t4long]=40 [t4longr0]=40 [t3pc]=80
                  [t5zc]=60 [t5longzc]=60 [t3zc]=80 [t4zc]=80)
-declare -A LIMIT=([tests]=150 [probe]=60 [t5]=120 [t5long]=120 [t3]=200 [t4]=150 [t4long]=100 [t4longr0]=100
+declare -A LIMIT=([tests]=150 [probe]=60 [t5]=120 [t5long]=120 [t3]=200 [t4]=150 [t4long]=100 [t4longr0]=100 [t3pc]=200
                   [t5zc]=120 [t5longzc]=120 [t3zc]=200 [t4zc]=150)
 summary=()
 
@@ -49,6 +51,8 @@ $LEMA_CACHE_DIR/shapes/tinyllama-1.1b-bfloat16/model.safetensors --json $OUT/pro
                   >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t3)     timeout "$limit" $BENCH $zc --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 3 \
                   --contenders streaming --floor >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
+      t3pc)   timeout "$limit" $BENCH --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 3 \
+                  --contenders streaming --floor --page-cache 6GB >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t4)     timeout "$limit" $BENCH $zc --shape llama-2-7b --max-vram 2.5GB --num-buffers 2 --batch-size 1 \
                   --seq-len 512 --steps 3 --contenders streaming --floor >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t4long) timeout "$limit" $BENCH $zc --shape llama-2-7b --batch-size 1 --seq-len 4096 --steps 3 \
