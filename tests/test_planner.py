@@ -470,3 +470,8 @@ def test_a_70b_model_plans_onto_a_16gb_card():
     streamed = 80 - p.resident_layers
     assert p.page_cache_layers == 14 * 2**30 // per_layer < streamed
     assert p.disk_read_bytes == 2 * (streamed - p.page_cache_layers) * per_layer
+    # the time model is the bus's; with the layers over the RAM the disk must keep up with it, and the plan says how
+    rate = p.disk_read_bytes / max(p.modelled_s)
+    assert f"s step takes {rate / 1e9:.1f} GB/s; a slower disk sets the step time" in p.table()
+    assert "disk:" not in plan(cfg, "bfloat16", batch_size=1, seq_len=512, max_vram_bytes=budget, device_type="cuda",
+                               resident_layers=None, facts=facts, page_cache=10**12).table()

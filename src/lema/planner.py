@@ -299,6 +299,10 @@ class Plan:
                        " which evicts more);")
                 lines.append(f"    page cache: {held} of {L} layers fit; {how} 2 x {L - held} layers "
                              f"= {human(self.disk_read_bytes)} from disk per training step (applied)")
+                if self.modelled_s and self.disk_read_bytes:  # a GPU: the disk against the time model's bus
+                    rate = self.disk_read_bytes / max(self.modelled_s)
+                    lines.append(f"    disk: reading that in the time model's {max(self.modelled_s):.2f} s step takes "
+                                 f"{rate / 1e9:.1f} GB/s; a slower disk sets the step time")
         for a in self.advice:
             lines.append(f"    advice: {a}")
         return "\n".join(lines)
