@@ -632,15 +632,15 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              if strategy == "streaming" and not cpu and L else None,
              activations_on="host" if offload else "device", embedding_view_bytes=embed_view,
              allocator_cache_bytes=cache)
+    file_dtype = f.file_dtype if f.file_dtype is not None and f.file_dtype.is_floating_point else None
     if strategy == "streaming" and L and not gpu_zero_copy:  # CUDA zero-copy locks the layers' pages in RAM
         # the page cache holds the file's bytes: another dtype's size where the layers are converted on load
-        file_scale = f.file_dtype.itemsize / s if f.file_dtype is not None and f.file_dtype.is_floating_point else 1
-        _page_cache(p, int(layers_total * file_scale), page_cache)
+        _page_cache(p, int(layers_total * (file_dtype.itemsize / s if file_dtype else 1)), page_cache)
     _decide(p, lambda d, on_device_acts=not offload: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
     if strategy == "streaming" and folder and L > p.resident_layers:
         converted = [] if f.layers_as_stored else ["built on load from several tensors (experts stacked)"]
-        if f.file_dtype is not None and f.file_dtype.is_floating_point and f.file_dtype != dtype:
-            converted.insert(0, f"stored in {str(f.file_dtype).split('.')[-1]}")
+        if file_dtype is not None and file_dtype != dtype:
+            converted.insert(0, f"stored in {str(file_dtype).split('.')[-1]}")
         if converted:
             name = str(dtype).split(".")[-1]
             p.advice.append(f"the layers are {' and '.join(converted)}: every load converts them, in the loader "
