@@ -286,3 +286,17 @@ def test_transient_probes_live_for_their_turn_only(tmp_path):
     assert info["page_cache_window"] == 1000 and info["page_cache_trim"] == 0  # a fixed window is not trimmed
     assert info["page_cache_evicted_per_step"] >= 0
     assert info["page_cache_shed_per_step"] == 0  # a fixed window never sheds for free memory
+
+
+def test_the_transformers_contenders_build_a_soft_capped_model_with_eager_attention(tiny_dir):
+    """The Transformers + PEFT contender and the floor probes attend as LEMA does: Gemma 2 soft-caps its attention
+    logits, which SDPA cannot (Transformers 5.23 refuses SDPA for it, earlier versions silently drop the cap), so
+    its contenders are built with eager attention; a Llama keeps SDPA."""
+    from lema.bench import BenchSpec, _Contender
+
+    for arch, attention in (("gemma2", "eager"), ("llama", "sdpa")):
+        spec = BenchSpec(model=tiny_dir(arch), batch_size=1, seq_len=8)
+        for name in ("peft", "floor-1"):
+            contender = _Contender(name, spec)
+            assert contender.model.config._attn_implementation == attention, (arch, name)
+            assert torch.isfinite(contender._hf_step()), (arch, name)

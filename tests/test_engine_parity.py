@@ -35,11 +35,15 @@ def snapshot(peft_model) -> dict[str, torch.Tensor]:
 def reference(path: str, adapter_dir: str = None, train: bool = True):
     """Transformers' model, all weights resident, with the adapter loaded by PEFT itself."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from lema.engine.skeleton import attention_implementation
+
+    # Gemma 2: eager, as LEMA (Transformers < 5.23 would build it with SDPA and drop the attention soft-capping)
+    attn = attention_implementation(AutoConfig.from_pretrained(path))
     try:
-        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    except ValueError:  # no SDPA for this architecture (Gemma 2); LEMA falls back to eager as well
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    except ValueError:  # no SDPA for this architecture; LEMA falls back to eager as well
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     if adapter_dir is None:
         return ref.eval()
@@ -719,3 +723,12 @@ def test_transposed_frozen_products_match_peft(arch, keep, tiny_dir, make_lema, 
         assert {k[2] for k in picked} == {VOCAB}
     else:
         assert len({k[2:4] for k in picked}) > 1
+
+
+def test_soft_capped_attention_runs_eager(tiny_dir):
+    """Gemma 2 soft-caps its attention logits, which SDPA cannot do: eager attention on every Transformers
+    version (before 5.23 Transformers built it with SDPA without a word and left the cap out)."""
+    from lema.engine.skeleton import build_meta_model, load_hf_config
+
+    model = build_meta_model(load_hf_config(tiny_dir("gemma2")), torch.float32)
+    assert model.config._attn_implementation == "eager"

@@ -455,14 +455,15 @@ class _Contender:
         import torch
 
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         from .config import parse_dtype
-        from .engine.skeleton import default_lora_targets, find_decoder_layers
+        from .engine.skeleton import attention_implementation, default_lora_targets, find_decoder_layers
 
         spec = self.spec
-        model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=parse_dtype(spec.dtype),
-                                                     attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.model, dtype=parse_dtype(spec.dtype),
+            attn_implementation=attention_implementation(AutoConfig.from_pretrained(spec.model)))
         model.config.use_cache = False
         model.to(spec.device)
         targets = spec.targets or default_lora_targets(find_decoder_layers(model)[1])
@@ -542,13 +543,14 @@ class _Contender:
 
         from .config import parse_dtype
         from .engine import cpu_linear
-        from .engine.skeleton import default_lora_targets, find_decoder_layers
+        from .engine.skeleton import attention_implementation, default_lora_targets, find_decoder_layers
 
         spec = self.spec
         cfg = AutoConfig.from_pretrained(spec.model)
         cfg.num_hidden_layers = layers
         torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(spec.dtype), attn_implementation="sdpa")
+        m = AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(spec.dtype),
+                                             attn_implementation=attention_implementation(cfg))
         m.config.use_cache = False
         m.to(spec.device)
         layers = find_decoder_layers(m)[1]

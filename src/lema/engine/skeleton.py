@@ -54,6 +54,14 @@ def load_hf_config(folder: str):
                                 "architecture") from None
 
 
+def attention_implementation(hf_config) -> str:
+    """The attention a model is built with: "sdpa", or "eager" where the attention logits are soft-capped
+    (Gemma 2). SDPA cannot apply the cap: Transformers 5.23 refuses SDPA for such a model, and earlier versions
+    (5.17, on the GPU machines) build it with SDPA anyway and silently leave the cap out."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    return "eager" if getattr(text, "attn_logit_softcapping", None) else "sdpa"
+
+
 def build_meta_model(hf_config, dtype: torch.dtype):
     """The causal-LM class for `hf_config`, parameters on meta, buffers real (on the CPU)."""
     from accelerate import init_empty_weights
@@ -62,7 +70,8 @@ def build_meta_model(hf_config, dtype: torch.dtype):
     try:
         with init_empty_weights(include_buffers=False):
             try:
-                model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype,
+                                                         attn_implementation=attention_implementation(hf_config))
             except ValueError as e:
                 if "scaled_dot_product_attention" not in str(e):
                     raise
