@@ -137,6 +137,54 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_older_one_resumes(smol
         torch.testing.assert_close(resumed[k], reference[k], rtol=0, atol=1e-6)
 
 
+def test_a_resumed_run_applies_and_names_the_settings_it_changes(smol, small_data, trained, tmp_path):
+    """Resumed with another --weight-decay and --steps: the run says so, and the new weight decay is the one the
+    optimizer uses (the loaded optimizer state carried the checkpoint's, and the flag was ignored)."""
+    out = tmp_path / "changed"
+    shutil.copytree(trained[0], out)
+    shutil.rmtree(out / "adapter")
+    args = list(map(str, TRAIN_ARGS))
+    args[args.index("--steps") + 1] = "5"
+    proc = lema("train", "--model", smol, "--data", small_data, "--output", out, *args, "--weight-decay", "0.5",
+                "--resume")
+    assert (f"note: resuming {out / 'checkpoint-4'} with settings changed from its run's: weight_decay 0.0 -> 0.5, "
+            "total_steps 4 -> 5 (they apply from this step on)") in proc.stdout
+    groups = torch.load(out / "checkpoint-5" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5] * len(groups)
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_ctrl_c_in_the_last_step_finishes_the_run_and_a_new_run_starts_its_log(smol, small_data, tmp_path,
+                                                                                 monkeypatch):
+    """An interrupt that arrives during the last step: every step is done, so the run ends as a finished one
+    (final adapter written, not "stopped"); and the folder's stale log (a run killed before its first checkpoint)
+    is started afresh, not appended to."""
+    import io
+
+    import lema.training as training
+
+    class Requested:  # Ctrl-C already pressed when the first (and last) step ends
+        requested = True
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(training, "_Interrupt", Requested)
+    out = tmp_path / "last"
+    out.mkdir()
+    (out / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2, 3)))
+    printed = io.StringIO()
+    summary = training.train(training.TrainArgs(model=smol, data=small_data, output=str(out), steps=1, batch_size=2,
+                                                seq_len=32, lora_rank=4, lora_alpha=8, quiet=True), out=printed)
+    assert summary["interrupted"] is False and summary["steps"] == 1
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and "done: 1 steps" in printed.getvalue()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1] and log[0]["loss"] != 9.0
+
+
 def test_adapter_loads_in_peft_with_same_logits(smol, trained):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

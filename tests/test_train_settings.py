@@ -122,7 +122,8 @@ def test_a_checkpoint_with_a_damaged_file_changes_nothing(tmp_path):
     sched.step()
     folder = tmp_path / "checkpoint-3"
     (folder / "adapter").mkdir(parents=True)
-    (folder / "trainer_state.json").write_text(json.dumps({"step": 3, "sampler": {}, "run": {}}))
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 3, "sampler": {"epoch": 0, "position": 3},
+                                                           "run": {}}))
     torch.save(opt.state_dict(), folder / "optimizer.pt")
     torch.save(sched.state_dict(), folder / "scheduler.pt")
     (folder / "rng.pt").write_bytes(b"PK\x03\x04 cut")
@@ -239,3 +240,140 @@ def test_resume_refuses_other_data_seq_len_or_accumulation(tmp_path):
         check_run_identity("ck", saved, {**saved, "data": data_identity(str(data))})
     with pytest.raises(CheckpointError, match=r"lora_rank=8 but this run has lora_rank=4"):
         check_run_identity("ck", shape, {**saved, "lora_rank": 4})
+
+
+class _Adapter:
+    """What save_checkpoint needs of a model: a PEFT model that writes its adapter folder."""
+
+    def __init__(self):
+        self.peft_model = self
+
+    def save_pretrained(self, folder):
+        os.makedirs(folder)
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            json.dump({"r": 4}, f)
+        with open(os.path.join(folder, "adapter_model.safetensors"), "wb") as f:
+            f.write(bytes(range(256)) * 64)
+
+
+def _saved(tmp_path, step=3):
+    opt, sched = _optimizer()
+    sampler = {"epoch": 0, "position": step}
+    return save_checkpoint(str(tmp_path), step, _Adapter(), opt, sched, sampler, {"model": "/m"}, total_limit=None)
+
+
+@pytest.mark.parametrize("damage", ["optimizer.pt", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                                    "trainer_state.json", "rng.pt missing"])
+def test_a_checkpoint_file_that_differs_from_its_sha256_is_unreadable(tmp_path, damage):
+    """Every file of a checkpoint is checked against the sha256 recorded when it was written, so a flipped bit
+    that leaves the file's structure readable (a tensor's value, an optimizer moment, the step) is found and the
+    checkpoint set aside, not trained on; an untouched checkpoint loads."""
+    path = _saved(tmp_path)
+    state = json.load(open(os.path.join(path, "trainer_state.json")))
+    assert set(state["files"]) == {"optimizer.pt", "scheduler.pt", "rng.pt", "adapter/adapter_config.json",
+                                   "adapter/adapter_model.safetensors"} and len(state["sha256"]) == 64
+    loaded = []
+    model = types.SimpleNamespace(load_adapter=loaded.append)
+    opt, sched = _optimizer()
+    assert load_checkpoint(path, model, opt, sched, {"model": "/m"})["step"] == 3 and len(loaded) == 1
+    name = damage.split()[0]
+    file = os.path.join(path, *name.split("/"))
+    if damage.endswith("missing"):
+        os.remove(file)
+        expected = "rng.pt is missing"
+    elif name == "trainer_state.json":  # edited by hand, still valid JSON
+        text = open(file).read()
+        assert '"step": 3' in text
+        open(file, "w").write(text.replace('"step": 3', '"step": 30'))
+        expected = "trainer_state.json does not match its sha256"
+    else:
+        data = bytearray(open(file, "rb").read())
+        data[len(data) // 2] ^= 0x40  # one bit, mid-file
+        open(file, "wb").write(bytes(data))
+        expected = f"{name} does not match the sha256 recorded when it was written"
+    opt, sched = _optimizer()
+    with pytest.raises(CheckpointUnreadable, match=f"checkpoint-3' cannot be read .*{expected}") as e:
+        load_checkpoint(path, model, opt, sched, {"model": "/m"})
+    assert expected in e.value.why and len(loaded) == 1 and opt.state_dict()["state"] == {}
+
+
+def test_a_damaged_adapter_config_without_digests_falls_back(tmp_path):
+    """A checkpoint written before the digests: an adapter_config.json that is not JSON is damage (the run
+    resumes from an older checkpoint), not an error that ends the run."""
+    from lema.adapter_files import read_adapter
+
+    path = _saved(tmp_path)
+    state = json.load(open(os.path.join(path, "trainer_state.json")))
+    del state["files"], state["sha256"]
+    json.dump(state, open(os.path.join(path, "trainer_state.json"), "w"))
+    open(os.path.join(path, "adapter", "adapter_config.json"), "w").write('{"r": ')
+    model = types.SimpleNamespace(load_adapter=read_adapter)
+    opt, sched = _optimizer()
+    with pytest.raises(CheckpointUnreadable, match=r"adapter_config.json' is not valid JSON"):
+        load_checkpoint(path, model, opt, sched, {"model": "/m"})
+
+
+def test_pruning_moves_a_checkpoint_out_of_the_listing_before_deleting_it(tmp_path, monkeypatch):
+    """A kill while an old checkpoint is being deleted leaves a `.tmp-` folder, which the next save removes; never
+    a `checkpoint-STEP` without its trainer_state.json, which nothing would list, resume or prune again."""
+    import shutil
+
+    import lema.checkpointing as checkpointing
+
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", lambda path, **kw: None)  # killed before deleting a byte
+    for step in (1, 2):
+        opt, sched = _optimizer()
+        save_checkpoint(str(tmp_path), step, _Adapter(), opt, sched, {"epoch": 0, "position": step}, {}, total_limit=1)
+    pruned, kept = sorted(os.listdir(tmp_path))
+    assert kept == "checkpoint-2" and pruned.startswith(".tmp-pruned-")
+    assert sorted(os.listdir(tmp_path / pruned / "folder")) == sorted(os.listdir(tmp_path / kept))  # checkpoint-1
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", real_rmtree)
+    opt, sched = _optimizer()
+    save_checkpoint(str(tmp_path), 3, _Adapter(), opt, sched, {"epoch": 0, "position": 3}, {}, total_limit=1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3"]
+
+
+def test_a_new_runs_log_starts_empty(tmp_path):
+    """A run killed before its first checkpoint leaves log records no checkpoint holds: a new run in that folder
+    (no --resume) starts its log afresh instead of appending step 1 after them."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    _truncate_log(str(log), 0)
+    assert log.read_text() == ""
+
+
+def test_the_model_is_known_by_its_weights_not_its_path(tmp_path):
+    """A checkpoint records a fingerprint of the model's weights: the same model copied elsewhere resumes, other
+    weights put in the run's folder are refused (before, only the folder's path was compared)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lema.checkpointing import check_run_identity
+    from lema.store import weights_fingerprint
+
+    first, copy = tmp_path / "m", tmp_path / "copy"
+    first.mkdir()
+    save_file({"w": torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))}, str(first / "model.safetensors"))
+    shutil.copytree(first, copy)
+    shape = {"lora_rank": 8, "lora_alpha": 16, "lora_target_modules": ["q_proj"]}
+    saved = {**shape, "model": str(first), "model_weights": weights_fingerprint(str(first))}
+    check_run_identity("ck", saved, {**shape, "model": str(copy), "model_weights": weights_fingerprint(str(copy))})
+    save_file({"w": torch.randn(64, 1024)}, str(first / "model.safetensors"))  # other weights, same shapes
+    now = {**shape, "model": str(first), "model_weights": weights_fingerprint(str(first))}
+    with pytest.raises(CheckpointError, match=r"other model weights than those in .*m'.*resume with that model"):
+        check_run_identity("ck", saved, now)
+    old = {k: v for k, v in saved.items() if k != "model_weights"}  # a checkpoint from before: the path decides
+    check_run_identity("ck", old, now)
+    with pytest.raises(CheckpointError, match=r"was made with model="):
+        check_run_identity("ck", old, {**now, "model": str(copy)})
+
+
+def test_a_resumed_run_names_the_settings_it_changes():
+    from lema.checkpointing import changed_settings
+
+    saved = {"settings": {"lr": 1e-3, "weight_decay": 0.0, "max_grad_norm": 1.0, "dtype": "float32"}}
+    now = {"settings": {"lr": 1e-3, "weight_decay": 0.5, "max_grad_norm": 1.0, "dtype": "bfloat16"}}
+    assert changed_settings(saved, now) == ["weight_decay 0.0 -> 0.5", "dtype float32 -> bfloat16"]
+    assert changed_settings(saved, saved) == [] and changed_settings({}, now) == []

@@ -6,6 +6,10 @@ import json
 import os
 
 
+class AdapterFileError(ValueError):
+    """An adapter folder whose adapter_config.json cannot be read as a config (damaged or edited by hand)."""
+
+
 def read_adapter(path: str) -> tuple[dict, str]:
     """(adapter_config.json as a dict, path of adapter_model.safetensors); a clear error if either is missing."""
     cfg_path = os.path.join(path, "adapter_config.json")
@@ -15,6 +19,9 @@ def read_adapter(path: str) -> tuple[dict, str]:
                                 "adapter_model.safetensors, as written by save_adapter or OUT/adapter of lema train)")
     try:
         with open(cfg_path) as f:
-            return json.load(f), weights
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path!r} is not valid JSON ({e})") from None
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{cfg_path!r} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{cfg_path!r} holds a {type(config).__name__}, not an adapter config (a JSON object)")
+    return config, weights

@@ -5,9 +5,11 @@ Layout of `OUT/checkpoint-STEP/`:
     optimizer.pt             optimizer state_dict
     scheduler.pt             LR scheduler state_dict
     rng.pt                   torch CPU (+ CUDA) RNG states and Python's
-    trainer_state.json       step, data position (sampler state), and what the run was made for
-                             (model, LoRA rank/alpha/targets, the data file's sha256, seq_len,
-                             grad_accum), checked on resume (check_run_identity)
+    trainer_state.json       step, data position (sampler state), what the run was made for
+                             (model and a fingerprint of its weights, LoRA rank/alpha/targets, the
+                             data file's sha256, seq_len, grad_accum), checked on resume
+                             (check_run_identity), the settings a resumed run may change (named when it
+                             does), the sha256 of every other file, and its own
 
 A folder named `checkpoint-STEP` exists only once complete: `os.replace` of a finished
 temporary folder is atomic, so a run killed at any moment (SIGKILL included) leaves either the
@@ -17,8 +19,9 @@ before the rename and before older checkpoints are pruned, so a power cut does n
 `.tmp-` and are ignored (and cleaned up by the next save); a save that fails (a full disk) removes
 its own and names the checkpoint still intact.
 
-A checkpoint that cannot be read on resume (a disk error, a file cut short or edited by hand) is
-not the end of the run: `newest_readable` reads the checkpoints newest first, and
+A checkpoint that cannot be read on resume (a disk error, a file cut short, damaged or edited by hand:
+each file is checked against the sha256 recorded when it was written, so a flipped bit in a tensor is
+found too, not trained on) is not the end of the run: `newest_readable` reads the checkpoints newest first, and
 `set_aside` renames the damaged ones to `damaged-checkpoint-STEP` (kept for inspection, out of the
 rotation: a later save's pruning would otherwise keep a damaged newest folder and delete good
 ones). Every file of a checkpoint is read before any of it is applied, so a damaged one leaves
@@ -39,6 +42,7 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError
 
+from .adapter_files import AdapterFileError
 from .cli_errors import reason
 from .fsutil import make_temp_folder, replace_folder
 
@@ -85,7 +89,8 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, sample
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, os.path.join(tmp, "rng.pt"))
-        state = {"step": step, "sampler": sampler_state, "run": run_identity}
+        state = {"step": step, "sampler": sampler_state, "run": run_identity, "files": _file_digests(tmp)}
+        state["sha256"] = _state_digest(state)
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks completeness
             json.dump(state, f, indent=1)
         final = os.path.join(out_dir, f"checkpoint-{step}")
@@ -100,8 +105,51 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, sample
                               + ": free disk space and continue with --resume") from None
     if total_limit is not None and total_limit > 0:
         for _, old in list_checkpoints(out_dir)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            # renamed out of the listing first: a kill mid-delete leaves a `.tmp-` folder the next save removes,
+            # not a `checkpoint-STEP` without its trainer_state.json that nothing would list or prune again
+            doomed = make_temp_folder(out_dir, ".tmp-pruned-")
+            os.replace(old, os.path.join(doomed, "folder"))
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_digests(folder: str) -> dict[str, str]:
+    """sha256 of every file under `folder`, by path relative to it ('/'-separated)."""
+    digests = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            digests[os.path.relpath(path, folder).replace(os.sep, "/")] = _sha256(path)
+    return dict(sorted(digests.items()))
+
+
+def _state_digest(state: dict) -> str:
+    """sha256 of trainer_state.json's content but its own digest (canonical JSON: sorted keys)."""
+    body = {k: v for k, v in state.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def verify_files(path: str, state: dict) -> None:
+    """Check a checkpoint's trainer_state.json against its own sha256 and every file it lists against theirs
+    (checkpoints written before 2026-11-27 have no digests: nothing to check). Raises ValueError naming the
+    first file that differs."""
+    if "sha256" in state and _state_digest(state) != state["sha256"]:
+        raise ValueError("trainer_state.json does not match its sha256: it was damaged or edited")
+    for rel, digest in (state.get("files") or {}).items():
+        file = os.path.join(path, *rel.split("/"))
+        if not os.path.isfile(file):
+            raise ValueError(f"{rel} is missing")
+        if _sha256(file) != digest:
+            raise ValueError(f"{rel} does not match the sha256 recorded when it was written: it was damaged "
+                             "or edited")
 
 
 def _unreadable(path: str, e: Exception) -> CheckpointUnreadable:
@@ -114,6 +162,9 @@ def _unreadable(path: str, e: Exception) -> CheckpointUnreadable:
 
 RUN_SHAPE = ("model", "lora_rank", "lora_alpha", "lora_target_modules")  # in every checkpoint
 RUN_DATA = ("data", "seq_len", "grad_accum")  # since 2026-11-26: checked where the checkpoint has them
+# a resumed run may change these (each takes effect from the checkpoint's step on); `changed_settings` names them
+RUN_SETTINGS = ("lr", "weight_decay", "max_grad_norm", "lora_dropout", "dtype", "schedule", "warmup_steps",
+                "total_steps")
 
 
 def check_run_identity(path: str, saved: dict, run_identity: dict) -> None:
@@ -122,6 +173,15 @@ def check_run_identity(path: str, saved: dict, run_identity: dict) -> None:
     steps differ from the run it continues (its sampler position counts that run's batches)."""
     for key in RUN_SHAPE + tuple(k for k in RUN_DATA if k in saved):
         was, now = saved.get(key), run_identity.get(key)
+        if key == "model" and saved.get("model_weights") and run_identity.get("model_weights"):
+            # since 2026-11-27 the weights themselves: the same model copied elsewhere resumes, other weights
+            # in the same folder do not
+            if saved["model_weights"] == run_identity["model_weights"]:
+                continue
+            raise CheckpointError(f"checkpoint {path!r} was made with other model weights than those in {now!r} "
+                                  f"(the run's model was {was!r}; its weights' fingerprint "
+                                  f"{saved['model_weights'][:12]}..., these {run_identity['model_weights'][:12]}...);"
+                                  " resume with that model, or use a new --output")
         if was == now:
             continue
         if key == "data":
@@ -135,16 +195,20 @@ def check_run_identity(path: str, saved: dict, run_identity: dict) -> None:
                               f"resume with the same settings ({flag} {value}) or use a new --output")
 
 
+def changed_settings(saved: dict, run_identity: dict) -> list[str]:
+    """The RUN_SETTINGS this run changes from the checkpoint's, as "name was -> now" (checkpoints written before
+    2026-11-27 record none)."""
+    was, now = saved.get("settings") or {}, run_identity.get("settings") or {}
+    return [f"{k} {was[k]} -> {now[k]}" for k in RUN_SETTINGS if k in was and k in now and was[k] != now[k]]
+
+
 def data_identity(path: str) -> dict:
     """What a checkpoint records of its training data: the file and a hash of its bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"file": os.path.abspath(path), "sha256": digest.hexdigest()}
+    return {"file": os.path.abspath(path), "sha256": _sha256(path)}
 
 
-_READ_ERRORS = (OSError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError, SafetensorError)
+_READ_ERRORS = (OSError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError, SafetensorError,
+                AdapterFileError)  # the last: a damaged adapter_config.json (found here where there are no digests)
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, run_identity: dict) -> dict:
@@ -153,8 +217,11 @@ def load_checkpoint(path: str, model, optimizer, scheduler, run_identity: dict) 
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             state = json.load(f)
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "sampler" not in state:
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not (
+                isinstance(state.get("sampler"), dict)
+                and all(isinstance(state["sampler"].get(k), int) for k in ("epoch", "position"))):
             raise ValueError("trainer_state.json lacks the step or the data position")
+        verify_files(path, state)
     except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise _unreadable(path, e) from None
     check_run_identity(path, state.get("run", {}), run_identity)

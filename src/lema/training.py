@@ -22,10 +22,12 @@ from typing import Optional
 
 import torch
 
-from .checkpointing import (CheckpointError, data_identity, list_checkpoints, load_checkpoint, newest_readable,
-                            save_checkpoint, set_aside)
+from .checkpointing import (CheckpointError, changed_settings, data_identity, list_checkpoints, load_checkpoint,
+                            newest_readable, save_checkpoint, set_aside)
+from .cli_errors import reason
 from .engine.skeleton import load_hf_config
 from .planner import human, plan_for_config
+from .store import weights_fingerprint
 
 
 @dataclass
@@ -208,9 +210,17 @@ def _truncate_log(path: str, step: int) -> None:
         kept.append(line)
     if len(kept) != len(lines):
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise OSError(f"could not rewrite {path!r} without the steps after {step} ({reason(e)}); "
+                          "free disk space and run the same command again") from None
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -309,10 +319,13 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     total_steps = args.steps or max(1, math.ceil(len(sampler) * (args.epochs or 1) / args.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule))
-    identity = {"model": os.path.abspath(args.model), "lora_rank": args.lora_rank,
-                "lora_alpha": args.lora_alpha, "lora_target_modules": model.lora_targets,
-                "data": data_identity(args.data), "seq_len": args.seq_len, "grad_accum": args.grad_accum}
-    step, damaged = 0, []
+    identity = {"model": os.path.abspath(args.model), "model_weights": weights_fingerprint(args.model),
+                "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_target_modules": model.lora_targets,
+                "data": data_identity(args.data), "seq_len": args.seq_len, "grad_accum": args.grad_accum,
+                "settings": {"lr": args.lr, "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
+                             "lora_dropout": args.lora_dropout, "dtype": args.dtype, "schedule": args.schedule,
+                             "warmup_steps": args.warmup_steps, "total_steps": total_steps}}
+    step, damaged, changed = 0, [], []
     if args.resume:  # the newest checkpoint that can be read; damaged newer ones are set aside below
         resumed, state, damaged = newest_readable(
             checkpoints, lambda path: load_checkpoint(path, model, optimizer, scheduler, identity))
@@ -324,6 +337,9 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
         step = state["step"]
         resume_schedule(optimizer, scheduler, args.lr, lambda s: lr_lambda(s, args.warmup_steps, total_steps,
                                                                            args.schedule))
+        for group in optimizer.param_groups:  # the loaded state carries the checkpoint's; this run's applies
+            group["weight_decay"] = args.weight_decay
+        changed = changed_settings(state.get("run", {}), identity)
     trainer = model.get_trainer(optimizer, gradient_accumulation_steps=args.grad_accum,
                                 max_grad_norm=args.max_grad_norm)
 
@@ -346,8 +362,12 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     for path, why in damaged:
         print(f"warning: {path} cannot be read ({why}); moved to {set_aside(path)}, resuming from {resumed} "
               f"(step {step})", file=out, flush=True)
-    if args.resume:
-        _truncate_log(os.path.join(args.output, "log.jsonl"), step)  # steps after the checkpoint run again
+    if changed:
+        print(f"note: resuming {resumed} with settings changed from its run's: {', '.join(changed)} (they apply "
+              "from this step on)", file=out, flush=True)
+    # steps after the checkpoint run again; a new run's log starts empty (a run killed before its first
+    # checkpoint leaves records that no checkpoint holds)
+    _truncate_log(os.path.join(args.output, "log.jsonl"), step)
     log = open(os.path.join(args.output, "log.jsonl"), "a")
     bar = None
     if not args.quiet:
@@ -386,9 +406,10 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
                                 tok_s=f"{record['tokens_per_s']:.0f}", mem=human(used))
                 bar.update(1)
             if step % args.save_steps == 0 or step == total_steps or interrupt.requested:
+                os.fsync(log.fileno())  # the log holds every step the checkpoint does, power cut or not
                 save_checkpoint(args.output, step, model, optimizer, scheduler, sampler.state_dict(),
                                 identity, args.save_total_limit)
-            if interrupt.requested:
+            if interrupt.requested and step < total_steps:  # in the last step: the run is done, adapter and all
                 interrupted = True
                 break
     if bar is not None:
