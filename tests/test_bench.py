@@ -300,3 +300,30 @@ def test_the_transformers_contenders_build_a_soft_capped_model_with_eager_attent
             contender = _Contender(name, spec)
             assert contender.model.config._attn_implementation == attention, (arch, name)
             assert torch.isfinite(contender._hf_step()), (arch, name)
+
+
+def test_a_bad_input_is_one_line_from_the_parent_or_a_contender(tmp_path, capsys):
+    """A truncated weights file, a page-cache window or thread count that is no number are named before any
+    contender starts, in one line; a bad input that only a contender's process meets comes back as the same one
+    line (ValueError, its message), not as the worker's traceback, which only a bug still carries."""
+    from lema.bench import BenchSpec, run_rounds
+
+    folder = build_shape("tiny-llama", str(tmp_path))
+    cut = tmp_path / "cut"
+    os.makedirs(cut)
+    for name in os.listdir(folder):
+        if name != "model.safetensors":
+            os.symlink(os.path.join(folder, name), cut / name)
+    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+        (cut / "model.safetensors").write_bytes(f.read()[:5000])
+    base = ["bench", "--steps", "1", "--batch-size", "1", "--seq-len", "8", "--contenders", "streaming"]
+    for flags, message in ((["--model", str(cut)], "model.safetensors' is truncated"),
+                           (["--model", folder, "--page-cache", "abc"], "--page-cache='abc' is not a size"),
+                           (["--model", folder, "--threads", "-1"], "--threads=-1 must be positive")):
+        assert main(base + flags) == 1, flags
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (flags, err)
+    spec = BenchSpec(model=folder, batch_size=1, seq_len=8, page_cache="abc")  # past the command's own checks
+    with pytest.raises(ValueError, match=r"^LEMA STREAMING: page_cache='abc' is not a size") as e:
+        run_rounds(["streaming"], spec, steps=1, threads=1, log=lambda *a: None)
+    assert "Traceback" not in str(e.value)

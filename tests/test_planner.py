@@ -475,3 +475,23 @@ def test_a_70b_model_plans_onto_a_16gb_card():
     assert f"s step takes {rate / 1e9:.1f} GB/s; a slower disk sets the step time" in p.table()
     assert "disk:" not in plan(cfg, "bfloat16", batch_size=1, seq_len=512, max_vram_bytes=budget, device_type="cuda",
                                resident_layers=None, facts=facts, page_cache=10**12).table()
+
+
+def test_lema_plan_refuses_what_lema_train_refuses(tmp_path, capsys):
+    """The plan takes what a run takes: a sequence longer than the model's positions, a target outside the decoder
+    layers and a budget that is not a finite size are refused, each named, as `lema train` refuses them."""
+    folder = save_tiny("llama", str(tmp_path / "m"))
+    positions = make_config("llama").max_position_embeddings
+    base = ["plan", "--model", folder, "--device", "cpu", "--batch-size", "1"]
+    assert main(base + ["--seq-len", str(positions)]) == 0
+    capsys.readouterr()
+    for flags, message in (
+            (["--seq-len", str(positions + 1)],
+             f"seq_len={positions + 1} exceeds the model's {positions} positions; use --seq-len {positions} or less"),
+            (["--seq-len", "16", "--lora-target-modules", "lm_head"],
+             "lora_target_modules ['lm_head'] lie outside the decoder layers"),
+            (["--seq-len", "16", "--max-vram", "inf"], "max_vram='inf' is not a size"),
+            (["--seq-len", "16", "--max-vram", "nan"], "max_vram='nan' is not a size")):
+        assert main(base + flags) == 1, flags
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, flags

@@ -720,7 +720,9 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
         sampler.stop()
         if contender.ring is not None:
             contender.model.close()
-    except BaseException as e:  # carried to the parent with the traceback
+    except (ValueError, OSError) as e:  # a bad input, named by the message: the parent says it in one line
+        conn.send({"ok": False, "error": str(e), "trace": None})
+    except BaseException as e:  # anything else is a bug: carried to the parent with the traceback
         conn.send({"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
     finally:
         conn.close()
@@ -751,6 +753,8 @@ class Worker:
             raise RuntimeError(f"{LABELS[self.name]} worker died (exit code {self.proc.exitcode}); "
                                "out of memory?") from None
         if not msg["ok"]:
+            if msg["trace"] is None:
+                raise ValueError(f"{LABELS[self.name]}: {msg['error']}")
             raise RuntimeError(f"{LABELS[self.name]} failed: {msg['error']}\n{msg['trace']}")
         return msg
 

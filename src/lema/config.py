@@ -69,7 +69,7 @@ def parse_bytes(text: str | int | None, name: str = "max_vram") -> Optional[int]
         value = float(number)
     except ValueError:
         value = None
-    if value is None or unit not in units or value < 0:
+    if value is None or unit not in units or not 0 <= value < float("inf"):  # nan and inf are no size either
         raise ValueError(f"{name}={text!r} is not a size; write it like '16GB' or '12GiB'")
     return int(value * units[unit])
 

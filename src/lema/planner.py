@@ -441,8 +441,8 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
 
     from .config import parse_dtype
     from .engine.chunked_loss import final_softcap, fused_head_supported
-    from .engine.skeleton import (EMBED, HEAD, build_meta_model, default_lora_targets, find_decoder_layers,
-                                  load_hf_config, parameter_aliases, unit_map)
+    from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets, default_lora_targets,
+                                  find_decoder_layers, load_hf_config, parameter_aliases, unit_map)
 
     dtype = parse_dtype(dtype)
     hf_config = load_hf_config(model) if isinstance(model, str) else model
@@ -464,6 +464,7 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     prefix, layers = find_decoder_layers(base)
     mlp_gated = any("gate" in n for n, _ in layers[0].named_parameters()) if len(layers) else True
     targets = list(targets or default_lora_targets(layers))
+    check_lora_targets(base, prefix, targets)  # as LemaModel: a target outside the decoder layers is refused
     peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
                                                  task_type="CAUSAL_LM"))
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
@@ -528,6 +529,11 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         raise ValueError(f"num_buffers={num_buffers} must be >= 2")
     folder = model if isinstance(model, str) else None
     f = facts or model_facts(model, dtype, lora_rank, targets)
+    c = _text_config(f.hf_config)
+    positions = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    if positions and seq_len > positions:  # the step itself would refuse it (LemaModel's forward)
+        raise ValueError(f"seq_len={seq_len} exceeds the model's {positions} positions; use --seq-len {positions} "
+                         "or less")
     # a layer tensor built on load (Mixtral's stacked experts) cannot be served as stored: slots, on any device
     gpu_zero_copy = device_type != "cpu" and zero_copy is True and f.layers_as_stored  # at the bus's rate
     host_slots = device_type != "cpu" and strategy == "streaming" and not gpu_zero_copy

@@ -90,9 +90,12 @@ def run(args) -> int:
     from ..planner import model_facts, plan, plan_for_config
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    for name in ("steps", "batch_size", "seq_len", "lora_rank"):
-        if getattr(args, name) <= 0:
+    for name in ("steps", "batch_size", "seq_len", "lora_rank", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+    from .plan import page_cache
+
+    page_cache(args.page_cache)  # named here, not in a contender's process
     dtype = parse_dtype(args.dtype)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -106,9 +109,10 @@ def run(args) -> int:
 
         folder = args.model
         load_hf_config(folder)  # a missing folder or an unknown architecture is named before anything runs
-    from ..store import weight_files
+    from ..store import WeightStore, weight_files
 
     files = weight_files(folder)  # as the contenders open them; WeightsFileError (naming the fix) if none
+    WeightStore(folder).close()  # every file's header and size checked (a truncated file named) before any runs
     weight_bytes = sum(os.path.getsize(f) for f in files)
     big = weight_bytes > 0.6 * _mem_total()
     if not cuda:  # the contenders' processes, started below: no huge pages when the weights fill the RAM
