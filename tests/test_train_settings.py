@@ -377,3 +377,26 @@ def test_a_resumed_run_names_the_settings_it_changes():
     now = {"settings": {"lr": 1e-3, "weight_decay": 0.5, "max_grad_norm": 1.0, "dtype": "bfloat16"}}
     assert changed_settings(saved, now) == ["weight_decay 0.0 -> 0.5", "dtype float32 -> bfloat16"]
     assert changed_settings(saved, saved) == [] and changed_settings({}, now) == []
+
+
+def test_an_output_that_would_mix_with_other_files_is_refused(tmp_path):
+    """--output under a file, the model folder itself, or a folder holding an earlier run's final adapter (and no
+    checkpoint to resume): refused before anything loads, each with the fix; a folder to be made is fine."""
+    from lema.training import train
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"lies under .*afile', which is a file; give a folder"):
+        parse(tmp_path, "--model", str(model), "--data", "d.jsonl", "--output", str(tmp_path / "afile" / "sub"))
+    with pytest.raises(ValueError, match=r"is the model folder; .*choose another --output"):
+        parse(tmp_path, "--model", str(model), "--data", "d.jsonl", "--output", str(model))
+    args = parse(tmp_path, "--model", str(model), "--data", "d.jsonl", "--output", str(tmp_path / "new" / "out"))
+    assert args.output.endswith("out")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n')
+    out = tmp_path / "done"
+    (out / "adapter").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"holds the adapter of an earlier run \(adapter/\) and no checkpoint"):
+        train(parse(tmp_path, "--model", str(model), "--data", str(data), "--output", str(out)))
+    assert os.listdir(out) == ["adapter"]

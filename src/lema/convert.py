@@ -63,6 +63,17 @@ class ConvertError(ValueError):
     """A source that cannot be converted, or an output that cannot be written; the message says why and what to do."""
 
 
+@dataclass(frozen=True)
+class Wording:
+    """How the messages and the progress bar name things: `lema convert`'s by default, `lema merge`'s flags there."""
+
+    src: str = "SRC"
+    out: str = "OUT"
+    overwrite: str = "--overwrite (overwrite=True)"
+    verb: str = "convert"         # the progress bar: "convert NAME"
+    result: str = "conversion"    # "write the conversion to a separate folder"
+
+
 def free_bytes(path: str) -> int:
     """Free bytes on the filesystem holding `path` (a function so tests can pretend the disk is full)."""
     return shutil.disk_usage(path).free
@@ -82,29 +93,30 @@ class Source:
         return self.gguf_file or os.path.basename(os.path.normpath(self.folder))
 
 
-def resolve_source(src: str) -> Source:
+def resolve_source(src: str, words: Wording = Wording()) -> Source:
     """Classify SRC, refusing anything that is not a model with a message naming what is missing."""
     if not os.path.exists(src):
-        raise FileNotFoundError(f"SRC {src!r} does not exist; give a Transformers checkpoint folder or a .gguf file")
+        raise FileNotFoundError(f"{words.src} {src!r} does not exist; give a Transformers checkpoint folder or a "
+                                ".gguf file")
     if os.path.isfile(src):
         if not src.endswith(".gguf"):
-            raise ConvertError(f"SRC {src!r} is a file but not a .gguf; give a .gguf file or a checkpoint folder "
-                               "(config.json + *.safetensors or pytorch_model*.bin)")
+            raise ConvertError(f"{words.src} {src!r} is a file but not a .gguf; give a .gguf file or a checkpoint "
+                               "folder (config.json + *.safetensors or pytorch_model*.bin)")
         return Source(os.path.dirname(os.path.abspath(src)), "gguf", os.path.basename(src))
     has_config = os.path.isfile(os.path.join(src, "config.json"))
     ggufs = sorted(glob.glob(os.path.join(src, "*.gguf")))
     if not has_config and len(ggufs) == 1:
         return Source(src, "gguf", os.path.basename(ggufs[0]))
     if not has_config:
-        raise ConvertError(f"SRC {src!r} has no config.json, so it is not a Transformers checkpoint folder"
+        raise ConvertError(f"{words.src} {src!r} has no config.json, so it is not a Transformers checkpoint folder"
                            + (f"; it holds several .gguf files {[os.path.basename(g) for g in ggufs]}: name one"
                               if ggufs else "; give a checkpoint folder or a .gguf file"))
     if glob.glob(os.path.join(src, "*.safetensors")):
         return Source(src, "safetensors")
     if glob.glob(os.path.join(src, "pytorch_model*.bin")):
         return Source(src, "bin")
-    raise ConvertError(f"SRC {src!r} has a config.json but no weights (no *.safetensors, no pytorch_model*.bin); "
-                       "download the weight files too")
+    raise ConvertError(f"{words.src} {src!r} has a config.json but no weights (no *.safetensors, no "
+                       "pytorch_model*.bin); download the weight files too")
 
 
 class BinStore:
@@ -137,6 +149,7 @@ def gguf_config(source: Source):
     from transformers import AutoConfig
 
     path = os.path.join(source.folder, source.gguf_file)
+    check_gguf_whole(path)
     try:
         config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
     except (ValueError, NotImplementedError, KeyError, OSError) as e:
@@ -159,6 +172,29 @@ def gguf_architecture(path: str) -> Optional[str]:
         return bytes(field.parts[field.data[0]]).decode()
     except Exception:  # any failure here only changes the wording of the error being raised
         return None
+
+
+def check_gguf_whole(path: str) -> None:
+    """Refuse a GGUF file cut short (an interrupted download or copy), with its sizes, before a reader trips on it.
+
+    Transformers' own header reader (the one AutoConfig uses; the version is pinned) walks the key/values and
+    the tensor table; a header that runs past the file's end fails there with a struct.error. The data must then
+    reach the end of the last tensor. Anything else the reader refuses (ValueError: not GGUF, another version)
+    is left to gguf_config, which words it."""
+    from transformers.integrations.gguf.reader import GgufHeader
+
+    size = os.path.getsize(path)
+    try:
+        header = GgufHeader.from_file(path)
+    except (struct.error, IndexError):
+        raise ConvertError(f"{path!r} is truncated or damaged: its header runs past the end of the file "
+                           f"({size:,} bytes); download it again") from None
+    except (ValueError, KeyError):
+        return
+    end = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
+    if end > size:
+        raise ConvertError(f"{path!r} is truncated: it has {size:,} bytes but its header lays out {end:,} "
+                           f"({end - size:,} missing); download it again")
 
 
 def stage_gguf(path: str, model, staging: str, progress: bool) -> None:
@@ -311,15 +347,21 @@ def verify_packed(folder: str, planned: list[Planned], read, store) -> None:
 
 
 # ----- the conversion -----------------------------------------------------------------------------
-def check_out(out: str, src: str, overwrite: bool) -> None:
+def overlap(a: str, b: str) -> bool:
+    """Whether paths `a` and `b` are the same, or one lies inside the other."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
+
+
+def check_out(out: str, src: str, overwrite: bool, words: Wording = Wording()) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ConvertError(f"OUT {out!r} exists and is a file; give a folder path")
+        raise ConvertError(f"{words.out} {out!r} exists and is a file; give a folder path")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ConvertError(f"OUT {out!r} exists and is not empty; choose another folder or pass --overwrite "
-                           "(overwrite=True) to replace it")
-    a, b = os.path.realpath(src), os.path.realpath(out)
-    if a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep):
-        raise ConvertError(f"OUT {out!r} and SRC {src!r} overlap; write the conversion to a separate folder")
+        raise ConvertError(f"{words.out} {out!r} exists and is not empty; choose another folder or pass "
+                           f"{words.overwrite} to replace it")
+    if overlap(src, out):
+        raise ConvertError(f"{words.out} {out!r} and {words.src} {src!r} overlap; write the {words.result} to a "
+                           "separate folder")
 
 
 def existing_ancestor(path: str) -> str:
@@ -331,11 +373,12 @@ def existing_ancestor(path: str) -> str:
 
 def convert(src: str, out: str, dtype: str = "float32", overwrite: bool = False, verify: bool = False,
             progress: bool = True, transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
-            before_commit: Optional[Callable[[], None]] = None) -> str:
+            before_commit: Optional[Callable[[], None]] = None, words: Wording = Wording()) -> str:
     """Convert SRC (checkpoint folder or .gguf) into OUT, a layer-packed Transformers folder; returns OUT.
 
     `transform(name, tensor)` rewrites each source tensor on its way to the file (`lema merge`
-    adds the LoRA update there); `before_commit()` runs before OUT is put in place and may raise.
+    adds the LoRA update there); `before_commit()` runs before OUT is put in place and may raise; `words` names
+    SRC and OUT in messages as the calling command does.
 
     See the module docstring for the layout. Raises ConvertError (a ValueError) or FileNotFoundError
     with the reason, leaving neither OUT nor a temporary folder behind.
@@ -343,8 +386,8 @@ def convert(src: str, out: str, dtype: str = "float32", overwrite: bool = False,
     from .engine.skeleton import build_meta_model, load_hf_config, unit_map
 
     torch_dtype = parse_dtype(dtype)
-    source = resolve_source(src)
-    check_out(out, src, overwrite)
+    source = resolve_source(src, words)
+    check_out(out, src, overwrite, words)
     if source.kind == "gguf":
         hf_config = gguf_config(source)
     else:
@@ -361,7 +404,7 @@ def convert(src: str, out: str, dtype: str = "float32", overwrite: bool = False,
     if free < needed:
         raise ConvertError(f"not enough disk space for {out!r}: the conversion needs {needed:,} bytes "
                            f"({needed / 2**30:.2f} GiB) but {free:,} bytes are free; free space or choose "
-                           "another OUT")
+                           f"another {words.out}")
 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.normpath(out)) + ".tmp-", dir=parent)
@@ -384,7 +427,7 @@ def convert(src: str, out: str, dtype: str = "float32", overwrite: bool = False,
         header = packed_header(planned, ranges, {"lema.dtype": str(torch_dtype).replace("torch.", ""),
                                                  "lema.source": source.name})
         write_packed(os.path.join(tmp, "model.safetensors"), planned, header, read, store, progress,
-                     f"convert {source.name}")
+                     f"{words.verb} {source.name}")
         write_sidecars(source, model, torch_dtype, use_cache, tmp)
         if verify:
             verify_packed(tmp, planned, read, store)

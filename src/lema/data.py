@@ -40,43 +40,61 @@ class DataError(ValueError):
 
 
 class Examples(list):
-    """The examples of a JSONL file, with each one's "path:line" (`locations`) for the errors found later."""
+    """The examples of a JSONL file (`path`), with each one's "path:line" (`locations`) for the errors found later."""
 
-    def __init__(self, examples=(), locations=None):
+    def __init__(self, examples=(), locations=None, path=None):
         super().__init__(examples)
         self.locations: list[str] = list(locations) if locations is not None else []
+        self.path = path
 
 
 # --------------------------------------------------------------------------- loading
 
 
+FORMATS = (("text",), ("prompt", "completion"), ("messages",))
+FORMAT_KEYS = [k for keys in FORMATS for k in keys]
+
+
 def _validate(obj: Any) -> str | None:
-    """Return what is wrong with one parsed line, or None if it is a valid example."""
+    """Return what is wrong with one parsed line, or None if it is a valid example.
+
+    Keys beside one format's are ignored, not refused: datasets often carry an "id", a "source" or other
+    metadata next to each example, and refusing them would make every such file need a rewrite first. A
+    misspelt format key still fails (the line then holds no format, or a prompt without its completion), and
+    the message names the keys that are not the format's.
+    """
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
-    keys = set(obj)
-    if keys == {"text"}:
+    found = tuple(k for k in FORMAT_KEYS if k in obj)
+    others = sorted(k for k in obj if k not in FORMAT_KEYS)
+    if not found:
+        return f"unrecognised keys {others}" if others else "empty object"
+    if found == ("prompt",):
+        return f'"prompt" without "completion" (the reply to learn){f", other keys {others}" if others else ""}'
+    if found == ("completion",):
+        return f'"completion" without "prompt"{f", other keys {others}" if others else ""}'
+    if found not in FORMATS:
+        return f"keys {list(found)} mix formats; give each line one format"
+    if found == ("text",):
         if not isinstance(obj["text"], str):
             return '"text" must be a string'
         return None
-    if keys == {"prompt", "completion"}:
+    if found == ("prompt", "completion"):
         for k in ("prompt", "completion"):
             if not isinstance(obj[k], str):
                 return f'"{k}" must be a string'
         return None
-    if keys == {"messages"}:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return '"messages" must be a non-empty list'
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or set(m) != {"role", "content"}:
-                return f'messages[{i}] must be an object with exactly "role" and "content"'
-            if m["role"] not in VALID_ROLES:
-                return f"messages[{i}] has unknown role {m['role']!r} (expected one of {', '.join(VALID_ROLES)})"
-            if not isinstance(m["content"], str):
-                return f'messages[{i}]["content"] must be a string'
-        return None
-    return f"unrecognised keys {sorted(keys)}"
+    msgs = obj["messages"]  # the one format left
+    if not isinstance(msgs, list) or not msgs:
+        return '"messages" must be a non-empty list'
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            return f'messages[{i}] must be an object with exactly "role" and "content"'
+        if m["role"] not in VALID_ROLES:
+            return f"messages[{i}] has unknown role {m['role']!r} (expected one of {', '.join(VALID_ROLES)})"
+        if not isinstance(m["content"], str):
+            return f'messages[{i}]["content"] must be a string'
+    return None
 
 
 def load_tokenizer(model_dir: str):
@@ -101,23 +119,53 @@ def load_jsonl(path: str | Path) -> Examples:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
-    examples = Examples()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); {_VALID_SHAPES}") from None
-            problem = _validate(obj)
-            if problem:
-                raise DataError(f"{path}:{lineno}: {problem}; {_VALID_SHAPES}")
-            examples.append(obj)
-            examples.locations.append(f"{path}:{lineno}")
+    examples = Examples(path=str(path))
+    try:
+        with path.open(encoding="utf-8-sig") as f:  # -sig: skips the byte-order mark some editors write first
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if "\x00" in line:
+                        raise _utf16(path, lineno) from None
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); {_VALID_SHAPES}") from None
+                problem = _validate(obj)
+                if problem:
+                    raise DataError(f"{path}:{lineno}: {problem}; {_VALID_SHAPES}")
+                examples.append(obj)
+                examples.locations.append(f"{path}:{lineno}")
+    except UnicodeDecodeError:  # raised for a whole block read ahead: the line is found by reading again
+        raise _not_utf8(path) from None
     if not examples:
         raise DataError(f"{path}: the dataset is empty (no examples); {_VALID_SHAPES}")
     return examples
+
+
+def _not_utf8(path: Path) -> DataError:
+    """The error for a file that is not UTF-8: the line of its first bad byte, and the fix."""
+    with path.open("rb") as f:
+        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            return DataError(f"{path}:1: the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                             f"save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8 {path.name} > utf8.jsonl)")
+        f.seek(0)
+        for lineno, raw in enumerate(f, start=1):  # "\n" is never part of a multi-byte UTF-8 character
+            if b"\x00" in raw:
+                return _utf16(path, lineno)
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(f"{path}:{lineno}: byte {raw[e.start]:#04x} at column {e.start + 1} is not UTF-8, "
+                                 "so the file is in another encoding (Latin-1 or Windows-1252?); save it as UTF-8 "
+                                 f"(e.g. iconv -f latin1 -t utf-8 {path.name} > utf8.jsonl)")
+    return DataError(f"{path}: the file is not UTF-8 text; save it as UTF-8")
+
+
+def _utf16(path: Path, lineno: int) -> DataError:
+    # UTF-16 without a byte-order mark: every other byte of ASCII text is 0
+    return DataError(f"{path}:{lineno}: the line holds NUL bytes, so the file is probably UTF-16; save it as UTF-8 "
+                     f"(e.g. iconv -f utf-16le -t utf-8 {path.name} > utf8.jsonl)")
 
 
 # ---------------------------------------------------------------------- tokenization
@@ -255,6 +303,13 @@ def tokenize_example(example: dict, tokenizer, seq_len: int) -> tuple[list[int],
     Sequences longer than ``seq_len`` keep their start (the prompt), since the
     end of a cut-off reply is less harmful to lose than its context.
     """
+    ids, labels = _tokenize_whole(example, tokenizer)
+    truncated = len(ids) > seq_len
+    return ids[:seq_len], labels[:seq_len], truncated
+
+
+def _tokenize_whole(example: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of a whole example (tokenize_example, before truncation)."""
     if "text" in example:
         ids = _with_eos(_ids(tokenizer, example["text"], add_special_tokens=True), tokenizer)
         labels = list(ids)
@@ -282,8 +337,47 @@ def tokenize_example(example: dict, tokenizer, seq_len: int) -> tuple[list[int],
         ids, labels = _tokenize_messages(example["messages"], tokenizer)
     else:
         raise DataError(f"unrecognised example keys {sorted(example)}; {_VALID_SHAPES}")
-    truncated = len(ids) > seq_len
-    return ids[:seq_len], labels[:seq_len], truncated
+    return ids, labels
+
+
+# Why an example has no target: (what it is, the fix), by the cause _unsupervised names.
+_NO_TARGET = {
+    "no assistant turn": ("without an assistant turn",
+                          'add the reply as a {"role": "assistant", "content": "..."} message (only assistant '
+                          "turns are trained on)"),
+    "empty text": ('with an empty "text"', "put the text in it or remove the line"),
+    "empty completion": ('with an empty "completion"', "give each prompt its completion (only the completion is "
+                                                       "trained on)"),
+    "truncated": ("cut by truncation to seq_len={seq_len} before any supervised token",
+                  "increase --seq-len or shorten the prompts"),
+    "one token": ("of a single token (no position predicts the first)", "give the example more text"),
+}
+
+
+def _unsupervised(example: dict, labels: list[int]) -> str:
+    """Why an example (whose untruncated `labels` are given) has no target after truncation: a key of _NO_TARGET."""
+    if any(l != IGNORE_INDEX for l in labels[1:]):
+        return "truncated"
+    if "messages" in example and not any(isinstance(m, dict) and m.get("role") == "assistant"
+                                         for m in example["messages"]):
+        return "no assistant turn"
+    if "text" in example and not example["text"].strip():
+        return "empty text"
+    if "completion" in example and not example["completion"].strip():
+        return "empty completion"
+    return "one token"
+
+
+def _nothing_to_train_on(examples: list[dict], dropped: dict[str, list[str]], seq_len: int) -> DataError:
+    """The error for a dataset all of whose examples were dropped: each cause with its count, first place, fix."""
+    path = getattr(examples, "path", None)
+    causes = []
+    for cause, places in dropped.items():
+        what, fix = _NO_TARGET[cause]
+        count = f"{len(places)} example{'s' if len(places) > 1 else ''}"
+        causes.append(f"{count} {what.format(seq_len=seq_len)} (e.g. {places[0]}): {fix}")
+    return DataError(f"none of the {len(examples)} examples{f' in {path}' if path else ''} has a token to train "
+                     f"on: {'; '.join(causes)}")
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -308,21 +402,20 @@ class TokenizedDataset(torch.utils.data.Dataset):
         self.num_truncated = 0
         self.num_dropped = 0
         locations = getattr(examples, "locations", None) or [f"example {i + 1}" for i in range(len(examples))]
+        dropped: dict[str, list[str]] = {}  # why (a key of _NO_TARGET) -> the places of the examples dropped
         for ex, where in zip(examples, locations):
             try:
-                ids, labels, truncated = tokenize_example(ex, tokenizer, seq_len)
+                ids, labels = _tokenize_whole(ex, tokenizer)
             except Exception as e:  # a chat template's raise_exception (jinja2), a tokenizer's ValueError ...
                 raise DataError(f"{where}: this example cannot be tokenized ({reason(e)})") from None
-            self.num_truncated += truncated
-            if all(l == IGNORE_INDEX for l in labels[1:]):  # the first token is no position's target
+            self.num_truncated += len(ids) > seq_len
+            if all(l == IGNORE_INDEX for l in labels[1:seq_len]):  # the first token is no position's target
                 self.num_dropped += 1
+                dropped.setdefault(_unsupervised(ex, labels), []).append(where)
                 continue
-            self.items.append({"input_ids": ids, "labels": labels})
+            self.items.append({"input_ids": ids[:seq_len], "labels": labels[:seq_len]})
         if not self.items:
-            raise DataError(
-                f"none of the {len(examples)} examples has a supervised token left "
-                f"after truncation to seq_len={seq_len}; increase seq_len or shorten prompts"
-            )
+            raise _nothing_to_train_on(examples, dropped, seq_len)
         self.num_tokens = sum(len(it["input_ids"]) for it in self.items)
         self.num_supervised_tokens = sum(
             sum(l != IGNORE_INDEX for l in it["labels"]) for it in self.items

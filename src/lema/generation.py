@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -14,6 +15,8 @@ def adapter_settings(adapter: Optional[str]) -> dict:
     from .adapter_files import read_adapter
 
     cfg, _ = read_adapter(adapter)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"adapter {adapter!r} is a {cfg['peft_type']} adapter; LEMA loads LoRA adapters")
     targets = cfg.get("target_modules")
     if isinstance(targets, str):
         raise ValueError(f"adapter {adapter!r} selects modules by a regex ({targets!r}); LEMA loads adapters "
@@ -54,6 +57,30 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: Optional[str] = No
     return ids
 
 
+def fit_to_positions(hf_config, prompt_tokens: int, max_new_tokens: int) -> int:
+    """How many new tokens to generate: `max_new_tokens`, or fewer where the prompt and they would pass the model's
+    positions (a note on stderr says so); a prompt that leaves no room is refused.
+
+    LEMA takes `max_position_embeddings` as every model's context, as training and `forward` do
+    (LemaModel._check_inputs). Past it a model with learned positions (GPT-2, OPT) has no embedding to look up
+    (an IndexError deep in Transformers), and a rotary one (Llama, Qwen2, ...) computes positions it was never
+    trained on and writes degraded text, which Transformers only warns about. Capping, not refusing, because
+    --max-new-tokens is already an upper bound (generation also stops at end-of-text): stopping at the context
+    is within what was asked, and the note tells the user it happened."""
+    from .engine.skeleton import model_positions
+
+    limit = model_positions(hf_config)
+    if not limit or prompt_tokens + max_new_tokens <= limit:
+        return max_new_tokens
+    if prompt_tokens >= limit:
+        raise ValueError(f"--prompt is {prompt_tokens} tokens but this model holds {limit} positions, prompt and "
+                         "new tokens together; shorten the prompt")
+    room = limit - prompt_tokens
+    print(f"note: --max-new-tokens {max_new_tokens} capped to {room}: the prompt is {prompt_tokens} tokens and this "
+          f"model holds {limit} positions", file=sys.stderr)
+    return room
+
+
 def generate_text(model, tokenizer, prompt: str, chat: bool = False, system: Optional[str] = None,
                   max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                   stream: bool = False) -> str:
@@ -63,6 +90,7 @@ def generate_text(model, tokenizer, prompt: str, chat: bool = False, system: Opt
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"--temperature={temperature} must be >= 0 and --top-p={top_p} in (0, 1]")
     ids = encode_prompt(tokenizer, prompt, chat, system)
+    max_new_tokens = fit_to_positions(model.hf_config, ids.shape[1], max_new_tokens)
     kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)

@@ -17,9 +17,7 @@ import torch
 
 def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """A transform (param name, base tensor) -> merged tensor, from a PEFT adapter folder."""
-    from safetensors.torch import load_file
-
-    from .adapter_files import read_adapter
+    from .adapter_files import read_adapter, read_adapter_weights
 
     cfg, weights_path = read_adapter(adapter)
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
@@ -30,12 +28,12 @@ def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
         raise ValueError(f"adapter {adapter!r} sets {' and '.join(patterns)} (per-module rank or alpha); lema merge "
                          "folds adapters with one r and lora_alpha for every module (merge this one with PEFT's "
                          "merge_and_unload)")
-    if not cfg.get("r") or "lora_alpha" not in cfg:
-        raise ValueError(f"adapter {adapter!r}: its adapter_config.json lacks r or lora_alpha")
+    if "lora_alpha" not in cfg:
+        raise ValueError(f"adapter {adapter!r}: its adapter_config.json lacks lora_alpha")
+    state = read_adapter_weights(adapter, cfg, weights_path)  # whole, and of rank r: the scale below needs r
     r = cfg["r"]
     scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
-    state = load_file(weights_path)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         module, _, rest = key.partition(".lora_")
@@ -71,8 +69,13 @@ def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
 
 def merge(model: str, adapter: str, out: str, dtype: str = "float32", overwrite: bool = False,
           progress: bool = True) -> str:
-    from .convert import convert
+    """Fold `adapter` into `model`, written to `out` (a layer-packed Transformers folder); returns `out`."""
+    from .convert import Wording, convert, overlap
 
+    if overlap(adapter, out):  # --overwrite would remove the adapter with the old output
+        raise ValueError(f"--output {out!r} and --adapter {adapter!r} overlap; write the merged model to a "
+                         "separate folder")
     transform = lora_deltas(adapter)
+    words = Wording(src="--model", out="--output", overwrite="--overwrite", verb="merge", result="merged model")
     return convert(model, out, dtype=dtype, overwrite=overwrite, progress=progress, transform=transform,
-                   before_commit=transform.finish)
+                   before_commit=transform.finish, words=words)

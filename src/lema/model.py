@@ -21,16 +21,16 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import cpu_allocator
 from .config import LemaConfig, MemoryStrategy
-from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
-                              default_lora_targets, find_decoder_layers, inject_lora, layer_unit,
-                              load_hf_config, parameter_aliases, reset_lora, unit_map)
+from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets, default_lora_targets,
+                              find_decoder_layers, inject_lora, layer_unit, load_hf_config, model_positions,
+                              parameter_aliases, reset_lora, unit_map)
 from .engine import cpu_linear
 from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fused_head_supported
 from .engine.streamed_layer import StreamedLayers
 from .fsutil import make_temp_folder, replace_folder
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
-from .store.keymap import map_checkpoint, reader_for
+from .store.keymap import check_unused, map_checkpoint, reader_for
 from .stream.layout import UnitLayout
 from .stream.pager import RESERVE_BYTES, PageCachePager
 from .stream.ring import WeightRing
@@ -100,7 +100,7 @@ class LemaModel(nn.Module):
         self.store = WeightStore(config.model_name_or_path, config.gbi_path)
         self.sources, unexpected = map_checkpoint(base, self.store)
         self._read = reader_for(self.sources, self.store, base)
-        self._check_checkpoint(base)
+        self._check_checkpoint(base, unexpected)
 
         shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}  # before PEFT renames them
         prefix, layers = find_decoder_layers(base)
@@ -170,14 +170,15 @@ class LemaModel(nn.Module):
         self.eval()  # as `from_pretrained` leaves a model: no dropout until a trainer calls .train()
 
     # ----- setup --------------------------------------------------------------------------
-    def _check_checkpoint(self, base) -> None:
-        """Every parameter present, with the right shape, before any compute."""
+    def _check_checkpoint(self, base, unexpected: list[str]) -> None:
+        """Every parameter present, with the right shape, and every file tensor used, before any compute."""
         names = [n for n, _ in base.named_parameters()]
         missing = [n for n in names if n not in self.sources]
         if missing:
             raise WeightsFileError(
                 f"the weights in {self.config.model_name_or_path!r} lack {len(missing)} tensor(s) that "
                 f"{type(base).__name__} needs, e.g. {missing[:3]}; the weights do not belong to this config.json")
+        check_unused(base, self.store, unexpected, self.units.layers_prefix, self.units.num_layers)
         params = dict(base.named_parameters())
         for name, src in self.sources.items():
             if src.key is None or name not in params:
@@ -374,7 +375,7 @@ class LemaModel(nn.Module):
             if bad.numel():  # host sync
                 raise ValueError(f"labels hold {int(bad[0])}, which is neither a token id (0..{vocab - 1}) nor "
                                  "-100 (ignored position)")
-        limit = getattr(self.hf_config, "max_position_embeddings", None) or getattr(self.hf_config, "n_positions", None)
+        limit = model_positions(self.hf_config)
         if limit and input_ids.shape[1] > limit:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's {limit} positions; "
                              f"truncate inputs to at most {limit} tokens")
@@ -485,13 +486,18 @@ class LemaModel(nn.Module):
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def load_adapter(self, path: str) -> None:
-        """Load a PEFT adapter made for this model and rank; anything else is refused with the reason."""
+        """Load a PEFT adapter made for this model and rank; anything else is refused with the reason (a damaged
+        adapter folder as an AdapterFileError, which `lema train --resume` takes for a damaged checkpoint)."""
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        from .adapter_files import read_adapter
+        from .adapter_files import read_adapter, read_adapter_weights
 
         acfg, weights = read_adapter(path)
+        unsupported = [k for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if acfg.get(k)]
+        if unsupported:
+            raise ValueError(f"adapter {path!r} uses {unsupported}, which LEMA's LoRA does not; "
+                             "train or convert a plain LoRA adapter")
+        state = read_adapter_weights(path, acfg, weights)  # whole, and of the config's r, before it meets ours
         if acfg.get("r") != self.config.lora_rank:
             raise ValueError(f"adapter {path!r} has rank r={acfg.get('r')} but this model was set up with "
                              f"lora_rank={self.config.lora_rank}; set lora_rank={acfg.get('r')}")
@@ -499,11 +505,6 @@ class LemaModel(nn.Module):
             # the LoRA update is scaled by alpha / r: loading with another alpha silently changes the model
             raise ValueError(f"adapter {path!r} has lora_alpha={acfg['lora_alpha']} but this model was set up "
                              f"with lora_alpha={self.config.lora_alpha}; set lora_alpha={acfg['lora_alpha']}")
-        unsupported = [k for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if acfg.get(k)]
-        if unsupported:
-            raise ValueError(f"adapter {path!r} uses {unsupported}, which LEMA's LoRA does not; "
-                             "train or convert a plain LoRA adapter")
-        state = load_file(weights)
         own = {n.replace(".default.", "."): p for n, p in self.peft_model.named_parameters() if ".lora_" in n}
         own_short = {n.split("base_model.model.", 1)[-1]: p for n, p in own.items()}
         wrong = [k for k in state if k.split("base_model.model.", 1)[-1] not in own_short]

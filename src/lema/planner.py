@@ -516,7 +516,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     """
     from . import cpu_allocator
     from .config import parse_dtype
-    from .engine.skeleton import EMBED, HEAD
+    from .engine.skeleton import EMBED, HEAD, model_positions
 
     dtype = parse_dtype(dtype)
     strategy = getattr(strategy, "value", strategy)
@@ -529,8 +529,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         raise ValueError(f"num_buffers={num_buffers} must be >= 2")
     folder = model if isinstance(model, str) else None
     f = facts or model_facts(model, dtype, lora_rank, targets)
-    c = _text_config(f.hf_config)
-    positions = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    positions = model_positions(f.hf_config)
     if positions and seq_len > positions:  # the step itself would refuse it (LemaModel's forward)
         raise ValueError(f"seq_len={seq_len} exceeds the model's {positions} positions; use --seq-len {positions} "
                          "or less")

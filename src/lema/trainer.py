@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
+
+
+class NonFiniteStepError(FloatingPointError):
+    """An optimizer step whose loss or gradient norm is not finite: it was not applied (weights and optimizer
+    state are as before it) and its gradients were dropped. `loss` and `grad_norm` are the step's values."""
+
+    def __init__(self, loss: float, grad_norm: float):
+        self.loss, self.grad_norm = loss, grad_norm
+        values = (("loss", loss), ("gradient norm", grad_norm))
+        bad = " and ".join(f"the {name} is {value}" for name, value in values if not math.isfinite(value))
+        super().__init__(bad + "".join(f" ({name} {value:.4g})" for name, value in values if math.isfinite(value)))
 
 
 class LemaTrainer:
@@ -17,7 +29,10 @@ class LemaTrainer:
     so a micro-batch with few targets weighs less); the
     optimizer steps (after clipping to `max_grad_norm`, if set) on every n-th call and then zeroes
     the gradients. Every call returns that micro-batch's logits (detached) and its *undivided*
-    loss (a detached scalar); `last_step_applied` says whether this call stepped the optimizer.
+    loss (a detached scalar); `last_step_applied` says whether this call stepped the optimizer and
+    `last_grad_norm` is the gradients' global norm of the last optimizer step (before clipping).
+    A step whose loss (the weighted sum over its micro-batches) or gradient norm is not finite is not
+    applied: its gradients are dropped and the call raises `NonFiniteStepError`.
     A call runs in train mode (dropout on) and leaves the model in the mode it found it in, so an
     evaluation between steps runs without dropout.
     """
@@ -26,7 +41,7 @@ class LemaTrainer:
                  max_grad_norm: Optional[float] = None):
         if gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be >= 1")
-        if max_grad_norm is not None and max_grad_norm <= 0:
+        if max_grad_norm is not None and not max_grad_norm > 0:  # nan too
             raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0, or None for no clipping")
         self.model = model
         self.optimizer = optimizer
@@ -35,6 +50,7 @@ class LemaTrainer:
         self.micro_step = 0
         self.last_step_applied = False
         self.last_grad_norm: Optional[float] = None
+        self._step_loss = 0.0  # the step's loss so far, a device scalar once a micro-batch ran (no host sync)
 
     def train_step(self, input_ids, labels=None, attention_mask=None, num_items_in_batch: Optional[int] = None):
         if labels is None:  # predict the inputs themselves, but not the padding
@@ -53,13 +69,29 @@ class LemaTrainer:
             (out.loss * weight).backward()  # streams B(L-1) .. B0 (NOTE [ring protocol])
         finally:
             self.model.train(was_training)
+        self._step_loss = self._step_loss + out.loss.detach().float() * weight
         self.micro_step += 1
         self.last_step_applied = self.micro_step % self.accum == 0
         if self.last_step_applied:
-            params = self.model.get_trainable_parameters()
-            if self.max_grad_norm is not None:
-                self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))  # host sync
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._optimizer_step()
         logits = out.logits.detach() if out.logits is not None else None
         return logits, out.loss.detach()
+
+    def _optimizer_step(self) -> None:
+        """Clip and step; a step whose loss or gradient norm is not finite is dropped instead (a NaN gradient
+        would make every LoRA weight NaN in one step: the run could not even save what it had)."""
+        params = self.model.get_trainable_parameters()
+        step_loss, self._step_loss = self._step_loss, 0.0
+        # the norm clip_grad_norm_ computes, also without clipping: a finite loss does not make finite gradients
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # host sync, once per optimizer step, before the step is applied: with clipping (the default) the one that
+        # always read the norm, now reading the loss with it; without clipping an added one
+        loss, self.last_grad_norm = torch.stack([step_loss, norm.to(step_loss.device)]).tolist()
+        if not (math.isfinite(loss) and math.isfinite(self.last_grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)  # not applied: the weights and AdamW's moments stay finite
+            self.last_step_applied = False
+            raise NonFiniteStepError(loss, self.last_grad_norm)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)

@@ -4,7 +4,8 @@ setup: data (validated before anything is written) -> LemaModel -> AdamW + warmu
        -> resume state (newest complete checkpoint) -> the plan, printed
 train: micro-batches through LemaTrainer.train_step; every optimizer step a log line
        (OUT/log.jsonl) and the progress bar; every `save_steps` a checkpoint; eval every
-       `eval_steps`; Ctrl-C finishes the step in flight, saves a checkpoint and exits
+       `eval_steps`; Ctrl-C finishes the step in flight, saves a checkpoint and exits; a step whose loss or
+       gradient norm is not finite is not applied and stops the run, saving nothing (an error names the step)
 save:  OUT/adapter (PEFT format) at the end
 """
 
@@ -25,9 +26,10 @@ import torch
 from .checkpointing import (CheckpointError, changed_settings, data_identity, list_checkpoints, load_checkpoint,
                             newest_readable, save_checkpoint, set_aside)
 from .cli_errors import reason
-from .engine.skeleton import load_hf_config
+from .engine.skeleton import load_hf_config, model_positions
 from .planner import human, plan_for_config
 from .store import weights_fingerprint
+from .trainer import NonFiniteStepError
 
 
 @dataclass
@@ -43,7 +45,7 @@ class TrainArgs:
     steps: Optional[int] = None
     """Optimizer steps to run (default: one epoch)."""
     epochs: Optional[float] = None
-    """Epochs to run instead of --steps."""
+    """Epochs to run instead of --steps (rounded up to whole optimizer steps of --grad-accum micro-batches)."""
     batch_size: int = 4
     """Examples per micro-batch."""
     seq_len: int = 512
@@ -112,6 +114,10 @@ class TrainArgs:
                 raise ValueError(f"--{name} is required")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give --steps or --epochs, not both")
+        for f in dataclasses.fields(self):  # nan passes every comparison below, inf most of them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name.replace('_', '-')}={value} must be a finite number")
         for name in ("batch_size", "grad_accum", "save_steps", "steps", "eval_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
@@ -124,8 +130,18 @@ class TrainArgs:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
         if not self.lora_alpha > 0:
             raise ValueError(f"--lora-alpha={self.lora_alpha} must be > 0 (the adapter's scale is alpha / r)")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora-dropout={self.lora_dropout} must be >= 0 and < 1 (a probability)")
         if os.path.exists(self.output) and not os.path.isdir(self.output):
             raise ValueError(f"--output {self.output!r} is a file; give a folder (new or of an earlier run)")
+        above = os.path.dirname(os.path.abspath(self.output))
+        while not os.path.exists(above):  # the nearest folder that exists: the run creates the rest
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise ValueError(f"--output {self.output!r} lies under {above!r}, which is a file; give a folder")
+        if os.path.isdir(self.model) and os.path.realpath(self.output) == os.path.realpath(self.model):
+            raise ValueError(f"--output {self.output!r} is the model folder; checkpoints and the adapter go in a "
+                             "folder of their own: choose another --output")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"--schedule={self.schedule!r}: use cosine, linear or constant")
         if self.lr <= 0:
@@ -140,7 +156,7 @@ def _check_tokens(args, hf_config, tokenizer, datasets) -> int:
     """Refuse, before the model loads, data the model cannot take (longer than its positions, ids outside its
     vocabulary); returns the pad id (the tokenizer's, or EOS / 0 when it has none inside the vocabulary)."""
     vocab = getattr(hf_config, "vocab_size", None)
-    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    limit = model_positions(hf_config)
     for path, ds in datasets:
         if ds is None:
             continue
@@ -154,6 +170,25 @@ def _check_tokens(args, hf_config, tokenizer, datasets) -> int:
                              f"(ids 0..{vocab - 1}); the tokenizer in {args.model!r} does not belong to its weights")
     candidates = [tokenizer.pad_token_id, tokenizer.eos_token_id, 0]  # padding is masked: any valid id will do
     return next(i for i in candidates if i is not None and (not vocab or i < vocab))
+
+
+def epoch_steps(args: TrainArgs, sampler) -> int:
+    """Optimizer steps of --epochs (default one), rounded up to whole steps of --grad-accum micro-batches: the last
+    step may take up to grad_accum - 1 micro-batches of the next epoch's order. Refused where one step alone is
+    more than the epochs asked for: rounding up would train several times the data (--grad-accum 100 on an
+    epoch of 6 micro-batches: 17 epochs for --epochs 1)."""
+    epochs = args.epochs or 1
+    wanted = len(sampler) * epochs  # micro-batches, an epoch's last one partial (BatchSampler)
+    if args.grad_accum > math.ceil(wanted):
+        asked = f"--epochs {args.epochs:g}" if args.epochs else "one epoch (the default without --steps)"
+        fixes = [f"--grad-accum {math.ceil(wanted)} or less"]
+        if math.ceil(sampler.num_examples * epochs) >= args.grad_accum:  # batches of 1 would be enough
+            fixes.append("a smaller --batch-size")
+        raise ValueError(f"{asked} is {wanted:g} micro-batches ({sampler.num_examples} examples in batches of "
+                         f"--batch-size {args.batch_size}), fewer than one optimizer step of --grad-accum "
+                         f"{args.grad_accum}, which would train {args.grad_accum / len(sampler):.3g} epochs; use "
+                         f"{', '.join(fixes)}, or --steps to train that many steps of {args.grad_accum} micro-batches")
+    return math.ceil(wanted / args.grad_accum)
 
 
 def resume_schedule(optimizer, scheduler, lr: float, schedule) -> None:
@@ -263,6 +298,20 @@ class _Interrupt:
         signal.signal(signal.SIGTERM, self._old_term)
 
 
+def _diverged(args: TrainArgs, step: int, what: str, lr: float) -> str:
+    """The error of a run stopped at a non-finite step: which step and value, the checkpoint to go on from. Every
+    checkpoint saved came after steps of finite loss and gradients, so its weights are finite: AdamW moves a weight
+    by about the learning rate a step: only a rate near float32's limit (where torch's AdamW fails) overflows one."""
+    kept = list_checkpoints(args.output)
+    where = (f"the checkpoints are kept, the newest {kept[-1][1]} (step {kept[-1][0]})" if kept else
+             "no checkpoint was saved before it")
+    fixes = [f"lower --lr (now {args.lr:g})"] + (["set --max-grad-norm (e.g. 1.0; clipping is off)"]
+                                                 if args.max_grad_norm is None else [])
+    then = "run again with --resume (changed settings apply from its step on)" if kept else "run again"
+    return (f"step {step}: {what} (lr {lr:.3g}); stopped without saving it: {where}; {', '.join(fixes)} or "
+            f"check the data and the model's weights, then {then}")
+
+
 def evaluate(model, dataset, batch_size: int, pad_id: int) -> float:
     from .data import collate
 
@@ -294,11 +343,16 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     if not args.resume and checkpoints:
         raise CheckpointError(f"{args.output!r} already holds checkpoints (newest: {checkpoints[-1][1]}); add "
                               "--resume to continue that run, or choose a new --output")
+    if not args.resume and os.path.isdir(os.path.join(args.output, "adapter")):  # a new run would replace it
+        raise CheckpointError(f"{args.output!r} holds the adapter of an earlier run (adapter/) and no checkpoint "
+                              "to resume; choose a new --output, or move that adapter away first")
     hf_config = load_hf_config(args.model)  # a missing folder or an unknown architecture is named first
     tokenizer = load_tokenizer(args.model)
     dataset = TokenizedDataset(examples, tokenizer, args.seq_len)
     eval_set = TokenizedDataset(eval_examples, tokenizer, args.seq_len) if eval_examples else None
     pad_id = _check_tokens(args, hf_config, tokenizer, [(args.data, dataset), (args.eval_data, eval_set)])
+    sampler = BatchSampler(len(dataset), args.batch_size, seed=args.seed)
+    total_steps = args.steps or epoch_steps(args, sampler)
 
     torch.manual_seed(args.seed)
     config = LemaConfig(model_name_or_path=args.model, strategy=args.strategy, device=args.device,
@@ -315,8 +369,6 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     model.initialize_lora(seed=args.seed)
     params = model.get_trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    sampler = BatchSampler(len(dataset), args.batch_size, seed=args.seed)
-    total_steps = args.steps or max(1, math.ceil(len(sampler) * (args.epochs or 1) / args.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule))
     identity = {"model": os.path.abspath(args.model), "model_weights": weights_fingerprint(args.model),
@@ -374,7 +426,7 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=out, dynamic_ncols=True)
     eval_every = args.eval_steps or args.save_steps
-    last_loss, interrupted = None, False
+    last_loss, interrupted, diverged = None, False, None
     tokens_total, t_start = 0, time.perf_counter()
     with _Interrupt() as interrupt:
         while step < total_steps:
@@ -382,11 +434,17 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
             micro = [collate([dataset[i] for i in sampler.next_batch()], pad_id) for _ in range(args.grad_accum)]
             targets = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]  # each >= 1 (TokenizedDataset)
             total = sum(targets)
-            for batch, n in zip(micro, targets):  # the step's loss: the mean over all its targets (as Trainer)
-                _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
-                                             attention_mask=batch["attention_mask"], num_items_in_batch=total)
-                step_loss += float(loss) * n / total  # host sync, once per micro-batch
-                step_tokens += int(batch["attention_mask"].sum())
+            try:
+                for batch, n in zip(micro, targets):  # the step's loss: the mean over all its targets (as Trainer)
+                    _, loss = trainer.train_step(batch["input_ids"], labels=batch["labels"],
+                                                 attention_mask=batch["attention_mask"], num_items_in_batch=total)
+                    step_loss += float(loss) * n / total  # host sync, once per micro-batch
+                    step_tokens += int(batch["attention_mask"].sum())
+            except NonFiniteStepError as e:  # the trainer did not apply it; nothing is saved from here on.
+                # No log line: log.jsonl holds the steps applied, each a valid JSON line (NaN is not JSON); the
+                # error names the values instead.
+                diverged = _diverged(args, step + 1, str(e), optimizer.param_groups[0]["lr"])
+                break
             scheduler.step()
             step += 1
             dt = time.perf_counter() - t0
@@ -415,6 +473,10 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     if bar is not None:
         bar.close()
     log.close()
+    if diverged is not None:  # the checkpoints saved before it are kept as they are; no final adapter
+        model.close()
+        unlock_output(args.output)
+        raise ValueError(diverged)
     adapter_dir = os.path.join(args.output, "adapter")
     if not interrupted:
         model.save_adapter(adapter_dir)

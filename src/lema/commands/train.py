@@ -81,7 +81,7 @@ def _setting(path: str, name: str, value, kind):
         raise ValueError(f"--config {path!r}: {name}={value!r} must be a {base.__name__}")
     try:
         converted = base(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # int(nan), int(inf): YAML's .nan and .inf
         raise ValueError(f"--config {path!r}: {name}={value!r} is not a {base.__name__}") from None
     if base is int and isinstance(value, float) and converted != value:
         raise ValueError(f"--config {path!r}: {name}={value!r} must be a whole number")

@@ -31,8 +31,24 @@ class ArchitectureError(ValueError):
     """A checkpoint whose architecture LEMA cannot stream; the message names it and what is missing."""
 
 
+class ConfigError(ValueError):
+    """A config.json that cannot be read, or holds a value Transformers rejects; the message names the file, the
+    key and value where known, and the fix."""
+
+
+try:  # a config value of the wrong type (a field) or that contradicts another (a class validator)
+    from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+    CONFIG_VALIDATION_ERRORS: tuple = (StrictDataclassFieldValidationError, StrictDataclassClassValidationError)
+except ImportError:  # a huggingface_hub without strict dataclasses: Transformers validates with ValueError
+    CONFIG_VALIDATION_ERRORS = ()
+
+FIX_CONFIG = ("fix config.json: it must describe the model the weights came from (the original checkpoint's "
+              "config.json has the right values)")
+
+
 def load_hf_config(folder: str):
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model folder {folder!r} does not exist; give a Transformers checkpoint folder "
@@ -41,17 +57,130 @@ def load_hf_config(folder: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder!r} has no config.json, so it is not a Transformers checkpoint folder; "
                                 "for a .gguf or .bin model run `lema convert SRC OUT` first")
-    try:
-        with open(path) as f:
-            model_type = json.load(f).get("model_type")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path!r} is not valid JSON ({e})") from None
+    settings = read_config_json(path)
+    model_type = settings.get("model_type")
     try:
         return AutoConfig.from_pretrained(folder)
+    except CONFIG_VALIDATION_ERRORS as e:
+        raise ConfigError(rejected_setting(path, settings, e)) from None
+    except ArithmeticError as e:  # a validator dividing by a 0 of the file (num_attention_heads: 0)
+        raise ConfigError(f"{path!r} holds a value Transformers cannot use ({type(e).__name__}: {reason(e)}; a "
+                          f"size of 0?); {FIX_CONFIG}") from None
     except (ValueError, KeyError) as e:
+        if isinstance(model_type, str) and model_type in CONFIG_MAPPING:  # known: it is a value that is wrong
+            raise ConfigError(f"{path!r}: Transformers rejects its values ({reason(e)}); {FIX_CONFIG}") from None
+        if model_type is None:
+            raise ArchitectureError(f"{path!r} has no \"model_type\" ({reason(e)}); add the architecture's "
+                                    "model_type (e.g. \"llama\") from the original checkpoint's config.json") from None
         raise ArchitectureError(f"{path!r} names model_type={model_type!r}, which this Transformers version does "
                                 f"not know ({reason(e)}); upgrade transformers or use a supported "
                                 "architecture") from None
+
+
+def read_config_json(path: str) -> dict:
+    """config.json's settings, as the file holds them; ConfigError naming the file unless it is a UTF-8 JSON object."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path!r} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                          "config.json must be JSON saved as UTF-8: restore it from the original checkpoint") from None
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path!r} is not valid JSON ({e})") from None
+    if not isinstance(settings, dict):
+        kind = {"NoneType": "null", "str": "string", "int": "number", "float": "number"}.get(
+            type(settings).__name__, type(settings).__name__)
+        raise ConfigError(f"{path!r} holds a JSON {kind} ({text.strip()[:40]!r}), not an "
+                          "object of settings; restore config.json from the original checkpoint")
+    key = "dtype" if settings.get("dtype") is not None else "torch_dtype"  # Transformers keeps `dtype` if both
+    dtype = settings.get(key)
+    if isinstance(dtype, str) and not isinstance(getattr(torch, dtype, None), torch.dtype):  # Transformers: getattr
+        raise ConfigError(f"{path!r}: {key}={dtype!r} is not a torch dtype; write e.g. \"bfloat16\", \"float16\" "
+                          "or \"float32\"")
+    return settings
+
+
+def rejected_setting(path: str, settings: dict, e: Exception) -> str:
+    """The one-line message for a value Transformers' strict config rejected; its cause is the reason, and the
+    field (when one is named) the key."""
+    cause = reason(e.__cause__) if e.__cause__ is not None else reason(e)
+    field = re.search(r"field '([^']+)'", str(e))
+    if field is None:  # a class validator: values that contradict one another
+        return f"{path!r}: Transformers rejects its values ({cause}); {FIX_CONFIG}"
+    key = field.group(1)
+    value = f"={settings[key]!r}" if key in settings else ""
+    return f"{path!r}: {key}{value} is rejected by Transformers ({cause}); {FIX_CONFIG}"
+
+
+def config_path(hf_config) -> str:
+    """The config.json a config was read from, for messages (its folder's name where there is none)."""
+    folder = getattr(hf_config, "name_or_path", "") or ""
+    path = os.path.join(folder, "config.json")
+    return path if os.path.isfile(path) else (folder or f"the {type(hf_config).__name__}")
+
+
+def setting_with_value(settings: dict, value, prefix: str = "") -> str | None:
+    """The (dotted) key of the first setting, nested ones included, whose value is `value`."""
+    for key, v in settings.items():
+        if isinstance(v, dict):
+            found = setting_with_value(v, value, f"{prefix}{key}.")
+            if found:
+                return found
+        elif isinstance(v, str) and v == value:
+            return prefix + key
+    return None
+
+
+def known_values(key: str) -> list[str] | None:
+    """The names Transformers accepts for a setting that names a function (a rope type, an activation)."""
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in ("rope_type", "type"):
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        return ["default", *ROPE_INIT_FUNCTIONS]
+    if leaf in ("hidden_act", "hidden_activation", "activation_function"):
+        from transformers.activations import ACT2FN
+        return sorted(ACT2FN)
+    return None
+
+
+def unknown_name(hf_config, e: KeyError) -> ConfigError | None:
+    """A KeyError of Transformers looking up a name config.json gives (rope_type "bogus", hidden_act "bogus")
+    as a ConfigError naming the key; None if the missing key is no value of the config (a bug: let it raise)."""
+    missing = e.args[0] if e.args else None
+    path = config_path(hf_config)
+    spelled = {}  # the keys as the file spells them (rope_scaling, which Transformers reads as rope_parameters)
+    if path.endswith("config.json"):
+        try:
+            spelled = read_config_json(path)
+        except ConfigError:
+            pass
+    key = setting_with_value(spelled, missing) or setting_with_value(hf_config.to_dict(), missing)
+    if key is None:
+        return None
+    known = known_values(key)
+    return ConfigError(f"{path!r}: {key}={missing!r} is not a name this Transformers version knows"
+                       f"{f' (known: {known})' if known else ''}; {FIX_CONFIG}")
+
+
+def check_sizes(hf_config) -> None:
+    """Sizes that must be positive whole numbers (Transformers builds a layer-less model for 0 layers)."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    aliases = getattr(text, "attribute_map", {}) or {}
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ConfigError(f"{config_path(hf_config)!r}: {aliases.get(name, name)}={value} must be a positive "
+                              f"whole number; {FIX_CONFIG}")
+
+
+def model_positions(hf_config):
+    """The tokens a sequence may hold (max_position_embeddings, GPT-2's n_positions), or None where the config
+    gives none. LEMA takes it as every model's limit: training, the step's inputs, `lema plan` and generation."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
 
 
 def attention_implementation(hf_config) -> str:
@@ -67,6 +196,7 @@ def build_meta_model(hf_config, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    check_sizes(hf_config)
     try:
         with init_empty_weights(include_buffers=False):
             try:
@@ -77,6 +207,11 @@ def build_meta_model(hf_config, dtype: torch.dtype):
                     raise
                 # no SDPA for this architecture (e.g. Gemma 2's soft-capping): Transformers' eager attention
                 model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="eager")
+    except KeyError as e:  # a name config.json gives that Transformers has no function for (rope_type, hidden_act)
+        error = unknown_name(hf_config, e)
+        if error is None:
+            raise
+        raise error from None
     except ValueError as e:
         raise ArchitectureError(f"architecture {getattr(hf_config, 'architectures', None) or hf_config.model_type!r} "
                                 f"has no causal-LM class in Transformers ({reason(e)}); LEMA streams "

@@ -11,12 +11,14 @@ in a packed file, copied as raw bytes) or *converted* (computed from several fil
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .checkpoint import WeightStore
+from .safetensors_file import WeightsFileError
 
 
 @dataclass
@@ -78,6 +80,42 @@ def map_checkpoint(model, store: WeightStore) -> tuple[dict[str, ParamSource], l
         for name in group.output_names():
             sources[name] = ParamSource(name, group=group)
     return sources, unexpected
+
+
+def ignored_on_load(model) -> "re.Pattern | None":
+    """The file keys Transformers' `from_pretrained` drops without a word (`_adjust_missing_and_unexpected_keys`):
+    the class's `_keys_to_ignore_on_load_unexpected` (GPT-2's attn.bias masks, a model's extra MTP layers), and
+    the rotary `inv_freq` and `position_ids` buffers old checkpoints saved."""
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    buffers = [name for name, _ in model.named_buffers()]
+    if any(name.endswith("rotary_emb.inv_freq") for name in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(name.endswith("position_ids") for name in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    return re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+
+
+def check_unused(model, store: WeightStore, unexpected: list[str], layers_prefix: str, num_layers: int) -> None:
+    """Refuse file tensors the model does not use (but those Transformers ignores too): a config.json with fewer
+    layers than the file, or the weights of another model, would otherwise run as a smaller model, silently."""
+    ignored = ignored_on_load(model)
+    unused = [k for k in unexpected if ignored is None or ignored.search(k) is None]
+    if not unused:
+        return
+    where = store.file_of(unused[0]).path
+    said = (f"{where!r} holds {len(unused)} tensor(s) that {type(model).__name__}, as config.json describes it, "
+            f"does not use, e.g. {unused[:3]}")
+    # the file's decoder layers: keys `<...>.layers.N.` (the last part of the layer list's name, e.g. GPT-2's `h`)
+    layer = re.compile(rf"(?:^|\.){re.escape(layers_prefix.rsplit('.', 1)[-1])}\.(\d+)\.")
+    stored = 1 + max((int(m.group(1)) for m in map(layer.search, store.keys()) if m), default=-1)
+    if stored > num_layers:
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        key = (getattr(text, "attribute_map", None) or {}).get("num_hidden_layers", "num_hidden_layers")
+        raise WeightsFileError(f"{said}: the file has {stored} decoder layers but config.json's {key} is "
+                               f"{num_layers}; set {key} to {stored} in config.json (or use the config.json that "
+                               "came with these weights)")
+    raise WeightsFileError(f"{said}: they are weights of another model, or config.json is not theirs; use the "
+                           "config.json that came with these weights")
 
 
 def reader_for(sources: dict[str, ParamSource], store: WeightStore, model) -> Callable[[str], torch.Tensor]:

@@ -1,0 +1,215 @@
+"""A bad config.json, a data file that is not UTF-8 or holds nothing to train on, and a weights file with tensors the
+model does not use: each is one line naming the file (and key, value or line) and the fix, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lema.data import DataError, TokenizedDataset, load_jsonl
+from lema.store import WeightsFileError
+from test_engine_errors import build, copy_model, edit_config, raises
+
+
+# --------------------------------------------------------------------------------- config.json
+def write_config(path: str, damage) -> None:
+    """Damage config.json: `damage` is raw bytes for the whole file, or a function that edits its settings."""
+    config = os.path.join(path, "config.json")
+    if isinstance(damage, bytes):
+        with open(config, "wb") as f:
+            f.write(damage)
+        return
+    with open(config) as f:
+        settings = json.load(f)
+    damage(settings)
+    with open(config, "w") as f:
+        json.dump(settings, f)
+
+
+DAMAGED_CONFIGS = {  # name: (damage, fragments the message must hold)
+    "heads-not-dividing": (lambda c: c.update(num_attention_heads=5), ["not a multiple", "attention heads (5)"]),
+    "size-as-string": (lambda c: c.update(hidden_size="32"), ["hidden_size='32'", "expected int"]),
+    "bogus-rope-type": (lambda c: c["rope_parameters"].update(rope_type="bogus"),
+                        ["rope_parameters.rope_type='bogus'", "'linear'"]),
+    "bogus-rope-scaling": (lambda c: c.update(rope_scaling={"rope_type": "bogus", "factor": 2.0}),
+                           ["rope_scaling.rope_type='bogus'"]),
+    "bogus-activation": (lambda c: c.update(hidden_act="bogus"), ["hidden_act='bogus'", "'silu'"]),
+    "zero-layers": (lambda c: c.update(num_hidden_layers=0), ["num_hidden_layers=0", "positive"]),
+    "a-list": (b"[]", ["JSON list", "not an object"]),
+    "null": (b"null", ["JSON null", "not an object"]),
+    "binary": (b'{"model_type": "llama", "x": "\xe9\xff"}', ["not UTF-8", "0xe9", "UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGED_CONFIGS))
+def test_config_json_transformers_rejects_is_named_with_the_fix(name, tiny_dir, tmp_path):
+    damage, fragments = DAMAGED_CONFIGS[name]
+    path = copy_model(tiny_dir("llama"), tmp_path / "m")
+    write_config(path, damage)
+    with raises(ValueError, os.path.join(path, "config.json"), *fragments) as info:
+        build(path)
+    assert "config.json" in str(info.value).rsplit(";", 1)[-1]  # the fix: what to do with config.json
+
+
+def lema(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lema", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, LEMA_DEBUG=""))
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
+    err = done.stderr.strip()
+    assert done.returncode == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in: {err}"
+
+
+@pytest.mark.parametrize("name", ["heads-not-dividing", "size-as-string", "null"])
+def test_lema_plan_names_a_bad_config_json_in_one_line(name, tiny_dir, tmp_path):
+    path = copy_model(tiny_dir("llama"), tmp_path / "m")
+    write_config(path, DAMAGED_CONFIGS[name][0])
+    assert_one_line_error(lema("plan", "--model", path, "--device", "cpu"), os.path.join(path, "config.json"))
+
+
+# ---------------------------------------------------------------------------- data encodings
+OK_LINE = '{"text": "hello"}\n'
+
+
+@pytest.mark.parametrize("encoding, line, fragments", [
+    ("latin-1", 3, ["byte 0xe9", "Latin-1", "save it as UTF-8"]),
+    ("utf-16", 1, ["UTF-16", "save it as UTF-8"]),        # with a byte-order mark
+    ("utf-16-le", 1, ["UTF-16", "save it as UTF-8"]),     # without
+])
+def test_data_file_not_utf8_names_file_line_and_fix(encoding, line, fragments, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes((OK_LINE * 2 + '{"text": "caf\u00e9"}\n').encode(encoding))
+    with raises(DataError, f"{path}:{line}:", *fragments):
+        load_jsonl(path)
+
+
+def test_data_file_with_utf8_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(OK_LINE.encode("utf-8-sig"))
+    assert list(load_jsonl(path)) == [{"text": "hello"}]
+
+
+def test_lema_train_names_a_latin1_data_file_in_one_line(tiny_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    done = lema("train", "--model", tiny_dir("llama"), "--data", data, "--output", tmp_path / "run")
+    assert_one_line_error(done, f"{data}:1:", "save it as UTF-8")
+
+
+# ------------------------------------------------------------------ weights the model does not use
+def add_tensors(path: str, **tensors: torch.Tensor) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = os.path.join(path, "model.safetensors")
+    state = load_file(weights)
+    state.update(tensors)
+    save_file(state, weights, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("arch, key", [("llama", "num_hidden_layers"), ("gpt2", "n_layer")])
+def test_config_with_fewer_layers_than_the_weights(arch, key, tiny_dir, tmp_path):
+    path = copy_model(tiny_dir(arch), tmp_path / "m")
+    edit_config(path, **{key: 2})  # the file has 3
+    layer = "model.layers.2." if arch == "llama" else "transformer.h.2."
+    with raises(WeightsFileError, os.path.join(path, "model.safetensors"), layer, "does not use",
+                f"the file has 3 decoder layers but config.json's {key} is 2", f"set {key} to 3"):
+        build(path)
+
+
+def test_packed_file_with_fewer_layers_in_config(tiny_dir, tmp_path):
+    from lema.convert import convert
+
+    out = convert(tiny_dir("llama"), str(tmp_path / "packed"), progress=False)
+    build(out)  # as written: every tensor used
+    edit_config(out, num_hidden_layers=2)
+    with raises(WeightsFileError, "model.layers.2.", "num_hidden_layers is 2"):
+        build(out)
+
+
+def test_tensor_of_another_model_is_refused(tiny_dir, tmp_path):
+    path = copy_model(tiny_dir("llama"), tmp_path / "m")
+    add_tensors(path, **{"vision_tower.proj.weight": torch.zeros(2, 2)})
+    with raises(WeightsFileError, "1 tensor(s)", "['vision_tower.proj.weight']", "another model"):
+        build(path)
+
+
+@pytest.mark.parametrize("arch, key, tensor", [
+    ("llama", "model.layers.0.self_attn.rotary_emb.inv_freq", torch.zeros(4)),  # old checkpoints' rotary buffers
+    ("gpt2", "transformer.h.0.attn.bias", torch.zeros(1, 1, 64, 64)),          # GPT-2's causal masks
+])
+def test_tensors_transformers_ignores_on_load_are_accepted(arch, key, tensor, tiny_dir, tmp_path):
+    path = copy_model(tiny_dir(arch), tmp_path / "m")
+    add_tensors(path, **{key: tensor})
+    build(path)
+
+
+# ------------------------------------------------------------------------ nothing to train on
+@pytest.fixture(scope="module")
+def tok():
+    """A word-level tokenizer with a chat template: enough to mask assistant turns, built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>", "<unk>", "user", "assistant", ":", "hi", "hello", "word"]
+    inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="<eos>", unk_token="<unk>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+                               "{% if add_generation_prompt %}assistant : {% endif %}")
+    return tokenizer
+
+
+def jsonl(tmp_path, name: str, *examples: dict):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples), encoding="utf-8")
+    return path
+
+
+def test_chat_without_assistant_turn_is_named_not_truncation(tok, tmp_path):
+    path = jsonl(tmp_path, "eval.jsonl", {"messages": [{"role": "user", "content": "hi"}]})
+    with raises(DataError, str(path), f"{path}:1", "without an assistant turn", '"role": "assistant"') as info:
+        TokenizedDataset(load_jsonl(path), tok, seq_len=32)
+    assert "truncation" not in str(info.value) and "seq_len" not in str(info.value)
+
+
+def test_empty_text_is_named_not_truncation(tok, tmp_path):
+    path = jsonl(tmp_path, "train.jsonl", {"text": ""})
+    with raises(DataError, str(path), 'empty "text"') as info:
+        TokenizedDataset(load_jsonl(path), tok, seq_len=32)
+    assert "truncation" not in str(info.value)
+
+
+def test_each_cause_is_counted_with_its_fix(tok, tmp_path):
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    path = jsonl(tmp_path, "d.jsonl", chat, {"prompt": "word " * 10, "completion": "hello"}, chat)
+    with raises(DataError, "none of the 3 examples", "2 examples without an assistant turn", f"{path}:1",
+                "1 example cut by truncation to seq_len=4", f"{path}:2", "increase --seq-len"):
+        TokenizedDataset(load_jsonl(path), tok, seq_len=4)
+
+
+# ------------------------------------------------------------------------------- line keys
+def test_keys_beside_a_format_are_ignored(tmp_path):
+    path = jsonl(tmp_path, "d.jsonl", {"text": "hi", "id": 5}, {"prompt": "p", "completion": "c", "source": "x"})
+    assert [e["id" if "text" in e else "source"] for e in load_jsonl(path)] == [5, "x"]
+
+
+@pytest.mark.parametrize("line, fragments, absent", [
+    ({"prompt": "p"}, ['"prompt" without "completion"'], "unrecognised"),
+    ({"prompt": "p", "response": "r"}, ['"prompt" without "completion"', "['response']"], "'prompt'"),
+    ({"question": "q", "answer": "a", "text": 1}, ['"text" must be a string'], "question"),
+    ({"question": "q", "answer": "a"}, ["unrecognised keys ['answer', 'question']"], "text'"),
+    ({"text": "t", "prompt": "p", "completion": "c"}, ["mix formats"], "unrecognised"),
+])
+def test_only_the_wrong_keys_are_named(line, fragments, absent, tmp_path):
+    path = jsonl(tmp_path, "d.jsonl", line)
+    with raises(DataError, f"{path}:1:", *fragments) as info:
+        load_jsonl(path)
+    assert absent not in str(info.value).split("; valid lines look like")[0]
