@@ -244,3 +244,37 @@ def test_merge_progress_says_merge(capsys, model_dir, adapter, tmp_path):
                         tmp_path / "merged")
     assert rc == 0 and "merged model written to" in out, err
     assert "merge model" in err and "convert" not in err
+
+
+# ----- the remaining inputs of the review: settings checked before the model loads, paths that are not folders ------
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "nan"], "--temperature=nan must be a finite number >= 0"),
+    (["--temperature", "-1"], "--temperature=-1.0 must be a finite number >= 0"),
+    (["--top-p", "0"], "--top-p=0.0 in (0, 1]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens=0 must be >= 1"),
+    (["--system", "be brief"], "--system is a message of the chat template: add --chat"),
+])
+def test_generation_settings_are_refused_before_the_model_loads(flags, message, capsys, monkeypatch, model_dir):
+    import lema.generation as generation
+
+    monkeypatch.setattr(generation, "load_for_generation", lambda *a, **k: pytest.fail("loaded the model first"))
+    line = refused(capsys, "generate", "--model", model_dir("llama"), "--prompt", "hi", *flags)
+    assert message in line
+
+
+def test_a_model_path_that_is_a_file_is_named(capsys, model_dir, tmp_path):
+    weights = os.path.join(model_dir("llama"), "model.safetensors")
+    line = refused(capsys, "generate", "--model", weights, "--prompt", "hi")
+    assert f"model {weights!r} is a file, not a Transformers checkpoint folder" in line
+    assert f"give the folder holding it ({model_dir('llama')!r})" in line
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    line = refused(capsys, "plan", "--model", gguf, "--seq-len", 8)
+    assert f"run `lema convert {gguf} OUT` to make one from it" in line
+
+
+def test_data_that_is_a_folder_is_named(tmp_path):
+    from lema.data import DataError, load_jsonl
+
+    with pytest.raises(DataError, match=r"is a folder; give the JSONL file itself"):
+        load_jsonl(tmp_path)

@@ -117,6 +117,8 @@ def load_jsonl(path: str | Path) -> Examples:
     (or silent garbage) minutes into a training run.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give the JSONL file itself (one example per line)")
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
     examples = Examples(path=str(path))

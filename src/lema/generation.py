@@ -81,14 +81,21 @@ def fit_to_positions(hf_config, prompt_tokens: int, max_new_tokens: int) -> int:
     return room
 
 
+def check_settings(max_new_tokens: int, temperature: float, top_p: float, chat: bool, system: Optional[str]) -> None:
+    """The generation settings, checked before anything loads (`lema generate`) and at each call."""
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={max_new_tokens} must be >= 1")
+    if not 0 <= temperature < float("inf") or not 0 < top_p <= 1:  # nan fails both comparisons
+        raise ValueError(f"--temperature={temperature} must be a finite number >= 0 and --top-p={top_p} in (0, 1]")
+    if system is not None and not chat:
+        raise ValueError("--system is a message of the chat template: add --chat (or leave --system out)")
+
+
 def generate_text(model, tokenizer, prompt: str, chat: bool = False, system: Optional[str] = None,
                   max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                   stream: bool = False) -> str:
     """Greedy at temperature 0; prints tokens as they come when `stream`."""
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens={max_new_tokens} must be >= 1")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"--temperature={temperature} must be >= 0 and --top-p={top_p} in (0, 1]")
+    check_settings(max_new_tokens, temperature, top_p, chat, system)
     ids = encode_prompt(tokenizer, prompt, chat, system)
     max_new_tokens = fit_to_positions(model.hf_config, ids.shape[1], max_new_tokens)
     kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}

@@ -21,8 +21,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..generation import generate_text, load_for_generation
+    from ..generation import check_settings, generate_text, load_for_generation
 
+    check_settings(args.max_new_tokens, args.temperature, args.top_p, args.chat, args.system)  # before the model loads
     model, tokenizer = load_for_generation(args.model, args.adapter, args.device, args.dtype, args.strategy)
     generate_text(model, tokenizer, args.prompt, chat=args.chat, system=args.system,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -50,6 +50,10 @@ def load_hf_config(folder: str):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if os.path.isfile(folder):
+        hint = (f"run `lema convert {folder} OUT` to make one from it" if folder.endswith(".gguf") else
+                f"give the folder holding it ({os.path.dirname(folder) or '.'!r}) with its config.json")
+        raise ValueError(f"model {folder!r} is a file, not a Transformers checkpoint folder; {hint}")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model folder {folder!r} does not exist; give a Transformers checkpoint folder "
                                 "(or run `lema convert SRC OUT` to make one)")
