@@ -275,3 +275,115 @@ def test_trainer_reports_input_errors_and_recovers(llama):
     ids = torch.randint(0, VOCAB, (2, 8))
     _, loss = trainer.train_step(ids, labels=ids)
     assert torch.isfinite(loss) and trainer.last_step_applied
+
+
+# --------------------------------------------------------------------------- the API's own misuses
+def test_the_trainer_refuses_an_optimizer_without_the_lora_weights(llama):
+    """Training with an optimizer over other parameters would change nothing (and never zero the LoRA
+    gradients): refused when the trainer is made; so are settings of the wrong type."""
+    stray = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    with raises(ValueError, "holds none of the model's LoRA parameters", "get_trainable_parameters()"):
+        llama.get_trainer(stray)
+    with raises(ValueError, "holds none of the model's LoRA parameters"):
+        llama.get_trainer(None)
+    opt = torch.optim.SGD(llama.get_trainable_parameters(), lr=0.1)
+    for bad in (1.5, "2", True):
+        with raises(ValueError, f"gradient_accumulation_steps={bad!r} must be a whole number >= 1"):
+            llama.get_trainer(opt, gradient_accumulation_steps=bad)
+    for bad in ("1", float("nan"), float("inf")):
+        with raises(ValueError, f"max_grad_norm={bad!r} must be a finite number > 0"):
+            llama.get_trainer(opt, max_grad_norm=bad)
+
+
+def test_a_micro_batch_without_targets_contributes_nothing(tiny_dir, make_lema):
+    """An accumulated step with one micro-batch whose labels are all -100 equals the step of the other alone
+    (its NaN mean loss does not reach the gradients); a step of such micro-batches only is not applied."""
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    empty = torch.full_like(ids, -100)
+    n = int((ids[:, 1:] != -100).sum())
+    weights = []
+    for accumulate in (True, False):
+        model = make_lema(tiny_dir("llama"))
+        trainer = model.get_trainer(torch.optim.SGD(model.get_trainable_parameters(), lr=0.1),
+                                    gradient_accumulation_steps=2 if accumulate else 1)
+        _, loss = trainer.train_step(ids, labels=ids, num_items_in_batch=n)
+        if accumulate:
+            _, nan = trainer.train_step(ids, labels=empty, num_items_in_batch=n)
+            assert torch.isnan(nan) and trainer.last_step_applied
+        assert torch.isfinite(loss)
+        weights.append([p.detach().clone() for p in model.get_trainable_parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b)
+    before = [p.detach().clone() for p in model.get_trainable_parameters()]
+    trainer.train_step(ids, labels=empty)  # nothing to learn: no step
+    assert not trainer.last_step_applied and trainer.last_grad_norm is None
+    assert all(torch.equal(a, b) for a, b in zip(before, model.get_trainable_parameters()))
+
+
+def test_a_new_model_starts_as_peft_initialises_it(tiny_dir):
+    """The LoRA weights are materialised empty: a model used before initialize_lora() starts from PEFT's
+    initialisation (B zero: the base model's output), not from whatever the memory held."""
+    with LemaModel(LemaConfig(model_name_or_path=tiny_dir("llama"), lora_rank=4, lora_alpha=8)) as model:
+        params = dict(model.peft_model.named_parameters())
+        assert all(torch.count_nonzero(p) == 0 for n, p in params.items() if ".lora_B." in n)
+        a = [p.detach().clone() for n, p in params.items() if ".lora_A." in n]
+        assert all(torch.isfinite(p).all() and torch.count_nonzero(p) for p in a)
+        model.initialize_lora(0)  # the same draw as the default
+        assert all(torch.equal(x, p) for x, p in zip(a, (p for n, p in params.items() if ".lora_A." in n)))
+        ids = torch.randint(0, VOCAB, (1, 8))
+        assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def test_a_closed_model_refuses_to_run_and_lets_go_of_its_files(tiny_dir, tmp_path):
+    model = LemaModel(LemaConfig(model_name_or_path=tiny_dir("llama"), lora_rank=4, lora_alpha=8))
+    fds = len(os.listdir("/proc/self/fd"))
+    with model:  # a context manager: closed on the way out
+        pass
+    assert len(os.listdir("/proc/self/fd")) < fds  # the weights file's descriptor went with it
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with raises(ValueError, "this LemaModel was closed"):
+        model(ids)
+    with raises(ValueError, "this LemaModel was closed"):
+        model.generate(ids, max_new_tokens=2)
+    model.save_adapter(str(tmp_path / "adapter"))  # the adapter is the model's own memory: still saved
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["README.md", "adapter_config.json",
+                                                        "adapter_model.safetensors"]
+    model.close()  # twice: nothing more to do
+
+
+def test_save_adapter_replaces_an_adapter_only(llama, tmp_path):
+    """save_adapter replaces the folder it writes to whole: a folder with other files (a base model's, notes) is
+    refused and kept as it was; an adapter folder is replaced; a file or an empty path is named."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    with raises(ValueError, "holds other files than an adapter's", "notes.txt"):
+        llama.save_adapter(str(work))
+    assert os.listdir(work) == ["notes.txt"]
+    llama.save_adapter(str(tmp_path / "adapter"))
+    llama.save_adapter(str(tmp_path / "adapter"))  # again, over its own
+    (tmp_path / "file").write_text("x")
+    with raises(ValueError, "is a file; give a folder path"):
+        llama.save_adapter(str(tmp_path / "file"))
+    with raises(ValueError, "give a folder path for the adapter"):
+        llama.save_adapter("")
+
+
+def test_an_empty_sequence_is_named(llama):
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with raises(ValueError, "with at least one token, got (2, 0)"):
+        llama(ids[:, :0], labels=ids[:, :0])
+
+
+def test_finite_gradients_past_float32s_norm_are_clipped_not_refused(llama):
+    """Gradients of ~1e25 are finite, but their float32 sum of squares overflows: the norm is taken in float64,
+    clipping scales them, and the step is applied (before, it was refused as "the gradient norm is inf")."""
+    params = llama.get_trainable_parameters()
+    trainer = llama.get_trainer(torch.optim.SGD(params, lr=1.0), max_grad_norm=1.0)
+    params[0].register_hook(lambda g: torch.full_like(g, 1e25))
+    before = [p.detach().clone() for p in params]
+    ids = torch.randint(0, VOCAB, (1, 8))
+    trainer.train_step(ids, labels=ids)
+    assert trainer.last_step_applied and 1e25 < trainer.last_grad_norm < 1e28
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
+    assert torch.isfinite(moved).all() and 0 < float(torch.linalg.vector_norm(moved)) <= 1.0 + 1e-4  # lr x the clip

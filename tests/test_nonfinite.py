@@ -92,7 +92,10 @@ def inf_gradient_from(monkeypatch, call: int) -> dict:
 
     def with_hook(self, *a, **kw):
         initialize(self, *a, **kw)
-        self.get_trainable_parameters()[0].register_hook(inf_after)
+        first = self.get_trainable_parameters()[0]
+        if not getattr(first, "_inf_hooked", False):  # once per model: a new model initialises in its constructor too
+            first.register_hook(inf_after)
+            first._inf_hooked = True
 
     monkeypatch.setattr(LemaModel, "initialize_lora", with_hook)
     return state
@@ -116,7 +119,7 @@ def test_a_non_finite_gradient_stops_the_run_and_keeps_the_finite_checkpoints(ti
                                     resume=True))])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("lema train: error: step 4: the gradient norm is inf (loss ")
+    assert err.startswith("lema train: error: step 4 (lr ") and ": the gradient norm is inf (loss " in err
     assert f"the checkpoints are kept, the newest {out / 'checkpoint-3'} (step 3)" in err
     assert "lower --lr (now 0.01), set --max-grad-norm (e.g. 1.0; clipping is off)" in err and "--resume" in err
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-3"]  # 3 is finite and rotated 1 out; no 4
@@ -133,7 +136,7 @@ def test_a_nan_loss_at_the_first_step_saves_nothing(nan_model, data, tmp_path, c
     rc = main(["train", *flags(args(nan_model, data, out, steps=3))])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1
-    assert err.startswith("lema train: error: step 1: the loss is nan and the gradient norm is nan (lr 0.01); "
+    assert err.startswith("lema train: error: step 1 (lr 0.01): the loss is nan and the gradient norm is nan; "
                           "stopped without saving it: no checkpoint was saved before it; lower --lr (now 0.01) or "
                           "check the data and the model's weights, then run again")
     assert checkpoints(out) == [] and not (out / "adapter").exists()

@@ -344,8 +344,10 @@ def test_a_new_runs_log_starts_empty(tmp_path):
 
 
 def test_the_model_is_known_by_its_weights_not_its_path(tmp_path):
-    """A checkpoint records a fingerprint of the model's weights: the same model copied elsewhere resumes, other
-    weights put in the run's folder are refused (before, only the folder's path was compared)."""
+    """A checkpoint records a fingerprint of the model's weights: the same model copied elsewhere resumes; other
+    weights in the run's folder are refused, down to one small tensor changed among large ones (a fine-tune
+    merged into a few projections); a checkpoint from before (no fingerprint, or another scheme) is judged by
+    its path, as it was."""
     import shutil
 
     from safetensors.torch import save_file
@@ -353,21 +355,29 @@ def test_the_model_is_known_by_its_weights_not_its_path(tmp_path):
     from lema.checkpointing import check_run_identity
     from lema.store import weights_fingerprint
 
+    g = torch.Generator().manual_seed(0)
+    tensors = {"embed": torch.randn(4096, 256, generator=g), **{f"layers.{i}.v_proj": torch.randn(8, 32, generator=g)
+                                                                for i in range(3)}}
     first, copy = tmp_path / "m", tmp_path / "copy"
     first.mkdir()
-    save_file({"w": torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))}, str(first / "model.safetensors"))
+    save_file(tensors, str(first / "model.safetensors"))
     shutil.copytree(first, copy)
     shape = {"lora_rank": 8, "lora_alpha": 16, "lora_target_modules": ["q_proj"]}
-    saved = {**shape, "model": str(first), "model_weights": weights_fingerprint(str(first))}
-    check_run_identity("ck", saved, {**shape, "model": str(copy), "model_weights": weights_fingerprint(str(copy))})
-    save_file({"w": torch.randn(64, 1024)}, str(first / "model.safetensors"))  # other weights, same shapes
-    now = {**shape, "model": str(first), "model_weights": weights_fingerprint(str(first))}
+
+    def identity(folder):
+        return {**shape, "model": str(folder), "model_weights": weights_fingerprint(str(folder))}
+
+    saved = identity(first)
+    assert saved["model_weights"].startswith("tensors-v1:")
+    check_run_identity("ck", saved, identity(copy))  # the same weights elsewhere
+    tensors["layers.1.v_proj"] = tensors["layers.1.v_proj"] + 1e-3  # 1 KiB of 4 MiB, every element changed
+    save_file(tensors, str(first / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"other model weights than those in .*m'.*resume with that model"):
-        check_run_identity("ck", saved, now)
-    old = {k: v for k, v in saved.items() if k != "model_weights"}  # a checkpoint from before: the path decides
-    check_run_identity("ck", old, now)
-    with pytest.raises(CheckpointError, match=r"was made with model="):
-        check_run_identity("ck", old, {**now, "model": str(copy)})
+        check_run_identity("ck", saved, identity(first))
+    for old in ({k: v for k, v in saved.items() if k != "model_weights"}, {**saved, "model_weights": "abc123"}):
+        check_run_identity("ck", old, identity(first))  # from before: the path decides
+        with pytest.raises(CheckpointError, match=r"was made with model="):
+            check_run_identity("ck", old, identity(copy))
 
 
 def test_a_resumed_run_names_the_settings_it_changes():

@@ -173,14 +173,15 @@ def check_run_identity(path: str, saved: dict, run_identity: dict) -> None:
     steps differ from the run it continues (its sampler position counts that run's batches)."""
     for key in RUN_SHAPE + tuple(k for k in RUN_DATA if k in saved):
         was, now = saved.get(key), run_identity.get(key)
-        if key == "model" and saved.get("model_weights") and run_identity.get("model_weights"):
+        if key == "model" and _same_scheme(saved.get("model_weights"), run_identity.get("model_weights")):
             # since 2026-11-27 the weights themselves: the same model copied elsewhere resumes, other weights
             # in the same folder do not
             if saved["model_weights"] == run_identity["model_weights"]:
                 continue
             raise CheckpointError(f"checkpoint {path!r} was made with other model weights than those in {now!r} "
                                   f"(the run's model was {was!r}; its weights' fingerprint "
-                                  f"{saved['model_weights'][:12]}..., these {run_identity['model_weights'][:12]}...);"
+                                  f"{saved['model_weights'].split(':')[-1][:12]}..., these "
+                                  f"{run_identity['model_weights'].split(':')[-1][:12]}...);"
                                   " resume with that model, or use a new --output")
         if was == now:
             continue
@@ -193,6 +194,11 @@ def check_run_identity(path: str, saved: dict, run_identity: dict) -> None:
         value = " ".join(map(str, was)) if isinstance(was, list) else was
         raise CheckpointError(f"checkpoint {path!r} was made with {key}={was!r} but this run has {key}={now!r}; "
                               f"resume with the same settings ({flag} {value}) or use a new --output")
+
+
+def _same_scheme(a, b) -> bool:
+    """Two weights fingerprints made the same way ("scheme:digest"), so comparable."""
+    return isinstance(a, str) and isinstance(b, str) and ":" in a and a.split(":", 1)[0] == b.split(":", 1)[0]
 
 
 def changed_settings(saved: dict, run_identity: dict) -> list[str]:

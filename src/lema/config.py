@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import enum
 import inspect
+import math
+import os
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -31,17 +33,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
+    if isinstance(name, torch.dtype) and name in _DTYPES.values():
         return name
-    if name not in _DTYPES:
-        raise ValueError(f"dtype={name!r} is not supported; use one of float32, bfloat16, float16")
-    return _DTYPES[name]
+    if isinstance(name, str) and name in _DTYPES:
+        return _DTYPES[name]
+    raise ValueError(f"dtype={name!r} is not supported; use one of float32, bfloat16, float16")
 
 
 def parse_device(name: str | torch.device) -> torch.device:
     try:
         device = torch.device(name)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:  # TypeError: None, a float, a list
         raise ValueError(f"device={name!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -56,22 +58,71 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def parse_bytes(text: str | int | None, name: str = "max_vram") -> Optional[int]:
-    """'16GB' -> 16e9 bytes, '512MiB' -> 512*2**20; an int is taken as bytes."""
-    if text is None or isinstance(text, int):
-        return text
+def parse_bytes(text: str | int | float | None, name: str = "max_vram") -> Optional[int]:
+    """'16GB' -> 16e9 bytes, '512MiB' -> 512*2**20; a number is taken as bytes (a float only if whole: 16e9).
+    None stays None; anything else, zero and negative sizes included, is refused."""
+    if text is None:
+        return None
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    s = text.strip().upper().replace(" ", "")
-    number = s.rstrip("KMGTIB")
-    unit = s[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = None
-    if value is None or unit not in units or not 0 <= value < float("inf"):  # nan and inf are no size either
-        raise ValueError(f"{name}={text!r} is not a size; write it like '16GB' or '12GiB'")
-    return int(value * units[unit])
+    size = None
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    elif isinstance(text, float) and text.is_integer():  # nan and inf are not integer
+        size = int(text)
+    elif isinstance(text, str):
+        s = text.strip().upper().replace(" ", "")
+        number = s.rstrip("KMGTIB")
+        unit = s[len(number):]
+        try:
+            value = float(number)
+        except ValueError:
+            value = math.nan
+        if unit in units and math.isfinite(value):  # nan and inf are no size either
+            size = int(value * units[unit])
+    if size is None:
+        raise ValueError(f"{name}={text!r} is not a size; write it like '16GB' or '12GiB', or give a whole number "
+                         "of bytes")
+    if size <= 0:
+        raise ValueError(f"{name}={text!r} must be positive; write it like '16GB' or '12GiB'")
+    return size
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a rank
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _flag(v) -> bool:
+    return v is None or isinstance(v, bool)
+
+
+# field -> (accepts the value?, the rest of "field=value ..."): types and ranges LemaConfig can judge alone.
+# Limits that need the model (keep_activations or resident_layers above its layer count) are LemaModel's.
+_CHECKS = {
+    "lora_rank": (lambda v: _integer(v) and v > 0, "must be a positive integer (16 is usual)"),
+    "lora_alpha": (lambda v: _number(v) and v > 0,
+                   "must be a number > 0: the update is scaled by alpha / r (2 * lora_rank is usual)"),
+    "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "must be a number in [0, 1)"),
+    "lora_target_modules": (lambda v: v is None or isinstance(v, (list, tuple)) and len(v) > 0
+                            and all(isinstance(n, str) and n for n in v),
+                            "must be a list of module names, e.g. ['q_proj'], or None for every linear layer "
+                            "inside the decoder layers"),
+    "num_buffers": (lambda v: _integer(v) and v >= 2, "must be an integer >= 2: one slot computes while the next "
+                    "loads (3 gives the triple buffer)"),
+    "keep_activations": (lambda v: v is None or _integer(v) and v >= 0,
+                         "must be a non-negative integer, or None to let the planner choose"),
+    "resident_layers": (lambda v: _integer(v) and v >= 0, "must be a non-negative integer (0 streams every "
+                        "layer; `lema plan --max-vram ...` says how many fit)"),
+    "gradient_checkpointing": (lambda v: isinstance(v, bool), "must be True or False"),
+    "prefetch": (lambda v: isinstance(v, bool), "must be True or False"),
+    "zero_copy": (_flag, "must be True, False or None (None: LEMA decides)"),
+    "offload_activations": (_flag, "must be True, False or None (None: LEMA decides)"),
+    "chunked_loss": (_flag, "must be True, False or None (None: LEMA decides)"),
+}
 
 
 @dataclass
@@ -79,30 +130,34 @@ class LemaConfig:
     """Settings of a LEMA model: where the weights are, how they stream, and the LoRA adapter."""
 
     model_name_or_path: str = ""
-    """A Transformers checkpoint folder (config.json + *.safetensors), e.g. one written by `lema convert`."""
+    """A Transformers checkpoint folder (config.json + *.safetensors), e.g. one written by `lema convert`
+    (a str or any os.PathLike, kept as a str)."""
     gbi_path: Optional[str] = None
-    """A layer-packed weights file written by `lema convert`; None reads the folder's own safetensors."""
+    """A layer-packed weights file written by `lema convert` (str or os.PathLike); None reads the folder's own
+    safetensors."""
     strategy: MemoryStrategy = MemoryStrategy.STREAMING
     """streaming: decoder layers stream through a ring of slots; resident: all weights loaded once."""
     device: str = "cpu"
-    """Where compute runs: 'cpu', 'cuda' or 'cuda:N'."""
+    """Where compute runs: 'cpu', 'cuda' or 'cuda:N' (or a torch.device)."""
     dtype: str = "float32"
-    """Compute dtype of the frozen weights: float32, bfloat16 or float16 (adapters stay float32)."""
+    """Compute dtype of the frozen weights: float32, bfloat16 or float16, as a name or a torch.dtype (adapters stay
+    float32)."""
     lora_rank: int = 16
     """LoRA rank r."""
     lora_alpha: float = 32
-    """LoRA alpha; the update is scaled by alpha / r."""
+    """LoRA alpha, a number > 0; the update is scaled by alpha / r."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA input; the recompute in backward draws the same mask."""
+    """Dropout on the LoRA input, in [0, 1); the recompute in backward draws the same mask."""
     lora_target_modules: Optional[list[str]] = None
-    """Module names to adapt (e.g. q_proj v_proj); None adapts every linear layer inside the decoder layers."""
+    """A list of module names to adapt (e.g. ['q_proj', 'v_proj']; names, not PEFT's regex string); None adapts
+    every linear layer inside the decoder layers."""
     gradient_checkpointing: bool = True
     """Keep only each layer's input in forward and recompute the layer in backward (always on when streaming)."""
     num_buffers: int = 3
     """Ring depth: how many decoder layers' weights may be in device memory at once (>= 2)."""
-    max_vram: Optional[str] = None
-    """Device memory budget for the planner, e.g. '16GB' (on the CPU: anonymous memory, and glibc then returns
-    freed tensors of 1 MiB or more to the OS); None: no budget check."""
+    max_vram: Optional[str | int] = None
+    """Device memory budget for the planner, e.g. '16GB' or a number of bytes (on the CPU: anonymous memory, and
+    glibc then returns freed tensors of 1 MiB or more to the OS); None: no budget check."""
     prefetch: bool = True
     """Load the next units in a background thread while the current one computes."""
     zero_copy: Optional[bool] = None
@@ -112,17 +167,18 @@ class LemaConfig:
     layer straight from them, with no pinned staging slot (the file must be in the compute dtype and the
     layers must fit in RAM; refused otherwise). None/False: staged through pinned slots (not yet measured
     against each other on a GPU, so staging stays the default there)."""
-    page_cache: Optional[str] = None
+    page_cache: Optional[str | int] = None
     """Streaming (all but CUDA zero-copy, whose pages stay locked): how much of the page cache the streamed layers'
-    file bytes may hold, e.g. '16GB'. A pager thread then keeps the layers needed soonest there (read ahead,
-    mapped) and drops the rest, so disk reads overlap compute, whoever reads the pages (the CPU's views, the
-    loader thread's conversions, a GPU's pinned staging). None: on when the streamed layers' file bytes exceed
-    the memory available less 2 GiB, sized to that and shrunk where the kernel evicts part of it; 'off': leave
-    the page cache to the kernel."""
+    file bytes may hold, e.g. '16GB' or a number of bytes (> 0). A pager thread then keeps the layers needed soonest
+    there (read ahead, mapped) and drops the rest, so disk reads overlap compute, whoever reads the pages (the CPU's
+    views, the loader thread's conversions, a GPU's pinned staging). None: on when the streamed layers' file bytes
+    exceed the memory available less 2 GiB, sized to that and shrunk where the kernel evicts part of it; 'off':
+    leave the page cache to the kernel."""
     resident_layers: int = 0
     """Streaming: this many decoder layers stay loaded (on the device) for the whole run instead of streaming,
     spread evenly through the stack (not the first n, so the copies of the others keep overlapping compute);
-    each saves two transfers per step. `lema plan` says how many fit the budget."""
+    each saves two transfers per step; the layer count or more keeps every layer. `lema plan` says how many fit
+    the budget."""
     keep_activations: Optional[int] = None
     """How many decoder layers keep their activations from forward to backward instead of being recomputed
     (faster: no second forward; costs their activations' memory). None: as many as the memory budget allows
@@ -138,6 +194,12 @@ class LemaConfig:
     False: always Transformers' own head and loss, logits returned."""
 
     def __post_init__(self):
+        for name in ("model_name_or_path", "gbi_path"):  # a pathlib.Path is as good as a str; kept as a str
+            path = getattr(self, name)
+            path = os.fspath(path) if isinstance(path, os.PathLike) else path
+            if not (isinstance(path, str) or path is None and name == "gbi_path"):
+                raise ValueError(f"{name}={path!r} must be a path: a str or an os.PathLike")
+            setattr(self, name, path)
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is empty; give a Transformers checkpoint folder "
                              "(run `lema convert SRC OUT` to make one)")
@@ -146,27 +208,19 @@ class LemaConfig:
         except ValueError:
             raise ValueError(f"strategy={self.strategy!r} is not one of "
                              f"{[s.value for s in MemoryStrategy]}") from None
-        if not isinstance(self.lora_rank, int) or self.lora_rank <= 0:
-            raise ValueError(f"lora_rank={self.lora_rank!r} must be a positive integer (16 is usual)")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
-        if not isinstance(self.num_buffers, int) or self.num_buffers < 2:
-            raise ValueError(f"num_buffers={self.num_buffers!r} must be an integer >= 2: one slot computes "
-                             "while the next loads (3 gives the triple buffer)")
-        if self.keep_activations is not None and (not isinstance(self.keep_activations, int)
-                                                  or self.keep_activations < 0):
-            raise ValueError(f"keep_activations={self.keep_activations!r} must be a non-negative integer, "
-                             "or None to let the planner choose")
-        if not isinstance(self.resident_layers, int) or self.resident_layers < 0:
-            raise ValueError(f"resident_layers={self.resident_layers!r} must be a non-negative integer "
-                             "(0 streams every layer; `lema plan --max-vram ...` says how many fit)")
-        if isinstance(self.lora_target_modules, str):
-            self.lora_target_modules = [self.lora_target_modules]
+        for name, (ok, must) in _CHECKS.items():
+            if not ok(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} {must}")
+        if self.lora_target_modules is not None:
+            self.lora_target_modules = list(self.lora_target_modules)
         self.torch_dtype: torch.dtype = parse_dtype(self.dtype)
         self.torch_device: torch.device = parse_device(self.device)
         self.max_vram_bytes: Optional[int] = parse_bytes(self.max_vram)
-        self.page_cache_bytes: Optional[int] = None if self.page_cache in (None, "off") else parse_bytes(
-            self.page_cache, "page_cache")
+        try:
+            self.page_cache_bytes: Optional[int] = None if self.page_cache in (None, "off") else parse_bytes(
+                self.page_cache, "page_cache")
+        except ValueError as e:  # 0 would be a pager holding only the layers in use, not the page cache left alone
+            raise ValueError(f"{e} ('off' leaves the page cache to the kernel)") from None
 
 
 def field_docs(cls) -> dict[str, str]:

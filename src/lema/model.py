@@ -35,6 +35,7 @@ from .stream.layout import UnitLayout
 from .stream.pager import RESERVE_BYTES, PageCachePager
 from .stream.ring import WeightRing
 
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}  # what save_pretrained writes
 FILL_THREADS = 8  # on a GPU: reader threads per slot fill (pieces of one layer read at once)
 
 
@@ -133,7 +134,8 @@ class LemaModel(nn.Module):
             zero_copy = self._zero_copy if views_ok else None
             from .planner import spread
 
-            resident_ids = spread(config.resident_layers, self.units.num_layers)  # LemaConfig.resident_layers
+            # LemaConfig.resident_layers; as many as the layers or more: every one (the plan's auto split may ask so)
+            resident_ids = spread(config.resident_layers, self.units.num_layers)
             streamed_ids = [i for i in range(self.units.num_layers) if i not in set(resident_ids)]
             # CUDA zero-copy: only when asked for (not yet measured against the pinned staging on a GPU)
             host_views = (self._register_page_cache(same_dtype, streamed_ids) if not cpu and config.zero_copy
@@ -167,6 +169,8 @@ class LemaModel(nn.Module):
         self._budget = None  # planner.ActivationBudget, made at the first training forward
         self.chunked_loss_unsupported = fused_head_supported(base)
         self._softcap = final_softcap(self.hf_config)
+        self.initialize_lora()  # the LoRA weights were materialised empty: PEFT's initialisation until replaced
+        self._closed = False
         self.eval()  # as `from_pretrained` leaves a model: no dropout until a trainer calls .train()
 
     # ----- setup --------------------------------------------------------------------------
@@ -342,7 +346,8 @@ class LemaModel(nn.Module):
 
     # ----- public API ---------------------------------------------------------------------
     def initialize_lora(self, seed: int = 0) -> None:
-        """PEFT's initialisation: A Kaiming-uniform from `seed`, B zero (so the model starts as the base)."""
+        """PEFT's initialisation: A Kaiming-uniform from `seed`, B zero (so the model starts as the base). A new
+        LemaModel starts so (seed 0); call it to draw A from another seed."""
         reset_lora(self.peft_model, seed)
 
     def get_trainable_parameters(self) -> list[nn.Parameter]:
@@ -354,13 +359,16 @@ class LemaModel(nn.Module):
         return LemaTrainer(self, optimizer, gradient_accumulation_steps, max_grad_norm)
 
     def _check_inputs(self, input_ids, labels, attention_mask):
+        if self._closed:
+            raise ValueError("this LemaModel was closed (close() let go of its weights); make a new one to run it")
         if not torch.is_tensor(input_ids) or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor of token ids, got "
                              f"{getattr(input_ids, 'dtype', type(input_ids))}")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must have shape (batch, seq) with at least one token, got "
+                             f"{tuple(input_ids.shape)}")
         vocab = self.base_model.get_input_embeddings().num_embeddings
         if input_ids.numel():
             lo, hi = int(input_ids.min()), int(input_ids.max())  # host sync
@@ -474,7 +482,16 @@ class LemaModel(nn.Module):
             self.train(was_training)
 
     def save_adapter(self, path: str) -> None:
-        """PEFT format (adapter_model.safetensors + adapter_config.json), written atomically."""
+        """PEFT format (adapter_model.safetensors + adapter_config.json), written atomically. An adapter folder
+        already at `path` is replaced; a folder holding anything else is refused (it would be replaced whole)."""
+        if not path:
+            raise ValueError("save_adapter: give a folder path for the adapter")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"save_adapter: {path!r} is a file; give a folder path")
+        others = sorted(set(os.listdir(path)) - ADAPTER_FILES) if os.path.isdir(path) else []
+        if others:
+            raise ValueError(f"save_adapter: {path!r} holds other files than an adapter's (e.g. {others[:3]}), which "
+                             "saving there would delete; give a new or empty folder, or an adapter folder")
         parent = os.path.dirname(os.path.abspath(path)) or "."
         os.makedirs(parent, exist_ok=True)
         tmp = make_temp_folder(parent, ".tmp-adapter-")
@@ -552,8 +569,18 @@ class LemaModel(nn.Module):
         return stats
 
     def close(self) -> None:
+        """Let go of the weights: the ring's thread and slots, CUDA registrations, the weight files (a view still
+        held elsewhere keeps its pages mapped). The model cannot run afterwards; its adapter can still be saved."""
         self.source.close()  # a ring copying from registered pages finishes its copies first
         self._unregister_page_cache()
+        self.store.close()
+        self._closed = True
+
+    def __enter__(self) -> "LemaModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _unregister_page_cache(self) -> None:
         for f in self.store.files:  # page-locked ranges (CUDA zero-copy) go back to the page cache

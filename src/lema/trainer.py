@@ -32,17 +32,27 @@ class LemaTrainer:
     loss (a detached scalar); `last_step_applied` says whether this call stepped the optimizer and
     `last_grad_norm` is the gradients' global norm of the last optimizer step (before clipping).
     A step whose loss (the weighted sum over its micro-batches) or gradient norm is not finite is not
-    applied: its gradients are dropped and the call raises `NonFiniteStepError`.
+    applied: its gradients are dropped and the call raises `NonFiniteStepError`. A micro-batch without a
+    target (labels on the CPU, all -100 past the first position) contributes nothing; its returned loss is
+    the model's NaN, and a step of such micro-batches only is not applied.
     A call runs in train mode (dropout on) and leaves the model in the mode it found it in, so an
     evaluation between steps runs without dropout.
     """
 
     def __init__(self, model, optimizer, gradient_accumulation_steps: int = 1,
                  max_grad_norm: Optional[float] = None):
-        if gradient_accumulation_steps < 1:
-            raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be >= 1")
-        if max_grad_norm is not None and not max_grad_norm > 0:  # nan too
-            raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0, or None for no clipping")
+        if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
+                or gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps!r} must be a whole number >= 1")
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                          or not 0 < max_grad_norm < math.inf):
+            raise ValueError(f"max_grad_norm={max_grad_norm!r} must be a finite number > 0, or None for no clipping")
+        trained = {id(p) for p in model.get_trainable_parameters()}
+        given = {id(p) for group in getattr(optimizer, "param_groups", []) for p in group["params"]}
+        if not trained & given:  # the LoRA weights would never change, and their gradients never be zeroed
+            raise ValueError(f"the optimizer ({type(optimizer).__name__}) holds none of the model's LoRA parameters; "
+                             "make it with model.get_trainable_parameters(), e.g. "
+                             "torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-4)")
         self.model = model
         self.optimizer = optimizer
         self.accum = gradient_accumulation_steps
@@ -58,18 +68,26 @@ class LemaTrainer:
         if num_items_in_batch is not None and num_items_in_batch < 1:
             raise ValueError(f"num_items_in_batch={num_items_in_batch} must be >= 1: the supervised targets "
                              "(labels[:, 1:] != -100) of the optimizer step's micro-batches")
+        # A micro-batch without a target (every label -100 past the first position) has a NaN mean loss and would
+        # make the step's gradients NaN: it contributes nothing instead, as in Transformers' Trainer. Counted where
+        # the labels are on the CPU (no host sync); labels already on a GPU are not counted.
+        empty = torch.is_tensor(labels) and labels.device.type == "cpu" and not bool((labels[..., 1:] != -100).any())
         was_training = self.model.training
         self.model.train()  # dropout on for this step only: an evaluation between steps runs in eval mode
         try:
-            out = self.model(input_ids, labels=labels, attention_mask=attention_mask)
-            if num_items_in_batch is None:
-                weight = 1.0 / self.accum
-            else:  # this micro-batch's share of the step's targets (a tensor: no host sync on a GPU)
-                weight = (labels[..., 1:] != -100).sum().to(out.loss.device) / num_items_in_batch
-            (out.loss * weight).backward()  # streams B(L-1) .. B0 (NOTE [ring protocol])
+            if empty:
+                with torch.no_grad():  # the logits and the (NaN) loss are returned; no gradient, no weight
+                    out = self.model(input_ids, labels=labels, attention_mask=attention_mask)
+            else:
+                out = self.model(input_ids, labels=labels, attention_mask=attention_mask)
+                if num_items_in_batch is None:
+                    weight = 1.0 / self.accum
+                else:  # this micro-batch's share of the step's targets (a tensor: no host sync on a GPU)
+                    weight = (labels[..., 1:] != -100).sum().to(out.loss.device) / num_items_in_batch
+                (out.loss * weight).backward()  # streams B(L-1) .. B0 (NOTE [ring protocol])
+                self._step_loss = self._step_loss + out.loss.detach().float() * weight
         finally:
             self.model.train(was_training)
-        self._step_loss = self._step_loss + out.loss.detach().float() * weight
         self.micro_step += 1
         self.last_step_applied = self.micro_step % self.accum == 0
         if self.last_step_applied:
@@ -82,16 +100,27 @@ class LemaTrainer:
         would make every LoRA weight NaN in one step: the run could not even save what it had)."""
         params = self.model.get_trainable_parameters()
         step_loss, self._step_loss = self._step_loss, 0.0
+        if not torch.is_tensor(step_loss):  # no micro-batch of the step had a target: nothing to apply
+            self.optimizer.zero_grad(set_to_none=True)
+            self.last_step_applied, self.last_grad_norm = False, None
+            return
         # the norm clip_grad_norm_ computes, also without clipping: a finite loss does not make finite gradients
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
         # host sync, once per optimizer step, before the step is applied: with clipping (the default) the one that
         # always read the norm, now reading the loss with it; without clipping an added one
         loss, self.last_grad_norm = torch.stack([step_loss, norm.to(step_loss.device)]).tolist()
+        if not math.isfinite(self.last_grad_norm) and all(bool(torch.isfinite(g).all()) for g in grads):
+            # finite gradients whose float32 sum of squares overflows (a norm past ~1.8e19): the norm in float64,
+            # which clipping then scales them by (rare: a sync per gradient tensor)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
+                                                         for g in grads]))
+            self.last_grad_norm = float(norm)
         if not (math.isfinite(loss) and math.isfinite(self.last_grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)  # not applied: the weights and AdamW's moments stay finite
             self.last_step_applied = False
             raise NonFiniteStepError(loss, self.last_grad_norm)
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm.float())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -307,8 +307,10 @@ def _diverged(args: TrainArgs, step: int, what: str, lr: float) -> str:
              "no checkpoint was saved before it")
     fixes = [f"lower --lr (now {args.lr:g})"] + (["set --max-grad-norm (e.g. 1.0; clipping is off)"]
                                                  if args.max_grad_norm is None else [])
-    then = "run again with --resume (changed settings apply from its step on)" if kept else "run again"
-    return (f"step {step}: {what} (lr {lr:.3g}); stopped without saving it: {where}; {', '.join(fixes)} or "
+    then = ("run again with --resume (changed settings apply from its step on; if the same step fails again, the "
+            "checkpoint's weights have diverged already: move it away to resume from an older one)" if kept else
+            "run again")
+    return (f"step {step} (lr {lr:.3g}): {what}; stopped without saving it: {where}; {', '.join(fixes)} or "
             f"check the data and the model's weights, then {then}")
 
 

@@ -1,0 +1,85 @@
+"""LemaConfig refuses every bad value itself, naming the field, the value and the fix: never a deep error from
+torch, PEFT or Transformers later, never a value accepted and ignored. Builds LemaConfig only (no model)."""
+
+import math
+import pathlib
+
+import pytest
+import torch
+
+from lema import LemaConfig, MemoryStrategy
+
+P = "some/model"  # LemaConfig does not open the folder: LemaModel does
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("model_name_or_path", 123, "a str or an os.PathLike"),
+    ("model_name_or_path", None, "a str or an os.PathLike"),
+    ("gbi_path", 5, "a str or an os.PathLike"),
+    ("lora_rank", True, "positive integer"),
+    ("resident_layers", True, "non-negative integer"),
+    ("keep_activations", False, "non-negative integer"),
+    ("lora_alpha", "8", "number > 0"),
+    ("lora_alpha", 0, "number > 0"),
+    ("lora_alpha", -4, "number > 0"),
+    ("lora_alpha", math.nan, "number > 0"),
+    ("lora_alpha", math.inf, "number > 0"),
+    ("lora_alpha", True, "number > 0"),
+    ("lora_dropout", "0.1", "[0, 1)"),
+    ("dtype", torch.float64, "float32, bfloat16, float16"),
+    ("dtype", torch.int8, "float32, bfloat16, float16"),
+    ("device", None, "'cpu', 'cuda' or 'cuda:N'"),
+    ("device", 1.5, "'cpu', 'cuda' or 'cuda:N'"),
+    ("max_vram", 1.5, "is not a size"),
+    ("max_vram", math.inf, "is not a size"),
+    ("max_vram", True, "is not a size"),
+    ("max_vram", -5, "must be positive"),
+    ("max_vram", 0, "must be positive"),
+    ("max_vram", "0GB", "must be positive"),
+    ("max_vram", "-1GB", "must be positive"),
+    ("page_cache", -1, "'off' leaves the page cache to the kernel"),
+    ("page_cache", 0, "'off' leaves the page cache to the kernel"),
+    ("page_cache", "0MB", "'off' leaves the page cache to the kernel"),
+    ("zero_copy", "yes", "True, False or None"),
+    ("offload_activations", 1, "True, False or None"),
+    ("chunked_loss", "no", "True, False or None"),
+    ("gradient_checkpointing", None, "True or False"),
+    ("prefetch", "yes", "True or False"),
+    ("lora_target_modules", [], "or None for every linear layer"),
+    ("lora_target_modules", "q_proj", "a list of module names, e.g. ['q_proj']"),
+    ("lora_target_modules", [""], "a list of module names"),
+    ("lora_target_modules", ["q_proj", 3], "a list of module names"),
+])
+def test_bad_value_is_refused_by_name(field, value, fragment):
+    kwargs = {"model_name_or_path": P, field: value}
+    with pytest.raises(ValueError) as info:
+        LemaConfig(**kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{field}={value!r}" in message, message
+    assert fragment in message, message
+
+
+@pytest.mark.parametrize("field, value, derived, expected", [
+    ("model_name_or_path", pathlib.Path(P), "model_name_or_path", P),
+    ("gbi_path", pathlib.Path(P) / "model.safetensors", "gbi_path", P + "/model.safetensors"),
+    ("max_vram", "16GB", "max_vram_bytes", 16_000_000_000),
+    ("max_vram", 16_000_000_000, "max_vram_bytes", 16_000_000_000),
+    ("max_vram", 1.5e9, "max_vram_bytes", 1_500_000_000),
+    ("page_cache", "512MiB", "page_cache_bytes", 512 * 2**20),
+    ("page_cache", 2**30, "page_cache_bytes", 2**30),
+    ("page_cache", "off", "page_cache_bytes", None),
+    ("dtype", torch.bfloat16, "torch_dtype", torch.bfloat16),
+    ("dtype", "fp16", "torch_dtype", torch.float16),
+    ("device", torch.device("cpu"), "torch_device", torch.device("cpu")),
+    ("lora_alpha", 16.0, "lora_alpha", 16.0),
+    ("lora_alpha", 8, "lora_alpha", 8),
+    ("lora_dropout", 0, "lora_dropout", 0),
+    ("lora_target_modules", ("q_proj", "v_proj"), "lora_target_modules", ["q_proj", "v_proj"]),
+    ("keep_activations", 0, "keep_activations", 0),
+    ("zero_copy", False, "zero_copy", False),
+    ("strategy", "resident", "strategy", MemoryStrategy.RESIDENT),
+])
+def test_good_value_is_kept(field, value, derived, expected):
+    config = LemaConfig(**{"model_name_or_path": P, field: value})
+    assert getattr(config, derived) == expected
