@@ -353,7 +353,7 @@ def test_the_model_is_known_by_its_weights_not_its_path(tmp_path):
     from safetensors.torch import save_file
 
     from lema.checkpointing import check_run_identity
-    from lema.store import weights_fingerprint
+    from lema.store import WeightStore, weights_fingerprint
 
     g = torch.Generator().manual_seed(0)
     tensors = {"embed": torch.randn(4096, 256, generator=g), **{f"layers.{i}.v_proj": torch.randn(8, 32, generator=g)
@@ -365,7 +365,11 @@ def test_the_model_is_known_by_its_weights_not_its_path(tmp_path):
     shape = {"lora_rank": 8, "lora_alpha": 16, "lora_target_modules": ["q_proj"]}
 
     def identity(folder):
-        return {**shape, "model": str(folder), "model_weights": weights_fingerprint(str(folder))}
+        store = WeightStore(str(folder))
+        try:
+            return {**shape, "model": str(folder), "model_weights": weights_fingerprint(store)}
+        finally:
+            store.close()
 
     saved = identity(first)
     assert saved["model_weights"].startswith("tensors-v1:")

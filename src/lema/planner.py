@@ -334,7 +334,9 @@ def spread(n: int, L: int) -> list[int]:
 
 
 def _text_config(hf_config):
-    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    from .engine.skeleton import text_config  # imported here: the planner's module loads without torch's models
+
+    return text_config(hf_config)
 
 
 # An MLP without a gate (fc -> act -> proj): per token, the I-wide tensors it saves: the activation's input and

@@ -71,7 +71,8 @@ class LemaTrainer:
         # A micro-batch without a target (every label -100 past the first position) has a NaN mean loss and would
         # make the step's gradients NaN: it contributes nothing instead, as in Transformers' Trainer. Counted where
         # the labels are on the CPU (no host sync); labels already on a GPU are not counted.
-        empty = torch.is_tensor(labels) and labels.device.type == "cpu" and not bool((labels[..., 1:] != -100).any())
+        targets = (labels[..., 1:] != -100).sum() if torch.is_tensor(labels) else None
+        empty = targets is not None and labels.device.type == "cpu" and not bool(targets)
         was_training = self.model.training
         self.model.train()  # dropout on for this step only: an evaluation between steps runs in eval mode
         try:
@@ -83,7 +84,7 @@ class LemaTrainer:
                 if num_items_in_batch is None:
                     weight = 1.0 / self.accum
                 else:  # this micro-batch's share of the step's targets (a tensor: no host sync on a GPU)
-                    weight = (labels[..., 1:] != -100).sum().to(out.loss.device) / num_items_in_batch
+                    weight = targets.to(out.loss.device) / num_items_in_batch
                 (out.loss * weight).backward()  # streams B(L-1) .. B0 (NOTE [ring protocol])
                 self._step_loss = self._step_loss + out.loss.detach().float() * weight
         finally:

@@ -373,7 +373,7 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule))
-    identity = {"model": os.path.abspath(args.model), "model_weights": weights_fingerprint(args.model),
+    identity = {"model": os.path.abspath(args.model), "model_weights": weights_fingerprint(model.store),
                 "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_target_modules": model.lora_targets,
                 "data": data_identity(args.data), "seq_len": args.seq_len, "grad_accum": args.grad_accum,
                 "settings": {"lr": args.lr, "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .skeleton import text_config
+
 IGNORE = -100
 CHUNK_BYTES = 64 * 2**20
 """Float32 logits of one chunk; the chunk's working set is twice this (the logits and logsumexp's
@@ -36,18 +38,14 @@ def chunk_rows(vocab: int, chunk_bytes: Optional[int] = None) -> int:
     return max(1, (chunk_bytes or CHUNK_BYTES) // (4 * vocab))
 
 
-def _text_config(hf_config):
-    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-
-
 def final_softcap(hf_config) -> Optional[float]:
     """The final logit soft-capping (Gemma 2), applied inside the chunks; None for most models."""
-    return getattr(_text_config(hf_config), "final_logit_softcapping", None) or None
+    return getattr(text_config(hf_config), "final_logit_softcapping", None) or None
 
 
 def fused_head_supported(model: nn.Module) -> Optional[str]:
     """None when the chunked loss reproduces `model`'s head + loss (a causal LM, frozen); else why not."""
-    c = _text_config(model.config)
+    c = text_config(model.config)
     head = model.get_output_embeddings()
     if model.base_model is model:
         return "the model has no separate decoder"

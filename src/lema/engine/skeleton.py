@@ -171,7 +171,7 @@ def unknown_name(hf_config, e: KeyError) -> ConfigError | None:
 
 def check_sizes(hf_config) -> None:
     """Sizes that must be positive whole numbers (Transformers builds a layer-less model for 0 layers)."""
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    text = text_config(hf_config)
     aliases = getattr(text, "attribute_map", {}) or {}
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         value = getattr(text, name, None)
@@ -180,10 +180,15 @@ def check_sizes(hf_config) -> None:
                               f"whole number; {FIX_CONFIG}")
 
 
+def text_config(hf_config):
+    """The language model's own config (a multimodal config's text part; a plain config itself)."""
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
 def model_positions(hf_config):
     """The tokens a sequence may hold (max_position_embeddings, GPT-2's n_positions), or None where the config
     gives none. LEMA takes it as every model's limit: training, the step's inputs, `lema plan` and generation."""
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    text = text_config(hf_config)
     return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
 
 
@@ -191,7 +196,7 @@ def attention_implementation(hf_config) -> str:
     """The attention a model is built with: "sdpa", or "eager" where the attention logits are soft-capped
     (Gemma 2). SDPA cannot apply the cap: Transformers 5.23 refuses SDPA for such a model, and earlier versions
     (5.17, on the GPU machines) build it with SDPA anyway and silently leave the cap out."""
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    text = text_config(hf_config)
     return "eager" if getattr(text, "attn_logit_softcapping", None) else "sdpa"
 
 

@@ -98,30 +98,23 @@ FINGERPRINT = "tensors-v1"  # the scheme, in the fingerprint: checkpoints compar
 SAMPLE = 64  # bytes read at the start, middle and end of each tensor
 
 
-def weights_fingerprint(folder: str, gbi_path: Optional[str] = None) -> str:
-    """A digest that tells one model's weights from another's without reading them all: each weight file's name,
-    size and safetensors header (every tensor's name, dtype, shape and place), and SAMPLE bytes at the start,
-    middle and end of every tensor's data. Fine-tuning, or merging an adapter into some projections only, changes
-    every element of the tensors it touches, so every changed tensor changes the digest. A copy elsewhere has the
-    same fingerprint."""
+def weights_fingerprint(store: WeightStore) -> str:
+    """A digest that tells one model's weights from another's without reading them all: each weight file's name and
+    size, every tensor's name, dtype, shape and place (the headers WeightStore parsed), and SAMPLE bytes at the
+    start, middle and end of every tensor's data. Fine-tuning, or merging an adapter into some projections only,
+    changes every element of the tensors it touches, so every changed tensor changes the digest. A copy elsewhere
+    has the same fingerprint."""
     digest = hashlib.sha256()
-    for path in weight_files(folder, gbi_path):
-        size = os.path.getsize(path)
-        digest.update(f"{os.path.basename(path)}:{size}:".encode())
-        with open(path, "rb") as f:
-            head = f.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else 0
-            header = f.read(min(length, size))
-            digest.update(head + header)
-            try:
-                entries = json.loads(header)
-            except (ValueError, UnicodeDecodeError):  # not a safetensors header: the file's reader says so later
-                continue
-            base = 8 + length
-            for key in sorted(k for k in entries if k != "__metadata__"):
-                lo, hi = (entries[key].get("data_offsets") or (0, 0)) if isinstance(entries[key], dict) else (0, 0)
-                for at in sorted({lo, lo + (hi - lo) // 2, max(lo, hi - SAMPLE)}):
-                    digest.update(os.pread(f.fileno(), min(SAMPLE, max(0, hi - at)), base + at))
+    sample = torch.empty(SAMPLE, dtype=torch.uint8)
+    for f in store.files:
+        digest.update(f"{os.path.basename(f.path)}:{os.path.getsize(f.path)}:".encode())
+        for key in sorted(f.entries):
+            e = f.entries[key]
+            digest.update(f"{key}:{e.dtype}:{tuple(e.shape)}:{e.start}:{e.end};".encode())
+            for at in sorted({e.start, e.start + e.nbytes // 2, max(e.start, e.end - SAMPLE)}) if e.nbytes else ():
+                n = min(SAMPLE, e.end - at)
+                f.read_into(at, at + n, sample[:n])
+                digest.update(sample[:n].numpy().tobytes())
     return f"{FINGERPRINT}:{digest.hexdigest()}"
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ..engine.skeleton import text_config
 from .checkpoint import WeightStore
 from .safetensors_file import WeightsFileError
 
@@ -109,7 +110,7 @@ def check_unused(model, store: WeightStore, unexpected: list[str], layers_prefix
     layer = re.compile(rf"(?:^|\.){re.escape(layers_prefix.rsplit('.', 1)[-1])}\.(\d+)\.")
     stored = 1 + max((int(m.group(1)) for m in map(layer.search, store.keys()) if m), default=-1)
     if stored > num_layers:
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        text = text_config(model.config)
         key = (getattr(text, "attribute_map", None) or {}).get("num_hidden_layers", "num_hidden_layers")
         raise WeightsFileError(f"{said}: the file has {stored} decoder layers but config.json's {key} is "
                                f"{num_layers}; set {key} to {stored} in config.json (or use the config.json that "
