@@ -40,7 +40,7 @@ run_stage() {
     case ${name%zc} in
       tests)  timeout "$limit" $PY -m pytest -q -p no:cacheprovider -rfEs --tb=short tests/test_cuda.py \
                   >"$OUT/$name.log" 2>&1 ;;
-      probe)  timeout "$limit" bash -c "$PY -c \"import torch; from lema.bench import build_shape; \
+      probe)  timeout "$limit" bash -c "$PY -c \"import torch; from lema.shapes import build_shape; \
 build_shape('tinyllama-1.1b', dtype=torch.bfloat16, device='cuda')\" && $PY scripts/gpu_probe.py \
 $LEMA_CACHE_DIR/shapes/tinyllama-1.1b-bfloat16/model.safetensors --json $OUT/probe.json" >"$OUT/$name.log" 2>&1 ;;
       t5)     timeout "$limit" $BENCH $zc --shape tinyllama-1.1b --batch-size 1 --seq-len 512 --steps 3 --floor \

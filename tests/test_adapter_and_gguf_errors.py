@@ -209,7 +209,7 @@ def test_a_gguf_cut_in_its_tensor_data_is_named_with_the_sizes(capsys, real_gguf
 
 
 def test_a_whole_gguf_passes_the_check(real_gguf):
-    from lema.convert import check_gguf_whole
+    from lema.gguf_source import check_gguf_whole
 
     check_gguf_whole(real_gguf)
 

@@ -8,10 +8,12 @@ import os
 import pytest
 import torch
 
-from lema.bench import VM_COUNTERS, build_shape, layer_timeline, shape_config, vm_counters
 from lema.cli import main
 from lema.commands.bench import format_table
+from lema.contenders import layer_timeline
 from lema.host_memory import heap_allocated
+from lema.measure import VM_COUNTERS, vm_counters
+from lema.shapes import build_shape, shape_config
 
 KEYS = {"median_step_s", "tokens_per_s", "peak_anon_bytes", "peak_run_bytes", "predicted_peak_bytes",
         "predicted_over_measured", "prediction_within_10pct", "bytes_streamed_per_step", "achieved_bytes_per_s", "achieved_over_ceiling",
@@ -126,9 +128,9 @@ def test_step_flops_counts_the_products_of_the_layers_lora_and_head(tiny_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lema.bench import step_flops
     from lema.engine.skeleton import default_lora_targets, find_decoder_layers
-    from lema.planner import model_facts
+    from lema.measure import step_flops
+    from lema.plan_bytes import model_facts
 
     path = tiny_dir("llama")
     facts = model_facts(path, torch.float32, 4)
@@ -266,7 +268,8 @@ def test_transient_probes_live_for_their_turn_only(tmp_path):
     """For a model bigger than the RAM the floor probes are transient: a process per round, ended after
     its turn (its memory is not taken from the page cache of the streamed run); the streamed run's pager
     reports its window, what the kernel evicted of it and the trim, and the rounds still time everyone."""
-    from lema.bench import BenchSpec, run_rounds
+    from lema.bench import run_rounds
+    from lema.contenders import BenchSpec
 
     folder = build_shape("tiny-llama", str(tmp_path))
     spec = BenchSpec(model=folder, batch_size=1, seq_len=8, page_cache="1KB")
@@ -292,7 +295,7 @@ def test_the_transformers_contenders_build_a_soft_capped_model_with_eager_attent
     """The Transformers + PEFT contender and the floor probes attend as LEMA does: Gemma 2 soft-caps its attention
     logits, which SDPA cannot (Transformers 5.23 refuses SDPA for it, earlier versions silently drop the cap), so
     its contenders are built with eager attention; a Llama keeps SDPA."""
-    from lema.bench import BenchSpec, _Contender
+    from lema.contenders import BenchSpec, _Contender
 
     for arch, attention in (("gemma2", "eager"), ("llama", "sdpa")):
         spec = BenchSpec(model=tiny_dir(arch), batch_size=1, seq_len=8)
@@ -306,7 +309,8 @@ def test_a_bad_input_is_one_line_from_the_parent_or_a_contender(tmp_path, capsys
     """A truncated weights file, a page-cache window or thread count that is no number are named before any
     contender starts, in one line; a bad input that only a contender's process meets comes back as the same one
     line (ValueError, its message), not as the worker's traceback, which only a bug still carries."""
-    from lema.bench import BenchSpec, run_rounds
+    from lema.bench import run_rounds
+    from lema.contenders import BenchSpec
 
     folder = build_shape("tiny-llama", str(tmp_path))
     cut = tmp_path / "cut"

@@ -12,7 +12,7 @@ import pytest
 SCRIPT = r"""
 import sys, torch
 from lema import cpu_allocator as ca
-from lema.bench import rss_anon
+from lema.measure import rss_anon
 MiB = 2**20
 assert ca.install(8 * MiB) and ca.installed()
 a = torch.empty(2 * MiB, dtype=torch.uint8)

@@ -10,13 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lema.batching import BatchSampler, batches, collate
 from lema.data import (
     IGNORE_INDEX,
-    BatchSampler,
     DataError,
     TokenizedDataset,
-    batches,
-    collate,
     load_jsonl,
     tokenize_example,
 )

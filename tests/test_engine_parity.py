@@ -613,7 +613,8 @@ def test_kept_layers_reacquire_weights_from_reused_slots(tiny_dir, make_lema):
 
 def test_keep_activations_none_follows_the_budget(tiny_dir, make_lema):
     """None: as many layers as the budget leaves room for (the planner's decision), spread; 0: none."""
-    from lema.planner import plan_for_config, spread
+    from lema.plan_table import spread
+    from lema.planner import plan_for_config
 
     path = tiny_dir("llama", num_layers=5)
     probe = make_lema(path, keep_activations=0)

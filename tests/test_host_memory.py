@@ -11,8 +11,8 @@ import torch
 
 SCRIPT = r"""
 import sys, torch
-from lema.bench import rss_anon
 from lema.host_memory import return_freed_memory_to_os
+from lema.measure import rss_anon
 if sys.argv[1] == "bounded":
     assert return_freed_memory_to_os()
 torch.set_num_threads(1)
@@ -43,7 +43,7 @@ def test_bounded_heap_follows_live_tensors():
 def test_allocated_bytes_counts_live_tensors_not_the_freed_blocks_kept():
     """malloc's bytes in use, plus the blocks LEMA's CPU allocator handed out where an earlier test with a CPU
     budget installed it in this process (the 32 MiB tensor is then its block, not malloc's mmap'd chunk)."""
-    from lema.bench import allocated_bytes
+    from lema.measure import allocated_bytes
 
     if allocated_bytes() is None:
         pytest.skip("needs glibc's mallinfo2")
@@ -167,8 +167,8 @@ def test_pinned_buffer_falls_back_to_torchs_allocator_with_a_warning_when_regist
 def test_rss_anon_is_statuss_rssanon_in_this_process_and_in_a_forked_child():
     """lema bench's RssAnon sampler reads /proc/<pid>/statm on a kept descriptor: the same bytes as
     /proc/self/status's RssAnon, and a forked child reads its own, not its parent's."""
-    from lema.bench import rss_anon
     from lema.host_memory import proc_bytes
+    from lema.measure import rss_anon
 
     kept = torch.ones(2**24)  # 64 MiB of anonymous pages
     assert abs(rss_anon() - proc_bytes("/proc/self/status", "RssAnon")) <= 2**20

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from lema.cli import main
-from lema.planner import (PlanError, head_work_bytes, layer_work_terms, pinned_slot_bytes, plan, plan_for_config,
-                          spread)
+from lema.plan_bytes import head_work_bytes, layer_work_terms
+from lema.plan_table import spread
+from lema.planner import PlanError, pinned_slot_bytes, plan, plan_for_config
 from tiny_models import make_config, save_tiny
 
 B, T = 2, 16
@@ -346,8 +347,8 @@ def test_gpu_zero_copy_plans_no_pinned_host_slots():
 
 
 def _seven_b(dtype="bfloat16"):
-    from lema.bench import shape_config
-    from lema.planner import model_facts
+    from lema.plan_bytes import model_facts
+    from lema.shapes import shape_config
 
     cfg = shape_config("llama-2-7b")
     return cfg, model_facts(cfg, dtype, 16)
@@ -357,7 +358,8 @@ def test_gpu_auto_resident_layers_share_the_room_by_the_step_time_each_saves():
     """On a GPU, resident_layers=None shares the room a budget leaves between resident and kept layers:
     resident first while streaming is what the step waits on, then kept layers; never over the budget less the
     allocator slack; never slower (in the plan's time model) than streaming every layer."""
-    from lema.planner import ALLOCATOR_SLACK, step_time_model
+    from lema.plan_time import step_time_model
+    from lema.planner import ALLOCATOR_SLACK
 
     cfg, facts = _seven_b()
     budget = 16 * 10**9
@@ -404,7 +406,7 @@ def test_auto_resident_layers_none_without_room_on_the_cpu_or_when_given():
 def test_split_room_takes_whichever_saves_more_time_per_byte():
     """Streaming-bound: resident layers first; compute-bound (zero-copy streams at the bus's rate and a long
     step computes for longer): kept layers first, resident layers only while they still save time."""
-    from lema.planner import split_room, step_time_model
+    from lema.plan_time import split_room, step_time_model
 
     cfg, facts = _seven_b()
     room = 6 * 2**30
@@ -421,7 +423,7 @@ def test_split_room_takes_whichever_saves_more_time_per_byte():
 def test_time_model_counts_the_offloaded_inputs_on_the_link():
     """With the boundary in host memory each recomputed layer's input crosses the bus out and back (HostOffload's
     stream), beside the weights: the 7B shape at b8 x 512 in bf16 moves 32 MiB per layer each way."""
-    from lema.planner import GPU_STREAM_BYTES_S, step_time_model
+    from lema.plan_time import GPU_STREAM_BYTES_S, step_time_model
 
     cfg, facts = _seven_b()
     plain = step_time_model(facts, 8, 512, 2, 0, 4, False)
@@ -455,8 +457,8 @@ def test_a_70b_model_plans_onto_a_16gb_card():
     """The mission's other size: the Llama-2-70B shape (68,976,648,192 parameters, the published count) in bf16
     streams through a 16 GB card at b1 x 512: a ring of 1.6 GiB slots, LoRA on every linear with AdamW and the
     activations fit the budget, and a host with less RAM than its 138 GB pages the layers (the pager's window)."""
-    from lema.bench import shape_config
-    from lema.planner import model_facts
+    from lema.plan_bytes import model_facts
+    from lema.shapes import shape_config
 
     cfg = shape_config("llama-2-70b")
     facts = model_facts(cfg, "bfloat16", 16)

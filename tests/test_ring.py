@@ -302,7 +302,7 @@ def test_resident_layers_are_spread_loaded_once_and_train_the_same(file_dtype, t
     """resident_layers=2 of 5: layers 1 and 3 (spread, not the first two) are loaded once at build and
     never by the ring; the ring streams the other three (its schedule skips the resident ones); losses
     and LoRA weights after AdamW equal those of the RESIDENT strategy."""
-    from lema.planner import spread
+    from lema.plan_table import spread
 
     path = tiny_dir("llama", num_layers=LAYERS, dtype=file_dtype)
     model = make_lema(path, num_buffers=2, resident_layers=2)

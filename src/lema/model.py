@@ -132,7 +132,7 @@ class LemaModel(nn.Module):
             # stacked from per-expert ones) would be a new allocation at every load; it goes through the slots
             views_ok = cpu and same_dtype and self._layers_stored_as_used() and config.zero_copy is not False
             zero_copy = self._zero_copy if views_ok else None
-            from .planner import spread
+            from .plan_table import spread
 
             # LemaConfig.resident_layers; as many as the layers or more: every one (the plan's auto split may ask so)
             resident_ids = spread(config.resident_layers, self.units.num_layers)
@@ -434,8 +434,8 @@ class LemaModel(nn.Module):
         (rows of `seq_len`, where known).
 
         LemaConfig.keep_activations, or (None) as many as fit the budget beside the step's planned peak
-        (planner.keepable_layers), spread through the stack."""
-        from .planner import spread
+        (planner.ActivationBudget.keepable_layers), spread through the stack."""
+        from .plan_table import spread
 
         L = self.units.num_layers
         if not self.streamed.recompute:

@@ -27,7 +27,8 @@ from .checkpointing import (CheckpointError, changed_settings, data_identity, li
                             newest_readable, save_checkpoint, set_aside)
 from .cli_errors import reason
 from .engine.skeleton import load_hf_config, model_positions
-from .planner import human, plan_for_config
+from .plan_table import human
+from .planner import plan_for_config
 from .store import weights_fingerprint
 from .trainer import NonFiniteStepError
 
@@ -315,7 +316,7 @@ def _diverged(args: TrainArgs, step: int, what: str, lr: float) -> str:
 
 
 def evaluate(model, dataset, batch_size: int, pad_id: int) -> float:
-    from .data import collate
+    from .batching import collate
 
     total, count = 0.0, 0
     with torch.no_grad():
@@ -333,7 +334,8 @@ def evaluate(model, dataset, batch_size: int, pad_id: int) -> float:
 def train(args: TrainArgs, out=sys.stdout) -> dict:
     """Run the recipe; returns a summary (steps, final loss, paths)."""
     from . import LemaConfig, LemaModel
-    from .data import BatchSampler, TokenizedDataset, collate, load_jsonl, load_tokenizer
+    from .batching import BatchSampler, collate
+    from .data import TokenizedDataset, load_jsonl, load_tokenizer
 
     # ---- setup: validate every input before anything is written --------------------------
     examples = load_jsonl(args.data)

@@ -13,7 +13,8 @@ PREDICTION_TOLERANCE = 0.10
 
 
 def add_arguments(parser) -> None:
-    from ..bench import CONTENDERS, SHAPES
+    from ..contenders import CONTENDERS
+    from ..shapes import SHAPES
 
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="FOLDER", help="a Transformers checkpoint folder with weights")
@@ -84,10 +85,12 @@ def run(args) -> int:
 
     import torch
 
-    from .. import bench
+    from .. import bench, contenders, measure, shapes
     from ..config import parse_dtype
     from ..config import LemaConfig, parse_bytes
-    from ..planner import model_facts, plan, plan_for_config
+    from ..plan_bytes import model_facts
+    from ..plan_table import human
+    from ..planner import plan, plan_for_config
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     for name in ("steps", "batch_size", "seq_len", "lora_rank", "threads"):
@@ -103,7 +106,7 @@ def run(args) -> int:
                          "use --device cpu")
     if args.shape:
         log(f"model: random weights of shape {args.shape} ({args.dtype}) ...")
-        folder = bench.build_shape(args.shape, args.cache_dir, dtype, log=log, device=args.device)
+        folder = shapes.build_shape(args.shape, args.cache_dir, dtype, log=log, device=args.device)
     else:
         from ..engine.skeleton import load_hf_config
 
@@ -119,18 +122,18 @@ def run(args) -> int:
         from ..host_memory import no_huge_pages_in_children
 
         no_huge_pages_in_children(weight_bytes)
-    names = args.contenders or (["streaming"] if big else list(bench.CONTENDERS))
+    names = args.contenders or (["streaming"] if big else list(contenders.CONTENDERS))
     if big and not args.contenders:
-        log(f"weights are {bench.human(weight_bytes)}, more than this machine's RAM allows resident: "
+        log(f"weights are {human(weight_bytes)}, more than this machine's RAM allows resident: "
             "running LEMA STREAMING only")
 
     # The ceiling: what reading the weights can deliver here (CPU: a sequential file read;
     # from the page cache when the model fits in RAM, from the disk when it does not).
     if cuda:
-        ceiling = bench.h2d_ceiling(torch.device("cuda"))
+        ceiling = measure.h2d_ceiling(torch.device("cuda"))
         ceiling_kind = "pinned host-to-device copy"
     else:
-        ceiling = bench.read_ceiling(files[0], cold=big)
+        ceiling = measure.read_ceiling(files[0], cold=big)
         ceiling_kind = "disk (cold sequential read)" if big else "page cache (warm sequential read)"
 
 
@@ -147,13 +150,15 @@ def run(args) -> int:
                                           zero_copy=args.zero_copy),
                                args.batch_size, args.seq_len, facts=facts, auto_resident=args.resident_layers is None)
     args.resident_layers = expected.resident_layers  # as `lema train` decides it (auto: the plan's split)
-    spec = bench.BenchSpec(model=folder, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
-                           lora_rank=args.lora_rank, targets=args.lora_target_modules, num_buffers=args.num_buffers,
-                           keep_activations=args.keep_activations, chunked_loss=args.chunked_loss,
-                           resident_layers=args.resident_layers, offload_activations=args.offload_activations,
-                           zero_copy=args.zero_copy, page_cache=None if args.page_cache == "auto" else args.page_cache,
-                           max_vram=args.max_vram, device=args.device,
-                           device_memory=parse_bytes(args.gpu_memory))
+    spec = contenders.BenchSpec(model=folder, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
+                                lora_rank=args.lora_rank, targets=args.lora_target_modules,
+                                num_buffers=args.num_buffers,
+                                keep_activations=args.keep_activations, chunked_loss=args.chunked_loss,
+                                resident_layers=args.resident_layers, offload_activations=args.offload_activations,
+                                zero_copy=args.zero_copy,
+                                page_cache=None if args.page_cache == "auto" else args.page_cache,
+                                max_vram=args.max_vram, device=args.device,
+                                device_memory=parse_bytes(args.gpu_memory))
     floor_names = bench.floor_probes(expected.kept_layers, expected.num_layers) if args.floor else []
     if args.exact_memory:  # read by glibc when each contender's process starts (spawn)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
@@ -168,7 +173,7 @@ def run(args) -> int:
         saved = torch.get_num_threads()
         torch.set_num_threads(args.threads or saved)
         try:
-            gemm_rates.append(bench.gemm_ceiling(args.device, dtype, repeats=3))
+            gemm_rates.append(measure.gemm_ceiling(args.device, dtype, repeats=3))
         finally:
             torch.set_num_threads(saved)
 
@@ -212,7 +217,7 @@ def run(args) -> int:
     ref = {k: results[k].median for k in ("peft", "resident") if k in results}
     out = {
         "date": __import__("datetime").date.today().isoformat(),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {bench.human(_mem_total())} RAM, "
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {human(_mem_total())} RAM, "
                    f"torch {torch.__version__}",
         "command": "lema " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None,
         "model": folder, "weights_bytes": weight_bytes, "dtype": args.dtype, "batch_size": args.batch_size,
@@ -236,7 +241,7 @@ def run(args) -> int:
         peak_run = r.peak_rss - r.baseline_rss
         gbps = r.bytes_per_step / r.median if r.median else 0.0
         # Transformers + PEFT recomputes every layer (gradient checkpointing); LEMA those it does not keep
-        flops = bench.step_flops(facts, dtype, args.batch_size, args.seq_len,
+        flops = measure.step_flops(facts, dtype, args.batch_size, args.seq_len,
                                  facts.L - r.info.get("kept_layers", 0) if n != "peft" else facts.L)
         out["contenders"][n] = {
             "label": r.label, "median_step_s": r.median, "step_times_s": r.times,
@@ -308,12 +313,12 @@ def run(args) -> int:
     else:
         print(format_table(out))
         for n, t in tables.items():
-            print(f"\nprofile, {bench.LABELS[n]} (self CPU time, top 15):\n{t}")
+            print(f"\nprofile, {contenders.LABELS[n]} (self CPU time, top 15):\n{t}")
     return 0
 
 
 def format_table(out: dict) -> str:
-    from ..bench import human
+    from ..plan_table import human
 
     gb = 1e9
     cuda = out.get("device") == "cuda"

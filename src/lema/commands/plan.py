@@ -9,7 +9,7 @@ EXAMPLE = "lema plan --shape llama-2-7b --max-vram 16GB --batch-size 8 --seq-len
 
 
 def add_arguments(parser) -> None:
-    from ..bench import SHAPES
+    from ..shapes import SHAPES
 
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="FOLDER", help="a Transformers checkpoint folder (only config.json is read)")
@@ -51,7 +51,7 @@ def run(args) -> int:
     from ..planner import plan
 
     if args.shape:
-        from ..bench import shape_config
+        from ..shapes import shape_config
 
         model = shape_config(args.shape)
     else:

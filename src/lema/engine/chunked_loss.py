@@ -30,7 +30,7 @@ from .skeleton import text_config
 IGNORE = -100
 CHUNK_BYTES = 64 * 2**20
 """Float32 logits of one chunk; the chunk's working set is twice this (the logits and logsumexp's
-shifted copy; planner.chunked_head_work_bytes)."""
+shifted copy; plan_bytes.chunked_head_work_bytes)."""
 
 
 def chunk_rows(vocab: int, chunk_bytes: Optional[int] = None) -> int:

@@ -1,0 +1,193 @@
+"""The planner's byte arithmetic: what one decoder layer's recompute and backward, the head and the loss
+hold in one step (`layer_work_terms`, `head_work_bytes`, `chunked_head_work_bytes`; the formulas in planner.py's
+docstring), and the model's own sizes they start from (`ModelFacts`, measured by `model_facts` on the meta
+skeleton with PEFT's LoRA in it; no weight is read).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # for annotations; the functions import torch themselves
+    import torch
+
+ALIGN = 64  # stream/layout.py pads each tensor of an unpacked slot to this many bytes
+
+
+def largest_layer_bytes(unit_bytes: dict[str, int]) -> int:
+    """The largest decoder layer's weight bytes."""
+    return max((b for u, b in unit_bytes.items() if u.startswith("layer.")), default=0)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _text_config(hf_config):
+    from .engine.skeleton import text_config  # imported here: the planner's module loads without torch's models
+
+    return text_config(hf_config)
+
+
+# An MLP without a gate (fc -> act -> proj): per token, the I-wide tensors it saves: the activation's input and
+# output (F.gelu, silu); ReLU keeps its output alone; gelu_new (GPT-2's) is five ops saving three more
+UNGATED_MLP_SAVED = {"relu": 1, "gelu_new": 5, "quick_gelu": 3}
+
+
+def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
+                     lora_in_features: Optional[int] = None, seq_len: Optional[int] = None,
+                     device_type: str = "cuda", mlp_gated: bool = True,
+                     experts_adapted: bool = False, mlp_adapted: bool = True) -> dict[str, int]:
+    """Bytes of one layer's recompute + backward working set, term by term (see planner.py's module docstring).
+    `lora_in_features`: the adapted linears' input widths, summed over one layer (default: Llama's seven,
+    6 H + I). `mlp_gated` False: an MLP without a gate projection (GPT-2's fc -> act -> proj). `seq_len` and
+    `device_type`: where attention has dropout, the CPU's SDPA saves the T x T probabilities (its math path)."""
+    c = _text_config(hf_config)
+    H = c.hidden_size
+    nh = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
+    nkv = getattr(c, "num_key_value_heads", None) or nh
+    d = getattr(c, "head_dim", None) or H // nh
+    I = (getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or getattr(c, "ffn_dim", None)
+         or 4 * H)
+    k = getattr(c, "num_experts_per_tok", None)
+    if k:  # MoE: the routed experts' intermediates
+        I *= k
+    f32 = 4
+    cast = s != f32  # PEFT casts each adapted linear's input to the adapters' float32: a copy per linear
+    lora_in = lora_in_features if lora_in_features is not None else 6 * H + I
+    if k and not experts_adapted:
+        # frozen experts save no input for a weight gradient: each routed copy keeps its gate_up output, the
+        # activation's output and its down output (scaled by the routing weight)
+        mlp = 3 + k * H / I
+    elif mlp_gated:
+        mlp = 3 if cast else 4
+    else:
+        act = getattr(c, "hidden_act", None) or getattr(c, "activation_function", None)
+        mlp = UNGATED_MLP_SAVED.get(act, 2) - (1 if cast and act != "relu" else 0)
+    dropout = getattr(c, "attn_pdrop", None) or getattr(c, "attention_dropout", None) or 0.0
+    math_path = device_type == "cpu" and dropout > 0 and seq_len is not None  # no fused CPU kernel with dropout
+    terms = {
+        "norms": a * (H * f32 * (2 if cast else 1) + 2 * f32),
+        "attention in": a * (f32 if math_path else s) * (nh * d + 2 * nkv * d),
+        "attention out": a * (s * nh * d + nh * f32),
+        "mlp": int(a * s * I * mlp),
+        "lora": a * (n_targets * lora_rank * f32 + (lora_in * f32 if cast else (2 if mlp_adapted else 1) * H * s)),
+        "backward": a * s * (2 * H + 3 * I + (2 * nh * seq_len if math_path else 0)),
+    }
+    if math_path:  # the probabilities, their dropped copy and the bmm's input: B x nh x T x T each, and like
+        # q, k, v in float32 (the CPU's math path upcasts bf16/fp16)
+        terms["attention probs"] = 3 * a * nh * seq_len * f32
+    resid = getattr(c, "resid_pdrop", None) or getattr(c, "hidden_dropout", None) or getattr(c, "dropout", None)
+    if isinstance(resid, float) and resid > 0:
+        # dropout on each sublayer's output (GPT-2's and OPT's two): the CPU keeps a mask in the dtype, CUDA bytes
+        terms["dropout masks"] = 2 * a * H * (s if device_type == "cpu" else 1)
+    return terms
+
+
+def head_work_bytes(a: int, V: int, s: int) -> int:
+    """Transformers' head + loss over the full logits (see planner.py's module docstring)."""
+    extra = a * V * (4 + s) if s != 4 else 0
+    return a * V * (s + 12) + extra
+
+
+def chunked_head_work_bytes(a: int, V: int, H: int, s: int, rows: int, softcap: bool = False) -> int:
+    """engine/chunked_loss.py: one chunk of `rows` tokens' float32 logits and logsumexp's shifted copy of
+    them (the compute-dtype matmul output, when s != 4, is freed by then; soft-capping adds ~3 float32
+    temporaries), and the hidden states' gradient (a x H x s) with its scaled copy in backward."""
+    r = min(a, rows)
+    per_row = V * 2 * 4 + (3 * V * 4 if softcap else 0) + H * s
+    return r * per_row + 2 * a * H * s
+
+
+@dataclass
+class ModelFacts:
+    """What the plan needs from the model itself: sizes from the meta skeleton with PEFT's LoRA in it."""
+
+    hf_config: object
+    model_type: str
+    unit_bytes: dict[str, int]
+    slot_bytes: int
+    lora_params: int
+    n_targets: int      # adapted linears per decoder layer
+    lora_in_features: int  # their input widths, summed
+    L: int
+    V: int
+    H: int
+    chunk_ok: bool      # the chunked loss reproduces this model's head (engine/chunked_loss.py)
+    softcap: bool
+    embed_untied_bytes: int = 0  # the embedding unit's bytes not shared with the head (a CPU view can serve them)
+    mlp_gated: bool = True  # the decoder layer's MLP has a gate projection (Llama's); GPT-2's has none
+    experts_adapted: bool = False  # MoE: LoRA on the experts (by default only attention is adapted)
+    mlp_adapted: bool = True  # LoRA on some linear outside attention (the MLP's), whose input it then keeps
+    layers_as_stored: bool = True  # the folder's layer tensors are the model's, none built on load from several
+    file_dtype: Optional[torch.dtype] = None  # the folder's first floating tensor's dtype (None: a config, no file)
+
+    @property
+    def layer_bytes(self) -> int:
+        return largest_layer_bytes(self.unit_bytes)
+
+
+def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = None) -> ModelFacts:
+    """Build the meta skeleton of `model` (config or folder), inject PEFT's LoRA, and measure it (~1 s for 7B)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .config import parse_dtype
+    from .engine.chunked_loss import final_softcap, fused_head_supported
+    from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets, default_lora_targets,
+                                  find_decoder_layers, load_hf_config, parameter_aliases, unit_map)
+
+    dtype = parse_dtype(dtype)
+    hf_config = load_hf_config(model) if isinstance(model, str) else model
+    base = build_meta_model(hf_config, dtype)
+    units = unit_map(base)
+    params = dict(base.named_parameters())
+    s = dtype.itemsize
+    unit_bytes = {u: sum(params[n].numel() for n in names) * s for u, names in units.units.items()}
+    aliases = parameter_aliases(base)
+    file_dtype, layers_as_stored = None, True
+    if isinstance(model, str):  # Mixtral's experts, stacked from per-expert tensors at each load, are not views
+        file_dtype, layers_as_stored = _folder_facts(model, base, [n for u, names in units.units.items()
+                                                                   if u not in (EMBED, HEAD) for n in names])
+    embed_untied = sum(params[n].numel() for n in units.units[EMBED] if len(aliases[id(params[n])]) == 1) * s
+    slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
+                      for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
+    base.requires_grad_(False)  # as LemaModel: only LoRA trains, the head is frozen
+    chunk_ok = fused_head_supported(base) is None
+    prefix, layers = find_decoder_layers(base)
+    mlp_gated = any("gate" in n for n, _ in layers[0].named_parameters()) if len(layers) else True
+    targets = list(targets or default_lora_targets(layers))
+    check_lora_targets(base, prefix, targets)  # as LemaModel: a target outside the decoder layers is refused
+    peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
+    lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
+    first = [p for n, p in peft_model.named_parameters() if ".lora_A." in n and f"{prefix}.0." in n]
+    n_targets, lora_in_features = len(first), sum(p.shape[-1] for p in first)
+    adapted = [n for n, _ in peft_model.named_parameters() if ".lora_" in n and f"{prefix}.0." in n]
+    experts_adapted = any("expert" in n for n in adapted)
+    mlp_adapted = any(not re.search(r"\.(self_attn|attn|attention)\.", n) for n in adapted)
+    c = _text_config(hf_config)
+    return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, lora_in_features,
+                      units.num_layers,
+                      c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied,
+                      mlp_gated, experts_adapted, mlp_adapted, layers_as_stored, file_dtype)
+
+
+def _folder_facts(folder: str, meta_model, layer_names: list[str]) -> tuple[Optional[torch.dtype], bool]:
+    """From the folder's weights-file headers (one read): the dtype of its first floating tensor, and whether
+    every layer parameter of `meta_model` is one tensor of the file (LemaModel serves only those as views of the
+    mmap on the CPU). (None, True) where the folder cannot be read: the model says why when it loads."""
+    try:
+        from .store import WeightStore
+        from .store.keymap import map_checkpoint
+
+        store = WeightStore(folder)
+        try:
+            file_dtype = next((e.dtype for e in map(store.entry, store.keys()) if e.dtype.is_floating_point), None)
+            sources, _ = map_checkpoint(meta_model, store)
+        finally:
+            store.close()
+    except Exception:
+        return None, True
+    return file_dtype, all(sources[n].key is not None for n in layer_names if n in sources)
