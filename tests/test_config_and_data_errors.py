@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from lema import LemaConfig, LemaModel
 from lema.data import DataError, TokenizedDataset, load_jsonl
 from lema.store import WeightsFileError
 from test_engine_errors import build, copy_model, edit_config, raises
@@ -149,6 +150,42 @@ def test_tensors_transformers_ignores_on_load_are_accepted(arch, key, tensor, ti
     path = copy_model(tiny_dir(arch), tmp_path / "m")
     add_tensors(path, **{key: tensor})
     build(path)
+    from lema.convert import convert
+
+    build(convert(path, str(tmp_path / "packed"), progress=False))  # converted without them, no warning
+
+
+def test_convert_and_merge_refuse_a_config_with_fewer_layers_than_the_weights(tiny_dir, tmp_path, capsys):
+    """They used to warn and write a 2-layer model out of the 3-layer weights; now they refuse as `lema train` does."""
+    from lema.cli import main
+    from lema.convert import convert
+
+    path = copy_model(tiny_dir("llama"), tmp_path / "m")
+    adapter = str(tmp_path / "adapter")
+    with LemaModel(LemaConfig(model_name_or_path=path, lora_rank=4)) as model:
+        model.save_adapter(adapter)
+    edit_config(path, num_hidden_layers=2)
+    with raises(WeightsFileError, os.path.join(path, "model.safetensors"), "model.layers.2.",
+                "the file has 3 decoder layers but config.json's num_hidden_layers is 2"):
+        convert(path, str(tmp_path / "packed"), progress=False)
+    assert main(["merge", "--model", path, "--adapter", adapter, "--output", str(tmp_path / "merged")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lema merge: error: ") and "set num_hidden_layers to 3" in err
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "m"]  # nothing written, no temporary folder left
+
+
+def test_convert_refuses_a_bin_checkpoint_holding_another_models_tensor(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from lema.convert import convert
+
+    legacy = copy_model(tiny_dir("llama"), tmp_path / "legacy")
+    weights = os.path.join(legacy, "model.safetensors")
+    state = load_file(weights)
+    os.remove(weights)
+    torch.save({**state, "vision_tower.proj.weight": torch.zeros(2, 2)}, os.path.join(legacy, "pytorch_model.bin"))
+    with raises(WeightsFileError, repr(legacy), "['vision_tower.proj.weight']", "another model"):
+        convert(legacy, str(tmp_path / "packed"), progress=False)
 
 
 # ------------------------------------------------------------------------ nothing to train on

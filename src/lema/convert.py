@@ -41,7 +41,7 @@ import struct
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -49,6 +49,9 @@ from .config import parse_dtype
 from .store import PACKED_FORMAT, WeightStore
 from .store.safetensors_file import DTYPE_NAMES
 from .stream.layout import Placement
+
+if TYPE_CHECKING:
+    from .engine.skeleton import UnitMap
 
 ALIGN = 4096          # the data section starts on a page boundary
 MARGIN = 16 * 2**20   # bytes of headroom asked for beyond the weights (config, tokenizer, header)
@@ -284,7 +287,8 @@ def convert(src: str, out: str, dtype: str = "float32", overwrite: bool = False,
         hf_config = load_hf_config(source.folder)
     use_cache = getattr(hf_config, "use_cache", True)  # the meta model turns it off; OUT keeps the source's
     model = build_meta_model(hf_config, torch_dtype)
-    units = unit_map(model).units
+    unit_info = unit_map(model)
+    units = unit_info.units
     planned, ranges = plan_tensors(units, model, torch_dtype)
     weight_bytes = sum(p.nbytes for p in planned)
     staging_bytes = sum(p.numel() * 4 for p in model.parameters()) if source.kind == "gguf" else 0
@@ -311,7 +315,7 @@ def convert(src: str, out: str, dtype: str = "float32", overwrite: bool = False,
             store = BinStore(source.folder)
         else:
             store = WeightStore(source.folder)
-        read = map_sources(model, store, units, source)
+        read = map_sources(model, store, unit_info, source)
         if transform is not None:
             read = _transformed(read, transform)
         header = packed_header(planned, ranges, {"lema.dtype": str(torch_dtype).replace("torch.", ""),
@@ -344,15 +348,20 @@ def _transformed(read, transform):
     return lambda name: transform(name, read(name))
 
 
-def map_sources(model, store, units: dict[str, list[str]], source: Source):
-    """name -> source tensor reader, after checking every parameter of every unit has a source."""
-    from .store.keymap import map_checkpoint, reader_for
+def map_sources(model, store, units: UnitMap, source: Source):
+    """name -> source tensor reader, after checking every parameter of every unit has a source, and that every
+    tensor of a checkpoint folder has a place in the model (as `lema train` checks it: a config.json with fewer
+    layers than the weights would otherwise convert, or merge, into a smaller model)."""
+    from .store.keymap import check_unused, map_checkpoint, reader_for
 
     sources, unexpected = map_checkpoint(model, store)
-    if unexpected:  # e.g. rotary inv_freq buffers of old checkpoints; Transformers drops them too
+    if source.kind != "gguf":  # refused but those Transformers drops on load too (old rotary inv_freq buffers)
+        check_unused(model, store, unexpected, units.layers_prefix, units.num_layers,
+                     where=source.folder if source.kind == "bin" else None)
+    elif unexpected:  # the GGUF's tensors staged under the names Transformers' reader gave them
         warnings.warn(f"{source.name!r}: {len(unexpected)} tensor(s) have no place in {type(model).__name__} "
                       f"and are not written, e.g. {unexpected[:3]}")
-    missing = [n for names in units.values() for n in names if n not in sources]
+    missing = [n for names in units.units.values() for n in names if n not in sources]
     if missing:
         raise ConvertError(f"{source.name!r}: the weights lack {len(missing)} tensor(s) that "
                            f"{type(model).__name__} needs, e.g. {missing[:3]}; the weights do not match "

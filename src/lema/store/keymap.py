@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -96,14 +96,16 @@ def ignored_on_load(model) -> "re.Pattern | None":
     return re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
 
 
-def check_unused(model, store: WeightStore, unexpected: list[str], layers_prefix: str, num_layers: int) -> None:
+def check_unused(model, store, unexpected: list[str], layers_prefix: str, num_layers: int,
+                 where: Optional[str] = None) -> None:
     """Refuse file tensors the model does not use (but those Transformers ignores too): a config.json with fewer
-    layers than the file, or the weights of another model, would otherwise run as a smaller model, silently."""
+    layers than the file, or the weights of another model, would otherwise run (or be converted, or merged) as a
+    smaller model, silently. `where` names the weights where `store` has no `file_of` (convert's `.bin` store)."""
     ignored = ignored_on_load(model)
     unused = [k for k in unexpected if ignored is None or ignored.search(k) is None]
     if not unused:
         return
-    where = store.file_of(unused[0]).path
+    where = where or store.file_of(unused[0]).path
     said = (f"{where!r} holds {len(unused)} tensor(s) that {type(model).__name__}, as config.json describes it, "
             f"does not use, e.g. {unused[:3]}")
     # the file's decoder layers: keys `<...>.layers.N.` (the last part of the layer list's name, e.g. GPT-2's `h`)
