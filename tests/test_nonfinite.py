@@ -122,13 +122,37 @@ def test_a_non_finite_gradient_stops_the_run_and_keeps_the_finite_checkpoints(ti
     assert err.startswith("lema train: error: step 4 (lr ") and ": the gradient norm is inf (loss " in err
     assert f"the checkpoints are kept, the newest {out / 'checkpoint-3'} (step 3)" in err
     assert "lower --lr (now 0.01), set --max-grad-norm (e.g. 1.0; clipping is off)" in err and "--resume" in err
-    assert checkpoints(out) == ["checkpoint-2", "checkpoint-3"]  # 3 is finite and rotated 1 out; no 4
+    # 3 is finite; 1, which its rotation would remove, stays until a step from 3's weights has been applied; no 4
+    assert checkpoints(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert adapter_bytes(out) == finished  # the final adapter is the finished run's, not overwritten
     from safetensors.torch import load_file
 
     saved = load_file(os.path.join(out, "checkpoint-3", "adapter", "adapter_model.safetensors"))
     assert all(t.isfinite().all() for t in saved.values())
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]  # no line for step 4
+
+
+def test_a_collapsed_run_stops_and_sets_its_dead_checkpoint_aside(tiny_model, data, tmp_path, capsys):
+    """--lr 1000 on the tiny model: step 2's update saturates it (the loss goes to ln(96) = 4.564, a flat guess
+    over the vocabulary, and stays there, finite), so step 3's gradient is exactly 0. The run stops there with one
+    line; checkpoint-2, saved from the dead weights, is set aside, and checkpoint-1 is still there although
+    --save-total-limit is 1 (pruned only once a later checkpoint's weights have run an applied step), so --resume
+    with a sane rate goes on from it."""
+    out = tmp_path / "out"
+    rc = main(["train", *flags(args(tiny_model, data, out, steps=6, lr=1000, save_total_limit=1))])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("lema train: error: step 3 (lr ") and \
+        ": the gradient norm is 0 with a loss of 4.564: no LoRA weight changes the loss any more" in err
+    assert (f"{out / 'checkpoint-2'} holds those weights: moved to {out / 'collapsed-checkpoint-2'}; the checkpoints "
+            f"are kept, the newest {out / 'checkpoint-1'} (step 1); lower --lr (now 1000), then run again with "
+            "--resume") in err
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "collapsed-checkpoint-2", "log.jsonl"]
+    rc = main(["train", *flags(args(tiny_model, data, out, steps=3, lr=1e-2, save_total_limit=1, resume=True))])
+    assert rc == 0
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3] and log[-1]["grad_norm"] > 0 and abs(log[-1]["loss"] - math.log(96)) > 0.1
+    assert checkpoints(out) == ["checkpoint-3"]  # the finished run prunes to the limit
 
 
 def test_a_nan_loss_at_the_first_step_saves_nothing(nan_model, data, tmp_path, capsys):
@@ -174,6 +198,27 @@ def test_the_trainer_does_not_apply_a_step_with_a_non_finite_gradient(tiny_model
         model.close()
 
 
+def test_the_trainer_does_not_apply_a_step_whose_gradient_is_zero_with_a_positive_loss(tiny_model):
+    """LoRA weights all 0 (A and B): nothing reaches the loss, whose value is positive; the step is refused like a
+    non-finite one (AdamW would otherwise still move the weights by its momentum and weight decay)."""
+    from lema import LemaConfig, LemaModel
+    from lema.trainer import CollapsedStepError, DivergedStepError
+
+    with LemaModel(LemaConfig(model_name_or_path=tiny_model, lora_rank=4, lora_alpha=8)) as model:
+        params = model.get_trainable_parameters()
+        with torch.no_grad():
+            for p in params:
+                p.zero_()
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        trainer = model.get_trainer(optimizer)
+        ids = torch.randint(2, len(WORDS), (2, 12), generator=torch.Generator().manual_seed(0))
+        with pytest.raises(CollapsedStepError, match=r"^the gradient norm is 0 with a loss of \d") as info:
+            trainer.train_step(ids)
+        assert isinstance(info.value, DivergedStepError) and info.value.loss > 0 and info.value.grad_norm == 0
+        assert not trainer.last_step_applied and not optimizer.state and all(p.grad is None for p in params)
+        assert all(not p.any() for p in params)
+
+
 FLOATS = [name for name, kind in typing.get_type_hints(TrainArgs).items() if float in (kind, *typing.get_args(kind))]
 
 
@@ -187,6 +232,8 @@ def test_every_non_finite_float_setting_is_refused_with_its_flag(tmp_path, field
 
 @pytest.mark.parametrize("argv, message", [
     (["--lr", "nan"], "--lr=nan must be a finite number"),
+    (["--lr", "4e37"], r"--lr=4e\+37 is past what AdamW can step in float32 \(its first step scales by lr / \(1 - "
+                       r"0.9\) = 4e\+38, above 3.4e\+38\); LoRA trains at about 1e-4"),
     (["--epochs", "inf"], "--epochs=inf must be a finite number"),
     (["--lora-dropout", "1"], "--lora-dropout=1.0 must be >= 0 and < 1"),
 ])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lema.checkpointing import (CheckpointError, CheckpointUnreadable, list_checkpoints, load_checkpoint,
-                                newest_readable, save_checkpoint, set_aside)
+                                newest_readable, prune_checkpoints, save_checkpoint, set_aside)
 from lema.cli import build_parser
 from lema.commands.train import args_from_namespace
 from lema.training import TrainArgs, _truncate_log, lock_output, lr_lambda, resume_schedule, unlock_output
@@ -98,7 +98,7 @@ def test_a_failed_save_removes_its_folder_and_names_the_intact_checkpoint(tmp_pa
     opt, sched = _optimizer()
     model = types.SimpleNamespace(peft_model=_FailingAdapter())
     with pytest.raises(CheckpointError, match=r"could not write checkpoint-4 .*No space left.*checkpoint-2 is intact"):
-        save_checkpoint(str(tmp_path), 4, model, opt, sched, {}, {}, total_limit=1)
+        save_checkpoint(str(tmp_path), 4, model, opt, sched, {}, {})
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]  # no half-written folder, the old one kept
     assert list_checkpoints(str(tmp_path)) == [(2, str(intact))]
 
@@ -259,7 +259,7 @@ class _Adapter:
 def _saved(tmp_path, step=3):
     opt, sched = _optimizer()
     sampler = {"epoch": 0, "position": step}
-    return save_checkpoint(str(tmp_path), step, _Adapter(), opt, sched, sampler, {"model": "/m"}, total_limit=None)
+    return save_checkpoint(str(tmp_path), step, _Adapter(), opt, sched, sampler, {"model": "/m"})
 
 
 @pytest.mark.parametrize("damage", ["optimizer.pt", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
@@ -324,13 +324,15 @@ def test_pruning_moves_a_checkpoint_out_of_the_listing_before_deleting_it(tmp_pa
     monkeypatch.setattr(checkpointing.shutil, "rmtree", lambda path, **kw: None)  # killed before deleting a byte
     for step in (1, 2):
         opt, sched = _optimizer()
-        save_checkpoint(str(tmp_path), step, _Adapter(), opt, sched, {"epoch": 0, "position": step}, {}, total_limit=1)
+        save_checkpoint(str(tmp_path), step, _Adapter(), opt, sched, {"epoch": 0, "position": step}, {})
+        prune_checkpoints(str(tmp_path), 1)
     pruned, kept = sorted(os.listdir(tmp_path))
     assert kept == "checkpoint-2" and pruned.startswith(".tmp-pruned-")
     assert sorted(os.listdir(tmp_path / pruned / "folder")) == sorted(os.listdir(tmp_path / kept))  # checkpoint-1
     monkeypatch.setattr(checkpointing.shutil, "rmtree", real_rmtree)
     opt, sched = _optimizer()
-    save_checkpoint(str(tmp_path), 3, _Adapter(), opt, sched, {"epoch": 0, "position": 3}, {}, total_limit=1)
+    save_checkpoint(str(tmp_path), 3, _Adapter(), opt, sched, {"epoch": 0, "position": 3}, {})
+    prune_checkpoints(str(tmp_path), 1)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-3"]
 
 

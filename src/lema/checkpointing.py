@@ -75,7 +75,7 @@ def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
 
 
 def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, sampler_state: dict,
-                    run_identity: dict, total_limit: Optional[int]) -> str:
+                    run_identity: dict) -> str:
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # leftovers of a run killed mid-save
         if name.startswith(".tmp-"):  # a checkpoint's, or an old one set aside by replace_folder
@@ -103,14 +103,21 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, sample
         raise CheckpointError(f"could not write checkpoint-{step} in {out_dir!r} ({reason(e)}); "
                               + (f"{intact[-1][1]} is intact" if intact else "no earlier checkpoint exists")
                               + ": free disk space and continue with --resume") from None
-    if total_limit is not None and total_limit > 0:
-        for _, old in list_checkpoints(out_dir)[:-total_limit]:
-            # renamed out of the listing first: a kill mid-delete leaves a `.tmp-` folder the next save removes,
-            # not a `checkpoint-STEP` without its trainer_state.json that nothing would list or prune again
-            doomed = make_temp_folder(out_dir, ".tmp-pruned-")
-            os.replace(old, os.path.join(doomed, "folder"))
-            shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def prune_checkpoints(out_dir: str, total_limit: Optional[int]) -> None:
+    """Delete all but the newest `total_limit` checkpoints (None or 0: keep all). `lema train` calls it once the
+    step after a save has been applied, not at the save: a run that diverges at that step (its weights collapsed)
+    still has the older checkpoint to go back to."""
+    if total_limit is None or total_limit <= 0:
+        return
+    for _, old in list_checkpoints(out_dir)[:-total_limit]:
+        # renamed out of the listing first: a kill mid-delete leaves a `.tmp-` folder the next save removes,
+        # not a `checkpoint-STEP` without its trainer_state.json that nothing would list or prune again
+        doomed = make_temp_folder(out_dir, ".tmp-pruned-")
+        os.replace(old, os.path.join(doomed, "folder"))
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _sha256(path: str) -> str:
@@ -264,13 +271,13 @@ def newest_readable(checkpoints: list[tuple[int, str]], load) -> tuple[str, dict
                           + "; start a new run with another --output (these folders are left as they are)")
 
 
-def set_aside(path: str) -> str:
-    """Rename a damaged checkpoint `checkpoint-STEP` to `damaged-checkpoint-STEP` (or `...-2`, ...): kept for
-    inspection, no longer listed, resumed or pruned."""
+def set_aside(path: str, why: str = "damaged") -> str:
+    """Rename a damaged checkpoint `checkpoint-STEP` to `damaged-checkpoint-STEP` (or `...-2`, ...; `why` names
+    another reason, e.g. `collapsed-checkpoint-STEP`): kept for inspection, no longer listed, resumed or pruned."""
     folder, name = os.path.split(path)
-    target, n = os.path.join(folder, "damaged-" + name), 1
+    target, n = os.path.join(folder, f"{why}-{name}"), 1
     while os.path.exists(target):
         n += 1
-        target = os.path.join(folder, f"damaged-{name}-{n}")
+        target = os.path.join(folder, f"{why}-{name}-{n}")
     os.rename(path, target)
     return target

@@ -8,15 +8,34 @@ from typing import Optional
 import torch
 
 
-class NonFiniteStepError(FloatingPointError):
-    """An optimizer step whose loss or gradient norm is not finite: it was not applied (weights and optimizer
-    state are as before it) and its gradients were dropped. `loss` and `grad_norm` are the step's values."""
+class DivergedStepError(FloatingPointError):
+    """An optimizer step that was not applied because the run has diverged (weights and optimizer state are as
+    before it; its gradients were dropped). `loss` and `grad_norm` are the step's values."""
+
+    def __init__(self, message: str, loss: float, grad_norm: float):
+        self.loss, self.grad_norm = loss, grad_norm
+        super().__init__(message)
+
+
+class NonFiniteStepError(DivergedStepError):
+    """A step whose loss or gradient norm is not finite (inf or NaN)."""
 
     def __init__(self, loss: float, grad_norm: float):
-        self.loss, self.grad_norm = loss, grad_norm
         values = (("loss", loss), ("gradient norm", grad_norm))
         bad = " and ".join(f"the {name} is {value}" for name, value in values if not math.isfinite(value))
-        super().__init__(bad + "".join(f" ({name} {value:.4g})" for name, value in values if math.isfinite(value)))
+        super().__init__(bad + "".join(f" ({name} {value:.4g})" for name, value in values if math.isfinite(value)),
+                         loss, grad_norm)
+
+
+class CollapsedStepError(DivergedStepError):
+    """A step whose gradient norm is exactly 0 while its loss is not: no LoRA weight reaches the loss any more.
+    With float32 logits a positive loss means a non-zero gradient at the logits, so a zero one at the adapters is
+    a model saturated by its adapters (e.g. a learning rate far too high: the outputs go flat, the loss to about
+    ln(vocabulary size), and stay there), not one that has learned its data (a loss of 0)."""
+
+    def __init__(self, loss: float):
+        super().__init__(f"the gradient norm is 0 with a loss of {loss:.4g}: no LoRA weight changes the loss any more "
+                         "(the weights it ran with have collapsed)", loss, 0.0)
 
 
 class LemaTrainer:
@@ -32,7 +51,8 @@ class LemaTrainer:
     loss (a detached scalar); `last_step_applied` says whether this call stepped the optimizer and
     `last_grad_norm` is the gradients' global norm of the last optimizer step (before clipping).
     A step whose loss (the weighted sum over its micro-batches) or gradient norm is not finite is not
-    applied: its gradients are dropped and the call raises `NonFiniteStepError`. A micro-batch without a
+    applied: its gradients are dropped and the call raises `NonFiniteStepError`; nor is one whose gradient norm is
+    exactly 0 with a positive loss (`CollapsedStepError`); both are `DivergedStepError`s. A micro-batch without a
     target (labels on the CPU, all -100 past the first position) contributes nothing; its returned loss is
     the model's NaN, and a step of such micro-batches only is not applied.
     A call runs in train mode (dropout on) and leaves the model in the mode it found it in, so an
@@ -121,6 +141,10 @@ class LemaTrainer:
             self.optimizer.zero_grad(set_to_none=True)  # not applied: the weights and AdamW's moments stay finite
             self.last_step_applied = False
             raise NonFiniteStepError(loss, self.last_grad_norm)
+        if self.last_grad_norm == 0.0 and loss > 0.0:  # AdamW would still move the weights by its old momentum
+            self.optimizer.zero_grad(set_to_none=True)
+            self.last_step_applied = False
+            raise CollapsedStepError(loss)
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm.float())
         self.optimizer.step()

@@ -24,13 +24,13 @@ from typing import Optional
 import torch
 
 from .checkpointing import (CheckpointError, changed_settings, data_identity, list_checkpoints, load_checkpoint,
-                            newest_readable, save_checkpoint, set_aside)
+                            newest_readable, prune_checkpoints, save_checkpoint, set_aside)
 from .cli_errors import reason
 from .engine.skeleton import load_hf_config, model_positions
 from .plan_table import human
 from .planner import plan_for_config
 from .store import weights_fingerprint
-from .trainer import NonFiniteStepError
+from .trainer import CollapsedStepError, DivergedStepError
 
 
 @dataclass
@@ -147,6 +147,10 @@ class TrainArgs:
             raise ValueError(f"--schedule={self.schedule!r}: use cosine, linear or constant")
         if self.lr <= 0:
             raise ValueError(f"--lr={self.lr} must be > 0")
+        if self.lr / (1 - 0.9) > torch.finfo(torch.float32).max:  # AdamW's first step: lr / (1 - beta1)
+            raise ValueError(f"--lr={self.lr:g} is past what AdamW can step in float32 (its first step scales by "
+                             f"lr / (1 - 0.9) = {self.lr / 0.1:.3g}, above {torch.finfo(torch.float32).max:.3g}); "
+                             "LoRA trains at about 1e-4")
         if not self.max_grad_norm:
             self.max_grad_norm = None
         if self.device == "auto":
@@ -299,20 +303,28 @@ class _Interrupt:
         signal.signal(signal.SIGTERM, self._old_term)
 
 
-def _diverged(args: TrainArgs, step: int, what: str, lr: float) -> str:
-    """The error of a run stopped at a non-finite step: which step and value, the checkpoint to go on from. Every
+def _diverged(args: TrainArgs, step: int, error: DivergedStepError, lr: float) -> str:
+    """The error of a run stopped at a diverged step: which step and value, the checkpoint to go on from. Every
     checkpoint saved came after steps of finite loss and gradients, so its weights are finite: AdamW moves a weight
-    by about the learning rate a step: only a rate near float32's limit (where torch's AdamW fails) overflows one."""
+    by about the learning rate a step: only a rate near float32's limit (where torch's AdamW fails) overflows one.
+    A collapsed step (a zero gradient) says the weights it ran with are dead: a checkpoint of them, saved after
+    the step before, is set aside as `collapsed-checkpoint-STEP`, so that --resume takes the one before it."""
     kept = list_checkpoints(args.output)
-    where = (f"the checkpoints are kept, the newest {kept[-1][1]} (step {kept[-1][0]})" if kept else
-             "no checkpoint was saved before it")
-    fixes = [f"lower --lr (now {args.lr:g})"] + (["set --max-grad-norm (e.g. 1.0; clipping is off)"]
-                                                 if args.max_grad_norm is None else [])
+    collapsed = isinstance(error, CollapsedStepError)
+    moved = ""
+    if collapsed and kept and kept[-1][0] == step - 1:
+        moved = f"{kept[-1][1]} holds those weights: moved to {set_aside(kept[-1][1], 'collapsed')}; "
+        kept = kept[:-1]
+    where = moved + (f"the checkpoints are kept, the newest {kept[-1][1]} (step {kept[-1][0]})" if kept else
+                     f"no {'older ' if moved else ''}checkpoint was saved before it")
+    fixes = f"lower --lr (now {args.lr:g})"
+    if not collapsed:  # a collapse comes from the steps' size; a non-finite value may come from the inputs too
+        fixes += (", set --max-grad-norm (e.g. 1.0; clipping is off)" if args.max_grad_norm is None else "") + \
+            " or check the data and the model's weights"
     then = ("run again with --resume (changed settings apply from its step on; if the same step fails again, the "
             "checkpoint's weights have diverged already: move it away to resume from an older one)" if kept else
             "run again")
-    return (f"step {step} (lr {lr:.3g}): {what}; stopped without saving it: {where}; {', '.join(fixes)} or "
-            f"check the data and the model's weights, then {then}")
+    return f"step {step} (lr {lr:.3g}): {error}; stopped without saving it: {where}; {fixes}, then {then}"
 
 
 def evaluate(model, dataset, batch_size: int, pad_id: int) -> float:
@@ -430,7 +442,7 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=out, dynamic_ncols=True)
     eval_every = args.eval_steps or args.save_steps
-    last_loss, interrupted, diverged = None, False, None
+    last_loss, interrupted, diverged, prune_due = None, False, None, False
     tokens_total, t_start = 0, time.perf_counter()
     with _Interrupt() as interrupt:
         while step < total_steps:
@@ -444,13 +456,16 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
                                                  attention_mask=batch["attention_mask"], num_items_in_batch=total)
                     step_loss += float(loss) * n / total  # host sync, once per micro-batch
                     step_tokens += int(batch["attention_mask"].sum())
-            except NonFiniteStepError as e:  # the trainer did not apply it; nothing is saved from here on.
+            except DivergedStepError as e:  # the trainer did not apply it; nothing is saved from here on.
                 # No log line: log.jsonl holds the steps applied, each a valid JSON line (NaN is not JSON); the
                 # error names the values instead.
-                diverged = _diverged(args, step + 1, str(e), optimizer.param_groups[0]["lr"])
+                diverged = _diverged(args, step + 1, e, optimizer.param_groups[0]["lr"])
                 break
             scheduler.step()
             step += 1
+            if prune_due:  # the weights of the newest checkpoint ran a step that was applied: the older ones may go
+                prune_checkpoints(args.output, args.save_total_limit)
+                prune_due = False
             dt = time.perf_counter() - t0
             tokens_total += step_tokens
             last_loss = step_loss
@@ -469,8 +484,8 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
                 bar.update(1)
             if step % args.save_steps == 0 or step == total_steps or interrupt.requested:
                 os.fsync(log.fileno())  # the log holds every step the checkpoint does, power cut or not
-                save_checkpoint(args.output, step, model, optimizer, scheduler, sampler.state_dict(),
-                                identity, args.save_total_limit)
+                save_checkpoint(args.output, step, model, optimizer, scheduler, sampler.state_dict(), identity)
+                prune_due = True
             if interrupt.requested and step < total_steps:  # in the last step: the run is done, adapter and all
                 interrupted = True
                 break
@@ -481,6 +496,7 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
         model.close()
         unlock_output(args.output)
         raise ValueError(diverged)
+    prune_checkpoints(args.output, args.save_total_limit)  # the run ended as it should: its last save stands
     adapter_dir = os.path.join(args.output, "adapter")
     if not interrupted:
         model.save_adapter(adapter_dir)
