@@ -424,7 +424,7 @@ def test_zero_copy_registers_only_the_streamed_layers(tiny_dir, make_lema, tmp_p
     spans are computed here): adjacent streamed layers merge into one page-rounded span, a resident layer
     between two runs stays pageable, no page is in two spans, every streamed byte is in one."""
     from lema.convert import convert
-    from lema.model import registration_spans
+    from lema.stream.layout import registration_spans
 
     src = tiny_dir("llama", num_layers=6)
     out = convert(src, str(tmp_path_factory.mktemp("packed") / "out"), progress=False)

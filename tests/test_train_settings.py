@@ -14,7 +14,8 @@ from lema.checkpointing import (CheckpointError, CheckpointUnreadable, list_chec
                                 newest_readable, prune_checkpoints, save_checkpoint, set_aside)
 from lema.cli import build_parser
 from lema.commands.train import args_from_namespace
-from lema.training import TrainArgs, _truncate_log, lock_output, lr_lambda, resume_schedule, unlock_output
+from lema.run_folder import lock_output, truncate_log, unlock_output
+from lema.training import TrainArgs, lr_lambda, resume_schedule
 
 REQUIRED = dict(model="m", data="d.jsonl")
 
@@ -167,7 +168,7 @@ def test_a_damaged_checkpoint_is_set_aside_not_deleted(tmp_path):
 def test_a_resumed_log_drops_the_steps_that_run_again(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
-    _truncate_log(str(log), 2)
+    truncate_log(str(log), 2)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
 
 
@@ -341,7 +342,7 @@ def test_a_new_runs_log_starts_empty(tmp_path):
     (no --resume) starts its log afresh instead of appending step 1 after them."""
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
-    _truncate_log(str(log), 0)
+    truncate_log(str(log), 0)
     assert log.read_text() == ""
 
 

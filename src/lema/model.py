@@ -4,15 +4,13 @@ Setup, in data-path order:
   config.json ──▶ meta skeleton (engine/skeleton.py) ──▶ PEFT LoRA injected, LoRA materialised
   *.safetensors ──mmap──▶ WeightStore (store/) ──keymap──▶ each parameter's source
   embed + head units ──▶ loaded once, resident on the device
-  decoder layers ──▶ WeightRing (stream/ring.py) or ResidentLayers ──▶ bound per layer run
+  decoder layers ──▶ WeightRing or ResidentLayers (stream/ring.py) ──▶ bound per layer run
                                                                       (engine/streamed_layer.py)
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-import shutil
 from typing import Optional
 
 import torch
@@ -27,56 +25,14 @@ from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets,
 from .engine import cpu_linear
 from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fused_head_supported
 from .engine.streamed_layer import StreamedLayers
-from .fsutil import make_temp_folder, replace_folder
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
 from .store.keymap import check_unused, map_checkpoint, reader_for
-from .stream.layout import UnitLayout
+from .stream.layout import UnitLayout, registration_spans
 from .stream.pager import RESERVE_BYTES, PageCachePager
-from .stream.ring import WeightRing
+from .stream.ring import ResidentLayers, WeightRing
 
-ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}  # what save_pretrained writes
 FILL_THREADS = 8  # on a GPU: reader threads per slot fill (pieces of one layer read at once)
-
-
-class ResidentLayers:
-    """The RESIDENT strategy's weight source: every layer loaded once, same interface as the ring."""
-
-    def __init__(self, layouts: list[UnitLayout], load):
-        self.weights = [load(layout) for layout in layouts]
-        self.nbytes = sum(t.numel() * t.element_size() for w in self.weights for t in w.values())
-
-    def begin(self, schedule):  # nothing to prefetch
-        pass
-
-    def acquire(self, unit: int) -> dict:
-        return self.weights[unit]
-
-    def release(self, unit: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def registration_spans(layouts: list[UnitLayout], streamed: list[int], page: int = mmap.PAGESIZE) -> dict:
-    """{file: [(lo, hi), ...]}: the streamed layers' byte ranges, page-rounded, with ranges that touch or
-    overlap merged (a page is registered once: CUDA refuses a second registration), so a run of adjacent
-    streamed layers is one span and a resident layer between two runs stays out of them."""
-    by_file: dict = {}
-    for i in streamed:
-        for f, lo, hi in layouts[i].ranges:
-            by_file.setdefault(f, []).append(((lo // page) * page, -(-hi // page) * page))
-    spans: dict = {}
-    for f, ranges in by_file.items():
-        merged: list = []
-        for lo, hi in sorted(ranges):
-            if merged and lo <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-            else:
-                merged.append((lo, hi))
-        spans[f] = merged
-    return spans
 
 
 class LemaModel(nn.Module):
@@ -484,56 +440,16 @@ class LemaModel(nn.Module):
     def save_adapter(self, path: str) -> None:
         """PEFT format (adapter_model.safetensors + adapter_config.json), written atomically. An adapter folder
         already at `path` is replaced; a folder holding anything else is refused (it would be replaced whole)."""
-        if not path:
-            raise ValueError("save_adapter: give a folder path for the adapter")
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"save_adapter: {path!r} is a file; give a folder path")
-        others = sorted(set(os.listdir(path)) - ADAPTER_FILES) if os.path.isdir(path) else []
-        if others:
-            raise ValueError(f"save_adapter: {path!r} holds other files than an adapter's (e.g. {others[:3]}), which "
-                             "saving there would delete; give a new or empty folder, or an adapter folder")
-        parent = os.path.dirname(os.path.abspath(path)) or "."
-        os.makedirs(parent, exist_ok=True)
-        tmp = make_temp_folder(parent, ".tmp-adapter-")
-        try:
-            self.peft_model.save_pretrained(tmp)
-            replace_folder(tmp, path)  # the old adapter stays until the new one is in place
-        finally:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
+        from .adapter_files import save_adapter
+
+        save_adapter(self.peft_model, path)
 
     def load_adapter(self, path: str) -> None:
         """Load a PEFT adapter made for this model and rank; anything else is refused with the reason (a damaged
         adapter folder as an AdapterFileError, which `lema train --resume` takes for a damaged checkpoint)."""
-        from peft import set_peft_model_state_dict
+        from .adapter_files import load_adapter
 
-        from .adapter_files import read_adapter, read_adapter_weights
-
-        acfg, weights = read_adapter(path)
-        unsupported = [k for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if acfg.get(k)]
-        if unsupported:
-            raise ValueError(f"adapter {path!r} uses {unsupported}, which LEMA's LoRA does not; "
-                             "train or convert a plain LoRA adapter")
-        state = read_adapter_weights(path, acfg, weights)  # whole, and of the config's r, before it meets ours
-        if acfg.get("r") != self.config.lora_rank:
-            raise ValueError(f"adapter {path!r} has rank r={acfg.get('r')} but this model was set up with "
-                             f"lora_rank={self.config.lora_rank}; set lora_rank={acfg.get('r')}")
-        if acfg.get("lora_alpha") is not None and float(acfg["lora_alpha"]) != float(self.config.lora_alpha):
-            # the LoRA update is scaled by alpha / r: loading with another alpha silently changes the model
-            raise ValueError(f"adapter {path!r} has lora_alpha={acfg['lora_alpha']} but this model was set up "
-                             f"with lora_alpha={self.config.lora_alpha}; set lora_alpha={acfg['lora_alpha']}")
-        own = {n.replace(".default.", "."): p for n, p in self.peft_model.named_parameters() if ".lora_" in n}
-        own_short = {n.split("base_model.model.", 1)[-1]: p for n, p in own.items()}
-        wrong = [k for k in state if k.split("base_model.model.", 1)[-1] not in own_short]
-        bad_shape = [(k, tuple(v.shape)) for k, v in state.items() if k not in wrong and
-                     tuple(own_short[k.split("base_model.model.", 1)[-1]].shape) != tuple(v.shape)]
-        if wrong or bad_shape or len(state) != len(own):
-            detail = (f"unknown tensors {wrong[:2]}" if wrong else f"shape mismatch {bad_shape[:2]}" if bad_shape
-                      else f"{len(state)} tensors where this model has {len(own)}")
-            raise ValueError(f"adapter {path!r} was made for another model or other target modules "
-                             f"({detail}); base model here: {self.config.model_name_or_path!r}, "
-                             f"targets {self.lora_targets}")
-        set_peft_model_state_dict(self.peft_model, {k: v.to(self.device) for k, v in state.items()})
+        load_adapter(self, path)
 
     def memory_stats(self, optimizer=None) -> dict[str, int]:
         """Bytes: frozen weights in device memory now and at peak (an embedding kept as a view of the mmap is

@@ -25,10 +25,10 @@ import torch
 
 from .checkpointing import (CheckpointError, changed_settings, data_identity, list_checkpoints, load_checkpoint,
                             newest_readable, prune_checkpoints, save_checkpoint, set_aside)
-from .cli_errors import reason
 from .engine.skeleton import load_hf_config, model_positions
 from .plan_table import human
 from .planner import plan_for_config
+from .run_folder import lock_output, truncate_log, unlock_output
 from .store import weights_fingerprint
 from .trainer import CollapsedStepError, DivergedStepError
 
@@ -206,63 +206,6 @@ def resume_schedule(optimizer, scheduler, lr: float, schedule) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-_LOCKS: dict = {}  # output folder -> the descriptor holding its lock, in this process
-
-
-def lock_output(folder: str) -> None:
-    """An exclusive lock on the output folder (flock: let go when the process ends, however it ends); a second
-    run writing to the same folder, which would prune and overwrite the first one's checkpoints, is refused.
-    A run of this process that ended by an exception and left its lock is not another run: its lock goes."""
-    import fcntl
-
-    key = os.path.realpath(folder)
-    if key in _LOCKS:
-        os.close(_LOCKS.pop(key))
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ValueError(f"another `lema train` is writing to {folder!r}; wait for it to end or choose another "
-                         "--output") from None
-    _LOCKS[key] = fd
-
-
-def unlock_output(folder: str) -> None:
-    fd = _LOCKS.pop(os.path.realpath(folder), None)
-    if fd is not None:
-        os.close(fd)
-
-
-def _truncate_log(path: str, step: int) -> None:
-    """Drop log records of steps after `step` (a resumed run writes them again)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line).get("step", 0) > step:
-                continue
-        except (json.JSONDecodeError, AttributeError):  # a line cut by a kill: dropped too
-            continue
-        kept.append(line)
-    if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        try:
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise OSError(f"could not rewrite {path!r} without the steps after {step} ({reason(e)}); "
-                          "free disk space and run the same command again") from None
-
-
 def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -435,7 +378,7 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
               "from this step on)", file=out, flush=True)
     # steps after the checkpoint run again; a new run's log starts empty (a run killed before its first
     # checkpoint leaves records that no checkpoint holds)
-    _truncate_log(os.path.join(args.output, "log.jsonl"), step)
+    truncate_log(os.path.join(args.output, "log.jsonl"), step)
     log = open(os.path.join(args.output, "log.jsonl"), "a")
     bar = None
     if not args.quiet:

@@ -14,6 +14,7 @@ slot bytes into weights (or into weight + scales that a quantized linear consume
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -108,3 +109,23 @@ class UnitLayout:
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """The unit's weights as views of a filled slot buffer (no copy)."""
         return {p.name: self.view(buf, p) for p in self.placements}
+
+
+def registration_spans(layouts: list[UnitLayout], streamed: list[int], page: int = mmap.PAGESIZE) -> dict:
+    """{file: [(lo, hi), ...]}: the streamed layers' byte ranges, page-rounded, with ranges that touch or
+    overlap merged (a page is registered once: CUDA refuses a second registration), so a run of adjacent
+    streamed layers is one span and a resident layer between two runs stays out of them."""
+    by_file: dict = {}
+    for i in streamed:
+        for f, lo, hi in layouts[i].ranges:
+            by_file.setdefault(f, []).append(((lo // page) * page, -(-hi // page) * page))
+    spans: dict = {}
+    for f, ranges in by_file.items():
+        merged: list = []
+        for lo, hi in sorted(ranges):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        spans[f] = merged
+    return spans

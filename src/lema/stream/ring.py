@@ -316,3 +316,23 @@ def _worker(ring_ref: "weakref.ref[WeightRing]", requests: "queue.Queue[_Request
             return
         ring._load(req)
         del ring
+
+
+class ResidentLayers:
+    """The RESIDENT strategy's weight source: every layer loaded once, same interface as the ring."""
+
+    def __init__(self, layouts: list[UnitLayout], load):
+        self.weights = [load(layout) for layout in layouts]
+        self.nbytes = sum(t.numel() * t.element_size() for w in self.weights for t in w.values())
+
+    def begin(self, schedule):  # nothing to prefetch
+        pass
+
+    def acquire(self, unit: int) -> dict:
+        return self.weights[unit]
+
+    def release(self, unit: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
