@@ -174,6 +174,36 @@ def test_convert_and_merge_refuse_a_config_with_fewer_layers_than_the_weights(ti
     assert sorted(os.listdir(tmp_path)) == ["adapter", "m"]  # nothing written, no temporary folder left
 
 
+@pytest.mark.parametrize("damage, fragments", [
+    ("truncate", ["model.safetensors' is truncated", "1000 missing"]),
+    ("fewer-layers", ["the file has 3 decoder layers but config.json's num_hidden_layers is 2"]),
+    ("missing-tensor", ["lack 1 tensor(s)", "model.layers.1.mlp.up_proj.weight"]),
+])
+def test_lema_plan_refuses_weights_lema_train_would_refuse(damage, fragments, tiny_dir, tmp_path, capsys):
+    """It planned from config.json alone and said nothing; the plan is what a user runs before a long run."""
+    from safetensors.torch import load_file, save_file
+
+    from lema.cli import main
+
+    path = copy_model(tiny_dir("llama"), tmp_path / "m")
+    weights = os.path.join(path, "model.safetensors")
+    if damage == "truncate":
+        os.truncate(weights, os.path.getsize(weights) - 1000)
+    elif damage == "fewer-layers":
+        edit_config(path, num_hidden_layers=2)
+    else:
+        state = load_file(weights)
+        del state["model.layers.1.mlp.up_proj.weight"]
+        save_file(state, weights, metadata={"format": "pt"})
+    argv = ["plan", "--model", path, "--device", "cpu", "--batch-size", "1", "--seq-len", "16"]
+    assert main(argv) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and out.err.startswith("lema plan: error: ")
+    assert all(f in out.err for f in fragments), out.err
+    os.remove(weights)  # a folder without weights (a config to plan from) still plans
+    assert main(argv) == 0 and "predicted peak" in capsys.readouterr().out
+
+
 def test_convert_refuses_a_bin_checkpoint_holding_another_models_tensor(tiny_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -27,7 +27,7 @@ from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fus
 from .engine.streamed_layer import StreamedLayers
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
-from .store.keymap import check_unused, map_checkpoint, reader_for
+from .store.keymap import check_complete, check_unused, map_checkpoint, reader_for
 from .stream.layout import UnitLayout, registration_spans
 from .stream.pager import RESERVE_BYTES, PageCachePager
 from .stream.ring import ResidentLayers, WeightRing
@@ -132,12 +132,7 @@ class LemaModel(nn.Module):
     # ----- setup --------------------------------------------------------------------------
     def _check_checkpoint(self, base, unexpected: list[str]) -> None:
         """Every parameter present, with the right shape, and every file tensor used, before any compute."""
-        names = [n for n, _ in base.named_parameters()]
-        missing = [n for n in names if n not in self.sources]
-        if missing:
-            raise WeightsFileError(
-                f"the weights in {self.config.model_name_or_path!r} lack {len(missing)} tensor(s) that "
-                f"{type(base).__name__} needs, e.g. {missing[:3]}; the weights do not belong to this config.json")
+        check_complete(base, self.sources, self.config.model_name_or_path)
         check_unused(base, self.store, unexpected, self.units.layers_prefix, self.units.num_layers)
         params = dict(base.named_parameters())
         for name, src in self.sources.items():

@@ -6,6 +6,8 @@ skeleton with PEFT's LoRA in it; no weight is read).
 
 from __future__ import annotations
 
+import glob
+import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -148,8 +150,8 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     aliases = parameter_aliases(base)
     file_dtype, layers_as_stored = None, True
     if isinstance(model, str):  # Mixtral's experts, stacked from per-expert tensors at each load, are not views
-        file_dtype, layers_as_stored = _folder_facts(model, base, [n for u, names in units.units.items()
-                                                                   if u not in (EMBED, HEAD) for n in names])
+        file_dtype, layers_as_stored = _folder_facts(model, base, units, [n for u, names in units.units.items()
+                                                                          if u not in (EMBED, HEAD) for n in names])
     embed_untied = sum(params[n].numel() for n in units.units[EMBED] if len(aliases[id(params[n])]) == 1) * s
     slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
                       for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
@@ -174,20 +176,25 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
                       mlp_gated, experts_adapted, mlp_adapted, layers_as_stored, file_dtype)
 
 
-def _folder_facts(folder: str, meta_model, layer_names: list[str]) -> tuple[Optional[torch.dtype], bool]:
+def _folder_facts(folder: str, meta_model, units, layer_names: list[str]) -> tuple[Optional[torch.dtype], bool]:
     """From the folder's weights-file headers (one read): the dtype of its first floating tensor, and whether
     every layer parameter of `meta_model` is one tensor of the file (LemaModel serves only those as views of the
-    mmap on the CPU). (None, True) where the folder cannot be read: the model says why when it loads."""
-    try:
-        from .store import WeightStore
-        from .store.keymap import map_checkpoint
+    mmap on the CPU). (None, True) where the folder holds no safetensors weights (a config to plan from, or .bin
+    or GGUF weights that `lema convert` makes streamable); weights that are there but that the model would refuse
+    (a truncated file, a missing shard, tensors missing or of another model) raise its WeightsFileError, so a
+    plan is not the first to pass them."""
+    from .store import WeightStore
+    from .store.keymap import check_complete, check_unused, map_checkpoint
 
-        store = WeightStore(folder)
-        try:
-            file_dtype = next((e.dtype for e in map(store.entry, store.keys()) if e.dtype.is_floating_point), None)
-            sources, _ = map_checkpoint(meta_model, store)
-        finally:
-            store.close()
-    except Exception:
+    if not (glob.glob(os.path.join(folder, "*.safetensors"))
+            or os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))):
         return None, True
+    store = WeightStore(folder)
+    try:
+        file_dtype = next((e.dtype for e in map(store.entry, store.keys()) if e.dtype.is_floating_point), None)
+        sources, unexpected = map_checkpoint(meta_model, store)
+        check_complete(meta_model, sources, folder)
+        check_unused(meta_model, store, unexpected, units.layers_prefix, units.num_layers)
+    finally:
+        store.close()
     return file_dtype, all(sources[n].key is not None for n in layer_names if n in sources)

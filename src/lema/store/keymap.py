@@ -96,6 +96,15 @@ def ignored_on_load(model) -> "re.Pattern | None":
     return re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
 
 
+def check_complete(model, sources: dict, folder: str) -> None:
+    """Refuse weights that lack a parameter of the model (`sources`: map_checkpoint's)."""
+    missing = [n for n, _ in model.named_parameters() if n not in sources]
+    if missing:
+        raise WeightsFileError(
+            f"the weights in {folder!r} lack {len(missing)} tensor(s) that {type(model).__name__} needs, e.g. "
+            f"{missing[:3]}; the weights do not belong to this config.json")
+
+
 def check_unused(model, store, unexpected: list[str], layers_prefix: str, num_layers: int,
                  where: Optional[str] = None) -> None:
     """Refuse file tensors the model does not use (but those Transformers ignores too): a config.json with fewer
