@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from typing import Optional
 
 import torch
+
+# Below this a temperature makes the logits / temperature overflow float32 (inf - inf = nan in the softmax).
+MIN_TEMPERATURE = 1e-5
 
 
 def adapter_settings(adapter: Optional[str]) -> dict:
@@ -85,22 +90,82 @@ def check_settings(max_new_tokens: int, temperature: float, top_p: float, chat: 
     """The generation settings, checked before anything loads (`lema generate`) and at each call."""
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={max_new_tokens} must be >= 1")
-    if not 0 <= temperature < float("inf") or not 0 < top_p <= 1:  # nan fails both comparisons
-        raise ValueError(f"--temperature={temperature} must be a finite number >= 0 and --top-p={top_p} in (0, 1]")
+    if not 0 <= temperature < float("inf"):  # nan fails the comparison
+        raise ValueError(f"--temperature={temperature} must be a finite number >= 0 (0 is greedy)")
+    if 0 < temperature < MIN_TEMPERATURE:  # the logits divided by it overflow float32: sampling from inf/nan
+        raise ValueError(f"--temperature={temperature} is too small to sample with (below {MIN_TEMPERATURE:g}); "
+                         "give --temperature 0 for greedy decoding")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p={top_p} in (0, 1] is required: the probability mass sampled from (1 keeps every "
+                         "token)")
     if system is not None and not chat:
         raise ValueError("--system is a message of the chat template: add --chat (or leave --system out)")
 
 
+def stop_token_ids(model, tokenizer, chat: bool) -> Optional[list[int]]:
+    """The ids that end generation: the model folder's generation_config.json `eos_token_id` (what
+    Transformers' from_pretrained stops at; the model built from config.json alone only knows config.json's),
+    else config.json's; with --chat also the token that ends a turn in the chat template (e.g. <|im_end|>,
+    <end_of_turn>, <|eot_id|>), which a model answering in that template writes when it is done."""
+    ids: list[int] = []
+
+    def add(value) -> None:
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+
+    folder = getattr(getattr(model, "config", None), "model_name_or_path", None)
+    path = os.path.join(folder, "generation_config.json") if isinstance(folder, str) else None
+    saved = None
+    if path and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = None  # unreadable: Transformers' own defaults below
+    if isinstance(saved, dict) and saved.get("eos_token_id") is not None:
+        add(saved["eos_token_id"])
+    else:
+        add(getattr(model.peft_model.generation_config, "eos_token_id", None))
+    if chat:
+        add(end_of_turn_id(tokenizer))
+    return ids or None
+
+
+def end_of_turn_id(tokenizer) -> Optional[int]:
+    """The special token the chat template writes right after an assistant message, or None."""
+    marker = "LEMA-END-OF-TURN-PROBE"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # a template that renders no such conversation: no end-of-turn token to add
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    after = text[text.rindex(marker) + len(marker):]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    if not ids:
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids[0] in special else None
+
+
 def generate_text(model, tokenizer, prompt: str, chat: bool = False, system: Optional[str] = None,
                   max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                  stream: bool = False) -> str:
-    """Greedy at temperature 0; prints tokens as they come when `stream`."""
+                  stream: bool = False, seed: Optional[int] = None) -> str:
+    """Greedy at temperature 0; prints tokens as they come when `stream`. Sampling draws from torch's global
+    generator: `seed` seeds it first, so that the same seed gives the same text."""
     check_settings(max_new_tokens, temperature, top_p, chat, system)
     ids = encode_prompt(tokenizer, prompt, chat, system)
     max_new_tokens = fit_to_positions(model.hf_config, ids.shape[1], max_new_tokens)
-    kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": pad,
+              "eos_token_id": stop_token_ids(model, tokenizer, chat)}
     if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        # top_k=0: no top-k cut (Transformers' default keeps the 50 likeliest): --top-p alone decides the mass
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        if seed is not None:
+            torch.manual_seed(seed)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if stream:

@@ -15,6 +15,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the sampling when temperature > 0: the same seed gives the same text")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--strategy", default="streaming", choices=["streaming", "resident"])
@@ -27,6 +29,6 @@ def run(args) -> int:
     model, tokenizer = load_for_generation(args.model, args.adapter, args.device, args.dtype, args.strategy)
     generate_text(model, tokenizer, args.prompt, chat=args.chat, system=args.system,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  stream=True)
+                  stream=True, seed=args.seed)
     model.close()
     return 0
