@@ -145,6 +145,7 @@ def test_tensor_of_another_model_is_refused(tiny_dir, tmp_path):
 @pytest.mark.parametrize("arch, key, tensor", [
     ("llama", "model.layers.0.self_attn.rotary_emb.inv_freq", torch.zeros(4)),  # old checkpoints' rotary buffers
     ("gpt2", "transformer.h.0.attn.bias", torch.zeros(1, 1, 64, 64)),          # GPT-2's causal masks
+    ("gpt2", "transformer.h.0.attn.masked_bias", torch.tensor(-1e4)),           # 2020's GPT-2 checkpoints
 ])
 def test_tensors_transformers_ignores_on_load_are_accepted(arch, key, tensor, tiny_dir, tmp_path):
     path = copy_model(tiny_dir(arch), tmp_path / "m")
@@ -202,6 +203,27 @@ def test_lema_plan_refuses_weights_lema_train_would_refuse(damage, fragments, ti
     assert all(f in out.err for f in fragments), out.err
     os.remove(weights)  # a folder without weights (a config to plan from) still plans
     assert main(argv) == 0 and "predicted peak" in capsys.readouterr().out
+
+
+def test_a_gbi_path_is_planned_from_its_own_file(tmp_path):
+    """The packed file named by gbi_path is the weights: the folder's own (an index whose shards were deleted after
+    `lema convert`) is not opened by the plan or the engine's activation budget."""
+    from tiny_models import save_tiny
+
+    from lema.convert import convert
+    from lema.planner import plan_for_config
+
+    src = save_tiny("llama", str(tmp_path / "src"), max_shard_size="20KB")
+    packed = convert(src, str(tmp_path / "packed"), progress=False)
+    for name in os.listdir(src):
+        if name.endswith(".safetensors"):
+            os.remove(os.path.join(src, name))  # the index stays, naming shards that are gone
+    config = LemaConfig(model_name_or_path=src, gbi_path=os.path.join(packed, "model.safetensors"), lora_rank=4)
+    assert plan_for_config(config, 1, 16).peak_bytes > 0
+    with LemaModel(config) as model:
+        trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3))
+        trainer.train_step(torch.randint(0, 96, (1, 16)))
+        assert trainer.last_step_applied
 
 
 def test_convert_refuses_a_bin_checkpoint_holding_another_models_tensor(tiny_dir, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import typing
 
 import pytest
@@ -143,7 +144,7 @@ def test_a_collapsed_run_stops_and_sets_its_dead_checkpoint_aside(tiny_model, da
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("lema train: error: step 3 (lr ") and \
-        ": the gradient norm is 0 with a loss of 4.564: no LoRA weight changes the loss any more" in err
+        ": the loss is 4.5643, ln(vocabulary size): the outputs are flat, and the gradient norm is 0" in err
     assert (f"{out / 'checkpoint-2'} holds those weights: moved to {out / 'collapsed-checkpoint-2'}; the checkpoints "
             f"are kept, the newest {out / 'checkpoint-1'} (step 1); lower --lr (now 1000), then run again with "
             "--resume") in err
@@ -153,6 +154,45 @@ def test_a_collapsed_run_stops_and_sets_its_dead_checkpoint_aside(tiny_model, da
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3] and log[-1]["grad_norm"] > 0 and abs(log[-1]["loss"] - math.log(96)) > 0.1
     assert checkpoints(out) == ["checkpoint-3"]  # the finished run prunes to the limit
+
+
+def test_resumed_runs_killed_in_their_second_step_keep_the_checkpoints_bounded(tiny_model, data, tmp_path,
+                                                                              monkeypatch):
+    """A preemption loop: each resumed run saves one checkpoint, then dies in its next step. The resumed checkpoint's
+    weights run each resumed run's first step, so the older ones are pruned then: limit + 1 at most, not one
+    more per kill."""
+    from lema.trainer import LemaTrainer
+
+    out = tmp_path / "out"
+    train(TrainArgs(**args(tiny_model, data, out, steps=2, save_total_limit=1)))
+    step = LemaTrainer.train_step
+    for _ in range(3):
+        calls = {"n": 0}
+
+        def dies_at_the_second(self, *a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("killed")
+            return step(self, *a, **kw)
+
+        monkeypatch.setattr(LemaTrainer, "train_step", dies_at_the_second)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(TrainArgs(**args(tiny_model, data, out, steps=20, save_total_limit=1, resume=True)))
+        assert len(checkpoints(out)) <= 2, checkpoints(out)
+    assert checkpoints(out) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_with_no_checkpoint_left_beside_a_finished_runs_adapter_the_advice_is_another_output(tmp_path):
+    """`lema train` refuses to start afresh where an earlier run's adapter/ is: the advice says so."""
+    from lema.trainer import CollapsedStepError
+    from lema.training import _diverged
+
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    said = _diverged(TrainArgs(model="m", data="d.jsonl", output=str(out), lr=1000.0), 3, CollapsedStepError(4.56),
+                     900.0)
+    assert said.endswith("no checkpoint was saved before it; lower --lr (now 1000), then run again with another "
+                         "--output (or move its adapter/ away first)")
 
 
 def test_a_nan_loss_at_the_first_step_saves_nothing(nan_model, data, tmp_path, capsys):
@@ -198,25 +238,45 @@ def test_the_trainer_does_not_apply_a_step_with_a_non_finite_gradient(tiny_model
         model.close()
 
 
-def test_the_trainer_does_not_apply_a_step_whose_gradient_is_zero_with_a_positive_loss(tiny_model):
-    """LoRA weights all 0 (A and B): nothing reaches the loss, whose value is positive; the step is refused like a
-    non-finite one (AdamW would otherwise still move the weights by its momentum and weight decay)."""
+def test_the_trainer_does_not_apply_a_step_whose_outputs_are_flat(tiny_model, tmp_path):
+    """A head of zeros: every logit 0, the loss ln(96) and no gradient reaches a LoRA weight (the state a far too
+    high learning rate leaves); the step is refused like a non-finite one (AdamW would otherwise still move the
+    weights by its momentum and weight decay)."""
+    from safetensors.torch import load_file, save_file
+
     from lema import LemaConfig, LemaModel
     from lema.trainer import CollapsedStepError, DivergedStepError
+
+    flat = shutil.copytree(tiny_model, tmp_path / "flat")
+    state = load_file(flat / "model.safetensors")
+    state["lm_head.weight"].zero_()
+    save_file(state, flat / "model.safetensors", metadata={"format": "pt"})
+    with LemaModel(LemaConfig(model_name_or_path=str(flat), lora_rank=4, lora_alpha=8)) as model:
+        params = model.get_trainable_parameters()
+        before = [p.detach().clone() for p in params]
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        trainer = model.get_trainer(optimizer)
+        ids = torch.randint(2, len(WORDS), (2, 12), generator=torch.Generator().manual_seed(0))
+        with pytest.raises(CollapsedStepError, match=r"^the loss is 4.5643, ln\(vocabulary size\)") as info:
+            trainer.train_step(ids)
+        assert isinstance(info.value, DivergedStepError) and info.value.grad_norm == 0
+        assert not trainer.last_step_applied and not optimizer.state and all(p.grad is None for p in params)
+        assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_a_zero_gradient_alone_is_applied(tiny_model):
+    """LoRA weights all 0 (A and B): no gradient reaches them, but the outputs are the base model's, not flat (a
+    float16 step whose gradients underflow, or q/k LoRA over one-token contexts, give such steps too): applied."""
+    from lema import LemaConfig, LemaModel
 
     with LemaModel(LemaConfig(model_name_or_path=tiny_model, lora_rank=4, lora_alpha=8)) as model:
         params = model.get_trainable_parameters()
         with torch.no_grad():
             for p in params:
                 p.zero_()
-        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-        trainer = model.get_trainer(optimizer)
-        ids = torch.randint(2, len(WORDS), (2, 12), generator=torch.Generator().manual_seed(0))
-        with pytest.raises(CollapsedStepError, match=r"^the gradient norm is 0 with a loss of \d") as info:
-            trainer.train_step(ids)
-        assert isinstance(info.value, DivergedStepError) and info.value.loss > 0 and info.value.grad_norm == 0
-        assert not trainer.last_step_applied and not optimizer.state and all(p.grad is None for p in params)
-        assert all(not p.any() for p in params)
+        trainer = model.get_trainer(torch.optim.AdamW(params, lr=1e-2))
+        _, loss = trainer.train_step(torch.randint(2, len(WORDS), (2, 12), generator=torch.Generator().manual_seed(0)))
+        assert trainer.last_step_applied and trainer.last_grad_norm == 0 and abs(float(loss) - math.log(96)) > 0.1
 
 
 FLOATS = [name for name, kind in typing.get_type_hints(TrainArgs).items() if float in (kind, *typing.get_args(kind))]

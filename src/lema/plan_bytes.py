@@ -131,8 +131,10 @@ class ModelFacts:
         return largest_layer_bytes(self.unit_bytes)
 
 
-def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = None) -> ModelFacts:
-    """Build the meta skeleton of `model` (config or folder), inject PEFT's LoRA, and measure it (~1 s for 7B)."""
+def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = None,
+                gbi_path: Optional[str] = None) -> ModelFacts:
+    """Build the meta skeleton of `model` (config or folder; its weights in `gbi_path` where given, as
+    LemaConfig's), inject PEFT's LoRA, and measure it (~1 s for 7B)."""
     from peft import LoraConfig, get_peft_model
 
     from .config import parse_dtype
@@ -151,7 +153,8 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     file_dtype, layers_as_stored = None, True
     if isinstance(model, str):  # Mixtral's experts, stacked from per-expert tensors at each load, are not views
         file_dtype, layers_as_stored = _folder_facts(model, base, units, [n for u, names in units.units.items()
-                                                                          if u not in (EMBED, HEAD) for n in names])
+                                                                          if u not in (EMBED, HEAD) for n in names],
+                                                     gbi_path)
     embed_untied = sum(params[n].numel() for n in units.units[EMBED] if len(aliases[id(params[n])]) == 1) * s
     slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
                       for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
@@ -176,7 +179,8 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
                       mlp_gated, experts_adapted, mlp_adapted, layers_as_stored, file_dtype)
 
 
-def _folder_facts(folder: str, meta_model, units, layer_names: list[str]) -> tuple[Optional[torch.dtype], bool]:
+def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
+                  gbi_path: Optional[str] = None) -> tuple[Optional[torch.dtype], bool]:
     """From the folder's weights-file headers (one read): the dtype of its first floating tensor, and whether
     every layer parameter of `meta_model` is one tensor of the file (LemaModel serves only those as views of the
     mmap on the CPU). (None, True) where the folder holds no safetensors weights (a config to plan from, or .bin
@@ -186,14 +190,14 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str]) -> tup
     from .store import WeightStore
     from .store.keymap import check_complete, check_unused, map_checkpoint
 
-    if not (glob.glob(os.path.join(folder, "*.safetensors"))
-            or os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))):
+    if gbi_path is None and not (glob.glob(os.path.join(folder, "*.safetensors"))
+                                 or os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))):
         return None, True
-    store = WeightStore(folder)
+    store = WeightStore(folder, gbi_path)
     try:
         file_dtype = next((e.dtype for e in map(store.entry, store.keys()) if e.dtype.is_floating_point), None)
         sources, unexpected = map_checkpoint(meta_model, store)
-        check_complete(meta_model, sources, folder)
+        check_complete(meta_model, sources, gbi_path or folder)
         check_unused(meta_model, store, unexpected, units.layers_prefix, units.num_layers)
     finally:
         store.close()

@@ -393,6 +393,8 @@ def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "ada
     builds the model with the plan's number: it is fixed for the run, unlike the kept layers)."""
     if free_bytes is None and config.max_vram_bytes is None:
         free_bytes = free_memory_bytes(config.torch_device) // 2
+    facts = facts or model_facts(config.model_name_or_path, config.torch_dtype, config.lora_rank,
+                                 config.lora_target_modules, config.gbi_path)
     return plan(config.model_name_or_path, config.torch_dtype, config.lora_rank, config.lora_target_modules,
                 optimizer, batch_size, seq_len, config.max_vram_bytes, config.torch_device.type,
                 config.num_buffers, config.strategy,
@@ -418,7 +420,7 @@ class ActivationBudget:
     def __init__(self, config, free_bytes: Optional[int] = None):
         self.config = config
         self.facts = model_facts(config.model_name_or_path, config.torch_dtype, config.lora_rank,
-                                 config.lora_target_modules)
+                                 config.lora_target_modules, config.gbi_path)
         self.free_bytes = free_bytes if free_bytes is not None or config.max_vram_bytes is not None \
             else free_memory_bytes(config.torch_device) // 2
         self._cache: dict[tuple, tuple[int, bool, int, int]] = {}

@@ -28,14 +28,22 @@ class NonFiniteStepError(DivergedStepError):
 
 
 class CollapsedStepError(DivergedStepError):
-    """A step whose gradient norm is exactly 0 while its loss is not: no LoRA weight reaches the loss any more.
-    With float32 logits a positive loss means a non-zero gradient at the logits, so a zero one at the adapters is
-    a model saturated by its adapters (e.g. a learning rate far too high: the outputs go flat, the loss to about
-    ln(vocabulary size), and stay there), not one that has learned its data (a loss of 0)."""
+    """A step whose outputs are flat: its loss is ln(vocabulary size), a uniform guess, and its gradient norm
+    exactly 0, so no LoRA weight reaches the loss any more. It is how a learning rate far too high ends: the
+    adapters push the hidden states past float32's range, the final norm divides them by inf, every logit is 0,
+    and there the run stays, finite. (A zero gradient alone is no sign of it: a float16 step whose gradients
+    underflow, or attention's q/k over one-token contexts, have one.)"""
 
     def __init__(self, loss: float):
-        super().__init__(f"the gradient norm is 0 with a loss of {loss:.4g}: no LoRA weight changes the loss any more "
-                         "(the weights it ran with have collapsed)", loss, 0.0)
+        super().__init__(f"the loss is {loss:.4f}, ln(vocabulary size): the outputs are flat, and the gradient norm "
+                         "is 0: no LoRA weight changes the loss any more (the weights it ran with have collapsed)",
+                         loss, 0.0)
+
+
+def flat_outputs_loss(model) -> Optional[float]:
+    """ln(V), the loss of uniform logits over the head's V outputs (None without a head)."""
+    head = model.base_model.get_output_embeddings() if hasattr(model, "base_model") else None
+    return math.log(head.weight.shape[0]) if head is not None else None
 
 
 class LemaTrainer:
@@ -51,8 +59,9 @@ class LemaTrainer:
     loss (a detached scalar); `last_step_applied` says whether this call stepped the optimizer and
     `last_grad_norm` is the gradients' global norm of the last optimizer step (before clipping).
     A step whose loss (the weighted sum over its micro-batches) or gradient norm is not finite is not
-    applied: its gradients are dropped and the call raises `NonFiniteStepError`; nor is one whose gradient norm is
-    exactly 0 with a positive loss (`CollapsedStepError`); both are `DivergedStepError`s. A micro-batch without a
+    applied: its gradients are dropped and the call raises `NonFiniteStepError`; nor is one whose outputs are flat
+    (a loss of ln(vocabulary size) with a gradient norm of exactly 0: `CollapsedStepError`); both are
+    `DivergedStepError`s. A micro-batch without a
     target (labels on the CPU, all -100 past the first position) contributes nothing; its returned loss is
     the model's NaN, and a step of such micro-batches only is not applied.
     A call runs in train mode (dropout on) and leaves the model in the mode it found it in, so an
@@ -81,6 +90,7 @@ class LemaTrainer:
         self.last_step_applied = False
         self.last_grad_norm: Optional[float] = None
         self._step_loss = 0.0  # the step's loss so far, a device scalar once a micro-batch ran (no host sync)
+        self._flat = flat_outputs_loss(model)
 
     def train_step(self, input_ids, labels=None, attention_mask=None, num_items_in_batch: Optional[int] = None):
         if labels is None:  # predict the inputs themselves, but not the padding
@@ -141,7 +151,8 @@ class LemaTrainer:
             self.optimizer.zero_grad(set_to_none=True)  # not applied: the weights and AdamW's moments stay finite
             self.last_step_applied = False
             raise NonFiniteStepError(loss, self.last_grad_norm)
-        if self.last_grad_norm == 0.0 and loss > 0.0:  # AdamW would still move the weights by its old momentum
+        if self.last_grad_norm == 0.0 and self._flat is not None and abs(loss - self._flat) <= 1e-5 * self._flat:
+            # collapsed; not applied: AdamW would still move the weights by its old momentum
             self.optimizer.zero_grad(set_to_none=True)
             self.last_step_applied = False
             raise CollapsedStepError(loss)

@@ -264,9 +264,11 @@ def _diverged(args: TrainArgs, step: int, error: DivergedStepError, lr: float) -
     if not collapsed:  # a collapse comes from the steps' size; a non-finite value may come from the inputs too
         fixes += (", set --max-grad-norm (e.g. 1.0; clipping is off)" if args.max_grad_norm is None else "") + \
             " or check the data and the model's weights"
+    fresh = ("run again with another --output (or move its adapter/ away first)"
+             if os.path.isdir(os.path.join(args.output, "adapter")) else "run again")
     then = ("run again with --resume (changed settings apply from its step on; if the same step fails again, the "
             "checkpoint's weights have diverged already: move it away to resume from an older one)" if kept else
-            "run again")
+            fresh)
     return f"step {step} (lr {lr:.3g}): {error}; stopped without saving it: {where}; {fixes}, then {then}"
 
 
@@ -385,7 +387,8 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=out, dynamic_ncols=True)
     eval_every = args.eval_steps or args.save_steps
-    last_loss, interrupted, diverged, prune_due = None, False, None, False
+    # pruning waits for a step from the newest checkpoint's weights: a resumed run's first step is one
+    last_loss, interrupted, diverged, prune_due = None, False, None, bool(args.resume)
     tokens_total, t_start = 0, time.perf_counter()
     with _Interrupt() as interrupt:
         while step < total_steps:

@@ -86,8 +86,10 @@ def map_checkpoint(model, store: WeightStore) -> tuple[dict[str, ParamSource], l
 def ignored_on_load(model) -> "re.Pattern | None":
     """The file keys Transformers' `from_pretrained` drops without a word (`_adjust_missing_and_unexpected_keys`):
     the class's `_keys_to_ignore_on_load_unexpected` (GPT-2's attn.bias masks, a model's extra MTP layers), and
-    the rotary `inv_freq` and `position_ids` buffers old checkpoints saved."""
+    the rotary `inv_freq` and `position_ids` buffers old checkpoints saved; also the `masked_bias` constants of
+    2020's GPT-2 checkpoints, which Transformers loads past with a warning."""
     patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    patterns.add(r"(^|\.)masked_bias$")
     buffers = [name for name, _ in model.named_buffers()]
     if any(name.endswith("rotary_emb.inv_freq") for name in buffers):
         patterns.add(r"rotary_emb\.inv_freq")
