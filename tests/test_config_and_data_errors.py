@@ -169,6 +169,7 @@ def test_convert_and_merge_refuse_a_config_with_fewer_layers_than_the_weights(ti
     with raises(WeightsFileError, os.path.join(path, "model.safetensors"), "model.layers.2.",
                 "the file has 3 decoder layers but config.json's num_hidden_layers is 2"):
         convert(path, str(tmp_path / "packed"), progress=False)
+    capsys.readouterr()  # what building the fixtures printed (Transformers' progress bars)
     assert main(["merge", "--model", path, "--adapter", adapter, "--output", str(tmp_path / "merged")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lema merge: error: ") and "set num_hidden_layers to 3" in err

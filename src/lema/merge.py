@@ -1,6 +1,7 @@
 """`lema merge`: fold a LoRA adapter into the base weights, one tensor at a time.
 
 W' = W + (alpha / r) · B A   (transposed for GPT-2's Conv1D, whose weight is stored fan-in first)
+b' = b + (alpha / r) · lora_B.bias   (adapters made with lora_bias=True)
 
 The output is written by `lema convert`'s packed writer, so it is a layer-packed Transformers
 folder and memory stays at about one tensor: the base weight is read through its mmap view, the
@@ -28,6 +29,10 @@ def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
         raise ValueError(f"adapter {adapter!r} sets {' and '.join(patterns)} (per-module rank or alpha); lema merge "
                          "folds adapters with one r and lora_alpha for every module (merge this one with PEFT's "
                          "merge_and_unload)")
+    if cfg.get("target_parameters"):  # LoRA on raw parameters (e.g. fused MoE experts): one A, B for many matrices
+        raise ValueError(f"adapter {adapter!r} sets target_parameters {cfg['target_parameters']} (LoRA on parameters "
+                         "such as fused MoE experts); lema merge folds LoRA on linear layers (target_modules) only "
+                         "(merge this one with PEFT's merge_and_unload)")
     if "lora_alpha" not in cfg:
         raise ValueError(f"adapter {adapter!r}: its adapter_config.json lacks lora_alpha")
     state = read_adapter_weights(adapter, cfg, weights_path)  # whole, and of rank r: the scale below needs r
@@ -35,30 +40,48 @@ def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
     scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    biases: dict[str, torch.Tensor] = {}  # lora_bias=True: lora_B's bias, added to the base bias (scaled)
     for key, tensor in state.items():
         module, _, rest = key.partition(".lora_")
         module = module.removeprefix("base_model.model.")
+        if not rest:  # modules_to_save, saved embedding layers (base_layer.weight), trained biases (bias="all")
+            raise ValueError(f"adapter {adapter!r} holds the full weight {key!r} (modules_to_save, saved embedding "
+                             "layers or trained biases); lema merge folds LoRA on linear layers (lora_A / lora_B) "
+                             "only")
         part = rest.split(".")[0]
         if part not in ("A", "B"):  # lora_embedding_A/B, lora_magnitude_vector ...
             raise ValueError(f"adapter {adapter!r} holds {key!r}; lema merge folds LoRA on linear layers "
                              "(lora_A / lora_B) only")
-        pairs.setdefault(module + ".weight", {})[part] = tensor
-    unused = set(pairs)
+        if rest == "B.bias":
+            biases[module + ".bias"] = tensor
+        else:
+            pairs.setdefault(module + ".weight", {})[part] = tensor
+    unused = set(pairs) | set(biases)
 
     def transform(name: str, base: torch.Tensor) -> torch.Tensor:
-        ab = pairs.get(name)
-        if ab is None:
+        # float32 out, whatever the source dtype: the writer casts once, to --dtype (a bfloat16 base merged
+        # into float32 keeps the whole update, not the update rounded to bfloat16)
+        if name in biases:
+            unused.discard(name)
+            delta = biases[name].float() * scale
+        elif name in pairs:
+            unused.discard(name)
+            ab = pairs[name]
+            delta = (ab["B"].float() @ ab["A"].float()) * scale
+            if fan_in_fan_out:
+                delta = delta.T
+        else:
             return base
-        unused.discard(name)
-        delta = (ab["B"].float() @ ab["A"].float()) * scale
-        if fan_in_fan_out:
-            delta = delta.T
         if tuple(delta.shape) != tuple(base.shape):
             raise ValueError(f"adapter {adapter!r}: the update of {name!r} has shape {tuple(delta.shape)} but the "
                              f"base weight has {tuple(base.shape)}; the adapter was made for another model")
-        return (base.float() + delta).to(base.dtype)
+        return base.float() + delta
 
     def finish() -> None:
+        if "lm_head.weight" in unused:  # a tied head is not a weight of its own: folding it changes the embedding
+            raise ValueError(f"adapter {adapter!r} adapts lm_head, which this model ties to its input embedding "
+                             "(tie_word_embeddings): folding the update into the shared weight would change the "
+                             "embedding too; train the adapter without lm_head in its target modules")
         if unused:
             raise ValueError(f"adapter {adapter!r} adapts weights this model does not have, e.g. "
                              f"{sorted(unused)[:3]}; it was made for another model")
