@@ -88,12 +88,18 @@ def _validate(obj: Any) -> str | None:
     if not isinstance(msgs, list) or not msgs:
         return '"messages" must be a non-empty list'
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            return f'messages[{i}] must be an object with exactly "role" and "content"'
+        if not isinstance(m, dict):
+            return f'messages[{i}] must be an object with exactly "role" and "content", got {type(m).__name__}'
+        if set(m) != {"role", "content"}:
+            missing = [k for k in ("role", "content") if k not in m]
+            extra = sorted(set(m) - {"role", "content"})
+            wrong = "; ".join(([f"it lacks {missing}"] if missing else []) + ([f"it has {extra} too"] if extra else []))
+            return f'messages[{i}] must be an object with exactly "role" and "content" ({wrong})'
         if m["role"] not in VALID_ROLES:
             return f"messages[{i}] has unknown role {m['role']!r} (expected one of {', '.join(VALID_ROLES)})"
         if not isinstance(m["content"], str):
-            return f'messages[{i}]["content"] must be a string'
+            parts = " (a list of content parts? give the text as one string)" if isinstance(m["content"], list) else ""
+            return f'messages[{i}]["content"] must be a string, got {type(m["content"]).__name__}{parts}'
     return None
 
 
@@ -133,7 +139,8 @@ def load_jsonl(path: str | Path) -> Examples:
                     if "\x00" in line:
                         raise _utf16(path, lineno) from None
                     raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); {_VALID_SHAPES}") from None
-                problem = _validate(obj)
+                problem = _validate(obj) or (_lone_surrogate([obj[k] for k in FORMAT_KEYS if k in obj])
+                                             if "\\u" in line else None)  # the metadata beside is never encoded
                 if problem:
                     raise DataError(f"{path}:{lineno}: {problem}; {_VALID_SHAPES}")
                 examples.append(obj)
@@ -143,6 +150,19 @@ def load_jsonl(path: str | Path) -> Examples:
     if not examples:
         raise DataError(f"{path}: the dataset is empty (no examples); {_VALID_SHAPES}")
     return examples
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """What is wrong with a valid example one of whose strings holds half a UTF-16 surrogate pair (a "\\ud83d"
+    escape without its other half: an emoji cut in two by a tool that counts UTF-16 units), which no tokenizer
+    can encode; None if none does."""
+    if isinstance(obj, str):
+        bad = next((c for c in obj if "\ud800" <= c <= "\udfff"), None)
+        return None if bad is None else (f"a string holds \\u{ord(bad):04x}, half of a UTF-16 surrogate pair (a "
+                                         "character cut in two, e.g. a truncated emoji); remove it or write the "
+                                         "whole character")
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    return next((p for p in map(_lone_surrogate, values) if p), None)
 
 
 def _not_utf8(path: Path) -> DataError:
@@ -232,16 +252,18 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[i
             continue
         before = _render(tokenizer, messages[:k], add_generation_prompt=True)
         upto = _render(tokenizer, messages[: k + 1])
-        start = _common_prefix_len(before, upto)
-        # Some templates strip or rewrite content; prefer starting exactly at
-        # the content when it can be found, otherwise at the first divergence.
-        content = msg["content"].strip()
-        # the last occurrence: the turn ends `upto`, and the same words may appear earlier (a system prompt
-        # the template injects before a conversation that opens with an assistant turn)
-        found = upto.rfind(content, start) if content else -1
-        if found != -1:
-            start = found
         end = len(upto.rstrip())
+        start = _content_start(tokenizer, messages[: k + 1], upto)
+        if start is None:
+            start = _common_prefix_len(before, upto)
+            # Some templates strip or rewrite content; prefer starting exactly at
+            # the content when it can be found, otherwise at the first divergence.
+            content = msg["content"].strip()
+            # the last occurrence: the turn ends `upto`, and the same words may appear earlier (a system prompt
+            # the template injects before a conversation that opens with an assistant turn)
+            found = upto.rfind(content, start) if content else -1
+            if found != -1:
+                start = found
         if end <= start:
             continue
         # Templates that rewrite earlier turns (e.g. dropping reasoning) make
@@ -259,6 +281,32 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[i
         spans.append((start, end))
         cursor = end
     return spans
+
+
+# Stands in for an assistant turn's content to find where the template writes it: private-use characters and no
+# edge whitespace, so no template strips, rewrites or already holds it.
+_SENTINEL = "\ue000lema-reply\ue001"
+
+
+def _content_start(tokenizer, messages: list[dict], upto: str) -> int | None:
+    """Where the last message's content starts in ``upto`` (their rendering), or None where that cannot be told.
+
+    The turn is rendered again with a sentinel for its content: the text before the sentinel is the
+    rendering's up to the content, the text after it the turn's end marker. Searching for the content's
+    words instead finds them in that marker when the reply is part of it ("d" or "end" in "<|im_end|>"), and
+    skips the reply's leading whitespace.
+    """
+    try:
+        probe = _render(tokenizer, [*messages[:-1], {**messages[-1], "content": _SENTINEL}])
+    except Exception:  # a template that checks the content (raise_exception): search for the words instead
+        return None
+    pos = probe.find(_SENTINEL)
+    if pos == -1 or probe.find(_SENTINEL, pos + 1) != -1:
+        return None
+    tail = probe[pos + len(_SENTINEL):]
+    if upto[:pos] != probe[:pos] or not upto.endswith(tail) or len(upto) - len(tail) < pos:
+        return None  # the template renders this content in a way of its own
+    return pos
 
 
 def _tokenize_messages(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
@@ -322,8 +370,12 @@ def _tokenize_whole(example: dict, tokenizer) -> tuple[list[int], list[int]]:
         boundary = len(example["prompt"])
         enc = tokenizer(example["prompt"] + example["completion"], add_special_tokens=True,
                         return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        labels = [t if e > s and e > boundary else IGNORE_INDEX for t, (s, e) in zip(ids, enc["offset_mapping"])]
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        # Special tokens have no characters: those after the text (an EOS the tokenizer appends itself, as with
+        # add_eos_token=True) end the completion and are supervised; a BOS before it is not.
+        text_end = max((i for i, (s, e) in enumerate(offsets) if e > s), default=-1)
+        labels = [t if (e > boundary if e > s else i > text_end) else IGNORE_INDEX
+                  for i, (t, (s, e)) in enumerate(zip(ids, offsets))]
         with_eos = _with_eos(ids, tokenizer)
         labels += with_eos[len(ids):]
         ids = with_eos
