@@ -298,6 +298,22 @@ def lema(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": SRC_DIR})
 
 
+def test_overwrite_refuses_a_folder_that_is_not_a_model(tmp_path):
+    """`lema convert SRC . --overwrite` from a project folder would have deleted the project: --overwrite replaces a
+    model folder only (config.json, no folder inside)."""
+    src = save_tiny("llama", str(tmp_path / "src"))
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(ConvertError, match=r"is not a model folder \(it holds folders \(.git\)\), and --overwrite "
+                                           r"\(overwrite=True\) would delete it whole"):
+        convert(src, str(project), overwrite=True, progress=False)
+    (project / ".git").rmdir()
+    with pytest.raises(ConvertError, match=r"is not a model folder \(it has no config.json\)"):
+        convert(src, str(project), overwrite=True, progress=False)
+    assert sorted(os.listdir(project)) == ["notes.txt"] and sorted(os.listdir(tmp_path)) == ["project", "src"]
+
+
 def test_cli(tmp_path, capsys):
     from lema.cli import main
 

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from .config import parse_dtype
+from .fsutil import replace_folder
 from .store import PACKED_FORMAT, WeightStore
 from .store.safetensors_file import DTYPE_NAMES
 from .stream.layout import Placement
@@ -251,6 +252,13 @@ def check_out(out: str, src: str, overwrite: bool, words: Wording = Wording()) -
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ConvertError(f"{words.out} {out!r} exists and is not empty; choose another folder or pass "
                            f"{words.overwrite} to replace it")
+    if overwrite and os.path.isdir(out) and os.listdir(out):
+        # replaced whole: only a model folder (config.json, its files, no folder inside), never e.g. a project's
+        folders = sorted(e.name for e in os.scandir(out) if e.is_dir())
+        if folders or not os.path.isfile(os.path.join(out, "config.json")):
+            why = f"it holds folders ({', '.join(folders[:3])})" if folders else "it has no config.json"
+            raise ConvertError(f"{words.out} {out!r} is not a model folder ({why}), and {words.overwrite} would "
+                               "delete it whole; choose another folder, or empty that one first")
     if overlap(src, out):
         raise ConvertError(f"{words.out} {out!r} and {words.src} {src!r} overlap; write the {words.result} to a "
                            "separate folder")
@@ -391,17 +399,3 @@ def write_sidecars(source: Source, model, dtype: torch.dtype, use_cache: bool, f
         path = os.path.join(source.folder, name)
         if os.path.isfile(path):
             shutil.copyfile(path, os.path.join(folder, name))
-
-
-def replace_folder(tmp: str, out: str) -> None:
-    """Move the finished temporary folder onto OUT; an old OUT (overwrite) is moved aside first, then removed."""
-    old = None
-    if os.path.isdir(out) and os.listdir(out):
-        old = tempfile.mkdtemp(prefix=os.path.basename(os.path.normpath(out)) + ".old-",
-                               dir=os.path.dirname(os.path.abspath(out)))
-        os.replace(out, os.path.join(old, "out"))
-    elif os.path.isdir(out):
-        os.rmdir(out)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
