@@ -195,6 +195,18 @@ def test_with_no_checkpoint_left_beside_a_finished_runs_adapter_the_advice_is_an
                          "--output (or move its adapter/ away first)")
 
 
+def test_the_run_names_why_examples_were_dropped(tiny_model, tmp_path):
+    """It printed only their count; now each cause, its first line and the fix (as when all are dropped)."""
+    import io
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["the cat sat", "a dog ran", "", "on a mat"]))
+    said = io.StringIO()
+    train(TrainArgs(**args(tiny_model, str(path), tmp_path / "out", steps=1)), out=said)
+    assert (f'3 examples, 12 tokens, 0 truncated to 32, 1 dropped (nothing to learn: 1 example with an empty "text" '
+            f"(e.g. {path}:3): put the text in it or remove the line)\n") in said.getvalue()
+
+
 def test_a_nan_loss_at_the_first_step_saves_nothing(nan_model, data, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["train", *flags(args(nan_model, data, out, steps=3))])

@@ -422,16 +422,21 @@ def _unsupervised(example: dict, labels: list[int]) -> str:
     return "one token"
 
 
-def _nothing_to_train_on(examples: list[dict], dropped: dict[str, list[str]], seq_len: int) -> DataError:
-    """The error for a dataset all of whose examples were dropped: each cause with its count, first place, fix."""
-    path = getattr(examples, "path", None)
+def dropped_causes(dropped: dict[str, list[str]], seq_len: int) -> str:
+    """Each cause of the dropped examples with its count, first place and fix (TokenizedDataset.dropped)."""
     causes = []
     for cause, places in dropped.items():
         what, fix = _NO_TARGET[cause]
         count = f"{len(places)} example{'s' if len(places) > 1 else ''}"
         causes.append(f"{count} {what.format(seq_len=seq_len)} (e.g. {places[0]}): {fix}")
+    return "; ".join(causes)
+
+
+def _nothing_to_train_on(examples: list[dict], dropped: dict[str, list[str]], seq_len: int) -> DataError:
+    """The error for a dataset all of whose examples were dropped."""
+    path = getattr(examples, "path", None)
     return DataError(f"none of the {len(examples)} examples{f' in {path}' if path else ''} has a token to train "
-                     f"on: {'; '.join(causes)}")
+                     f"on: {dropped_causes(dropped, seq_len)}")
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -444,6 +449,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
     Attributes:
         num_truncated: examples cut to ``seq_len`` (whether later kept or dropped).
         num_dropped: examples dropped because no label survived.
+        dropped: why, as a key of _NO_TARGET -> the places of the examples dropped (`dropped_causes` says it).
         num_tokens: total tokens across kept examples.
         num_supervised_tokens: tokens with a label across kept examples.
     """
@@ -456,7 +462,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
         self.num_truncated = 0
         self.num_dropped = 0
         locations = getattr(examples, "locations", None) or [f"example {i + 1}" for i in range(len(examples))]
-        dropped: dict[str, list[str]] = {}  # why (a key of _NO_TARGET) -> the places of the examples dropped
+        self.dropped: dict[str, list[str]] = {}
+        dropped = self.dropped
         for ex, where in zip(examples, locations):
             try:
                 ids, labels = _tokenize_whole(ex, tokenizer)

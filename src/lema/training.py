@@ -292,7 +292,7 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     """Run the recipe; returns a summary (steps, final loss, paths)."""
     from . import LemaConfig, LemaModel
     from .batching import BatchSampler, collate
-    from .data import TokenizedDataset, load_jsonl, load_tokenizer
+    from .data import TokenizedDataset, dropped_causes, load_jsonl, load_tokenizer
 
     # ---- setup: validate every input before anything is written --------------------------
     examples = load_jsonl(args.data)
@@ -362,7 +362,8 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
           f"  parameters: {n_frozen:,} frozen, {n_train:,} trainable (LoRA r={args.lora_rank}, "
           f"targets {', '.join(model.lora_targets)})\n"
           f"  data: {len(dataset)} examples, {dataset.num_tokens:,} tokens, {dataset.num_truncated} truncated to "
-          f"{args.seq_len}, {dataset.num_dropped} dropped (nothing to learn)\n"
+          f"{args.seq_len}, {dataset.num_dropped} dropped (nothing to learn"
+          + (f": {dropped_causes(dataset.dropped, args.seq_len)}" if dataset.num_dropped else "") + ")\n"
           f"  steps: {step} -> {total_steps}, batch {args.batch_size} x {args.grad_accum} accumulation, lr {args.lr} "
           f"({args.schedule}, warmup {args.warmup_steps})\n{plan.table()}", file=out, flush=True)
 
