@@ -341,10 +341,28 @@ def test_sampler_epochs_are_seeded_permutations():
         epoch_batches = take(s, 3)
         assert [len(b) for b in epoch_batches] == [4, 4, 2]  # last partial batch kept
         flat = [i for b in epoch_batches for i in b]
-        g = torch.Generator().manual_seed(3 + epoch)
+        g = torch.Generator().manual_seed(3 * 1_000_003 + epoch)
         assert flat == torch.randperm(10, generator=g).tolist()
     assert take(BatchSampler(10, 4, seed=3), 9) == take(BatchSampler(10, 4, seed=3), 9)
     assert take(BatchSampler(10, 4, seed=3), 3) != take(BatchSampler(10, 4, seed=4), 3)
+
+
+def test_another_seed_is_not_the_same_orders_an_epoch_later():
+    """Seeded with seed + epoch, seed 4's first epoch was seed 3's second (and so on): runs "with other seeds" saw
+    the same orders shifted by an epoch."""
+    three, four = take(BatchSampler(50, 50, seed=3), 4), take(BatchSampler(50, 50, seed=4), 3)
+    assert not any(a == b for a in three for b in four)
+
+
+def test_a_state_saved_before_the_order_was_recorded_resumes_with_its_orders():
+    """Checkpoints of runs before "order" resume exactly: the rest of the run keeps seed + epoch."""
+    s = BatchSampler(10, 4, seed=3)
+    s.load_state_dict({"epoch": 1, "position": 1, "seed": 3, "num_examples": 10, "batch_size": 4})
+    old = torch.randperm(10, generator=torch.Generator().manual_seed(3 + 1)).tolist()
+    assert s.next_batch() == old[4:8] and s.state_dict()["order"] == 1
+    s.next_batch()
+    assert [i for _ in range(3) for i in s.next_batch()] == \
+        torch.randperm(10, generator=torch.Generator().manual_seed(3 + 2)).tolist()
 
 
 @pytest.mark.parametrize("consumed", [0, 1, 3, 5, 7])  # incl. exactly at / across epoch ends

@@ -35,12 +35,17 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+ORDER = 2  # BatchSampler's epoch orders: 2 seeds epoch e with seed * 1_000_003 + e (1: seed + e, before)
+
+
 class BatchSampler:
     """Endless, deterministic, resumable stream of index batches.
 
     Epoch ``e`` visits ``torch.randperm(num_examples)`` drawn from a generator
-    seeded with ``seed + e``, cut into batches of ``batch_size`` (the last,
-    partial batch is kept).  Because each epoch's order depends only on
+    seeded with ``seed * 1_000_003 + e``, cut into batches of ``batch_size`` (the last,
+    partial batch is kept). (Until 2026-11-27 the seed was ``seed + e``, so seed 1's
+    first epoch was seed 0's second: a state saved then, without ``"order"``, resumes
+    with those orders.)  Because each epoch's order depends only on
     ``(seed, epoch)``, the state is just ``(epoch, position)`` where
     ``position`` is the number of batches of that epoch already handed out.
     Save ``state_dict()`` together with a checkpoint taken after a step and
@@ -63,6 +68,7 @@ class BatchSampler:
         self.seed = seed
         self.epoch = 0
         self.position = 0
+        self.order = ORDER  # how an epoch's generator is seeded (state_dict's "order")
         self._perm_epoch: int | None = None
         self._perm: list[int] = []
 
@@ -72,7 +78,7 @@ class BatchSampler:
 
     def _order(self, epoch: int) -> list[int]:
         if self._perm_epoch != epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch if self.order >= 2 else self.seed + epoch)
             self._perm = torch.randperm(self.num_examples, generator=g).tolist()
             self._perm_epoch = epoch
         return self._perm
@@ -97,6 +103,7 @@ class BatchSampler:
             "seed": self.seed,
             "num_examples": self.num_examples,
             "batch_size": self.batch_size,
+            "order": self.order,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -109,6 +116,9 @@ class BatchSampler:
                 )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+        if "num_examples" in state:  # a saved state: its orders, those of before "order" was saved included
+            self.order = int(state.get("order", 1))
+            self._perm_epoch = None
 
 
 def batches(
