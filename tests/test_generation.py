@@ -152,15 +152,12 @@ def test_chat_stops_at_the_templates_end_of_turn(tiny_dir, tmp_path, capsys):
     assert out.rstrip("\n") == expected
 
 
-def test_end_of_turn_of_a_real_template():
+def test_end_of_turn_of_a_real_template(smollm2_dir):
     from transformers import AutoTokenizer
 
     from lema.generation import end_of_turn_id
 
-    folder = os.path.join(os.path.dirname(__file__), "..", "runs", "smollm2")
-    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        pytest.skip("runs/smollm2 not converted")
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)  # the embedded SmolLM2, converted once a session (conftest.py)
     assert end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
 
 
