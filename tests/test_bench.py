@@ -249,6 +249,35 @@ def test_lema_bench_reports_the_pager_and_the_cpu(tmp_path, capsys):
                                                                                       "compact_stall": 3}
     assert "the kernel's memory work a step: kswapd reclaimed 1.0 MiB" in format_table(out)
     assert "3 compaction stalls" in format_table(out)
+    # page faults in the thread that ran the steps (the probes' too): counts a step, never negative
+    assert len(s["faults_per_step"]) == 2 and min(s["faults_per_step"]) >= 0
+    assert set(fl["probe_faults_per_step"]) == {"floor-1", "floor-4"}
+    out["contenders"]["streaming"]["faults_per_step"] = [12345.0, 0.0]
+    assert "LEMA STREAMING: page faults a step in the thread running it: 12,345 minor, 0 major" in format_table(out)
+    assert "; page faults a step in the probes' threads: floor-1 " in format_table(out)
+
+
+def test_thread_faults_count_this_threads_faults_only():
+    import mmap
+    import threading
+
+    from lema.measure import thread_faults
+
+    def touch(pages: int) -> None:
+        m = mmap.mmap(-1, pages * mmap.PAGESIZE)
+        for i in range(pages):
+            m[i * mmap.PAGESIZE] = 1  # a first write to each page of fresh anonymous memory: one fault each
+        m.close()
+
+    before = thread_faults()
+    other = threading.Thread(target=touch, args=(2000,))
+    other.start()
+    other.join()
+    alone = thread_faults()
+    touch(500)
+    after = thread_faults()
+    assert alone[0] - before[0] < 200  # the other thread's 2000 faults are not this thread's
+    assert after[0] - alone[0] >= 500 and after[1] == alone[1]
 
 
 def test_vm_counters_read_the_kernels_counts_in_bytes():

@@ -108,6 +108,9 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
                 if m.get("cpu"):  # the machine's CPU during this contender's steps, mean over the rounds
                     prev = res.info.get("cpu", {})
                     res.info["cpu"] = {k: (prev.get(k, 0.0) * r + v) / (r + 1) for k, v in m["cpu"].items()}
+                if m.get("faults") is not None:  # page faults in the thread running its steps, mean per step
+                    prev = res.info.get("faults_per_step", [0.0, 0.0])
+                    res.info["faults_per_step"] = [(p * r + v) / (r + 1) for p, v in zip(prev, m["faults"])]
                 if m.get("vm") is not None:  # the kernel's memory work during its steps, mean per step
                     prev = res.info.get("vm_per_step", {})
                     res.info["vm_per_step"] = {k: (prev.get(k, 0.0) * r + v) / (r + 1) for k, v in m["vm"].items()}
@@ -188,4 +191,6 @@ def floor_from_rounds(model: str, results: dict[str, ContenderResult], kept_laye
     by_round = [fit(lambda times, r=r: times[r])[3] for r in range(rounds)]
     return {"t_layer": recomputed[1], "t_layer_kept": kept[1], "t_rest": t_rest, "kept_layers": kept_layers,
             "compute_s": compute, "layers_timed": recomputed[2], "layers_timed_kept": kept[2], "interleaved": True,
-            "probe_repeats": PROBE_REPEATS, "compute_by_round_s": by_round}
+            "probe_repeats": PROBE_REPEATS, "compute_by_round_s": by_round,
+            "probe_faults_per_step": {n: r.info["faults_per_step"] for n, r in results.items()
+                                      if n.startswith("floor-") and "faults_per_step" in r.info}}

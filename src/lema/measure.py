@@ -85,6 +85,18 @@ def vm_counters() -> dict[str, int]:
         return {}
 
 
+def thread_faults() -> tuple[int, int]:
+    """(minor, major) page faults the calling thread has taken so far (getrusage RUSAGE_THREAD): a step's own, apart
+    from those of the pager's thread populating the page cache; (0, 0) where the OS does not count per thread."""
+    try:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
+    except (ImportError, AttributeError, OSError, ValueError):
+        return 0, 0
+    return usage.ru_minflt, usage.ru_majflt
+
+
 class DevicePeak:
     """PeakSampler's interface over CUDA's allocator statistics: the peak of allocated device memory."""
 
