@@ -182,6 +182,31 @@ def test_resumed_runs_killed_in_their_second_step_keep_the_checkpoints_bounded(t
     assert checkpoints(out) == ["checkpoint-4", "checkpoint-5"]
 
 
+def test_a_stopped_run_keeps_the_checkpoint_before_its_last(tiny_model, data, tmp_path, monkeypatch):
+    """SIGTERM in step 2: the run saves checkpoint-2 and stops; checkpoint-1 stays (limit 1) until a step from
+    checkpoint-2's weights is applied, in the resumed run, which then prunes it."""
+    import signal
+
+    from lema.trainer import LemaTrainer
+
+    step, calls = LemaTrainer.train_step, {"n": 0}
+
+    def terminated_in_the_second(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's preemption: the flag, the step finishes
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(LemaTrainer, "train_step", terminated_in_the_second)
+    out = tmp_path / "out"
+    summary = train(TrainArgs(**args(tiny_model, data, out, steps=6, save_total_limit=1)))
+    assert summary["interrupted"] and summary["steps"] == 2
+    assert checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
+    monkeypatch.setattr(LemaTrainer, "train_step", step)
+    train(TrainArgs(**args(tiny_model, data, out, steps=4, save_total_limit=1, resume=True)))
+    assert checkpoints(out) == ["checkpoint-4"]
+
+
 def test_with_no_checkpoint_left_beside_a_finished_runs_adapter_the_advice_is_another_output(tmp_path):
     """`lema train` refuses to start afresh where an earlier run's adapter/ is: the advice says so."""
     from lema.trainer import CollapsedStepError

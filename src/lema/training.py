@@ -74,7 +74,8 @@ class TrainArgs:
     save_steps: int = 100
     """Write a checkpoint every this many steps (and at the end)."""
     save_total_limit: Optional[int] = 3
-    """Keep only the newest this many checkpoints (0: keep them all)."""
+    """Keep only the newest this many checkpoints (0: keep them all); one more until a step from the newest's
+    weights has been applied (so a run that collapses there has the one before)."""
     eval_data: Optional[str] = None
     """Evaluation data (JSONL, same formats); its mean loss goes to the log."""
     eval_steps: Optional[int] = None
@@ -246,18 +247,25 @@ class _Interrupt:
         signal.signal(signal.SIGTERM, self._old_term)
 
 
-def _diverged(args: TrainArgs, step: int, error: DivergedStepError, lr: float) -> str:
-    """The error of a run stopped at a diverged step: which step and value, the checkpoint to go on from. Every
-    checkpoint saved came after steps of finite loss and gradients, so its weights are finite: AdamW moves a weight
-    by about the learning rate a step: only a rate near float32's limit (where torch's AdamW fails) overflows one.
-    A collapsed step (a zero gradient) says the weights it ran with are dead: a checkpoint of them, saved after
-    the step before, is set aside as `collapsed-checkpoint-STEP`, so that --resume takes the one before it."""
+def _set_aside_collapsed(output: str, step: int, error: DivergedStepError) -> Optional[tuple[str, str]]:
+    """A collapsed step (flat outputs) says the weights it ran with are dead: a checkpoint of them, saved after the
+    step before, is set aside as `collapsed-checkpoint-STEP`, so that --resume takes the one before it. Returns
+    (its path, where it went), or None."""
+    kept = list_checkpoints(output)
+    if isinstance(error, CollapsedStepError) and kept and kept[-1][0] == step - 1:
+        return kept[-1][1], set_aside(kept[-1][1], "collapsed")
+    return None
+
+
+def _diverged(args: TrainArgs, step: int, error: DivergedStepError, lr: float,
+              moved: Optional[tuple[str, str]] = None) -> str:
+    """The error of a run stopped at a diverged step: which step and value, the checkpoint to go on from (`moved`:
+    the collapsed one set aside). Every checkpoint saved came after steps of finite loss and gradients, so its
+    weights are finite: AdamW moves a weight by about the learning rate a step: only a rate near float32's limit
+    (where torch's AdamW fails) overflows one."""
     kept = list_checkpoints(args.output)
     collapsed = isinstance(error, CollapsedStepError)
-    moved = ""
-    if collapsed and kept and kept[-1][0] == step - 1:
-        moved = f"{kept[-1][1]} holds those weights: moved to {set_aside(kept[-1][1], 'collapsed')}; "
-        kept = kept[:-1]
+    moved = f"{moved[0]} holds those weights: moved to {moved[1]}; " if moved else ""
     where = moved + (f"the checkpoints are kept, the newest {kept[-1][1]} (step {kept[-1][0]})" if kept else
                      f"no {'older ' if moved else ''}checkpoint was saved before it")
     fixes = f"lower --lr (now {args.lr:g})"
@@ -406,7 +414,8 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
             except DivergedStepError as e:  # the trainer did not apply it; nothing is saved from here on.
                 # No log line: log.jsonl holds the steps applied, each a valid JSON line (NaN is not JSON); the
                 # error names the values instead.
-                diverged = _diverged(args, step + 1, e, optimizer.param_groups[0]["lr"])
+                moved = _set_aside_collapsed(args.output, step + 1, e)
+                diverged = _diverged(args, step + 1, e, optimizer.param_groups[0]["lr"], moved)
                 break
             scheduler.step()
             step += 1
@@ -443,7 +452,8 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
         model.close()
         unlock_output(args.output)
         raise ValueError(diverged)
-    prune_checkpoints(args.output, args.save_total_limit)  # the run ended as it should: its last save stands
+    if not interrupted:  # the run ended as it should: its last save stands (a stopped one prunes when resumed)
+        prune_checkpoints(args.output, args.save_total_limit)
     adapter_dir = os.path.join(args.output, "adapter")
     if not interrupted:
         model.save_adapter(adapter_dir)
