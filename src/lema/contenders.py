@@ -21,7 +21,7 @@ from typing import Optional
 
 from . import cpu_allocator
 from .measure import (DevicePeak, PeakSampler, allocated_bytes, cpu_shares, cpu_ticks, disk_read_bytes, rss_anon,
-                      thread_faults, vm_counters)
+                      step_faults, vm_counters)
 
 CONTENDERS = ("peft", "resident", "streaming")
 LABELS = {"peft": "Transformers + PEFT", "resident": "LEMA RESIDENT", "streaming": "LEMA STREAMING",
@@ -287,7 +287,8 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                     pager.refill()
                     pager.wait_idle()
                 b0, d0, c0, a0 = contender.bytes_loaded(), disk_read_bytes(), cpu_ticks(), cpu_allocator.stats()
-                v0, f0 = vm_counters(), thread_faults()
+                pager_thread = getattr(getattr(pager, "_thread", None), "native_id", None)
+                v0, f0 = vm_counters(), step_faults((pager_thread,))
                 spans = getattr(contender, "spans", None)
                 reads = getattr(pager, "read_log", None)
                 for log in (spans, reads):
@@ -304,7 +305,8 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                     dt = min(dt, time.perf_counter() - t)
                     sampler.pause()
                 repeats = cmd.get("repeat", 1)
-                faults = [(n - n0) / repeats for n, n0 in zip(thread_faults(), f0)]  # (minor, major) a step
+                f1 = step_faults((pager_thread,))  # (minor, major) a step
+                faults = [(n - n0) / repeats for n, n0 in zip(f1, f0)] if f0 is not None and f1 is not None else None
                 msg = {"ok": True, "time": dt, "loss": loss, "bytes": contender.bytes_loaded() - b0, "faults": faults,
                        "disk": disk_read_bytes() - d0, "peak": sampler.peak, "cpu": cpu_shares(c0, cpu_ticks()),
                        "peak_allocated": sampler.peak_allocated if allocated else None,

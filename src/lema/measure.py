@@ -85,16 +85,25 @@ def vm_counters() -> dict[str, int]:
         return {}
 
 
-def thread_faults() -> tuple[int, int]:
-    """(minor, major) page faults the calling thread has taken so far (getrusage RUSAGE_THREAD): a step's own, apart
-    from those of the pager's thread populating the page cache; (0, 0) where the OS does not count per thread."""
+def step_faults(exclude: tuple = ()) -> Optional[tuple[int, int]]:
+    """(minor, major) page faults the process's threads have taken so far, but the threads of `exclude` (native
+    ids: the pager's, whose populates are its reads, not the step's); the threads torch runs its products on count.
+    Summed from /proc/self/task/*/stat (a thread that has ended no longer counts); None where there is none."""
+    minor = major = 0
     try:
-        import resource
-
-        usage = resource.getrusage(resource.RUSAGE_THREAD)
-    except (ImportError, AttributeError, OSError, ValueError):
-        return 0, 0
-    return usage.ru_minflt, usage.ru_majflt
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tasks:
+        if int(tid) in exclude:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+        minor, major = minor + int(fields[7]), major + int(fields[9])  # stat fields 10 (minflt) and 12 (majflt)
+    return minor, major
 
 
 class DevicePeak:

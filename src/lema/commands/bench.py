@@ -393,8 +393,8 @@ def format_table(out: dict) -> str:
                          + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
         if c.get("faults_per_step"):
             minor, major = c["faults_per_step"]
-            lines.append(f"{c['label']}: page faults a step in the thread running it: {minor:,.0f} minor, {major:,.0f} "
-                         "major")
+            lines.append(f"{c['label']}: page faults a step in its process (but the pager's thread): {minor:,.0f} minor, "
+                         f"{major:,.0f} major")
         vm = c.get("vm_per_step") or {}
         if any(vm.values()):
             lines.append(f"{c['label']}: the kernel's memory work a step: kswapd reclaimed "
@@ -440,7 +440,7 @@ def format_table(out: dict) -> str:
                         if fl.get("streaming_over_floor_by_round") else "")
                      + (f"; every layer's weights twice over the ceiling: {fl['two_passes_s']:.2f} s"
                         if "two_passes_s" in fl else "")
-                     + ("; page faults a step in the probes' threads: " + ", ".join(
+                     + ("; page faults a step in the probes' processes: " + ", ".join(
                          f"{n} {f[0]:,.0f} minor, {f[1]:,.0f} major" for n, f in fl["probe_faults_per_step"].items())
                         if fl.get("probe_faults_per_step") else ""))
     return "\n".join(lines)
