@@ -354,6 +354,13 @@ def test_another_seed_is_not_the_same_orders_an_epoch_later():
     assert not any(a == b for a in three for b in four)
 
 
+@pytest.mark.parametrize("seed", [2**60, -5])
+def test_any_seed_gives_an_order(seed):
+    """seed * 1000003 + epoch passes the generator's 64 bits for seeds past ~1.8e13: taken modulo 2**64 (it failed
+    at the first batch, after the model was built)."""
+    assert sorted(i for b in take(BatchSampler(10, 4, seed=seed), 3) for i in b) == list(range(10))
+
+
 def test_a_state_saved_before_the_order_was_recorded_resumes_with_its_orders():
     """Checkpoints of runs before "order" resume exactly: the rest of the run keeps seed + epoch."""
     s = BatchSampler(10, 4, seed=3)

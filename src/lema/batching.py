@@ -42,7 +42,7 @@ class BatchSampler:
     """Endless, deterministic, resumable stream of index batches.
 
     Epoch ``e`` visits ``torch.randperm(num_examples)`` drawn from a generator
-    seeded with ``seed * 1_000_003 + e``, cut into batches of ``batch_size`` (the last,
+    seeded with ``(seed * 1_000_003 + e) mod 2**64``, cut into batches of ``batch_size`` (the last,
     partial batch is kept). (Until 2026-11-27 the seed was ``seed + e``, so seed 1's
     first epoch was seed 0's second: a state saved then, without ``"order"``, resumes
     with those orders.)  Because each epoch's order depends only on
@@ -78,7 +78,8 @@ class BatchSampler:
 
     def _order(self, epoch: int) -> list[int]:
         if self._perm_epoch != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch if self.order >= 2 else self.seed + epoch)
+            seed = (self.seed * 1_000_003 + epoch) % 2**64 if self.order >= 2 else self.seed + epoch  # the generator's range
+            g = torch.Generator().manual_seed(seed)
             self._perm = torch.randperm(self.num_examples, generator=g).tolist()
             self._perm_epoch = epoch
         return self._perm
