@@ -82,6 +82,11 @@ def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
             raise ValueError(f"adapter {adapter!r} adapts lm_head, which this model ties to its input embedding "
                              "(tie_word_embeddings): folding the update into the shared weight would change the "
                              "embedding too; train the adapter without lm_head in its target modules")
+        no_bias = sorted(n for n in unused if n in biases and n.removesuffix(".bias") + ".weight" not in unused)
+        if no_bias:  # lora_bias=True on a layer without a bias: nothing to add B's bias to (PEFT refuses it too)
+            raise ValueError(f"adapter {adapter!r} was trained with lora_bias=True, but the base layer of "
+                             f"{no_bias[0]!r} has no bias to fold lora_B's bias into; lema merge (as PEFT's "
+                             "merge_and_unload) cannot merge it: load the adapter unmerged instead")
         if unused:
             raise ValueError(f"adapter {adapter!r} adapts weights this model does not have, e.g. "
                              f"{sorted(unused)[:3]}; it was made for another model")
