@@ -136,7 +136,8 @@ def test_chat_stops_at_the_templates_end_of_turn(tiny_dir, tmp_path, capsys):
     from lema.generation import encode_prompt, load_for_generation
 
     folder = model_copy(tiny_dir, tmp_path, chat=True)
-    _, tok = load_for_generation(folder)
+    model, tok = load_for_generation(folder)
+    model.close()
     ids = encode_prompt(tok, "hello", chat=True)
     free = free_run(folder, ids, 16)
     step, token = first_new(free, 3)

@@ -38,7 +38,6 @@ import mmap
 import os
 import shutil
 import struct
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from .config import parse_dtype
-from .fsutil import replace_folder
+from .fsutil import make_temp_folder, replace_folder
 from .store import PACKED_FORMAT, WeightStore
 from .store.safetensors_file import DTYPE_NAMES
 from .stream.layout import Placement
@@ -309,10 +308,7 @@ def convert(src: str, out: str, dtype: str = "float32", overwrite: bool = False,
                            f"another {words.out}")
 
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.normpath(out)) + ".tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT should look like any folder the user makes
+    tmp = make_temp_folder(parent, os.path.basename(os.path.normpath(out)) + ".tmp-")  # permissions as any folder
     store = None
     try:
         if source.kind == "gguf":

@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 
-# Below this a temperature makes the logits / temperature overflow float32 (inf - inf = nan in the softmax).
+# A bound with room to spare: far below it (about 1e-38) the logits / temperature overflow float32 and the softmax
+# gives nan; no temperature this small samples differently from greedy decoding.
 MIN_TEMPERATURE = 1e-5
 
 

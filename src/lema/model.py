@@ -132,7 +132,7 @@ class LemaModel(nn.Module):
     # ----- setup --------------------------------------------------------------------------
     def _check_checkpoint(self, base, unexpected: list[str]) -> None:
         """Every parameter present, with the right shape, and every file tensor used, before any compute."""
-        check_complete(base, self.sources, self.config.model_name_or_path)
+        check_complete(base, self.sources, self.config.gbi_path or self.config.model_name_or_path)
         check_unused(base, self.store, unexpected, self.units.layers_prefix, self.units.num_layers)
         params = dict(base.named_parameters())
         for name, src in self.sources.items():

@@ -1,7 +1,8 @@
 """The memory planner: what one training step needs, where it lives, and whether it fits.
 
-Everything comes from the model's config alone: the skeleton is built on the meta device and
-PEFT's LoRA is injected into it (so the LoRA sizes are PEFT's own); no weight is read.
+Everything comes from the model's config: the skeleton is built on the meta device and PEFT's LoRA is
+injected into it (so the LoRA sizes are PEFT's own); of a folder's weights only the files' headers are read,
+and checked as the model checks them (plan_bytes._folder_facts).
 
 Notation: B batch, T sequence length, a = B*T tokens, H hidden size, I MLP intermediate size,
 nh / nkv attention / key-value heads, d head dim, V vocabulary, L decoder layers, r LoRA rank,

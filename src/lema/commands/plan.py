@@ -12,8 +12,9 @@ def add_arguments(parser) -> None:
     from ..shapes import SHAPES
 
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="FOLDER", help="a Transformers checkpoint folder (its config.json; its safetensors weights, if any, are "
-                                                         "checked as `lema train` checks them)")
+    src.add_argument("--model", metavar="FOLDER",
+                     help="a Transformers checkpoint folder (its config.json; its safetensors weights, if any, "
+                          "are checked as `lema train` checks them)")
     src.add_argument("--shape", choices=[s for s in SHAPES], help="a known model shape (config only, no weights)")
     parser.add_argument("--max-vram", default=None, metavar="SIZE",
                         help="device memory budget, e.g. 16GB or 12GiB; a plan over it is refused")
