@@ -108,7 +108,7 @@ def run_rounds(names: list[str], spec: BenchSpec, steps: int, warmup: int = 1, t
                 if m.get("cpu"):  # the machine's CPU during this contender's steps, mean over the rounds
                     prev = res.info.get("cpu", {})
                     res.info["cpu"] = {k: (prev.get(k, 0.0) * r + v) / (r + 1) for k, v in m["cpu"].items()}
-                if m.get("faults") is not None:  # page faults in the thread running its steps, mean per step
+                if m.get("faults") is not None:  # page faults of its process but the pager thread, mean per step
                     prev = res.info.get("faults_per_step", [0.0, 0.0])
                     res.info["faults_per_step"] = [(p * r + v) / (r + 1) for p, v in zip(prev, m["faults"])]
                 if m.get("vm") is not None:  # the kernel's memory work during its steps, mean per step
