@@ -164,3 +164,16 @@ def test_what_merge_cannot_fold_is_refused_in_one_line(arch, lora, save, words, 
     assert lines[-1].startswith("lema merge: error: ") and words in lines[-1], err
     assert "copy the adapter folder again" not in lines[-1] and "another model" not in lines[-1]
     assert not os.path.exists(out) and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_a_tied_head_adapter_is_refused_before_anything_is_written(tiny_dir, tmp_path, monkeypatch):
+    """It was found only when the merged weights had all been written (and then thrown away)."""
+    import lema.convert as conv
+    from lema.merge import merge
+
+    base_dir = tiny_dir("llama-tied")
+    adapter = peft_adapter(base_dir, str(tmp_path / "adapter"), {"save_embedding_layers": False}, randomize=False,
+                           target_modules=["q_proj", "lm_head"])
+    monkeypatch.setattr(conv, "write_packed", lambda *a, **kw: pytest.fail("the merged model was written"))
+    with pytest.raises(ValueError, match="adapts lm_head, which this model ties to its input embedding"):
+        merge(base_dir, adapter, str(tmp_path / "merged"), progress=False)

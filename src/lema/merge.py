@@ -11,6 +11,7 @@ delta is computed from the (small) adapter, the sum is written, and the next ten
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -79,9 +80,7 @@ def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
 
     def finish() -> None:
         if "lm_head.weight" in unused:  # a tied head is not a weight of its own: folding it changes the embedding
-            raise ValueError(f"adapter {adapter!r} adapts lm_head, which this model ties to its input embedding "
-                             "(tie_word_embeddings): folding the update into the shared weight would change the "
-                             "embedding too; train the adapter without lm_head in its target modules")
+            raise _tied_head(adapter)
         no_bias = sorted(n for n in unused if n in biases and n.removesuffix(".bias") + ".weight" not in unused)
         if no_bias:  # lora_bias=True on a layer without a bias: nothing to add B's bias to (PEFT refuses it too)
             raise ValueError(f"adapter {adapter!r} was trained with lora_bias=True, but the base layer of "
@@ -92,7 +91,14 @@ def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
                              f"{sorted(unused)[:3]}; it was made for another model")
 
     transform.finish = finish
+    transform.adapted = frozenset(pairs) | frozenset(biases)
     return transform
+
+
+def _tied_head(adapter: str) -> ValueError:
+    return ValueError(f"adapter {adapter!r} adapts lm_head, which this model ties to its input embedding "
+                      "(tie_word_embeddings): folding the update into the shared weight would change the "
+                      "embedding too; train the adapter without lm_head in its target modules")
 
 
 def merge(model: str, adapter: str, out: str, dtype: str = "float32", overwrite: bool = False,
@@ -104,6 +110,12 @@ def merge(model: str, adapter: str, out: str, dtype: str = "float32", overwrite:
         raise ValueError(f"--output {out!r} and --adapter {adapter!r} overlap; write the merged model to a "
                          "separate folder")
     transform = lora_deltas(adapter)
+    if "lm_head.weight" in transform.adapted and os.path.isfile(os.path.join(model, "config.json")):
+        from .engine.skeleton import load_hf_config, text_config
+
+        config = load_hf_config(model)  # refused before anything is written (finish() would, after)
+        if getattr(config, "tie_word_embeddings", False) or getattr(text_config(config), "tie_word_embeddings", False):
+            raise _tied_head(adapter)
     words = Wording(src="--model", out="--output", overwrite="--overwrite", verb="merge", result="merged model")
     return convert(model, out, dtype=dtype, overwrite=overwrite, progress=progress, transform=transform,
                    before_commit=transform.finish, words=words)
