@@ -188,6 +188,16 @@ def test_cli_seed_reproduces_sampled_text(tiny_dir, tmp_path, capsys):
     assert runs[0][1] == runs[1][1] != runs[2][1]
 
 
+def test_sampling_flags_at_temperature_0_are_said_to_change_nothing(tiny_dir, tmp_path, capsys):
+    folder = model_copy(tiny_dir, tmp_path)
+    rc, greedy, err = lema(capsys, "generate", "--model", folder, "--prompt", "the cat", "--max-new-tokens", 5)
+    assert rc == 0 and "note:" not in err
+    rc, out, err = lema(capsys, "generate", "--model", folder, "--prompt", "the cat", "--max-new-tokens", 5,
+                        "--top-p", 0.5, "--seed", 3)
+    assert rc == 0 and out == greedy
+    assert "note: --top-p and --seed apply to sampling (--temperature > 0); at --temperature 0 decoding is greedy" in err
+
+
 # ----- bad settings: one line naming the flag at fault -----------------------------------------------------------
 @pytest.mark.parametrize("flags, message, not_named", [
     (["--top-p", "1.5"], "--top-p=1.5 in (0, 1] is required", "--temperature"),
