@@ -287,7 +287,7 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                     pager.refill()
                     pager.wait_idle()
                 b0, d0, c0, a0 = contender.bytes_loaded(), disk_read_bytes(), cpu_ticks(), cpu_allocator.stats()
-                pager_thread = getattr(getattr(pager, "_thread", None), "native_id", None)
+                pager_thread = pager.thread_id if pager is not None else None
                 v0, f0 = vm_counters(), step_faults((pager_thread,))
                 spans = getattr(contender, "spans", None)
                 reads = getattr(pager, "read_log", None)

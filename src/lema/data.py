@@ -250,12 +250,11 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[i
     for k, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:k], add_generation_prompt=True)
         upto = _render(tokenizer, messages[: k + 1])
         end = len(upto.rstrip())
         start = _content_start(tokenizer, messages[: k + 1], upto)
-        if start is None:
-            start = _common_prefix_len(before, upto)
+        if start is None:  # where the turn diverges from "history + generation prompt"
+            start = _common_prefix_len(_render(tokenizer, messages[:k], add_generation_prompt=True), upto)
             # Some templates strip or rewrite content; prefer starting exactly at
             # the content when it can be found, otherwise at the first divergence.
             content = msg["content"].strip()

@@ -153,6 +153,11 @@ class PageCachePager:
                                             name="lema-pager", daemon=True)
             self._thread.start()
 
+    @property
+    def thread_id(self) -> Optional[int]:
+        """The pager thread's native id (its page faults are its reads: `lema bench` counts a step's apart)."""
+        return self._thread.native_id if self._thread is not None else None
+
     def expect_step(self, growth: int) -> None:
         """The coming training step will take `growth` more bytes of memory (activations, gradients, optimizer
         state: the plan's, beyond the weights and adapters). Before the first pass, where the window has nothing
