@@ -13,8 +13,10 @@
 #   t4longr0  the same, every layer streamed (--resident-layers 0): the auto split's gain, side by side
 #   t3pc    target 3 staged with --page-cache 6GB: a host with less RAM than the model, emulated (the pager holds
 #           15 of the 32 layers and drops the rest, so each step reads ~14 GB from the disk)
-#   t5zc, t5longzc, t3zc, t4zc: the same with --zero-copy on (layers copied from the page cache registered
-#           with CUDA, no pinned staging): run each beside its staged twin on the same machine
+#   Zero-copy (layers copied from the page cache registered with CUDA, no pinned staging) is the CUDA default
+#   where the layers fit in RAM (all stages but t3pc, whose --page-cache asks for the pager and so stages):
+#   t5st, t5longst, t3st, t4st: the same staged through pinned slots (--zero-copy off), to run beside it
+#   t5zc, t5longzc, t3zc, t4zc: the same with --zero-copy on (refused where it cannot apply)
 # Targets 5 say "every layer streamed": their stages pass --resident-layers 0 (auto might keep some).
 # Each stage's output goes to $OUT/<stage>.log (bench stages also $OUT/<stage>.json); a summary last.
 set -u
@@ -24,9 +26,9 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LEMA_CACHE_DIR=${LEMA_CACHE_DIR:-/
 PY=python3
 BENCH="$PY -m lema bench --device cuda --gpu-memory 16GB --dtype bfloat16 --json"
 declare -A NEED=([tests]=60 [probe]=30 [t5]=60 [t5long]=60 [t3]=80 [t4]=80 [t4long]=40 [t4longr0]=40 [t3pc]=80
-                 [t5zc]=60 [t5longzc]=60 [t3zc]=80 [t4zc]=80)
+                 [t5zc]=60 [t5longzc]=60 [t3zc]=80 [t4zc]=80 [t5st]=60 [t5longst]=60 [t3st]=80 [t4st]=80)
 declare -A LIMIT=([tests]=150 [probe]=60 [t5]=120 [t5long]=120 [t3]=200 [t4]=150 [t4long]=100 [t4longr0]=100 [t3pc]=200
-                  [t5zc]=120 [t5longzc]=120 [t3zc]=200 [t4zc]=150)
+                  [t5zc]=120 [t5longzc]=120 [t3zc]=200 [t4zc]=150 [t5st]=120 [t5longst]=120 [t3st]=200 [t4st]=150)
 summary=()
 
 run_stage() {
@@ -36,8 +38,12 @@ run_stage() {
     limit=$(( ${LIMIT[$name]} < left ? ${LIMIT[$name]} : left ))
     echo "=== $name (limit ${limit} s) ==="
     local zc=""
-    [[ $name == *zc ]] && zc="--zero-copy on"
-    case ${name%zc} in
+    local base=$name  # a bench stage's twin: its name + zc (--zero-copy on) or + st (--zero-copy off)
+    case $name in
+      t[345]*zc) zc="--zero-copy on"; base=${name%zc} ;;
+      t[345]*st) zc="--zero-copy off"; base=${name%st} ;;
+    esac
+    case $base in
       tests)  timeout "$limit" $PY -m pytest -q -p no:cacheprovider -rfEs --tb=short tests/test_cuda.py \
                   >"$OUT/$name.log" 2>&1 ;;
       probe)  timeout "$limit" bash -c "$PY -c \"import torch; from lema.shapes import build_shape; \

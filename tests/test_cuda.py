@@ -84,12 +84,12 @@ def test_streaming_matches_resident_on_cuda(arch, file_dtype, dtype, rel, num_bu
 
 
 def test_layer_packed_file_on_cuda(tiny_dir, make_lema, tmp_path_factory):
-    """A `lema convert` output: each layer moves as one memcpy into the pinned slot, one H2D copy."""
+    """A `lema convert` output, staged: each layer moves as one memcpy into the pinned slot, one H2D copy."""
     from lema.convert import convert
 
     src = tiny_dir("llama", num_layers=LAYERS)
     out = convert(src, str(tmp_path_factory.mktemp("packed") / "out"), progress=False)
-    model = make_lema(out, device="cuda", num_buffers=2)
+    model = make_lema(out, device="cuda", num_buffers=2, zero_copy=False)
     resident = make_lema(src, device="cuda", strategy=MemoryStrategy.RESIDENT)
     assert all(layout.packed is not None for layout in model.layouts)
     assert_trains_like(model, resident)
@@ -154,8 +154,24 @@ def test_zero_copy_on_cuda_refuses_a_file_in_another_dtype(tiny_dir, make_lema):
         make_lema(tiny_dir("llama", num_layers=LAYERS, dtype=torch.bfloat16), device="cuda", zero_copy=True)
 
 
+def test_cuda_copies_are_zero_copy_by_default_where_they_can_be(tiny_dir, make_lema):
+    """zero_copy=None on a GPU: the registered page cache where the file holds the layers in the compute dtype;
+    pinned staging where each load converts (a bf16 file, fp32 compute) or a page-cache size asks for the
+    pager; zero_copy=False stages."""
+    path = tiny_dir("llama", num_layers=LAYERS)
+    auto = make_lema(path, device="cuda", num_buffers=2)
+    assert auto.source._host_views is not None and all(s.host is None for s in auto.source.slots)
+    converted = make_lema(tiny_dir("llama", num_layers=LAYERS, dtype=torch.bfloat16), device="cuda", num_buffers=2)
+    paged = make_lema(path, device="cuda", num_buffers=2, page_cache="1KB")
+    off = make_lema(path, device="cuda", num_buffers=2, zero_copy=False)
+    for m in (converted, paged, off):
+        assert m.source._host_views is None and all(s.host is not None and s.host.is_pinned() for s in m.source.slots)
+    assert paged.source.pager is not None
+    assert_trains_like(auto, off)
+
+
 def test_ring_slots_are_pinned_host_and_device_buffers(tiny_dir, make_lema):
-    model = make_lema(tiny_dir("llama", num_layers=LAYERS), device="cuda", num_buffers=3)
+    model = make_lema(tiny_dir("llama", num_layers=LAYERS), device="cuda", num_buffers=3, zero_copy=False)
     ring = model.source
     assert ring.copy_stream is not None and ring.copy_stream != torch.cuda.current_stream()
     assert len(ring.slots) == 3
@@ -215,7 +231,7 @@ def test_streaming_on_cuda_matches_cpu_reference(tiny_dir, make_lema):
 
 
 def test_loader_error_on_cuda_names_the_unit(tiny_dir, make_lema):
-    model = make_lema(tiny_dir("llama", num_layers=LAYERS), device="cuda", num_buffers=2)
+    model = make_lema(tiny_dir("llama", num_layers=LAYERS), device="cuda", num_buffers=2, zero_copy=False)
     ring = model.source
     fill = ring._fill
 
@@ -252,12 +268,14 @@ def test_kept_activations_on_cuda_match_resident(keep, tiny_dir, make_lema):
 
 def test_resident_layers_on_cuda_stay_on_the_device_and_match(tiny_dir, make_lema):
     """resident_layers=2: those layers' weights are device tensors loaded once; the ring streams the
-    others through its slots; same LoRA as RESIDENT after a step."""
+    others through its slots (zero-copy, the default here: the resident layers are read before the streamed ones'
+    pages are registered, as a tensor on a page shared with a registered span cannot be copied); same LoRA as
+    RESIDENT after a step."""
     path = tiny_dir("llama", num_layers=LAYERS)
     streamed = make_lema(path, device="cuda", num_buffers=2, resident_layers=2)
     resident = make_lema(path, strategy=MemoryStrategy.RESIDENT, device="cuda")
     ring = streamed.source
-    assert len(ring.resident) == 2
+    assert len(ring.resident) == 2 and ring._host_views is not None
     assert all(t.is_cuda for w in ring.resident.values() for t in w.values())
     for m in (streamed, resident):
         m.get_trainer(torch.optim.AdamW(m.get_trainable_parameters(), lr=1e-2)).train_step(batch(0).cuda())

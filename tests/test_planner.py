@@ -46,7 +46,7 @@ def lora_param_count(cfg, rank):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_plan_arithmetic(dtype):
     cfg = make_config("llama")
-    p = plan(cfg, dtype, lora_rank=4, batch_size=B, seq_len=T, device_type="cuda", num_buffers=3)
+    p = plan(cfg, dtype, lora_rank=4, batch_size=B, seq_len=T, device_type="cuda", num_buffers=3, zero_copy=False)
     s = dtype.itemsize
     embed, layers, head = real_param_bytes(cfg, dtype)
     L, H, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
@@ -338,12 +338,31 @@ def test_pinned_slots_take_their_size_in_whole_pages():
     assert pinned_slot_bytes(page + 1) == 2 * page and pinned_slot_bytes(1) == page and pinned_slot_bytes(0) == 0
 
 
-def test_gpu_zero_copy_plans_no_pinned_host_slots():
+def test_gpu_zero_copy_plans_no_pinned_host_slots(tmp_path, monkeypatch):
+    """Zero-copy, asked for or (None) chosen as the engine chooses it, plans no pinned host slots; staging plans
+    them, and the table says which and why."""
+    import lema.host_memory
+
     cfg = make_config("llama")
-    staged = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda", num_buffers=3)
-    direct = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cuda", num_buffers=3, zero_copy=True)
+    kw = dict(batch_size=B, seq_len=T, device_type="cuda", num_buffers=3)
+    staged = plan(cfg, "float32", zero_copy=False, **kw)
+    direct = plan(cfg, "float32", zero_copy=True, **kw)
     assert staged.ring_host_bytes == 3 * pinned_slot_bytes(staged.slot_bytes) > 0 and direct.ring_host_bytes == 0
     assert direct.ring_device_bytes == staged.ring_device_bytes and direct.peak_bytes == staged.peak_bytes
+    assert "host to device: zero-copy" in direct.table() and "(--zero-copy off)" in staged.table()
+
+    folder = str(tmp_path / "m")
+    save_tiny("llama", folder)  # a float32 file
+    auto = plan(folder, "float32", **kw)
+    assert auto.gpu_copies == "zero-copy" and auto.ring_host_bytes == 0
+    converted = plan(folder, "bfloat16", **kw)  # each load converts: through the pinned slots
+    assert converted.ring_host_bytes > 0 and "the file holds float32" in converted.table()
+    paged = plan(folder, "float32", page_cache=10**6, **kw)
+    assert paged.ring_host_bytes > 0 and "--page-cache sets the pager's window" in paged.table()
+    monkeypatch.setattr(lema.host_memory, "memory_available", lambda: 2**30)  # less than the reserve
+    small = plan(folder, "float32", **kw)
+    assert small.ring_host_bytes > 0 and "do not fit in the RAM" in small.table()
+    assert plan(folder, "float32", zero_copy=True, **kw).ring_host_bytes == 0  # asked for: the engine decides
 
 
 def _seven_b(dtype="bfloat16"):
@@ -365,9 +384,9 @@ def test_gpu_auto_resident_layers_share_the_room_by_the_step_time_each_saves():
     budget = 16 * 10**9
     for b, t in ((1, 512), (1, 4096), (8, 512)):
         auto = plan(cfg, "bfloat16", batch_size=b, seq_len=t, max_vram_bytes=budget, device_type="cuda",
-                    resident_layers=None, facts=facts)
+                    resident_layers=None, facts=facts, zero_copy=False)
         none = plan(cfg, "bfloat16", batch_size=b, seq_len=t, max_vram_bytes=budget, device_type="cuda",
-                    resident_layers=0, facts=facts)
+                    resident_layers=0, facts=facts, zero_copy=False)
         assert auto.resident_auto and not none.resident_auto
         assert 0 < auto.resident_layers < 32 and auto.resident_layer_indices == spread(auto.resident_layers, 32)
         assert auto.peak_bytes <= budget * (1 - ALLOCATOR_SLACK)
@@ -381,7 +400,7 @@ def test_gpu_auto_resident_layers_share_the_room_by_the_step_time_each_saves():
         assert auto.modelled_s == (stream, compute) and f"streaming {stream:.2f} s, compute {compute:.2f} s" in auto.table()
     # b1 x 512 at 16 GB: both kinds get room (the activations are small)
     small = plan(cfg, "bfloat16", batch_size=1, seq_len=512, max_vram_bytes=budget, device_type="cuda",
-                 resident_layers=None, facts=facts)
+                 resident_layers=None, facts=facts, zero_copy=False)
     assert small.resident_layers >= 16 and small.kept_layers >= 8
 
 

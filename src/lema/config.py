@@ -163,10 +163,11 @@ class LemaConfig:
     zero_copy: Optional[bool] = None
     """CPU: hand out views of the memory-mapped weights (no copy, page cache only) instead of reading each
     layer into a ring slot in the loader thread. None: views whenever the file is in the compute dtype.
-    CUDA: True page-locks the layers' file pages for the GPU (cudaHostRegister, read-only) and copies each
-    layer straight from them, with no pinned staging slot (the file must be in the compute dtype and the
-    layers must fit in RAM; refused otherwise). None/False: staged through pinned slots (not yet measured
-    against each other on a GPU, so staging stays the default there)."""
+    CUDA: True page-locks the streamed layers' file pages for the GPU (cudaHostRegister, read-only) and copies
+    each layer straight from them, with no pinned staging slot (the file must hold the layers in the compute
+    dtype and they must fit in RAM; refused otherwise). None: so wherever that holds and no `page_cache` size
+    is given, else staged through pinned slots (on an H200 the 7B step took 0.69 s zero-copy, 1.05 s staged).
+    False: staged."""
     page_cache: Optional[str | int] = None
     """Streaming (all but CUDA zero-copy, whose pages stay locked): how much of the page cache the streamed layers'
     file bytes may hold, e.g. '16GB' or a number of bytes (> 0). A pager thread then keeps the layers needed soonest

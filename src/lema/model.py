@@ -93,13 +93,16 @@ class LemaModel(nn.Module):
             # LemaConfig.resident_layers; as many as the layers or more: every one (the plan's auto split may ask so)
             resident_ids = spread(config.resident_layers, self.units.num_layers)
             streamed_ids = [i for i in range(self.units.num_layers) if i not in set(resident_ids)]
-            # CUDA zero-copy: only when asked for (not yet measured against the pinned staging on a GPU)
-            host_views = (self._register_page_cache(same_dtype, streamed_ids) if not cpu and config.zero_copy
-                          else None)
+            # before any page is registered: a resident layer's first or last bytes can share a page with a streamed
+            # layer's registered span, and CUDA refuses a copy from a range only partly registered
+            resident = {i: self._load_resident(self.layouts[i]) for i in resident_ids}
+            # CUDA zero-copy: asked for, or (auto) wherever it applies, unless a page-cache size asks for the pager
+            auto = config.zero_copy is None and config.page_cache_bytes is None
+            host_views = (self._register_page_cache(same_dtype, streamed_ids, required=config.zero_copy is True)
+                          if not cpu and (config.zero_copy or auto) else None)
             try:
                 # the page cache of every path but CUDA zero-copy's (its pages stay locked, and fit the RAM)
                 pager = self._pager(streamed_ids) if host_views is None and config.prefetch else None
-                resident = {i: self._load_resident(self.layouts[i]) for i in resident_ids}
                 slots = config.num_buffers if len(resident) < self.units.num_layers else 0  # all resident: no ring
                 self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
                                          slots, prefetch=config.prefetch, pager=pager, resident=resident,
@@ -210,11 +213,13 @@ class LemaModel(nn.Module):
         """Every layer tensor lies in the file as one range (no tensor built on load from several)."""
         return all(l.stored_as_used for l in self.layouts)
 
-    def _register_page_cache(self, same_dtype: bool, streamed: list[int]):
-        """CUDA zero-copy (LemaConfig.zero_copy=True): page-lock the streamed layers' file ranges for the copy
-        engine (SafetensorsFile.register_with_cuda), so each layer's host-to-device copy reads the page cache
+    def _register_page_cache(self, same_dtype: bool, streamed: list[int], required: bool):
+        """CUDA zero-copy (LemaConfig.zero_copy True or None): page-lock the streamed layers' file ranges for the
+        copy engine (SafetensorsFile.register_with_cuda), so each layer's host-to-device copy reads the page cache
         itself, with no pinned staging slot and no host copy; returns the ring's `host_views`. Resident layers
-        (read once, at load) are left pageable."""
+        (read once, at load) are left pageable. Where it cannot apply (another dtype in the file, tensors built
+        on load, the layers past the RAM, a failed registration): refused when `required`, else None (the
+        pinned staging)."""
         why = None
         if not same_dtype:
             why = f"the layer weights are not stored in {self.dtype} (the copy engine cannot convert)"
@@ -237,6 +242,8 @@ class LemaModel(nn.Module):
         if why is not None:
             for f in self.store.files:  # a file registered before another one failed
                 f.unregister_cuda()
+            if not required:
+                return None
             raise ValueError(f"zero_copy=True on {self.device}: {why}; use zero_copy=None (--zero-copy auto) "
                              "to stage each layer through pinned host slots")
         self._pieces = {}

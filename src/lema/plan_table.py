@@ -67,6 +67,7 @@ class Plan:
     # CPU, weights as views: how many decoder layers the page cache holds (None: not applicable), the
     # pager's window in bytes (0: no pager) and the bytes read from disk per training step, steady state
     page_cache_layers: Optional[int] = None
+    gpu_copies: Optional[str] = None  # a GPU's layer copies: "zero-copy", or "staged: <why>" (planner.cuda_zero_copy)
     page_cache_window: int = 0
     page_cache_adaptive: bool = False  # the window is sized at run time (smaller where the kernel evicts from it)
     disk_read_bytes: int = 0
@@ -164,6 +165,11 @@ class Plan:
                          + (f"; layers {_short(self.resident_layer_indices)}" if n else "") + ")"
                          + (f"; {fit} would fit the budget, spread as layers {_short(spread(fit, self.num_layers))}"
                             if fit > n else ""))
+        if self.gpu_copies and self.resident_layers < self.num_layers:
+            lines.append("    host to device: " + (
+                "zero-copy, each layer one DMA from its file pages, registered with CUDA and locked in RAM "
+                "(--zero-copy off stages them)" if self.gpu_copies == "zero-copy" else
+                f"through pinned host slots ({self.gpu_copies.split(': ', 1)[-1]})"))
         if self.modelled_s:
             lines.append(f"    time model (rates measured on an H200; another card scales both): streaming "
                          f"{self.modelled_s[0]:.2f} s, compute {self.modelled_s[1]:.2f} s per step, overlapped")

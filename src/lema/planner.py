@@ -122,7 +122,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
 
     `zero_copy`: on the CPU, whether the ring serves views of the mmap (weights file already in the
     compute dtype); None: read from the folder's weights-file header when `model` is a folder, else True.
-    On a GPU only True counts (the copies read the registered page cache: no pinned host slots).
+    On a GPU, True: the copies read the registered page cache (no pinned host slots); None: so wherever the
+    engine does it on its own (`cuda_zero_copy`), else staged through pinned host slots.
     `chunked_loss`, `keep_activations`: as in LemaConfig (None: decided here, as the engine decides).
     `free_bytes`: memory the run may take beyond the plan's own peak when no budget is given (the engine
     passes half the free memory); with neither, no layer keeps its activations.
@@ -163,7 +164,10 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         raise ValueError(f"seq_len={seq_len} exceeds the model's {positions} positions; use --seq-len {positions} "
                          "or less")
     # a layer tensor built on load (Mixtral's stacked experts) cannot be served as stored: slots, on any device
-    gpu_zero_copy = device_type != "cpu" and zero_copy is True and f.layers_as_stored  # at the bus's rate
+    gpu_copies = None
+    if device_type != "cpu" and strategy == "streaming":
+        gpu_copies = cuda_zero_copy(f, dtype, folder, zero_copy, page_cache)
+    gpu_zero_copy = gpu_copies == "zero-copy"  # at the bus's rate
     host_slots = device_type != "cpu" and strategy == "streaming" and not gpu_zero_copy
     if zero_copy is None:
         zero_copy = f.file_dtype == dtype if folder else True
@@ -265,7 +269,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              modelled_s=step_time_model(f, batch_size, seq_len, s, resident, keep, gpu_zero_copy, offload)
              if strategy == "streaming" and not cpu and L else None,
              activations_on="host" if offload else "device", embedding_view_bytes=embed_view,
-             allocator_cache_bytes=cache)
+             allocator_cache_bytes=cache, gpu_copies=gpu_copies)
     file_dtype = f.file_dtype if f.file_dtype is not None and f.file_dtype.is_floating_point else None
     if strategy == "streaming" and L and not gpu_zero_copy:  # CUDA zero-copy locks the layers' pages in RAM
         # the page cache holds the file's bytes: another dtype's size where the layers are converted on load
@@ -281,6 +285,33 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
                             f"thread (up to {2 * (L - p.resident_layers)} loads a step, CPU time beside the compute); "
                             f"`lema convert {folder} OUT --dtype {name}` stores them as used, once")
     return p
+
+
+def cuda_zero_copy(f: ModelFacts, dtype, folder: Optional[str], zero_copy: Optional[bool],
+                   page_cache: Optional[int | str]) -> str:
+    """How a GPU's layer copies read the host (LemaModel's rule): "zero-copy" (the layers' file pages registered
+    with CUDA, each copy one DMA from them; `zero_copy` True, or None where the file holds the layers as used in
+    the compute dtype, no page-cache size asks for the pager, and they fit in the RAM, where their pages stay
+    locked), else "staged: <why>" (through pinned host slots). The engine checks the RAM for the streamed
+    layers only; the plan, before it decides which are resident, for all of them."""
+    from .engine.skeleton import EMBED, HEAD
+    from .host_memory import memory_available
+    from .stream.pager import RESERVE_BYTES
+
+    if zero_copy is False:
+        return "staged: --zero-copy off"
+    if not f.layers_as_stored:
+        return "staged: layer tensors built on load (experts stacked)"
+    if zero_copy:
+        return "zero-copy"
+    if folder and f.file_dtype != dtype:
+        return f"staged: the file holds {str(f.file_dtype).split('.')[-1]}, converted on the way"
+    if page_cache not in (None, "off"):
+        return "staged: --page-cache sets the pager's window"
+    layers = sum(b for u, b in f.unit_bytes.items() if u not in (EMBED, HEAD))
+    if layers > memory_available() - RESERVE_BYTES:
+        return f"staged: the layers ({layers / 2**30:.1f} GiB) do not fit in the RAM, where they would stay locked"
+    return "zero-copy"
 
 
 def _page_cache(p: Plan, layers_total: int, page_cache: Optional[int | str]) -> None:

@@ -311,10 +311,12 @@ class StreamedLayers:
         tensors += [a for v in kwargs.values() if isinstance(v, tuple) for a in v if torch.is_tensor(a)]
         return {a.untyped_storage().data_ptr() for a in tensors}
 
-    def _to_host(self, hidden: torch.Tensor, t: torch.Tensor):
-        """Pack a checkpoint's input: the layer's hidden states go to host memory (HostOffload); its other
-        inputs (a mask GPT-2 passes positionally, the rotary cos/sin) stay where they are."""
-        if t.numel() == 0 or t.data_ptr() != hidden.data_ptr() or t.shape != hidden.shape:
+    def _to_host(self, hidden: tuple, t: torch.Tensor):
+        """Pack a checkpoint's input: the layer's hidden states, known by `hidden` = (data_ptr, shape), go to
+        host memory (HostOffload); its other inputs (a mask GPT-2 passes positionally, the rotary cos/sin) stay
+        where they are. Not the tensor itself: autograd keeps a saved tensor's pack hook until that tensor is
+        released in backward, so a hook holding the hidden states kept every layer's input on the device."""
+        if t.numel() == 0 or (t.data_ptr(), t.shape) != hidden:
             return t
         self.offloaded_bytes += t.numel() * t.element_size()
         return self.host_offload.pack(t)
@@ -372,7 +374,7 @@ class StreamedLayers:
                 if torch.is_tensor(hidden):  # what checkpoint keeps of this layer: its input
                     self.boundary_bytes += hidden.numel() * hidden.element_size()
                 if self.offload and torch.is_tensor(hidden):  # the checkpoint saves its positional inputs here
-                    pack = functools.partial(self._to_host, hidden)
+                    pack = functools.partial(self._to_host, (hidden.data_ptr(), hidden.shape))
                     with torch.autograd.graph.saved_tensors_hooks(pack, self._from_host):
                         return checkpoint(run, *args, use_reentrant=False, **kwargs)
                 return checkpoint(run, *args, use_reentrant=False, **kwargs)
