@@ -11,6 +11,8 @@
 #   t4long  target 4: b1 x 4096 in a 16 GB card, resident layers as training decides them (auto: the plan shares
 #           the room between resident and kept layers by the step time each saves)
 #   t4longr0  the same, every layer streamed (--resident-layers 0): the auto split's gain, side by side
+#   t3mem   target 3, one step, and what is live at its peak by where it was allocated (--memory-peak: the 128.5
+#           MiB the plan missed in session 18)
 #   t3pc    target 3 staged with --page-cache 6GB: a host with less RAM than the model, emulated (the pager holds
 #           15 of the 32 layers and drops the rest, so each step reads ~14 GB from the disk)
 #   Zero-copy (layers copied from the page cache registered with CUDA, no pinned staging) is the CUDA default
@@ -25,9 +27,9 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LEMA_CACHE_DIR=${LEMA_CACHE_DIR:-/tmp/lema-cache}
 PY=python3
 BENCH="$PY -m lema bench --device cuda --gpu-memory 16GB --dtype bfloat16 --json"
-declare -A NEED=([tests]=60 [probe]=30 [t5]=60 [t5long]=60 [t3]=80 [t4]=80 [t4long]=40 [t4longr0]=40 [t3pc]=80
+declare -A NEED=([tests]=60 [probe]=30 [t5]=60 [t5long]=60 [t3]=80 [t4]=80 [t4long]=40 [t4longr0]=40 [t3pc]=80 [t3mem]=60
                  [t5zc]=60 [t5longzc]=60 [t3zc]=80 [t4zc]=80 [t5st]=60 [t5longst]=60 [t3st]=80 [t4st]=80)
-declare -A LIMIT=([tests]=150 [probe]=60 [t5]=120 [t5long]=120 [t3]=200 [t4]=150 [t4long]=100 [t4longr0]=100 [t3pc]=200
+declare -A LIMIT=([tests]=150 [probe]=60 [t5]=120 [t5long]=120 [t3]=200 [t4]=150 [t4long]=100 [t4longr0]=100 [t3pc]=200 [t3mem]=120
                   [t5zc]=120 [t5longzc]=120 [t3zc]=200 [t4zc]=150 [t5st]=120 [t5longst]=120 [t3st]=200 [t4st]=150)
 summary=()
 
@@ -57,6 +59,8 @@ $LEMA_CACHE_DIR/shapes/tinyllama-1.1b-bfloat16/model.safetensors --json $OUT/pro
                   >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t3)     timeout "$limit" $BENCH $zc --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 3 \
                   --contenders streaming --floor >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
+      t3mem)  timeout "$limit" $BENCH --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 1 \
+                  --contenders streaming --memory-peak >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t3pc)   timeout "$limit" $BENCH --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 3 \
                   --contenders streaming --floor --page-cache 6GB >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t4)     timeout "$limit" $BENCH $zc --shape llama-2-7b --max-vram 2.5GB --num-buffers 2 --batch-size 1 \
@@ -94,10 +98,17 @@ for n, c in o["contenders"].items():
           f"vs_peft {c['vs_peft']} kept {c.get('kept_layers')} resident {c.get('resident_layers')} "
           f"offload {c.get('offload_activations')} model stream/compute {c.get('modelled_stream_s')}/"
           f"{c.get('modelled_compute_s')}")
+for n, m in (o.get("memory_peak") or {}).items():
+    print(f"  memory at the peak, {n}: {m['peak_bytes']:,} B (max_memory_allocated {m['max_memory_allocated']:,}); "
+          f"before the step {m['before_step_live_bytes']:,} B")
+    for g in m["groups"]:
+        print(f"    {g['bytes']:>14,} B  {g['count']:>4} x {g['sizes']}  {g['where']}")
 fl = o.get("floor")
 if fl:
     print(f"  floor: compute {fl['compute_s']:.3f} s (layer {fl['t_layer']:.4f} kept {fl['t_layer_kept']:.4f} "
-          f"rest {fl['t_rest']:.3f}), transfer {fl['disk_s']:.3f} s -> {fl['floor_s']:.3f} s; "
+          f"rest {fl['t_rest']:.3f}), transfer {fl['disk_s']:.3f} s"
+          + (f" (disk {fl['disk_read_s']:.3f} s at {fl['disk_read_bytes_per_s'] / 1e9:.2f} GB/s)" if "disk_read_s" in fl else "")
+          + f" -> {fl['floor_s']:.3f} s; "
           f"streaming/floor {fl['streaming_over_floor']:.2f} (fastest {fl['fastest_streaming_over_floor']:.2f})")
 EOF
 done

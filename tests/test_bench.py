@@ -363,6 +363,7 @@ def test_a_bad_input_is_one_line_from_the_parent_or_a_contender(tmp_path, capsys
         (cut / "model.safetensors").write_bytes(f.read()[:5000])
     base = ["bench", "--steps", "1", "--batch-size", "1", "--seq-len", "8", "--contenders", "streaming"]
     for flags, message in ((["--model", str(cut)], "model.safetensors' is truncated"),
+                           (["--model", folder, "--memory-peak"], "--memory-peak reads CUDA's allocator history"),
                            (["--model", folder, "--page-cache", "abc"], "--page-cache='abc' is not a size"),
                            (["--model", folder, "--threads", "-1"], "--threads=-1 must be positive")):
         assert main(base + flags) == 1, flags
@@ -372,3 +373,44 @@ def test_a_bad_input_is_one_line_from_the_parent_or_a_contender(tmp_path, capsys
     with pytest.raises(ValueError, match=r"^LEMA STREAMING: page_cache='abc' is not a size") as e:
         run_rounds(["streaming"], spec, steps=1, threads=1, log=lambda *a: None)
     assert "Traceback" not in str(e.value)
+
+
+def test_peak_allocations_replays_the_allocator_history():
+    """What is live at a step's peak, from a CUDA allocator history (the shape of torch.cuda.memory._snapshot()):
+    `alloc` adds, `free_requested` takes off (as memory_allocated counts; `free_completed` is the pool's business),
+    a block allocated before the step and freed in it lowers what was there before, and the groups are by the
+    innermost frame outside torch, or by size where there is no Python frame."""
+    from lema.commands.bench import format_memory_peak
+    from lema.measure import peak_allocations
+
+    def frames(*where):
+        return [{"filename": f, "line": n, "name": fn} for f, n, fn in where]
+
+    torch_frame = ("/usr/lib/python3/site-packages/torch/nn/functional.py", 10, "linear")
+    peft = ("/venv/lib/python3.12/site-packages/peft/tuners/lora/layer.py", 700, "forward")
+    hook = ("/repo/src/lema/engine/streamed_layer.py", 222, "_fetch")
+    MiB = 2**20
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 32 * MiB, "frames": frames(hook)},
+        {"action": "free_requested", "addr": 900, "size": 8 * MiB, "frames": []},  # allocated before the step
+        {"action": "free_completed", "addr": 900, "size": 8 * MiB, "frames": []},
+        {"action": "alloc", "addr": 2, "size": 64 * MiB, "frames": frames(torch_frame, peft)},
+        {"action": "alloc", "addr": 3, "size": 64 * MiB, "frames": frames(torch_frame, peft)},
+        {"action": "alloc", "addr": 4, "size": 2 * MiB, "frames": []},
+        {"action": "free_requested", "addr": 2, "size": 64 * MiB, "frames": []},  # the peak was just before
+        {"action": "alloc", "addr": 5, "size": 50 * MiB, "frames": frames(peft)},  # 50 < the 64 freed: no new peak
+        {"action": "free_requested", "addr": 5, "size": 50 * MiB, "frames": []},
+    ]
+    found = peak_allocations({"device_traces": [trace]}, start_allocated=1000 * MiB)
+    assert found["peak_bytes"] == (1000 - 8 + 32 + 64 + 64 + 2) * MiB
+    assert found["before_step_live_bytes"] == 992 * MiB
+    groups = {g["where"]: (g["bytes"], g["count"]) for g in found["groups"]}
+    assert groups == {"peft/tuners/lora/layer.py:700 forward": (128 * MiB, 2),
+                      "lema/engine/streamed_layer.py:222 _fetch": (32 * MiB, 1),
+                      f"no Python frame (C++: autograd's backward), blocks of {2 * MiB:,} B": (2 * MiB, 1)}
+    assert [g["bytes"] for g in found["groups"]] == [128 * MiB, 32 * MiB, 2 * MiB]
+    assert sum(g["bytes"] for g in found["groups"]) + found["before_step_live_bytes"] == found["peak_bytes"]
+    text = format_memory_peak("LEMA STREAMING", dict(found, max_memory_allocated=found["peak_bytes"]), 10**9)
+    assert "peft/tuners/lora/layer.py:700 forward" in text and "2 block(s) of 64.0 MiB" in text
+    assert found == peak_allocations({"device_traces": [trace]}, 1000 * MiB, top=15)  # pure: same again
+    assert peak_allocations({"device_traces": [[]]}, 5)["peak_bytes"] == 5  # nothing happened: the start

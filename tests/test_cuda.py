@@ -314,9 +314,12 @@ def test_lema_bench_on_cuda(tmp_path, capsys):
 
     rc = main(["bench", "--shape", "tiny-llama", "--cache-dir", str(tmp_path), "--steps", "2", "--batch-size", "2",
                "--seq-len", "16", "--num-buffers", "2", "--device", "cuda", "--gpu-memory", "4GB", "--floor", "--json",
-               "--resident-layers", "0"])  # every layer streamed (auto would choose by the time model)
+               "--resident-layers", "0", "--memory-peak"])  # every layer streamed (auto would choose by the time model)
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
+    for name, m in out["memory_peak"].items():  # the allocator history replayed: torch's own peak of that step
+        assert m["peak_bytes"] == m["max_memory_allocated"], name
+        assert m["before_step_live_bytes"] + sum(g["bytes"] for g in m["groups"]) <= m["peak_bytes"], name
     assert out["ceiling_kind"] == "pinned host-to-device copy" and out["ceiling_bytes_per_s"] > 1e9
     for name, c in out["contenders"].items():
         assert 0 < c["peak_anon_bytes"] < 4e9, name

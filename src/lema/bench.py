@@ -145,6 +145,12 @@ def profile_contenders(workers: dict[str, "Worker"], trace: str) -> dict[str, st
     return tables
 
 
+def memory_peaks(workers: dict[str, "Worker"]) -> dict[str, dict]:
+    """CUDA: one more step per contender with the allocator's history recorded; what was live at its peak
+    (measure.peak_allocations), beside torch's own max_memory_allocated for that step."""
+    return {n: {k: v for k, v in w.request(op="memory_peak").items() if k != "ok"} for n, w in workers.items()}
+
+
 # The probes' layer counts: the per-layer time is (t(4) - t(1)) / 3, a third of the noise of t(2) - t(1)
 # (with 1 and 2 layers the 7B shape's per-layer time read 1.02-1.52 s and the rest -0.02-0.90 s between runs).
 FLOOR_LAYERS = (1, 4)

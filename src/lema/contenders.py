@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from . import cpu_allocator
-from .measure import (DevicePeak, PeakSampler, allocated_bytes, cpu_shares, cpu_ticks, disk_read_bytes, rss_anon,
-                      step_faults, vm_counters)
+from .measure import (DevicePeak, PeakSampler, allocated_bytes, cpu_shares, cpu_ticks, disk_read_bytes,
+                      peak_allocations, rss_anon, step_faults, vm_counters)
 
 CONTENDERS = ("peft", "resident", "streaming")
 LABELS = {"peft": "Transformers + PEFT", "resident": "LEMA RESIDENT", "streaming": "LEMA STREAMING",
@@ -253,7 +253,7 @@ def _vocab(folder: str) -> int:
 
 
 def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
-    """Runs in the contender's process: build, then serve 'step' / 'profile' / 'stop' requests."""
+    """Runs in the contender's process: build, then serve 'step' / 'profile' / 'memory_peak' / 'stop' requests."""
     import torch
 
     try:
@@ -340,6 +340,21 @@ def _worker_main(name: str, spec_dict: dict, conn, threads: int) -> None:
                 table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
                                                   row_limit=15)
                 conn.send({"ok": True, "table": table})
+            elif cmd["op"] == "memory_peak":  # CUDA: one step's allocator history, what is live at its peak
+                device = torch.device(spec.device)
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                torch.cuda.synchronize(index)
+                start = torch.cuda.memory_allocated(index)
+                torch.cuda.reset_peak_memory_stats(index)
+                torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+                try:
+                    float(contender.step())
+                    torch.cuda.synchronize(index)
+                    snapshot = torch.cuda.memory._snapshot()
+                finally:
+                    torch.cuda.memory._record_memory_history(enabled=None)
+                found = peak_allocations(snapshot, start, index)
+                conn.send({"ok": True, **found, "max_memory_allocated": torch.cuda.max_memory_allocated(index)})
         sampler.stop()
         if contender.ring is not None:
             contender.model.close()

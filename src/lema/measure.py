@@ -274,3 +274,60 @@ def read_ceiling(path: str, cold: bool = False, limit: int = 4 * 2**30) -> float
             done += n
         dt = time.perf_counter() - t0
     return done / dt if dt > 0 else float("inf")
+
+
+def peak_allocations(snapshot: dict, start_allocated: int, device: int = 0, top: int = 15) -> dict:
+    """What was live at a step's peak of allocated device memory, from the CUDA allocator's history of that step
+    (`torch.cuda.memory._snapshot()` after `_record_memory_history`; the step began with `start_allocated` bytes
+    allocated, whose own history is not in it). The history's `alloc` adds a block's bytes and `free_requested`
+    takes them off (as `memory_allocated` counts them: a block still read by another stream is no longer
+    allocated). Returns {"peak_bytes", "before_step_live_bytes" (allocated before the step and still live at
+    its peak), "groups": [{"where", "bytes", "count", "sizes"}, ...] (largest first, `top` of them)}: each group
+    is where its blocks were allocated, the innermost Python frame outside torch, or, for blocks allocated with
+    no Python frame (autograd's backward runs in C++), their size."""
+    trace = snapshot.get("device_traces", [[]])[device]
+    now = peak = start_allocated
+    peak_at = -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            now += e["size"]
+            if now > peak:
+                peak, peak_at = now, i
+        elif e["action"] == "free_requested":
+            now -= e["size"]
+    live: dict[int, dict] = {}
+    freed_before = 0  # blocks allocated before the step, freed before its peak
+    for e in trace[:peak_at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_requested":
+            if live.pop(e["addr"], None) is None:
+                freed_before += e["size"]
+    groups: dict[str, dict] = {}
+    for e in live.values():
+        where = _allocation_site(e.get("frames") or [])
+        if where is None:
+            where = f"no Python frame (C++: autograd's backward), blocks of {e['size']:,} B"
+        g = groups.setdefault(where, {"where": where, "bytes": 0, "count": 0, "sizes": set()})
+        g["bytes"] += e["size"]
+        g["count"] += 1
+        g["sizes"].add(e["size"])
+    rows = sorted(groups.values(), key=lambda g: -g["bytes"])[:top]
+    for g in rows:
+        g["sizes"] = sorted(g["sizes"], reverse=True)[:5]
+    return {"peak_bytes": peak, "before_step_live_bytes": start_allocated - freed_before, "groups": rows}
+
+
+def _allocation_site(frames: list[dict]) -> Optional[str]:
+    """The innermost frame of an allocation's Python stack that is not torch's own code, as 'path:line function'
+    (the path from the package folder on)."""
+    for f in frames:
+        path = f.get("filename", "")
+        if "/torch/" in path or path.startswith("<"):
+            continue
+        for root in ("site-packages/", "src/"):
+            if root in path:
+                path = path.rsplit(root, 1)[1]
+                break
+        return f"{path}:{f.get('line')} {f.get('name')}"
+    return None

@@ -63,6 +63,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--profile", default=None, metavar="TRACE.json",
                         help="after timing, profile one step of each contender (torch.profiler Chrome trace; "
                              "TRACE-<contender>.json when several)")
+    parser.add_argument("--memory-peak", action="store_true",
+                        help="CUDA: after timing, one more step of each contender with the allocator's history "
+                             "recorded, and what was live at its peak, by where it was allocated")
     parser.add_argument("--exact-memory", action="store_true",
                         help="run the contenders with glibc's MALLOC_MMAP_THRESHOLD_=131072, so freed tensors go "
                              "back to the OS and the peak RssAnon is the peak of live tensors (to compare with the "
@@ -101,6 +104,9 @@ def run(args) -> int:
     page_cache(args.page_cache)  # named here, not in a contender's process
     dtype = parse_dtype(args.dtype)
     cuda = args.device == "cuda"
+    if args.memory_peak and not cuda:
+        raise ValueError("--memory-peak reads CUDA's allocator history; use it with --device cuda (on the CPU, "
+                         "--exact-memory makes the peak RssAnon the peak of live tensors)")
     if cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available here (no GPU, or a CPU-only PyTorch); "
                          "use --device cpu")
@@ -182,6 +188,7 @@ def run(args) -> int:
     gemm = max(gemm_rates)
     try:
         tables = bench.profile_contenders({n: workers[n] for n in names}, args.profile) if args.profile else {}
+        peaks = bench.memory_peaks({n: workers[n] for n in names}) if args.memory_peak else {}
     finally:
         for w in workers.values():
             w.close()
@@ -290,6 +297,12 @@ def run(args) -> int:
             rate = max(rate, floor["pager_read_bytes_per_s"])
         floor["disk_bytes_per_s"] = rate
         disk_s = moved / rate if rate else 0.0
+        if cuda and s["disk_bytes_read_per_step"]:
+            # a GPU host whose page cache does not hold the layers (or a --page-cache window): the disk is the
+            # other transfer, its rate measured now, after the rounds (a cold read: its range dropped first)
+            floor["disk_read_bytes_per_s"] = measure.read_ceiling(files[0], cold=True)
+            floor["disk_read_s"] = s["disk_bytes_read_per_step"] / floor["disk_read_bytes_per_s"]
+            disk_s = max(disk_s, floor["disk_read_s"])
         floor_s = max(disk_s, floor["compute_s"])
         if cuda:  # issue 6's definition: every layer's weights cross the bus twice (forward, backward)
             layers = sum(b for u, b in expected.unit_bytes.items() if u.startswith("layer."))
@@ -308,13 +321,31 @@ def run(args) -> int:
                             median_round_streaming_over_floor=statistics.median(by_round) if by_round else None)
     if tables:
         out["profile_tables"] = tables
+    if peaks:
+        out["memory_peak"] = peaks
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         print(format_table(out))
         for n, t in tables.items():
             print(f"\nprofile, {contenders.LABELS[n]} (self CPU time, top 15):\n{t}")
+        for n, found in peaks.items():
+            print(f"\n{format_memory_peak(contenders.LABELS[n], found, predicted.get(n))}")
     return 0
+
+
+def format_memory_peak(label: str, found: dict, predicted: Optional[int] = None) -> str:
+    """measure.peak_allocations' result as lines: the peak, what was allocated before the step, and the groups."""
+    from ..plan_table import human
+
+    lines = [f"memory at the peak, {label}: {found['peak_bytes']:,} B allocated (torch's max_memory_allocated "
+             f"{found['max_memory_allocated']:,} B" + (f"; the plan {predicted:,} B" if predicted else "") + ")",
+             f"  {found['before_step_live_bytes']:>15,} B  allocated before the step (weights, adapters, "
+             "optimizer state, ...), still live"]
+    for g in found["groups"]:
+        sizes = ", ".join(human(x) for x in g["sizes"])
+        lines.append(f"  {g['bytes']:>15,} B  {g['count']:>4} block(s) of {sizes}: {g['where']}")
+    return "\n".join(lines)
 
 
 def format_table(out: dict) -> str:
@@ -440,6 +471,9 @@ def format_table(out: dict) -> str:
                         if fl.get("streaming_over_floor_by_round") else "")
                      + (f"; every layer's weights twice over the ceiling: {fl['two_passes_s']:.2f} s"
                         if "two_passes_s" in fl else "")
+                     + (f"; the disk: {human(s['disk_bytes_read_per_step'])} read per step at "
+                        f"{fl['disk_read_bytes_per_s'] / gb:.2f} GB/s (a cold sequential read after the rounds), "
+                        f"{fl['disk_read_s']:.2f} s" if "disk_read_s" in fl else "")
                      + ("; page faults a step in the probes' processes: " + ", ".join(
                          f"{n} {f[0]:,.0f} minor, {f[1]:,.0f} major" for n, f in fl["probe_faults_per_step"].items())
                         if fl.get("probe_faults_per_step") else ""))
