@@ -156,7 +156,7 @@ def test_generation_is_capped_at_the_positions_with_a_note(arch, capsys, model_d
     rc, _, err = lema(capsys, "generate", "--model", model_dir(arch), "--prompt", "hello world",
                       "--max-new-tokens", 100)
     assert rc == 0 and "Traceback" not in err, err
-    assert "note: --max-new-tokens 100 capped to 53: the prompt is 11 tokens and this model holds 64 positions" in err
+    assert "note: --max-new-tokens 100 capped to 53: --prompt is 11 tokens and this model holds 64 positions" in err
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

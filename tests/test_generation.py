@@ -162,6 +162,35 @@ def test_end_of_turn_of_a_real_template(smollm2_dir):
     assert end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
 
 
+def test_an_empty_system_message_replaces_the_templates_default(smollm2_dir):
+    """--system "" is a system turn with no text (SmolLM2's template then leaves out its default system message);
+    no --system keeps the default; text is put in as given."""
+    from transformers import AutoTokenizer
+
+    from lema.generation import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    text = {s: tok.decode(encode_prompt(tok, "hi", chat=True, system=s)[0]) for s in (None, "", "Be brief.")}
+    assert "You are a helpful AI assistant" in text[None]
+    assert text[""].startswith("<|im_start|>system\n<|im_end|>") and "helpful" not in text[""]
+    assert text["Be brief."].startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_with_chat_the_positions_note_names_the_templated_prompt(tiny_dir, tmp_path, capsys):
+    """--chat: the prompt the positions are counted on is the template's ("user: hello<|im_end|>assistant: ", 23
+    tokens here), and the note and the refusal say so, not "--prompt" (5 tokens)."""
+    from transformers import AutoConfig
+
+    folder = model_copy(tiny_dir, tmp_path, chat=True)
+    limit = AutoConfig.from_pretrained(folder).max_position_embeddings
+    rc, _, err = lema(capsys, "generate", "--model", folder, "--chat", "--prompt", "hello", "--max-new-tokens", 1000)
+    assert rc == 0, err
+    assert (f"capped to {limit - 23}: the chat template's prompt (--prompt in its turn markers) is 23 tokens and "
+            f"this model holds {limit} positions") in err
+    line = refused(capsys, "generate", "--model", folder, "--chat", "--prompt", "ab" * limit)
+    assert "the chat template's prompt (--prompt in its turn markers) is" in line and "shorten the prompt" in line
+
+
 # ----- sampling --------------------------------------------------------------------------------------------------
 def test_sampling_is_top_p_alone_and_seeded(tiny_dir, tmp_path, monkeypatch):
     """--top-p 1 samples every token (Transformers' default top_k=50 would cut the rest away silently)."""

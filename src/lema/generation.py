@@ -53,7 +53,8 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: Optional[str] = No
     if chat:
         if not tokenizer.chat_template:
             raise ValueError("--chat: this model's tokenizer has no chat template; drop --chat")
-        messages = ([{"role": "system", "content": system}] if system else []) + [
+        # an empty --system is a system turn all the same: it replaces the template's default system message
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -63,9 +64,10 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: Optional[str] = No
     return ids
 
 
-def fit_to_positions(hf_config, prompt_tokens: int, max_new_tokens: int) -> int:
+def fit_to_positions(hf_config, prompt_tokens: int, max_new_tokens: int, chat: bool = False) -> int:
     """How many new tokens to generate: `max_new_tokens`, or fewer where the prompt and they would pass the model's
-    positions (a note on stderr says so); a prompt that leaves no room is refused.
+    positions (a note on stderr says so); a prompt that leaves no room is refused. With `chat`, the prompt is the
+    templated one (system turn, markers and generation prompt around --prompt), and the messages say so.
 
     LEMA takes `max_position_embeddings` as every model's context, as training and `forward` do
     (LemaModel._check_inputs). Past it a model with learned positions (GPT-2, OPT) has no embedding to look up
@@ -78,11 +80,12 @@ def fit_to_positions(hf_config, prompt_tokens: int, max_new_tokens: int) -> int:
     limit = model_positions(hf_config)
     if not limit or prompt_tokens + max_new_tokens <= limit:
         return max_new_tokens
+    what = "the chat template's prompt (--prompt in its turn markers)" if chat else "--prompt"
     if prompt_tokens >= limit:
-        raise ValueError(f"--prompt is {prompt_tokens} tokens but this model holds {limit} positions, prompt and "
+        raise ValueError(f"{what} is {prompt_tokens} tokens but this model holds {limit} positions, prompt and "
                          "new tokens together; shorten the prompt")
     room = limit - prompt_tokens
-    print(f"note: --max-new-tokens {max_new_tokens} capped to {room}: the prompt is {prompt_tokens} tokens and this "
+    print(f"note: --max-new-tokens {max_new_tokens} capped to {room}: {what} is {prompt_tokens} tokens and this "
           f"model holds {limit} positions", file=sys.stderr)
     return room
 
@@ -158,7 +161,7 @@ def generate_text(model, tokenizer, prompt: str, chat: bool = False, system: Opt
     generator: `seed` seeds it first, so that the same seed gives the same text."""
     check_settings(max_new_tokens, temperature, top_p, chat, system)
     ids = encode_prompt(tokenizer, prompt, chat, system)
-    max_new_tokens = fit_to_positions(model.hf_config, ids.shape[1], max_new_tokens)
+    max_new_tokens = fit_to_positions(model.hf_config, ids.shape[1], max_new_tokens, chat)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": pad,
               "eos_token_id": stop_token_ids(model, tokenizer, chat)}

@@ -13,7 +13,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--adapter", default=None, help="PEFT adapter folder (e.g. OUT/adapter from `lema train`)")
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    parser.add_argument("--system", default=None, help="system message for --chat")
+    parser.add_argument("--system", default=None, help="system message for --chat (\"\" for an empty one, in place of the "
+                                                           "template's default, where it has one)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
