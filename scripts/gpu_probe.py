@@ -6,7 +6,9 @@ path's stages can move at most, to set against `lema bench --device cuda`'s figu
 Prints: the bf16 matrix-product rate (8192^3, random operands), pinned host<->device copy bandwidth,
 the slot fill (a packed layer read from the page cache into pinned memory, `SafetensorsFile.read_into`)
 with 1-16 reader threads, and a host-to-device copy straight from the page cache (the file's mmap
-registered with cudaHostRegister, read-only): the fill step the ring would skip if that works.
+registered with cudaHostRegister, read-only): the fill step the ring would skip if that works. And the disk:
+layers read cold into the page cache (MADV_POPULATE_READ, what the pager does in one thread) by 1-8 threads each
+populating a share of the layer, for a host whose RAM does not hold the model.
 """
 
 from __future__ import annotations
@@ -39,6 +41,45 @@ def event_time(fn, repeats: int) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     return statistics.median(times)
+
+
+def populate_rates(path: str, spans: list[tuple[int, int]], threads_list=(1, 2, 4, 8), per: int = 3) -> dict:
+    """GB/s of reading file ranges cold into the page cache (each dropped first: MADV_DONTNEED + fadvise
+    DONTNEED), split between `threads` threads each populating its share (MADV_POPULATE_READ, GIL released),
+    median over `per` ranges of `spans` per thread count, no range read twice."""
+    import threading
+
+    from lema.host_memory import MADV_DONTNEED, MADV_POPULATE_READ, madvise
+
+    fd = os.open(path, os.O_RDONLY)
+    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    base = torch.frombuffer(mm, dtype=torch.uint8).data_ptr()
+    page = mmap.PAGESIZE
+    rates, ranges = {}, iter(spans)
+    try:
+        for threads in threads_list:
+            times, nbytes = [], []
+            for lo, hi in [next(ranges) for _ in range(per)]:
+                lo, hi = (lo // page) * page, -(-hi // page) * page
+                madvise(base + lo, hi - lo, MADV_DONTNEED)
+                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+                share = -(-(hi - lo) // threads // page) * page
+                parts = [(a, min(a + share, hi)) for a in range(lo, hi, share)]
+                workers = [threading.Thread(target=madvise, args=(base + a, b - a, MADV_POPULATE_READ))
+                           for a, b in parts]
+                t = time.perf_counter()
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                times.append(time.perf_counter() - t)
+                nbytes.append(hi - lo)
+            rates[threads] = statistics.median(n / t for n, t in zip(nbytes, times)) / GB
+    finally:
+        del base
+        mm.close()
+        os.close(fd)
+    return rates
 
 
 def main() -> None:
@@ -82,6 +123,11 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         fills[threads] = nbytes / statistics.median(times) / GB
     out["fill_GBps_by_threads"] = fills
+    if len(spans) >= 12:  # the disk, cold: what the pager's reads could take with more threads
+        try:
+            out["cold_populate_GBps_by_threads"] = populate_rates(args.weights, spans)
+        except Exception as e:  # a measurement, not a requirement: record why it failed
+            out["cold_populate_GBps_by_threads"] = {"failed": f"{type(e).__name__}: {e}"}
 
     # The page cache registered with CUDA: the copy engine reads the file's pages itself.
     try:
