@@ -13,7 +13,7 @@
 #   t4longr0  the same, every layer streamed (--resident-layers 0): the auto split's gain, side by side
 #   t3mem   target 3, one step, and what is live at its peak by where it was allocated (--memory-peak: the 128.5
 #           MiB the plan missed in session 18)
-#   t3prof  target 3, one profiled step (torch.profiler: $OUT/trace-t3prof.json, the top CUDA kernels in the summary)
+#   t3prof  target 3, one profiled step (torch.profiler: $OUT/prof-t3prof.json, the top CUDA kernels in the summary)
 #   t3pc    target 3 staged with --page-cache 6GB: a host with less RAM than the model, emulated (the pager holds
 #           15 of the 32 layers and drops the rest, so each step reads ~14 GB from the disk)
 #   Zero-copy (layers copied from the page cache registered with CUDA, no pinned staging) is the CUDA default
@@ -63,7 +63,7 @@ $LEMA_CACHE_DIR/shapes/tinyllama-1.1b-bfloat16/model.safetensors --json $OUT/pro
       t3mem)  timeout "$limit" $BENCH --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 1 \
                   --contenders streaming --memory-peak >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t3prof) timeout "$limit" $BENCH --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 1 \
-                  --contenders streaming --profile "$OUT/trace-t3prof.json" >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
+                  --contenders streaming --profile "$OUT/prof-t3prof.json" >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t3pc)   timeout "$limit" $BENCH --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 3 \
                   --contenders streaming --floor --page-cache 6GB >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t4)     timeout "$limit" $BENCH $zc --shape llama-2-7b --max-vram 2.5GB --num-buffers 2 --batch-size 1 \
@@ -117,5 +117,12 @@ if fl:
           f"streaming/floor {fl['streaming_over_floor']:.2f} (fastest {fl['fastest_streaming_over_floor']:.2f})")
 EOF
 done
-# what comes back is at most 8 files: the logs and JSON in one archive
-tar -C "$OUT" -czf /tmp/gpu-logs.tgz . && rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/*.txt && mv /tmp/gpu-logs.tgz "$OUT/logs.tgz"
+# what comes back is at most 8 files of 16 MiB: a profiler trace compressed on its own (dropped if still too big),
+# the logs and JSON in one archive
+for f in "$OUT"/prof-*.json; do
+    [ -e "$f" ] || continue
+    gzip -f "$f"
+    if [ "$(stat -c %s "$f.gz")" -gt $((15 * 2**20)) ]; then echo "$f.gz: over 15 MiB, not kept"; rm -f "$f.gz"; fi
+done
+tar -C "$OUT" --exclude='prof-*' -czf /tmp/gpu-logs.tgz . && rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/*.txt \
+    && mv /tmp/gpu-logs.tgz "$OUT/logs.tgz"

@@ -396,19 +396,20 @@ def test_peak_allocations_replays_the_allocator_history():
         {"action": "free_completed", "addr": 900, "size": 8 * MiB, "frames": []},
         {"action": "alloc", "addr": 2, "size": 64 * MiB, "frames": frames(torch_frame, peft)},
         {"action": "alloc", "addr": 3, "size": 64 * MiB, "frames": frames(torch_frame, peft)},
-        {"action": "alloc", "addr": 4, "size": 2 * MiB, "frames": []},
+        {"action": "alloc", "addr": 4, "size": 2 * MiB - 100, "frames": []},  # counted as the allocator's block
+        {"action": "alloc", "addr": 6, "size": 4, "frames": frames(hook)},  # a 512 B block
         {"action": "free_requested", "addr": 2, "size": 64 * MiB, "frames": []},  # the peak was just before
         {"action": "alloc", "addr": 5, "size": 50 * MiB, "frames": frames(peft)},  # 50 < the 64 freed: no new peak
         {"action": "free_requested", "addr": 5, "size": 50 * MiB, "frames": []},
     ]
     found = peak_allocations({"device_traces": [trace]}, start_allocated=1000 * MiB)
-    assert found["peak_bytes"] == (1000 - 8 + 32 + 64 + 64 + 2) * MiB
+    assert found["peak_bytes"] == (1000 - 8 + 32 + 64 + 64 + 2) * MiB + 512
     assert found["before_step_live_bytes"] == 992 * MiB
     groups = {g["where"]: (g["bytes"], g["count"]) for g in found["groups"]}
     assert groups == {"peft/tuners/lora/layer.py:700 forward": (128 * MiB, 2),
-                      "lema/engine/streamed_layer.py:222 _fetch": (32 * MiB, 1),
+                      "lema/engine/streamed_layer.py:222 _fetch": (32 * MiB + 512, 2),
                       f"no Python frame (C++: autograd's backward), blocks of {2 * MiB:,} B": (2 * MiB, 1)}
-    assert [g["bytes"] for g in found["groups"]] == [128 * MiB, 32 * MiB, 2 * MiB]
+    assert [g["bytes"] for g in found["groups"]] == [128 * MiB, 32 * MiB + 512, 2 * MiB]
     assert sum(g["bytes"] for g in found["groups"]) + found["before_step_live_bytes"] == found["peak_bytes"]
     text = format_memory_peak("LEMA STREAMING", dict(found, max_memory_allocated=found["peak_bytes"]), 10**9)
     assert "peft/tuners/lora/layer.py:700 forward" in text and "2 block(s) of 64.0 MiB" in text

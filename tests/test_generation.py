@@ -191,6 +191,23 @@ def test_with_chat_the_positions_note_names_the_templated_prompt(tiny_dir, tmp_p
     assert "the chat template's prompt (--prompt in its turn markers) is" in line and "shorten the prompt" in line
 
 
+def test_a_template_that_refuses_a_system_turn_is_named(tiny_dir, tmp_path, capsys):
+    """A chat template that raises on a system message (as Gemma's does): --system, empty or not, is refused in one
+    line naming --system, not a Jinja traceback; without it the chat works."""
+    from transformers import AutoTokenizer
+
+    folder = model_copy(tiny_dir, tmp_path, chat=True)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + TEMPLATE)
+    tok.save_pretrained(folder)
+    for system in ("", "Be brief."):
+        line = refused(capsys, "generate", "--model", folder, "--chat", "--system", system, "--prompt", "hi")
+        assert "chat template refused the messages (System role not supported)" in line and "leave out --system" in line
+    rc, _, err = lema(capsys, "generate", "--model", folder, "--chat", "--prompt", "hi", "--max-new-tokens", 2)
+    assert rc == 0, err
+
+
 # ----- sampling --------------------------------------------------------------------------------------------------
 def test_sampling_is_top_p_alone_and_seeded(tiny_dir, tmp_path, monkeypatch):
     """--top-p 1 samples every token (Transformers' default top_k=50 would cut the rest away silently)."""

@@ -356,7 +356,7 @@ def test_gpu_zero_copy_plans_no_pinned_host_slots(tmp_path, monkeypatch):
     auto = plan(folder, "float32", **kw)
     assert auto.gpu_copies == "zero-copy" and auto.ring_host_bytes == 0
     converted = plan(folder, "bfloat16", **kw)  # each load converts: through the pinned slots
-    assert converted.ring_host_bytes > 0 and "the file holds float32" in converted.table()
+    assert converted.ring_host_bytes > 0 and "the file holds the layers in float32" in converted.table()
     paged = plan(folder, "float32", page_cache=10**6, **kw)
     assert paged.ring_host_bytes > 0 and "--page-cache sets the pager's window" in paged.table()
     monkeypatch.setattr(lema.host_memory, "memory_available", lambda: 2**30)  # less than the reserve
@@ -516,3 +516,27 @@ def test_lema_plan_refuses_what_lema_train_refuses(tmp_path, capsys):
         assert main(base + flags) == 1, flags
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, flags
+
+
+def test_a_file_with_layers_in_two_dtypes_is_planned_as_the_engine_runs_it(tmp_path):
+    """fp32 linears with bf16 norms: not every layer tensor is in the compute dtype, so LemaModel converts into
+    slots (no CPU views, no CUDA zero-copy); the plan says and counts the same (it looked at the first tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    from lema import LemaConfig, LemaModel
+
+    folder = str(tmp_path / "m")
+    save_tiny("llama", folder)
+    path = f"{folder}/model.safetensors"
+    weights = {k: v.to(torch.bfloat16) if "layernorm" in k and ".layers." in k else v
+               for k, v in load_file(path).items()}
+    save_file(weights, path, metadata={"format": "pt"})
+    cpu = plan(folder, "float32", batch_size=B, seq_len=T, device_type="cpu", num_buffers=3)
+    assert cpu.ring_device_bytes == 3 * cpu.slot_bytes > 0  # slots, not views of the mmap
+    gpu = plan(folder, "float32", batch_size=B, seq_len=T, device_type="cuda", num_buffers=3)
+    assert gpu.ring_host_bytes > 0 and "the file holds the layers in bfloat16, float32" in gpu.table()
+    model = LemaModel(LemaConfig(model_name_or_path=folder, num_buffers=3))
+    try:
+        assert model.source._zero_copy is None and all(s.host is not None for s in model.source.slots)
+    finally:
+        model.close()

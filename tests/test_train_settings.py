@@ -3,6 +3,7 @@ fail, a damaged checkpoint, the log and the learning rate of a resumed run."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import types
@@ -15,7 +16,8 @@ from lema.checkpointing import (CheckpointError, CheckpointUnreadable, list_chec
 from lema.cli import build_parser
 from lema.commands.train import args_from_namespace
 from lema.run_folder import lock_output, truncate_log, unlock_output
-from lema.training import TrainArgs, lr_lambda, resume_schedule
+from lema.training import TrainArgs, lr_lambda, resume_schedule, train
+from test_nonfinite import data, tiny_model  # noqa: F401  (fixtures)
 
 REQUIRED = dict(model="m", data="d.jsonl")
 
@@ -417,3 +419,20 @@ def test_an_output_that_would_mix_with_other_files_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds the adapter of an earlier run \(adapter/\) and no checkpoint"):
         train(parse(tmp_path, "--model", str(model), "--data", str(data), "--output", str(out)))
     assert os.listdir(out) == ["adapter"]
+
+
+def test_zero_copy_reaches_the_engine(tiny_model, data, tmp_path):
+    """--zero-copy off: on the CPU the ring reads each layer into its slots, no views of the mmap, as the plan
+    printed at the start says; auto (None) keeps the views. As a flag and in YAML."""
+    from test_nonfinite import args as run_args
+
+    out = str(tmp_path / "o")
+    assert parse(tmp_path, "--model", "m", "--data", "d.jsonl", "--output", out, "--zero-copy", "off").zero_copy is False
+    assert parse(tmp_path, config=f"model: m\ndata: d.jsonl\noutput: {out}\nzero_copy: on\n").zero_copy is True
+    rows = {}
+    for setting in (False, None):
+        printed = io.StringIO()
+        train(TrainArgs(**run_args(tiny_model, data, tmp_path / str(setting), steps=1, zero_copy=setting)), printed)
+        rows[setting] = [line for line in printed.getvalue().splitlines() if line.strip().startswith("ring (")]
+    assert rows[False] and all(" cpu " in r and "views" not in r for r in rows[False]), rows[False]
+    assert rows[None] and all("views of the mmap" in r for r in rows[None]), rows[None]

@@ -56,7 +56,14 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: Optional[str] = No
         # an empty --system is a system turn all the same: it replaces the template's default system message
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:  # a template's own refusal (raise_exception), e.g. Gemma's of a system turn
+            fix = ("leave out --system (this template takes no system message)" if system is not None
+                   else "drop --chat and write the prompt as the model expects it")
+            raise ValueError(f"--chat: this model's chat template refused the messages ({e}); {fix}") from None
         return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:  # an empty prompt and a tokenizer without BOS: nothing to continue from

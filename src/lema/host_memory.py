@@ -13,7 +13,7 @@ where the memory has free 2 MiB blocks; LEMA also installs its caching CPU alloc
 (cpu_allocator.py), which reuses freed blocks of 64 KiB or more by size, so the faults are paid once.
 
 Also here: `madvise` and `resident_fraction` (ctypes, GIL released) and `memory_available` for the
-page-cache pager (stream/pager.py).
+page-cache pager (stream/pager.py), within a container's memory cgroup limit where it has one.
 """
 
 from __future__ import annotations
@@ -147,14 +147,87 @@ def proc_bytes(path: str, field: str) -> int:
 
 
 def memory_available() -> int:
-    """MemAvailable of /proc/meminfo: free memory plus the page cache the kernel could reclaim."""
-    return proc_bytes("/proc/meminfo", "MemAvailable")
+    """MemAvailable of /proc/meminfo: free memory plus the page cache the kernel could reclaim; less where this
+    process's memory cgroup (a container's limit) allows less (`cgroup_memory`: its limit less what it holds
+    but its page cache)."""
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    room = cgroup_memory()
+    return available if room is None else min(available, room[0])
 
 
 def memory_free() -> int:
     """MemFree of /proc/meminfo: memory no one holds, not even the page cache (the kernel starts evicting
-    when it nears its watermarks, ~100 MiB here); a huge number where /proc is absent (nothing is short)."""
-    return proc_bytes("/proc/meminfo", "MemFree") or 1 << 62
+    when it nears its watermarks, ~100 MiB here); a huge number where /proc is absent (nothing is short); less
+    where this process's memory cgroup has less left below its limit (`cgroup_memory`)."""
+    free = proc_bytes("/proc/meminfo", "MemFree") or 1 << 62
+    room = cgroup_memory()
+    return free if room is None else min(free, room[1])
+
+
+UNLIMITED = 1 << 60  # a cgroup limit at or above this is none (v1 writes 2^63 less a page)
+_cgroup_dirs: Optional[list] = None  # (folder, v2) of this process's memory cgroup and those above it
+
+
+def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[tuple[int, int]]:
+    """(available, free) bytes under this process's memory cgroup limits, the least over its cgroup and those
+    above it that have a limit: available = limit - (usage - page cache), as MemAvailable counts the cache as
+    reclaimable; free = limit - usage. None where no limit applies or none can be read (no cgroup, /sys not
+    mounted): then /proc/meminfo alone says it. cgroup v2 (memory.max, memory.current, memory.stat `file`)
+    and v1 (memory.limit_in_bytes, memory.usage_in_bytes, memory.stat `total_cache`)."""
+    global _cgroup_dirs
+    import os
+
+    dirs = _cgroup_dirs if (proc_cgroup, root) == ("/proc/self/cgroup", "/sys/fs/cgroup") else None
+    if dirs is None:
+        dirs = []
+        try:
+            with open(proc_cgroup) as f:
+                lines = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+        except OSError:
+            lines = []
+        for _, controllers, path in lines:
+            v2 = controllers == ""
+            if not v2 and "memory" not in controllers.split(","):
+                continue
+            base = root if v2 else os.path.join(root, "memory")
+            parts = [p for p in path.split("/") if p]
+            for n in range(len(parts), -1, -1):  # the process's cgroup, then each one above it
+                folder = os.path.join(base, *parts[:n])
+                if os.path.exists(os.path.join(folder, "memory.max" if v2 else "memory.limit_in_bytes")):
+                    dirs.append((folder, v2))
+        if (proc_cgroup, root) == ("/proc/self/cgroup", "/sys/fs/cgroup"):
+            _cgroup_dirs = dirs
+    best = None
+    for folder, v2 in dirs:
+        try:
+            limit = _read_number(os.path.join(folder, "memory.max" if v2 else "memory.limit_in_bytes"))
+            if limit is None or limit >= UNLIMITED:
+                continue
+            usage = _read_number(os.path.join(folder, "memory.current" if v2 else "memory.usage_in_bytes")) or 0
+            cache = _stat_field(os.path.join(folder, "memory.stat"), "file" if v2 else "total_cache")
+        except OSError:
+            continue
+        room = (max(0, limit - usage + cache), max(0, limit - usage))
+        best = room if best is None else (min(best[0], room[0]), min(best[1], room[1]))
+    return best
+
+
+def _read_number(path: str) -> Optional[int]:
+    with open(path) as f:
+        text = f.read().strip()
+    return None if text == "max" else int(text)
+
+
+def _stat_field(path: str, key: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 THP_ENV = "THP_MEM_ALLOC_ENABLE"

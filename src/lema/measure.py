@@ -281,11 +281,14 @@ def peak_allocations(snapshot: dict, start_allocated: int, device: int = 0, top:
     (`torch.cuda.memory._snapshot()` after `_record_memory_history`; the step began with `start_allocated` bytes
     allocated, whose own history is not in it). The history's `alloc` adds a block's bytes and `free_requested`
     takes them off (as `memory_allocated` counts them: a block still read by another stream is no longer
-    allocated). Returns {"peak_bytes", "before_step_live_bytes" (allocated before the step and still live at
+    allocated). The history gives the bytes asked for; the allocator counts whole blocks, each at least 512 B
+    and a multiple of it (ALLOCATOR_ROUND, as added here), and now and then a cached block larger than asked
+    for, so the replayed peak can fall short of `max_memory_allocated` by those spare bytes. Returns {"peak_bytes", "before_step_live_bytes" (allocated before the step and still live at
     its peak), "groups": [{"where", "bytes", "count", "sizes"}, ...] (largest first, `top` of them)}: each group
     is where its blocks were allocated, the innermost Python frame outside torch, or, for blocks allocated with
     no Python frame (autograd's backward runs in C++), their size."""
-    trace = snapshot.get("device_traces", [[]])[device]
+    trace = [dict(e, size=_block_bytes(e["size"])) for e in snapshot.get("device_traces", [[]])[device]
+             if e["action"] in ("alloc", "free_requested")]
     now = peak = start_allocated
     peak_at = -1
     for i, e in enumerate(trace):
@@ -293,7 +296,7 @@ def peak_allocations(snapshot: dict, start_allocated: int, device: int = 0, top:
             now += e["size"]
             if now > peak:
                 peak, peak_at = now, i
-        elif e["action"] == "free_requested":
+        else:
             now -= e["size"]
     live: dict[int, dict] = {}
     freed_before = 0  # blocks allocated before the step, freed before its peak
@@ -316,6 +319,13 @@ def peak_allocations(snapshot: dict, start_allocated: int, device: int = 0, top:
     for g in rows:
         g["sizes"] = sorted(g["sizes"], reverse=True)[:5]
     return {"peak_bytes": peak, "before_step_live_bytes": start_allocated - freed_before, "groups": rows}
+
+
+ALLOCATOR_ROUND = 512  # CUDA's caching allocator: a block is a multiple of this many bytes, at least one
+
+
+def _block_bytes(requested: int) -> int:
+    return max(ALLOCATOR_ROUND, -(-requested // ALLOCATOR_ROUND) * ALLOCATOR_ROUND)
 
 
 def _allocation_site(frames: list[dict]) -> Optional[str]:

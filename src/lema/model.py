@@ -226,7 +226,10 @@ class LemaModel(nn.Module):
         elif not self._layers_stored_as_used():
             why = "some layer weights are built on load (converted tensors such as fused experts)"
         else:
-            need, available = sum(self.layouts[i].nbytes for i in streamed), memory_available()
+            # asked for: the streamed layers must fit, the ones it locks; auto: every layer, as the plan decides
+            # it before it knows which stay resident (planner.cuda_zero_copy), so the plan printed is what runs
+            counted = streamed if required else range(len(self.layouts))
+            need, available = sum(self.layouts[i].nbytes for i in counted), memory_available()
             if need > available - RESERVE_BYTES:
                 why = (f"the streamed layers ({need / 2**30:.1f} GiB) would stay locked in RAM, but only "
                        f"{available / 2**30:.1f} GiB is available")

@@ -125,6 +125,12 @@ class ModelFacts:
     mlp_adapted: bool = True  # LoRA on some linear outside attention (the MLP's), whose input it then keeps
     layers_as_stored: bool = True  # the folder's layer tensors are the model's, none built on load from several
     file_dtype: Optional[torch.dtype] = None  # the folder's first floating tensor's dtype (None: a config, no file)
+    layer_dtypes: frozenset = frozenset()  # the dtypes of the file's layer tensors (empty: a config, no file)
+
+    def layers_stored_in(self, dtype) -> bool:
+        """The file holds every layer tensor in `dtype` (LemaModel's test for serving them as they are: CPU
+        views, CUDA zero-copy); True for a config without a file, as the engine's own file would be."""
+        return not self.layer_dtypes or self.layer_dtypes == {dtype}
 
     @property
     def layer_bytes(self) -> int:
@@ -150,9 +156,9 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     s = dtype.itemsize
     unit_bytes = {u: sum(params[n].numel() for n in names) * s for u, names in units.units.items()}
     aliases = parameter_aliases(base)
-    file_dtype, layers_as_stored = None, True
+    file_dtype, layers_as_stored, layer_dtypes = None, True, frozenset()
     if isinstance(model, str):  # Mixtral's experts, stacked from per-expert tensors at each load, are not views
-        file_dtype, layers_as_stored = _folder_facts(model, base, units, [n for u, names in units.units.items()
+        file_dtype, layers_as_stored, layer_dtypes = _folder_facts(model, base, units, [n for u, names in units.units.items()
                                                                           if u not in (EMBED, HEAD) for n in names],
                                                      gbi_path)
     embed_untied = sum(params[n].numel() for n in units.units[EMBED] if len(aliases[id(params[n])]) == 1) * s
@@ -176,14 +182,14 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, lora_in_features,
                       units.num_layers,
                       c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied,
-                      mlp_gated, experts_adapted, mlp_adapted, layers_as_stored, file_dtype)
+                      mlp_gated, experts_adapted, mlp_adapted, layers_as_stored, file_dtype, layer_dtypes)
 
 
 def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
-                  gbi_path: Optional[str] = None) -> tuple[Optional[torch.dtype], bool]:
-    """From the folder's weights-file headers (one read): the dtype of its first floating tensor, and whether
+                  gbi_path: Optional[str] = None) -> tuple[Optional[torch.dtype], bool, frozenset]:
+    """From the folder's weights-file headers (one read): the dtype of its first floating tensor, whether
     every layer parameter of `meta_model` is one tensor of the file (LemaModel serves only those as views of the
-    mmap on the CPU). (None, True) where the folder holds no safetensors weights (a config to plan from, or .bin
+    mmap on the CPU), and the dtypes its layer tensors are stored in. (None, True, {}) where the folder holds no safetensors weights (a config to plan from, or .bin
     or GGUF weights that `lema convert` makes streamable); weights that are there but that the model would refuse
     (a truncated file, a missing shard, tensors missing or of another model) raise its WeightsFileError, so a
     plan is not the first to pass them."""
@@ -192,13 +198,16 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
 
     if gbi_path is None and not (glob.glob(os.path.join(folder, "*.safetensors"))
                                  or os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))):
-        return None, True
+        return None, True, frozenset()
     store = WeightStore(folder, gbi_path)
     try:
         file_dtype = next((e.dtype for e in map(store.entry, store.keys()) if e.dtype.is_floating_point), None)
         sources, unexpected = map_checkpoint(meta_model, store)
         check_complete(meta_model, sources, gbi_path or folder)
         check_unused(meta_model, store, unexpected, units.layers_prefix, units.num_layers)
+        keys = [k for n in layer_names if n in sources
+                for k in ([sources[n].key] if sources[n].key is not None else [k for k, _ in sources[n].group.sources])]
+        layer_dtypes = frozenset(store.entry(k).dtype for k in keys)
     finally:
         store.close()
-    return file_dtype, all(sources[n].key is not None for n in layer_names if n in sources)
+    return file_dtype, all(sources[n].key is not None for n in layer_names if n in sources), layer_dtypes

@@ -170,7 +170,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     gpu_zero_copy = gpu_copies == "zero-copy"  # at the bus's rate
     host_slots = device_type != "cpu" and strategy == "streaming" and not gpu_zero_copy
     if zero_copy is None:
-        zero_copy = f.file_dtype == dtype if folder else True
+        zero_copy = f.file_dtype == dtype and f.layers_stored_in(dtype) if folder else True
     embed_views = zero_copy  # the embedding is one tensor: a view wherever the file's dtype is the model's
     zero_copy = zero_copy and f.layers_as_stored
     hf_config, unit_bytes, slot_bytes, L, V, H = f.hf_config, f.unit_bytes, f.slot_bytes, f.L, f.V, f.H
@@ -292,8 +292,9 @@ def cuda_zero_copy(f: ModelFacts, dtype, folder: Optional[str], zero_copy: Optio
     """How a GPU's layer copies read the host (LemaModel's rule): "zero-copy" (the layers' file pages registered
     with CUDA, each copy one DMA from them; `zero_copy` True, or None where the file holds the layers as used in
     the compute dtype, no page-cache size asks for the pager, and they fit in the RAM, where their pages stay
-    locked), else "staged: <why>" (through pinned host slots). The engine checks the RAM for the streamed
-    layers only; the plan, before it decides which are resident, for all of them."""
+    locked), else "staged: <why>" (through pinned host slots). Auto counts every layer against the RAM, in the
+    plan (before it decides which stay resident) and in the engine alike; asked for, the engine counts the
+    streamed layers, the ones it locks."""
     from .engine.skeleton import EMBED, HEAD
     from .host_memory import memory_available
     from .stream.pager import RESERVE_BYTES
@@ -304,8 +305,9 @@ def cuda_zero_copy(f: ModelFacts, dtype, folder: Optional[str], zero_copy: Optio
         return "staged: layer tensors built on load (experts stacked)"
     if zero_copy:
         return "zero-copy"
-    if folder and f.file_dtype != dtype:
-        return f"staged: the file holds {str(f.file_dtype).split('.')[-1]}, converted on the way"
+    if folder and (f.file_dtype != dtype or not f.layers_stored_in(dtype)):
+        held = ", ".join(sorted(str(d).split(".")[-1] for d in f.layer_dtypes or {f.file_dtype}))
+        return f"staged: the file holds the layers in {held}, converted on the way"
     if page_cache not in (None, "off"):
         return "staged: --page-cache sets the pager's window"
     layers = sum(b for u, b in f.unit_bytes.items() if u not in (EMBED, HEAD))

@@ -105,6 +105,10 @@ class TrainArgs:
     offload_activations: Optional[bool] = None
     """GPU: the recomputed layers' inputs in pinned host memory between forward and backward (auto: only when
     --max-vram is not met otherwise)."""
+    zero_copy: Optional[bool] = None
+    """Streaming: each layer copied to a GPU straight from its file pages registered with CUDA, and on the CPU
+    used as views of the mmap (auto: where the file holds the layers in the compute dtype, and on a GPU they
+    fit in RAM, where they stay locked); off: read into slots, on a GPU staged through pinned host memory."""
     seed: int = 0
     """Seed of LoRA init, data order and dropout."""
     quiet: bool = False
@@ -329,7 +333,8 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
                         lora_dropout=args.lora_dropout, lora_target_modules=args.target_modules,
                         num_buffers=args.num_buffers, max_vram=args.max_vram,
                         keep_activations=args.keep_activations, page_cache=args.page_cache,
-                        resident_layers=args.resident_layers or 0, offload_activations=args.offload_activations)
+                        resident_layers=args.resident_layers or 0, offload_activations=args.offload_activations,
+                        zero_copy=args.zero_copy)
     # raises before allocating if a budget cannot fit; decides the resident layers when not given
     plan = plan_for_config(config, batch_size=args.batch_size, seq_len=args.seq_len,
                            auto_resident=args.resident_layers is None)

@@ -38,6 +38,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
                         help="streaming (but CUDA zero-copy): the pager's page-cache window (default auto: the "
                              "memory available now less 2 GiB, when the layers' file bytes exceed it)")
+    parser.add_argument("--zero-copy", type=tristate, default=None, metavar="auto|on|off",
+                        help="streaming: on the CPU, the layers as views of the mmap; on a GPU, each layer copied "
+                             "straight from its file pages registered with CUDA (default auto: where the file "
+                             "holds the layers in the compute dtype, and on a GPU they fit in RAM); off: read into "
+                             "slots (on a GPU, staged through pinned host memory)")
     add_layer_placement_flags(parser)
 
 
@@ -63,6 +68,7 @@ def run(args) -> int:
              max_vram_bytes=parse_bytes(args.max_vram), device_type=args.device,
              num_buffers=args.num_buffers, strategy=args.strategy, keep_activations=args.keep_activations,
              chunked_loss=args.chunked_loss, page_cache=page_cache(args.page_cache),
-             resident_layers=args.resident_layers, offload_activations=args.offload_activations)
+             resident_layers=args.resident_layers, offload_activations=args.offload_activations,
+             zero_copy=args.zero_copy)
     print(p.table())
     return 0
