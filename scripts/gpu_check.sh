@@ -11,6 +11,8 @@
 #   t4long  target 4: b1 x 4096 in a 16 GB card, resident layers as training decides them (auto: the plan shares
 #           the room between resident and kept layers by the step time each saves)
 #   t4longr0  the same, every layer streamed (--resident-layers 0): the auto split's gain, side by side
+#   t3b2    target 3 with --num-buffers 2 (386 MiB less at the peak; does a 7 ms zero-copy load still hide behind
+#           a 19 ms layer with one slot ahead?)
 #   t3mem   target 3, one step, and what is live at its peak by where it was allocated (--memory-peak: the 128.5
 #           MiB the plan missed in session 18)
 #   t3prof  target 3, one profiled step (torch.profiler: $OUT/prof-t3prof.json, the top CUDA kernels in the summary)
@@ -28,9 +30,9 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LEMA_CACHE_DIR=${LEMA_CACHE_DIR:-/tmp/lema-cache}
 PY=python3
 BENCH="$PY -m lema bench --device cuda --gpu-memory 16GB --dtype bfloat16 --json"
-declare -A NEED=([tests]=60 [probe]=30 [t5]=60 [t5long]=60 [t3]=80 [t4]=80 [t4long]=40 [t4longr0]=40 [t3pc]=80 [t3mem]=60 [t3prof]=60
+declare -A NEED=([tests]=60 [probe]=30 [t5]=60 [t5long]=60 [t3]=80 [t4]=80 [t4long]=40 [t4longr0]=40 [t3pc]=80 [t3mem]=60 [t3prof]=60 [t3b2]=80
                  [t5zc]=60 [t5longzc]=60 [t3zc]=80 [t4zc]=80 [t5st]=60 [t5longst]=60 [t3st]=80 [t4st]=80)
-declare -A LIMIT=([tests]=150 [probe]=60 [t5]=120 [t5long]=120 [t3]=200 [t4]=150 [t4long]=100 [t4longr0]=100 [t3pc]=200 [t3mem]=120 [t3prof]=120
+declare -A LIMIT=([tests]=150 [probe]=60 [t5]=120 [t5long]=120 [t3]=200 [t4]=150 [t4long]=100 [t4longr0]=100 [t3pc]=200 [t3mem]=120 [t3prof]=120 [t3b2]=200
                   [t5zc]=120 [t5longzc]=120 [t3zc]=200 [t4zc]=150 [t5st]=120 [t5longst]=120 [t3st]=200 [t4st]=150)
 summary=()
 
@@ -60,6 +62,8 @@ $LEMA_CACHE_DIR/shapes/tinyllama-1.1b-bfloat16/model.safetensors --json $OUT/pro
                   >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t3)     timeout "$limit" $BENCH $zc --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 3 \
                   --contenders streaming --floor >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
+      t3b2)   timeout "$limit" $BENCH $zc --shape llama-2-7b --max-vram 4GB --num-buffers 2 --batch-size 8 \
+                  --seq-len 512 --steps 3 --contenders streaming --floor >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t3mem)  timeout "$limit" $BENCH --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 1 \
                   --contenders streaming --memory-peak >"$OUT/$name.json" 2>"$OUT/$name.log" ;;
       t3prof) timeout "$limit" $BENCH --shape llama-2-7b --max-vram 4GB --batch-size 8 --seq-len 512 --steps 1 \
