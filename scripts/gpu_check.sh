@@ -121,12 +121,12 @@ if fl:
           f"streaming/floor {fl['streaming_over_floor']:.2f} (fastest {fl['fastest_streaming_over_floor']:.2f})")
 EOF
 done
-# what comes back is at most 8 files of 16 MiB: a profiler trace compressed on its own (dropped if still too big),
-# the logs and JSON in one archive
+# what comes back is at most 8 files of 16 MiB: the logs and JSON in one archive (first, so a call cut short while a
+# big trace compresses still brings them), then a profiler trace compressed on its own (dropped if still too big)
+tar -C "$OUT" --exclude='prof-*' -czf /tmp/gpu-logs.tgz . && mv /tmp/gpu-logs.tgz "$OUT/logs.tgz" \
+    && find "$OUT" -maxdepth 1 \( -name '*.log' -o -name '*.json' -o -name '*.txt' \) ! -name 'prof-*' -delete
 for f in "$OUT"/prof-*.json; do
     [ -e "$f" ] || continue
     gzip -f "$f"
     if [ "$(stat -c %s "$f.gz")" -gt $((15 * 2**20)) ]; then echo "$f.gz: over 15 MiB, not kept"; rm -f "$f.gz"; fi
 done
-tar -C "$OUT" --exclude='prof-*' -czf /tmp/gpu-logs.tgz . && rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/*.txt \
-    && mv /tmp/gpu-logs.tgz "$OUT/logs.tgz"

@@ -206,6 +206,10 @@ def test_a_template_that_refuses_a_system_turn_is_named(tiny_dir, tmp_path, caps
         assert "chat template refused the messages (System role not supported)" in line and "leave out --system" in line
     rc, _, err = lema(capsys, "generate", "--model", folder, "--chat", "--prompt", "hi", "--max-new-tokens", 2)
     assert rc == 0, err
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }"  # does not parse: not the flags' fault
+    tok.save_pretrained(folder)
+    line = refused(capsys, "generate", "--model", folder, "--chat", "--system", "x", "--prompt", "hi")
+    assert "chat template is not valid Jinja" in line and "--system" not in line.split("Jinja", 1)[1]
 
 
 # ----- sampling --------------------------------------------------------------------------------------------------

@@ -192,7 +192,8 @@ def test_rss_anon_is_statuss_rssanon_in_this_process_and_in_a_forked_child():
 def test_cgroup_memory_is_the_tightest_limit_above_the_process(tmp_path):
     """A container's memory limit bounds what the pager and CUDA zero-copy may count on: v2 and v1, the least
     over the process's cgroup and those above it, page cache counted as reclaimable in `available`; no limit
-    ('max', v1's 2^63 less a page) or no cgroup file: None (then /proc/meminfo alone)."""
+    ('max', v1's 2^63 less a page) or no cgroup file: None (then /proc/meminfo alone). Shmem (in `file` and
+    `cache`) is not reclaimable: only the active and inactive file pages count."""
     from lema.host_memory import cgroup_memory
 
     GiB = 2**30
@@ -203,18 +204,18 @@ def test_cgroup_memory_is_the_tightest_limit_above_the_process(tmp_path):
             (path / name.replace("_", ".", 1)).write_text(text)
 
     v2 = tmp_path / "v2"
-    folder(v2 / "box", memory_max=str(8 * GiB), memory_current=str(6 * GiB), memory_stat=f"anon 1\nfile {4 * GiB}\n")
-    folder(v2 / "box" / "job", memory_max="max", memory_current=str(5 * GiB), memory_stat="file 0\n")
+    folder(v2 / "box", memory_max=str(8 * GiB), memory_current=str(6 * GiB), memory_stat=f"anon 1\nfile {5 * GiB}\nactive_file {GiB}\ninactive_file {3 * GiB}\nshmem {GiB}\n")
+    folder(v2 / "box" / "job", memory_max="max", memory_current=str(5 * GiB), memory_stat="file 0\nactive_file 0\ninactive_file 0\n")
     (tmp_path / "cg2").write_text("0::/box/job\n")
     assert cgroup_memory(str(tmp_path / "cg2"), str(v2)) == (6 * GiB, 2 * GiB)
 
     v1 = tmp_path / "v1"
     folder(v1 / "memory", memory_limit_in_bytes="9223372036854771712", memory_usage_in_bytes="1",
-           memory_stat="total_cache 0\n")
+           memory_stat="total_cache 0\ntotal_active_file 0\ntotal_inactive_file 0\n")
     folder(v1 / "memory" / "a", memory_limit_in_bytes=str(16 * GiB), memory_usage_in_bytes=str(10 * GiB),
-           memory_stat=f"cache {3 * GiB}\ntotal_cache {3 * GiB}\n")
+           memory_stat=f"cache {3 * GiB}\ntotal_cache {4 * GiB}\ntotal_active_file {GiB}\ntotal_inactive_file {2 * GiB}\n")
     folder(v1 / "memory" / "a" / "b", memory_limit_in_bytes=str(12 * GiB), memory_usage_in_bytes=str(9 * GiB),
-           memory_stat=f"total_cache {1 * GiB}\n")
+           memory_stat=f"total_cache {GiB}\ntotal_inactive_file {GiB}\n")
     (tmp_path / "cg1").write_text("5:cpu,cpuacct:/x\n4:memory:/a/b\n0::/\n")
     assert cgroup_memory(str(tmp_path / "cg1"), str(v1)) == (4 * GiB, 3 * GiB)  # b: 12-9+1, 12-9; a: 9, 6
 
@@ -224,3 +225,5 @@ def test_cgroup_memory_is_the_tightest_limit_above_the_process(tmp_path):
     folder(tmp_path / "v2max", memory_max="max", memory_current="5")
     assert cgroup_memory(str(tmp_path / "cg4"), str(tmp_path / "v2max")) is None
     assert cgroup_memory(str(tmp_path / "absent"), str(v2)) is None
+    (v2 / "box" / "memory.current").write_text("")  # not a number: that level is skipped, not an error
+    assert cgroup_memory(str(tmp_path / "cg2"), str(v2)) is None

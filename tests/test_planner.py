@@ -538,5 +538,34 @@ def test_a_file_with_layers_in_two_dtypes_is_planned_as_the_engine_runs_it(tmp_p
     model = LemaModel(LemaConfig(model_name_or_path=folder, num_buffers=3))
     try:
         assert model.source._zero_copy is None and all(s.host is not None for s in model.source.slots)
+        assert cpu.embedding_view_bytes == model.embedding_view_bytes > 0  # the embedding is float32: a view
+    finally:
+        model.close()
+    # --zero-copy on: on the CPU no more than auto (LemaModel's rule); on a GPU refused, as LemaModel refuses it
+    assert plan(folder, "float32", batch_size=B, seq_len=T, device_type="cpu", num_buffers=3,
+                zero_copy=True).ring_device_bytes == cpu.ring_device_bytes
+    with pytest.raises(ValueError, match="zero_copy=True on cuda: the file holds the layers in bfloat16, float32"):
+        plan(folder, "float32", batch_size=B, seq_len=T, device_type="cuda", zero_copy=True)
+
+
+def test_the_layers_dtype_decides_not_the_files_first_tensor(tmp_path):
+    """The head and embedding in float32, every layer tensor in bfloat16, trained in bfloat16: the layers are
+    views (CPU) and zero-copy (GPU), the embedding a copy, with nothing to convert; as LemaModel does it."""
+    from safetensors.torch import load_file, save_file
+
+    from lema import LemaConfig, LemaModel
+
+    folder = str(tmp_path / "m")
+    save_tiny("llama", folder)
+    path = f"{folder}/model.safetensors"
+    save_file({k: v.to(torch.bfloat16) if ".layers." in k else v for k, v in load_file(path).items()}, path,
+              metadata={"format": "pt"})
+    cpu = plan(folder, "bfloat16", batch_size=B, seq_len=T, device_type="cpu", num_buffers=3)
+    assert cpu.ring_device_bytes == 0 and cpu.embedding_view_bytes == 0 and "convert" not in " ".join(cpu.advice)
+    gpu = plan(folder, "bfloat16", batch_size=B, seq_len=T, device_type="cuda", num_buffers=3)
+    assert gpu.gpu_copies == "zero-copy" and gpu.ring_host_bytes == 0
+    model = LemaModel(LemaConfig(model_name_or_path=folder, num_buffers=3, dtype="bfloat16"))
+    try:
+        assert model.source._zero_copy is not None and model.embedding_view_bytes == 0
     finally:
         model.close()

@@ -206,6 +206,16 @@ def test_auto_is_taken_where_plan_and_bench_take_it(tmp_path):
     assert args.resident_layers is None and args.keep_activations == 3 and args.page_cache is None
     args = parse(tmp_path, config=f"model: m\ndata: d.jsonl\noutput: {out}\nresident_layers: auto\npage_cache: off\n")
     assert args.resident_layers is None and args.page_cache == "off"
+    # `auto` typed on the command line wins over the file's value, as every flag given does
+    config = (f"model: m\ndata: d.jsonl\noutput: {out}\nzero_copy: off\noffload_activations: on\n"
+              "resident_layers: 4\npage_cache: 2GB\nkeep_activations: 2\n")
+    args = parse(tmp_path, "--zero-copy", "auto", "--offload-activations", "auto", "--resident-layers", "auto",
+                 "--page-cache", "auto", "--keep-activations", "auto", config=config)
+    assert (args.zero_copy, args.offload_activations, args.resident_layers, args.page_cache,
+            args.keep_activations) == (None, None, None, None, None)
+    args = parse(tmp_path, config=config)  # and without them, the file's
+    assert (args.zero_copy, args.offload_activations, args.resident_layers, args.page_cache,
+            args.keep_activations) == (False, True, 4, "2GB", 2)
 
 
 def test_a_second_run_on_the_same_output_is_refused(tmp_path):

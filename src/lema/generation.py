@@ -56,10 +56,13 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: Optional[str] = No
         # an empty --system is a system turn all the same: it replaces the template's default system message
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": prompt}]
-        from jinja2.exceptions import TemplateError
+        from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateSyntaxError as e:  # the template itself does not parse: nothing the flags can change
+            raise ValueError(f"--chat: this model's chat template is not valid Jinja ({e}); fix the tokenizer's "
+                             "chat_template, or drop --chat") from None
         except TemplateError as e:  # a template's own refusal (raise_exception), e.g. Gemma's of a system turn
             fix = ("leave out --system (this template takes no system message)" if system is not None
                    else "drop --chat and write the prompt as the model expects it")

@@ -170,10 +170,11 @@ _cgroup_dirs: Optional[list] = None  # (folder, v2) of this process's memory cgr
 
 def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[tuple[int, int]]:
     """(available, free) bytes under this process's memory cgroup limits, the least over its cgroup and those
-    above it that have a limit: available = limit - (usage - page cache), as MemAvailable counts the cache as
-    reclaimable; free = limit - usage. None where no limit applies or none can be read (no cgroup, /sys not
-    mounted): then /proc/meminfo alone says it. cgroup v2 (memory.max, memory.current, memory.stat `file`)
-    and v1 (memory.limit_in_bytes, memory.usage_in_bytes, memory.stat `total_cache`)."""
+    above it that have a limit: available = limit - (usage - file pages), as MemAvailable counts the page cache
+    as reclaimable (the active and inactive file pages: not shmem or tmpfs, which `file` and `cache` include
+    and only swap could take); free = limit - usage. None where no limit applies or none can be read (no
+    cgroup, /sys not mounted): then /proc/meminfo alone says it. cgroup v2 (memory.max, memory.current,
+    memory.stat) and v1 (memory.limit_in_bytes, memory.usage_in_bytes, memory.stat's total_ counts)."""
     global _cgroup_dirs
     import os
 
@@ -204,8 +205,10 @@ def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/c
             if limit is None or limit >= UNLIMITED:
                 continue
             usage = _read_number(os.path.join(folder, "memory.current" if v2 else "memory.usage_in_bytes")) or 0
-            cache = _stat_field(os.path.join(folder, "memory.stat"), "file" if v2 else "total_cache")
-        except OSError:
+            prefix = "" if v2 else "total_"
+            cache = sum(_stat_field(os.path.join(folder, "memory.stat"), f"{prefix}{kind}_file")
+                        for kind in ("active", "inactive"))
+        except (OSError, ValueError):  # a file gone, or not a number: this level says nothing
             continue
         room = (max(0, limit - usage + cache), max(0, limit - usage))
         best = room if best is None else (min(best[0], room[0]), min(best[1], room[1]))

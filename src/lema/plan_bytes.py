@@ -126,11 +126,17 @@ class ModelFacts:
     layers_as_stored: bool = True  # the folder's layer tensors are the model's, none built on load from several
     file_dtype: Optional[torch.dtype] = None  # the folder's first floating tensor's dtype (None: a config, no file)
     layer_dtypes: frozenset = frozenset()  # the dtypes of the file's layer tensors (empty: a config, no file)
+    embed_dtype: Optional[torch.dtype] = None  # the embedding's dtype where the file holds it as one tensor
+    has_file: bool = False  # planned from a folder's safetensors weights (not a config alone)
 
     def layers_stored_in(self, dtype) -> bool:
         """The file holds every layer tensor in `dtype` (LemaModel's test for serving them as they are: CPU
-        views, CUDA zero-copy); True for a config without a file, as the engine's own file would be."""
-        return not self.layer_dtypes or self.layer_dtypes == {dtype}
+        views, CUDA zero-copy); True for a config alone, as the engine's own file would be."""
+        return self.layer_dtypes == {dtype} if self.has_file else True
+
+    def embedding_stored_in(self, dtype) -> bool:
+        """The file holds the embedding as one tensor in `dtype` (LemaModel's test for a CPU view of it)."""
+        return self.embed_dtype == dtype if self.has_file else True
 
     @property
     def layer_bytes(self) -> int:
@@ -156,11 +162,10 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     s = dtype.itemsize
     unit_bytes = {u: sum(params[n].numel() for n in names) * s for u, names in units.units.items()}
     aliases = parameter_aliases(base)
-    file_dtype, layers_as_stored, layer_dtypes = None, True, frozenset()
+    folder = {}
     if isinstance(model, str):  # Mixtral's experts, stacked from per-expert tensors at each load, are not views
-        file_dtype, layers_as_stored, layer_dtypes = _folder_facts(model, base, units, [n for u, names in units.units.items()
-                                                                          if u not in (EMBED, HEAD) for n in names],
-                                                     gbi_path)
+        folder = _folder_facts(model, base, units, [n for u, names in units.units.items()
+                                                    if u not in (EMBED, HEAD) for n in names], gbi_path)
     embed_untied = sum(params[n].numel() for n in units.units[EMBED] if len(aliases[id(params[n])]) == 1) * s
     slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
                       for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
@@ -182,23 +187,25 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, lora_in_features,
                       units.num_layers,
                       c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied,
-                      mlp_gated, experts_adapted, mlp_adapted, layers_as_stored, file_dtype, layer_dtypes)
+                      mlp_gated, experts_adapted, mlp_adapted, **folder)
 
 
 def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
-                  gbi_path: Optional[str] = None) -> tuple[Optional[torch.dtype], bool, frozenset]:
-    """From the folder's weights-file headers (one read): the dtype of its first floating tensor, whether
-    every layer parameter of `meta_model` is one tensor of the file (LemaModel serves only those as views of the
-    mmap on the CPU), and the dtypes its layer tensors are stored in. (None, True, {}) where the folder holds no safetensors weights (a config to plan from, or .bin
+                  gbi_path: Optional[str] = None) -> dict:
+    """From the folder's weights-file headers (one read), ModelFacts' fields: the dtype of its first floating
+    tensor (file_dtype), whether every layer parameter of `meta_model` is one tensor of the file
+    (layers_as_stored: LemaModel serves only those as views of the mmap on the CPU), the dtypes its layer tensors
+    are stored in (layer_dtypes) and the embedding's (embed_dtype, where it is one tensor). {} where the folder holds no safetensors weights (a config to plan from, or .bin
     or GGUF weights that `lema convert` makes streamable); weights that are there but that the model would refuse
     (a truncated file, a missing shard, tensors missing or of another model) raise its WeightsFileError, so a
     plan is not the first to pass them."""
+    from .engine.skeleton import EMBED
     from .store import WeightStore
     from .store.keymap import check_complete, check_unused, map_checkpoint
 
     if gbi_path is None and not (glob.glob(os.path.join(folder, "*.safetensors"))
                                  or os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))):
-        return None, True, frozenset()
+        return {}
     store = WeightStore(folder, gbi_path)
     try:
         file_dtype = next((e.dtype for e in map(store.entry, store.keys()) if e.dtype.is_floating_point), None)
@@ -208,6 +215,10 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
         keys = [k for n in layer_names if n in sources
                 for k in ([sources[n].key] if sources[n].key is not None else [k for k, _ in sources[n].group.sources])]
         layer_dtypes = frozenset(store.entry(k).dtype for k in keys)
+        embed = [sources[n] for n in units.units[EMBED] if n in sources]
+        embed_dtype = store.entry(embed[0].key).dtype if len(embed) == 1 and embed[0].key is not None else None
     finally:
         store.close()
-    return file_dtype, all(sources[n].key is not None for n in layer_names if n in sources), layer_dtypes
+    return dict(file_dtype=file_dtype, layers_as_stored=all(sources[n].key is not None for n in layer_names
+                                                            if n in sources),
+                layer_dtypes=layer_dtypes, embed_dtype=embed_dtype, has_file=True)

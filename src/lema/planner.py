@@ -169,10 +169,10 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         gpu_copies = cuda_zero_copy(f, dtype, folder, zero_copy, page_cache)
     gpu_zero_copy = gpu_copies == "zero-copy"  # at the bus's rate
     host_slots = device_type != "cpu" and strategy == "streaming" and not gpu_zero_copy
-    if zero_copy is None:
-        zero_copy = f.file_dtype == dtype and f.layers_stored_in(dtype) if folder else True
-    embed_views = zero_copy  # the embedding is one tensor: a view wherever the file's dtype is the model's
-    zero_copy = zero_copy and f.layers_as_stored
+    # the CPU's views, as LemaModel decides them (True is no more than auto there): the layers where the file holds
+    # every layer tensor in the compute dtype, as used; the embedding where it holds that one tensor so
+    embed_views = zero_copy is not False and f.embedding_stored_in(dtype)
+    zero_copy = zero_copy is not False and f.layers_stored_in(dtype) and f.layers_as_stored
     hf_config, unit_bytes, slot_bytes, L, V, H = f.hf_config, f.unit_bytes, f.slot_bytes, f.L, f.V, f.H
     lora_params = f.lora_params
     s = dtype.itemsize
@@ -270,15 +270,18 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              if strategy == "streaming" and not cpu and L else None,
              activations_on="host" if offload else "device", embedding_view_bytes=embed_view,
              allocator_cache_bytes=cache, gpu_copies=gpu_copies)
-    file_dtype = f.file_dtype if f.file_dtype is not None and f.file_dtype.is_floating_point else None
+    stored = sorted((d for d in f.layer_dtypes if d.is_floating_point), key=str) or (
+        [f.file_dtype] if f.file_dtype is not None and f.file_dtype.is_floating_point else [])
     if strategy == "streaming" and L and not gpu_zero_copy:  # CUDA zero-copy locks the layers' pages in RAM
         # the page cache holds the file's bytes: another dtype's size where the layers are converted on load
-        _page_cache(p, int(layers_total * (file_dtype.itemsize / s if file_dtype else 1)), page_cache)
+        # (with two, the wider one's: the window is not sized on bytes it does not have)
+        wide = max((d.itemsize for d in stored), default=s)
+        _page_cache(p, int(layers_total * wide / s), page_cache)
     _decide(p, lambda d, on_device_acts=not offload: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
     if strategy == "streaming" and folder and L > p.resident_layers:
         converted = [] if f.layers_as_stored else ["built on load from several tensors (experts stacked)"]
-        if file_dtype is not None and file_dtype != dtype:
-            converted.insert(0, f"stored in {str(file_dtype).split('.')[-1]}")
+        if stored and not f.layers_stored_in(dtype):
+            converted.insert(0, "stored in " + " and ".join(str(d).split(".")[-1] for d in stored))
         if converted:
             name = str(dtype).split(".")[-1]
             p.advice.append(f"the layers are {' and '.join(converted)}: every load converts them, in the loader "
@@ -301,13 +304,21 @@ def cuda_zero_copy(f: ModelFacts, dtype, folder: Optional[str], zero_copy: Optio
 
     if zero_copy is False:
         return "staged: --zero-copy off"
+    why = None
     if not f.layers_as_stored:
-        return "staged: layer tensors built on load (experts stacked)"
+        why = "layer tensors built on load (experts stacked)"
+    elif folder and not f.has_file:
+        why = "no safetensors weights in the folder to copy as they are"
+    elif folder and not f.layers_stored_in(dtype):
+        held = ", ".join(sorted(str(d).split(".")[-1] for d in f.layer_dtypes))
+        why = f"the file holds the layers in {held}, converted on the way"
+    if why is not None and zero_copy:  # asked for: LemaModel refuses it, and so does the plan
+        raise ValueError(f"zero_copy=True on cuda: {why}; use --zero-copy auto to stage each layer through pinned "
+                         "host slots")
+    if why is not None:
+        return f"staged: {why}"
     if zero_copy:
         return "zero-copy"
-    if folder and (f.file_dtype != dtype or not f.layers_stored_in(dtype)):
-        held = ", ".join(sorted(str(d).split(".")[-1] for d in f.layer_dtypes or {f.file_dtype}))
-        return f"staged: the file holds the layers in {held}, converted on the way"
     if page_cache not in (None, "off"):
         return "staged: --page-cache sets the pager's window"
     layers = sum(b for u, b in f.unit_bytes.items() if u not in (EMBED, HEAD))

@@ -106,9 +106,11 @@ class TrainArgs:
     """GPU: the recomputed layers' inputs in pinned host memory between forward and backward (auto: only when
     --max-vram is not met otherwise)."""
     zero_copy: Optional[bool] = None
-    """Streaming: each layer copied to a GPU straight from its file pages registered with CUDA, and on the CPU
-    used as views of the mmap (auto: where the file holds the layers in the compute dtype, and on a GPU they
-    fit in RAM, where they stay locked); off: read into slots, on a GPU staged through pinned host memory."""
+    """Streaming: the layers served as the file holds them: on the CPU views of the mmap, on a GPU each layer
+    copied straight from its file pages, registered with CUDA and locked in RAM. auto (and on, on the CPU):
+    where the file holds every layer tensor in the compute dtype as one tensor (not per-expert ones stacked on
+    load), and on a GPU the layers fit in RAM and no --page-cache size is given; on (GPU): refused where it
+    cannot apply; off: read into slots (on a GPU, staged through pinned host memory)."""
     seed: int = 0
     """Seed of LoRA init, data order and dropout."""
     quiet: bool = False

@@ -39,10 +39,12 @@ def add_arguments(parser) -> None:
                         help="streaming (but CUDA zero-copy): the pager's page-cache window (default auto: the "
                              "memory available now less 2 GiB, when the layers' file bytes exceed it)")
     parser.add_argument("--zero-copy", type=tristate, default=None, metavar="auto|on|off",
-                        help="streaming: on the CPU, the layers as views of the mmap; on a GPU, each layer copied "
-                             "straight from its file pages registered with CUDA (default auto: where the file "
-                             "holds the layers in the compute dtype, and on a GPU they fit in RAM); off: read into "
-                             "slots (on a GPU, staged through pinned host memory)")
+                        help="streaming: the layers served as the file holds them: on the CPU views of the mmap, on a GPU each "
+                             "layer copied straight from its file pages, registered with CUDA and locked in RAM. "
+                             "auto (and on, on the CPU): where the file holds every layer tensor in the compute "
+                             "dtype as one tensor (not per-expert ones stacked on load), and on a GPU the layers "
+                             "fit in RAM and no --page-cache size is given; on (GPU): refused where it cannot "
+                             "apply; off: read into slots (on a GPU, staged through pinned host memory)")
     add_layer_placement_flags(parser)
 
 

@@ -33,12 +33,12 @@ def add_arguments(parser) -> None:
         elif base is bool:  # Optional[bool]: auto (None) | on | off
             from . import tristate
 
-            parser.add_argument(flag, type=tristate, default=None, metavar="auto|on|off",
+            parser.add_argument(flag, type=_auto_given(tristate), default=None, metavar="auto|on|off",
                                 help=f"{docs[f.name]} (default: auto)")
         elif f.name in AUTO:  # auto|N or auto|off|SIZE, as `lema plan` and `lema bench` take them
             from . import count_or_auto
 
-            parser.add_argument(flag, type=count_or_auto if base is int else _auto_or_text, default=None,
+            parser.add_argument(flag, type=_auto_given(count_or_auto if base is int else _auto_or_text), default=None,
                                 metavar="auto|N" if base is int else "auto|off|SIZE", help=f"{docs[f.name]}")
         else:
             parser.add_argument(flag, type=base, default=None, metavar=f.name.upper(),
@@ -50,6 +50,19 @@ def add_arguments(parser) -> None:
 
 def _auto_or_text(text: str):
     return None if text == "auto" else text
+
+
+AUTO_GIVEN = "auto (given)"  # `auto` typed on the command line: it overrides the --config file's value
+
+
+def _auto_given(kind):
+    """An argparse type that reads `auto` as AUTO_GIVEN (not None, which is a flag left out) and anything else
+    as `kind` does."""
+    def read(text: str):
+        return AUTO_GIVEN if text == "auto" else kind(text)
+
+    read.__name__ = getattr(kind, "__name__", "value")  # argparse names the type in its error message
+    return read
 
 
 def _setting(path: str, name: str, value, kind):
@@ -110,7 +123,9 @@ def args_from_namespace(ns):
         values.update({k: _setting(ns.config, k, v, hints[k]) for k, v in loaded.items()})
     for f in dataclasses.fields(TrainArgs):
         v = getattr(ns, f.name, None)
-        if v is not None:
+        if v is AUTO_GIVEN:
+            values[f.name] = None
+        elif v is not None:
             values[f.name] = v
     given = {k for k in ("steps", "epochs") if getattr(ns, k, None) is not None}
     if len(given) == 1:  # --steps on the command line replaces the file's epochs, and the other way round
