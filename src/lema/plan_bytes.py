@@ -126,7 +126,7 @@ class ModelFacts:
     layers_as_stored: bool = True  # the folder's layer tensors are the model's, none built on load from several
     file_dtype: Optional[torch.dtype] = None  # the folder's first floating tensor's dtype (None: a config, no file)
     layer_dtypes: frozenset = frozenset()  # the dtypes of the file's layer tensors (empty: a config, no file)
-    embed_dtype: Optional[torch.dtype] = None  # the embedding's dtype where the file holds it as one tensor
+    embed_dtype: Optional[torch.dtype] = None  # the embedding's tensors' dtype where the file holds them in one
     has_file: bool = False  # planned from a folder's safetensors weights (not a config alone)
 
     def layers_stored_in(self, dtype) -> bool:
@@ -215,8 +215,10 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
         keys = [k for n in layer_names if n in sources
                 for k in ([sources[n].key] if sources[n].key is not None else [k for k, _ in sources[n].group.sources])]
         layer_dtypes = frozenset(store.entry(k).dtype for k in keys)
-        embed = [sources[n] for n in units.units[EMBED] if n in sources]
-        embed_dtype = store.entry(embed[0].key).dtype if len(embed) == 1 and embed[0].key is not None else None
+        # the embedding unit's tensors stored as one each (GPT-2's has two, the token and position tables)
+        embed = {store.entry(sources[n].key).dtype for n in units.units[EMBED] if n in sources
+                 and sources[n].key is not None}
+        embed_dtype = embed.pop() if len(embed) == 1 else None
     finally:
         store.close()
     return dict(file_dtype=file_dtype, layers_as_stored=all(sources[n].key is not None for n in layer_names
