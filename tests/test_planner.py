@@ -569,3 +569,44 @@ def test_the_layers_dtype_decides_not_the_files_first_tensor(tmp_path):
         assert model.source._zero_copy is not None and model.embedding_view_bytes == 0
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("arch,tied", [("gpt2", "transformer.wte.weight"), ("opt", "model.decoder.embed_tokens.weight")])
+def test_the_embedding_view_is_decided_tensor_by_tensor(arch, tied, tmp_path):
+    """The token table (tied to the head) in bfloat16, the position table in float32, trained in float32: the
+    position table is mapped from the file and the token table copied, in the plan as in LemaModel."""
+    from safetensors.torch import load_file, save_file
+
+    from lema import LemaConfig, LemaModel
+
+    folder = str(tmp_path / "m")
+    save_tiny(arch, folder)
+    path = f"{folder}/model.safetensors"
+    save_file({k: v.to(torch.bfloat16) if k == tied else v for k, v in load_file(path).items()}, path,
+              metadata={"format": "pt"})
+    p = plan(folder, "float32", batch_size=B, seq_len=T, device_type="cpu", num_buffers=3)
+    model = LemaModel(LemaConfig(model_name_or_path=folder, num_buffers=3))
+    try:
+        assert p.embedding_view_bytes == model.embedding_view_bytes > 0
+    finally:
+        model.close()
+
+
+def test_a_folder_without_safetensors_is_planned_with_slots_and_staged(tmp_path):
+    """.bin weights (LemaModel refuses them, naming `lema convert`): the plan counts slots and a copied embedding
+    on the CPU, pinned staging on a GPU, and leaves the refusal to the engine, even with --zero-copy on."""
+    import os
+
+    from safetensors.torch import load_file
+
+    folder = str(tmp_path / "bin")
+    save_tiny("llama", folder)
+    torch.save(load_file(f"{folder}/model.safetensors"), f"{folder}/pytorch_model.bin")
+    os.remove(f"{folder}/model.safetensors")
+    cpu = plan(folder, "float32", batch_size=B, seq_len=T, device_type="cpu", num_buffers=3)
+    assert cpu.ring_device_bytes == 3 * cpu.slot_bytes > 0 and cpu.embedding_view_bytes == 0
+    for zero_copy in (None, True):
+        gpu = plan(folder, "float32", batch_size=B, seq_len=T, device_type="cuda", zero_copy=zero_copy)
+        assert gpu.ring_host_bytes > 0 and "no safetensors weights in the folder" in gpu.table()
+    shape = plan(make_config("llama"), "float32", batch_size=B, seq_len=T, device_type="cpu")
+    assert shape.ring_device_bytes == 0 and shape.embedding_view_bytes > 0  # a config alone: as if stored so

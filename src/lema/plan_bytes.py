@@ -126,17 +126,21 @@ class ModelFacts:
     layers_as_stored: bool = True  # the folder's layer tensors are the model's, none built on load from several
     file_dtype: Optional[torch.dtype] = None  # the folder's first floating tensor's dtype (None: a config, no file)
     layer_dtypes: frozenset = frozenset()  # the dtypes of the file's layer tensors (empty: a config, no file)
-    embed_dtype: Optional[torch.dtype] = None  # the embedding's tensors' dtype where the file holds them in one
-    has_file: bool = False  # planned from a folder's safetensors weights (not a config alone)
+    embed_view_bytes: int = 0  # of the embedding, what the file holds as LemaModel maps it on the CPU: tensors
+    #                            not tied to the head, each one tensor of the file, in the compute dtype
+    from_folder: bool = False  # planned from a folder (not a config alone)
+    safetensors: bool = False  # ... whose safetensors weights were read for these facts
 
     def layers_stored_in(self, dtype) -> bool:
         """The file holds every layer tensor in `dtype` (LemaModel's test for serving them as they are: CPU
-        views, CUDA zero-copy); True for a config alone, as the engine's own file would be."""
-        return self.layer_dtypes == {dtype} if self.has_file else True
+        views, CUDA zero-copy); True for a config alone, as the engine's own file would be; False for a folder
+        without safetensors weights (.bin, GGUF: `lema convert` makes them)."""
+        return (self.safetensors and self.layer_dtypes == {dtype}) if self.from_folder else True
 
-    def embedding_stored_in(self, dtype) -> bool:
-        """The file holds the embedding as one tensor in `dtype` (LemaModel's test for a CPU view of it)."""
-        return self.embed_dtype == dtype if self.has_file else True
+    def embedding_view(self) -> int:
+        """Bytes of the embedding a CPU run maps from the file rather than copying (LemaModel._load_resident_units):
+        for a config alone, every untied one, as the engine's own file would be."""
+        return self.embed_view_bytes if self.from_folder else self.embed_untied_bytes
 
     @property
     def layer_bytes(self) -> int:
@@ -163,10 +167,13 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
     unit_bytes = {u: sum(params[n].numel() for n in names) * s for u, names in units.units.items()}
     aliases = parameter_aliases(base)
     folder = {}
+    embed_untied = sum(params[n].numel() for n in units.units[EMBED] if len(aliases[id(params[n])]) == 1) * s
     if isinstance(model, str):  # Mixtral's experts, stacked from per-expert tensors at each load, are not views
         folder = _folder_facts(model, base, units, [n for u, names in units.units.items()
                                                     if u not in (EMBED, HEAD) for n in names], gbi_path)
-    embed_untied = sum(params[n].numel() for n in units.units[EMBED] if len(aliases[id(params[n])]) == 1) * s
+        keyed = folder.pop("embed_dtypes", {})  # as LemaModel decides an embedding tensor's view, one by one
+        folder["embed_view_bytes"] = sum(params[n].numel() * s for n in units.units[EMBED]
+                                         if len(aliases[id(params[n])]) == 1 and keyed.get(n) == dtype)
     slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
                       for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
     base.requires_grad_(False)  # as LemaModel: only LoRA trains, the head is frozen
@@ -195,8 +202,9 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
     """From the folder's weights-file headers (one read), ModelFacts' fields: the dtype of its first floating
     tensor (file_dtype), whether every layer parameter of `meta_model` is one tensor of the file
     (layers_as_stored: LemaModel serves only those as views of the mmap on the CPU), the dtypes its layer tensors
-    are stored in (layer_dtypes) and the embedding's (embed_dtype, where it is one tensor). {} where the folder holds no safetensors weights (a config to plan from, or .bin
-    or GGUF weights that `lema convert` makes streamable); weights that are there but that the model would refuse
+    are stored in (layer_dtypes) and those of the embedding's tensors that are one tensor of the file
+    (embed_dtypes, by name). A folder without safetensors weights (a config to plan from, or .bin or GGUF
+    weights that `lema convert` makes streamable) gives no dtype; weights that are there but that the model would refuse
     (a truncated file, a missing shard, tensors missing or of another model) raise its WeightsFileError, so a
     plan is not the first to pass them."""
     from .engine.skeleton import EMBED
@@ -205,7 +213,7 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
 
     if gbi_path is None and not (glob.glob(os.path.join(folder, "*.safetensors"))
                                  or os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))):
-        return {}
+        return dict(from_folder=True)
     store = WeightStore(folder, gbi_path)
     try:
         file_dtype = next((e.dtype for e in map(store.entry, store.keys()) if e.dtype.is_floating_point), None)
@@ -216,11 +224,10 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
                 for k in ([sources[n].key] if sources[n].key is not None else [k for k, _ in sources[n].group.sources])]
         layer_dtypes = frozenset(store.entry(k).dtype for k in keys)
         # the embedding unit's tensors stored as one each (GPT-2's has two, the token and position tables)
-        embed = {store.entry(sources[n].key).dtype for n in units.units[EMBED] if n in sources
-                 and sources[n].key is not None}
-        embed_dtype = embed.pop() if len(embed) == 1 else None
+        embed_dtypes = {n: store.entry(sources[n].key).dtype for n in units.units[EMBED] if n in sources
+                        and sources[n].key is not None}
     finally:
         store.close()
     return dict(file_dtype=file_dtype, layers_as_stored=all(sources[n].key is not None for n in layer_names
                                                             if n in sources),
-                layer_dtypes=layer_dtypes, embed_dtype=embed_dtype, has_file=True)
+                layer_dtypes=layer_dtypes, embed_dtypes=embed_dtypes, from_folder=True, safetensors=True)

@@ -120,10 +120,11 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
          host_allocator: Optional[bool] = None) -> Plan:
     """Plan one training step of `model` (a Transformers config, or a checkpoint folder).
 
-    `zero_copy`: on the CPU, whether the ring serves views of the mmap (weights file already in the
-    compute dtype); None: read from the folder's weights-file header when `model` is a folder, else True.
-    On a GPU, True: the copies read the registered page cache (no pinned host slots); None: so wherever the
-    engine does it on its own (`cuda_zero_copy`), else staged through pinned host slots.
+    `zero_copy`: on the CPU, False reads the layers into slots; None or True (no more than auto there, as in
+    LemaModel): views of the mmap where the folder's file holds every layer tensor in the compute dtype (a
+    config alone: as if it did), and of the embedding's untied tensors stored so. On a GPU, True: the copies
+    read the registered page cache (no pinned host slots), refused where that cannot apply; None: so wherever
+    the engine does it on its own (`cuda_zero_copy`), else staged through pinned host slots.
     `chunked_loss`, `keep_activations`: as in LemaConfig (None: decided here, as the engine decides).
     `free_bytes`: memory the run may take beyond the plan's own peak when no budget is given (the engine
     passes half the free memory); with neither, no layer keeps its activations.
@@ -170,8 +171,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     gpu_zero_copy = gpu_copies == "zero-copy"  # at the bus's rate
     host_slots = device_type != "cpu" and strategy == "streaming" and not gpu_zero_copy
     # the CPU's views, as LemaModel decides them (True is no more than auto there): the layers where the file holds
-    # every layer tensor in the compute dtype, as used; the embedding where it holds that one tensor so
-    embed_views = zero_copy is not False and f.embedding_stored_in(dtype)
+    # every layer tensor in the compute dtype, as used; of the embedding, its untied tensors stored so
+    embed_views = zero_copy is not False
     zero_copy = zero_copy is not False and f.layers_stored_in(dtype) and f.layers_as_stored
     hf_config, unit_bytes, slot_bytes, L, V, H = f.hf_config, f.unit_bytes, f.slot_bytes, f.L, f.V, f.H
     lora_params = f.lora_params
@@ -202,7 +203,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     # on the CPU, LEMA's CPU allocator keeps up to one layer's transient of freed blocks (cpu_allocator.py)
     cache = layer_work if cpu and (cpu_allocator.enabled() if host_allocator is None else host_allocator) else 0
     layers_total = sum(b for u, b in unit_bytes.items() if u not in (EMBED, HEAD))
-    embed_view = f.embed_untied_bytes if cpu and embed_views else 0  # LemaModel._load_resident_units
+    embed_view = f.embedding_view() if cpu and embed_views else 0  # LemaModel._load_resident_units
     embed = unit_bytes[EMBED] - embed_view
 
     def peak_of(depth: int, on_device_acts: bool = True, keep: int = 0) -> tuple[int, int, int, str]:
@@ -307,8 +308,8 @@ def cuda_zero_copy(f: ModelFacts, dtype, folder: Optional[str], zero_copy: Optio
     why = None
     if not f.layers_as_stored:
         why = "layer tensors built on load (experts stacked)"
-    elif folder and not f.has_file:
-        why = "no safetensors weights in the folder to copy as they are"
+    elif folder and not f.safetensors:  # LemaModel refuses them, naming `lema convert`: no zero-copy error first
+        return "staged: no safetensors weights in the folder (`lema convert` makes them)"
     elif folder and not f.layers_stored_in(dtype):
         held = ", ".join(sorted(str(d).split(".")[-1] for d in f.layer_dtypes))
         why = f"the file holds the layers in {held}, converted on the way"
