@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 from typing import Optional
 
@@ -165,7 +166,6 @@ def memory_free() -> int:
 
 
 UNLIMITED = 1 << 60  # a cgroup limit at or above this is none (v1 writes 2^63 less a page)
-_cgroup_dirs: Optional[list] = None  # (folder, v2) of this process's memory cgroup and those above it
 
 
 def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[tuple[int, int]]:
@@ -175,44 +175,47 @@ def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/c
     and only swap could take); free = limit - usage. None where no limit applies or none can be read (no
     cgroup, /sys not mounted): then /proc/meminfo alone says it. cgroup v2 (memory.max, memory.current,
     memory.stat) and v1 (memory.limit_in_bytes, memory.usage_in_bytes, memory.stat's total_ counts)."""
-    global _cgroup_dirs
     import os
 
-    dirs = _cgroup_dirs if (proc_cgroup, root) == ("/proc/self/cgroup", "/sys/fs/cgroup") else None
-    if dirs is None:
-        dirs = []
-        try:
-            with open(proc_cgroup) as f:
-                lines = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
-        except OSError:
-            lines = []
-        for _, controllers, path in lines:
-            v2 = controllers == ""
-            if not v2 and "memory" not in controllers.split(","):
-                continue
-            base = root if v2 else os.path.join(root, "memory")
-            parts = [p for p in path.split("/") if p]
-            for n in range(len(parts), -1, -1):  # the process's cgroup, then each one above it
-                folder = os.path.join(base, *parts[:n])
-                if os.path.exists(os.path.join(folder, "memory.max" if v2 else "memory.limit_in_bytes")):
-                    dirs.append((folder, v2))
-        if (proc_cgroup, root) == ("/proc/self/cgroup", "/sys/fs/cgroup"):
-            _cgroup_dirs = dirs
     best = None
-    for folder, v2 in dirs:
+    for folder, v2 in _memory_cgroups(proc_cgroup, root):
         try:
             limit = _read_number(os.path.join(folder, "memory.max" if v2 else "memory.limit_in_bytes"))
             if limit is None or limit >= UNLIMITED:
                 continue
             usage = _read_number(os.path.join(folder, "memory.current" if v2 else "memory.usage_in_bytes")) or 0
-            prefix = "" if v2 else "total_"
-            cache = sum(_stat_field(os.path.join(folder, "memory.stat"), f"{prefix}{kind}_file")
-                        for kind in ("active", "inactive"))
+            stat, prefix = _stat_fields(os.path.join(folder, "memory.stat")), "" if v2 else "total_"
+            cache = stat.get(f"{prefix}active_file", 0) + stat.get(f"{prefix}inactive_file", 0)
         except (OSError, ValueError):  # a file gone, or not a number: this level says nothing
             continue
         room = (max(0, limit - usage + cache), max(0, limit - usage))
         best = room if best is None else (min(best[0], room[0]), min(best[1], room[1]))
     return best
+
+
+@functools.lru_cache(maxsize=None)
+def _memory_cgroups(proc_cgroup: str, root: str) -> tuple[tuple[str, bool], ...]:
+    """(folder, v2) of the process's memory cgroup and each one above it that has a limit file (read once: a
+    process does not change cgroups)."""
+    import os
+
+    try:
+        with open(proc_cgroup) as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return ()
+    dirs = []
+    for _, controllers, path in lines:
+        v2 = controllers == ""
+        if not v2 and "memory" not in controllers.split(","):
+            continue
+        base = root if v2 else os.path.join(root, "memory")
+        parts = [p for p in path.split("/") if p]
+        for n in range(len(parts), -1, -1):  # the process's cgroup, then each one above it
+            folder = os.path.join(base, *parts[:n])
+            if os.path.exists(os.path.join(folder, "memory.max" if v2 else "memory.limit_in_bytes")):
+                dirs.append((folder, v2))
+    return tuple(dirs)
 
 
 def _read_number(path: str) -> Optional[int]:
@@ -221,16 +224,13 @@ def _read_number(path: str) -> Optional[int]:
     return None if text == "max" else int(text)
 
 
-def _stat_field(path: str, key: str) -> int:
+def _stat_fields(path: str) -> dict[str, int]:
+    """A cgroup's memory.stat as {name: bytes}; {} where it cannot be read."""
     try:
         with open(path) as f:
-            for line in f:
-                name, _, value = line.partition(" ")
-                if name == key:
-                    return int(value)
+            return {name: int(value) for name, _, value in (line.partition(" ") for line in f) if value.strip()}
     except (OSError, ValueError):
-        pass
-    return 0
+        return {}
 
 
 THP_ENV = "THP_MEM_ALLOC_ENABLE"

@@ -283,8 +283,8 @@ def peak_allocations(snapshot: dict, start_allocated: int, device: int = 0, top:
     takes them off (as `memory_allocated` counts them: a block still read by another stream is no longer
     allocated). The history gives the bytes asked for; the allocator counts whole blocks, each at least 512 B
     and a multiple of it (ALLOCATOR_ROUND, as added here), and now and then a cached block larger than asked
-    for, so the replayed peak can fall short of `max_memory_allocated` by those spare bytes. Returns {"peak_bytes", "before_step_live_bytes" (allocated before the step and still live at
-    its peak), "groups": [{"where", "bytes", "count", "sizes"}, ...] (largest first, `top` of them)}: each group
+    for, so the replayed peak can fall short of `max_memory_allocated` by those spare bytes. Returns
+    {"peak_bytes", "before_step_live_bytes" (allocated before the step and still live at its peak), "groups": [{"where", "bytes", "count", "sizes"}, ...] (largest first, `top` of them)}: each group
     is where its blocks were allocated, the innermost Python frame outside torch, or, for blocks allocated with
     no Python frame (autograd's backward runs in C++), their size."""
     trace = [dict(e, size=_block_bytes(e["size"])) for e in snapshot.get("device_traces", [[]])[device]
@@ -303,9 +303,8 @@ def peak_allocations(snapshot: dict, start_allocated: int, device: int = 0, top:
     for e in trace[:peak_at + 1]:
         if e["action"] == "alloc":
             live[e["addr"]] = e
-        elif e["action"] == "free_requested":
-            if live.pop(e["addr"], None) is None:
-                freed_before += e["size"]
+        elif live.pop(e["addr"], None) is None:  # free_requested of a block allocated before the step
+            freed_before += e["size"]
     groups: dict[str, dict] = {}
     for e in live.values():
         where = _allocation_site(e.get("frames") or [])

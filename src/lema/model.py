@@ -159,8 +159,7 @@ class LemaModel(nn.Module):
         """The parameter `name` from the store, refused unless it has the model's `shape`."""
         t = self._read(name)
         if tuple(t.shape) != tuple(shape):
-            src = self.sources[name]
-            keys = [src.key] if src.key is not None else [k for k, _ in src.group.sources]
+            keys = self.sources[name].file_keys
             raise WeightsFileError(f"weight {name!r} (from {keys[:2]}{' ...' if len(keys) > 2 else ''}) has shape "
                                    f"{tuple(t.shape)} in {self.config.model_name_or_path!r} but config.json implies "
                                    f"{tuple(shape)}; the weights do not belong to this config.json")
@@ -206,7 +205,7 @@ class LemaModel(nn.Module):
         only when no layer tensor needs a dtype conversion; otherwise it converts into its preallocated
         slot buffers (no allocation per layer load)."""
         sources = [self.sources[n] for names in layer_names for n in names]
-        keys = [k for src in sources for k in ([src.key] if src.key is not None else [k for k, _ in src.group.sources])]
+        keys = [k for src in sources for k in src.file_keys]
         return all(self.store.entry(k).dtype == self.dtype for k in keys)
 
     def _layers_stored_as_used(self) -> bool:

@@ -220,9 +220,8 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
         sources, unexpected = map_checkpoint(meta_model, store)
         check_complete(meta_model, sources, gbi_path or folder)
         check_unused(meta_model, store, unexpected, units.layers_prefix, units.num_layers)
-        keys = [k for n in layer_names if n in sources
-                for k in ([sources[n].key] if sources[n].key is not None else [k for k, _ in sources[n].group.sources])]
-        layer_dtypes = frozenset(store.entry(k).dtype for k in keys)
+        layer_dtypes = frozenset(store.entry(k).dtype for n in layer_names if n in sources
+                                 for k in sources[n].file_keys)
         # the embedding unit's tensors stored as one each (GPT-2's has two, the token and position tables)
         embed_dtypes = {n: store.entry(sources[n].key).dtype for n in units.units[EMBED] if n in sources
                         and sources[n].key is not None}

@@ -23,8 +23,15 @@ def count_or_auto(text: str):
 
 
 def add_layer_placement_flags(parser) -> None:
-    """--offload-activations and --resident-layers, as `lema plan` and `lema bench` take them (`lema train`
-    makes its flags from TrainArgs)."""
+    """--offload-activations, --resident-layers and --zero-copy, as `lema plan` and `lema bench` take them
+    (`lema train` makes its flags from TrainArgs, whose zero_copy docstring says the same)."""
+    parser.add_argument("--zero-copy", type=tristate, default=None, metavar="auto|on|off",
+                        help="streaming: the layers served as the file holds them: on the CPU views of the mmap, "
+                             "on a GPU each layer copied straight from its file pages, registered with CUDA and "
+                             "locked in RAM. auto (and on, on the CPU): where the file holds every layer tensor in "
+                             "the compute dtype as one tensor (not per-expert ones stacked on load), and on a GPU "
+                             "the layers fit in RAM and no --page-cache size is given; on (GPU): refused where it "
+                             "cannot apply; off: read into slots (on a GPU, staged through pinned host memory)")
     parser.add_argument("--offload-activations", type=tristate, default=None, metavar="auto|on|off",
                         help="GPU: recomputed layers' inputs in pinned host memory (default auto: only when the "
                              "budget is not met otherwise)")

@@ -42,13 +42,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-vram", default=None, metavar="SIZE",
                         help="LEMA: the memory budget its plan must fit (bounds the kept activations); "
                              "on the CPU it bounds anonymous memory")
-    parser.add_argument("--zero-copy", type=tristate, default=None, metavar="auto|on|off",
-                        help="LEMA " + "streaming: the layers served as the file holds them: on the CPU views of the mmap, on a GPU each "
-                             "layer copied straight from its file pages, registered with CUDA and locked in RAM. "
-                             "auto (and on, on the CPU): where the file holds every layer tensor in the compute "
-                             "dtype as one tensor (not per-expert ones stacked on load), and on a GPU the layers "
-                             "fit in RAM and no --page-cache size is given; on (GPU): refused where it cannot "
-                             "apply; off: read into slots (on a GPU, staged through pinned host memory)")
     parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
                         help="LEMA STREAMING (but CUDA zero-copy): the page-cache window the pager holds "
                              "(default auto: on when the layers' file bytes exceed the available memory)")

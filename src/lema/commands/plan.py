@@ -38,13 +38,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
                         help="streaming (but CUDA zero-copy): the pager's page-cache window (default auto: the "
                              "memory available now less 2 GiB, when the layers' file bytes exceed it)")
-    parser.add_argument("--zero-copy", type=tristate, default=None, metavar="auto|on|off",
-                        help="streaming: the layers served as the file holds them: on the CPU views of the mmap, on a GPU each "
-                             "layer copied straight from its file pages, registered with CUDA and locked in RAM. "
-                             "auto (and on, on the CPU): where the file holds every layer tensor in the compute "
-                             "dtype as one tensor (not per-expert ones stacked on load), and on a GPU the layers "
-                             "fit in RAM and no --page-cache size is given; on (GPU): refused where it cannot "
-                             "apply; off: read into slots (on a GPU, staged through pinned host memory)")
     add_layer_placement_flags(parser)
 
 

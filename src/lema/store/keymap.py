@@ -30,6 +30,11 @@ class ParamSource:
     key: str | None = None   # direct: the file key holding exactly this tensor
     group: "ConvertedGroup | None" = None  # converted: the group computing it
 
+    @property
+    def file_keys(self) -> list[str]:
+        """The file tensors it is read from: its own key, or its group's."""
+        return [self.key] if self.key is not None else [k for k, _ in self.group.sources]
+
 
 @dataclass
 class ConvertedGroup:
