@@ -83,3 +83,28 @@ def test_bad_value_is_refused_by_name(field, value, fragment):
 def test_good_value_is_kept(field, value, derived, expected):
     config = LemaConfig(**{"model_name_or_path": P, field: value})
     assert getattr(config, derived) == expected
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["plan", "--shape", "tiny-llama", "--max-vram", "-1GB"], "max_vram='-1GB' must be positive"),
+    (["plan", "--shape", "tiny-llama", "--max-vram", "-.5GB"], "max_vram='-.5GB' must be positive"),
+    (["plan", "--shape", "tiny-llama", "--batch-size", "-1"], "batch_size=-1 must be a positive integer"),
+])
+def test_a_negative_value_on_the_command_line_reaches_its_check(argv, fragment, capsys):
+    """argparse read `--max-vram -1GB` as two options and said only "expected one argument"."""
+    from lema.cli import main
+
+    assert main(argv) in (1, 2)
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1, err
+
+
+def test_an_option_without_a_value_keeps_a_negative_looking_token_apart():
+    """Only options that take a value get the next token attached: a flag stays a flag."""
+    from lema.cli import _attach_negative_values, build_parser
+
+    parser = build_parser()
+    assert _attach_negative_values(parser, ["bench", "--json", "--threads", "-1"]) == ["bench", "--json",
+                                                                                         "--threads=-1"]
+    assert _attach_negative_values(parser, ["bench", "--floor", "-1x"]) == ["bench", "--floor", "-1x"]
+    assert _attach_negative_values(parser, ["nosuch", "--max-vram", "-1GB"]) == ["nosuch", "--max-vram", "-1GB"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from typing import Optional
 
@@ -83,6 +84,27 @@ def _model_folder(argv: list[str]) -> Optional[str]:
     return folder if isinstance(folder, str) else None
 
 
+NEGATIVE = re.compile(r"^-\.?\d")
+
+
+def _attach_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--max-vram -1GB` as `--max-vram=-1GB`: argparse takes a value that starts with '-' and is not a plain
+    number for an option of its own and says only "expected one argument"; attached, the value reaches the
+    option's own check, which names it and the fix."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = sub.choices.get(argv[0]) if sub is not None and argv else None
+    if command is None:
+        return argv
+    out = list(argv)
+    i = 1
+    while i < len(out) - 1:
+        action = command._option_string_actions.get(out[i])
+        if action is not None and action.nargs != 0 and NEGATIVE.match(out[i + 1]):
+            out[i:i + 2] = [f"{out[i]}={out[i + 1]}"]
+        i += 1
+    return out
+
+
 def main(argv=None) -> int:
     from .host_memory import use_huge_pages_for_tensors
     from .store import weights_bytes
@@ -91,7 +113,7 @@ def main(argv=None) -> int:
     # before torch's first CPU allocation; not for weights bigger than the memory (host_memory.py)
     use_huge_pages_for_tensors(weights_bytes(folder) if folder else None)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(parser, sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
