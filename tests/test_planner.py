@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 
 import pytest
 import torch
@@ -610,3 +611,25 @@ def test_a_folder_without_safetensors_is_planned_with_slots_and_staged(tmp_path)
         assert gpu.ring_host_bytes > 0 and "no safetensors weights in the folder" in gpu.table()
     shape = plan(make_config("llama"), "float32", batch_size=B, seq_len=T, device_type="cpu")
     assert shape.ring_device_bytes == 0 and shape.embedding_view_bytes > 0  # a config alone: as if stored so
+
+
+def test_a_folders_facts_are_measured_once_until_its_files_change(tmp_path, monkeypatch):
+    """`lema train` plans, then its model plans each step size: the meta skeleton and PEFT were built twice."""
+    import json
+
+    from lema import plan_bytes
+
+    path = save_tiny("llama", str(tmp_path / "m"))
+    calls = []
+    measure = plan_bytes._measure_facts
+    monkeypatch.setattr(plan_bytes, "_measure_facts", lambda *a, **k: calls.append(a) or measure(*a, **k))
+    first = plan_bytes.model_facts(path, "float32", 4)
+    assert plan_bytes.model_facts(path, torch.float32, 4) is first and len(calls) == 1
+    assert plan_bytes.model_facts(path, "float32", 8).lora_params == 2 * first.lora_params and len(calls) == 2
+    with open(os.path.join(path, "config.json")) as f:  # the same size, edited within the clock's tick
+        config = json.load(f)
+    config["num_hidden_layers"] = 2
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="3 decoder layers"):  # measured anew: the weights no longer match
+        plan_bytes.model_facts(path, "float32", 4)

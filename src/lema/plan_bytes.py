@@ -147,10 +147,51 @@ class ModelFacts:
         return largest_layer_bytes(self.unit_bytes)
 
 
+_FACTS: dict[tuple, ModelFacts] = {}  # model_facts of folders, newest last
+_FACTS_KEPT = 4
+SMALL_FILE = 1 << 20  # a folder's files up to this size are compared by their bytes
+
+
+def _files_signature(folder: str, gbi_path: Optional[str]) -> tuple:
+    """The folder's files and `gbi_path`, each as (path, inode, size, mtime), and the small ones (config.json,
+    an index: edited in place, same size, within the clock's tick) by their bytes: a folder whose files changed
+    is measured anew."""
+    paths = [e.path for e in os.scandir(folder) if e.is_file()] + ([gbi_path] if gbi_path else [])
+    out = []
+    for path in sorted(paths):
+        try:
+            st = os.stat(path)
+            if st.st_size <= SMALL_FILE:
+                with open(path, "rb") as f:
+                    out.append((path, f.read()))
+                continue
+        except OSError:
+            continue
+        out.append((os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = None,
                 gbi_path: Optional[str] = None) -> ModelFacts:
     """Build the meta skeleton of `model` (config or folder; its weights in `gbi_path` where given, as
-    LemaConfig's), inject PEFT's LoRA, and measure it (~1 s for 7B)."""
+    LemaConfig's), inject PEFT's LoRA, and measure it (~1 s for 7B). A folder's facts are kept for the next
+    call with the same arguments while its files stay as they were (`lema train` plans, then its model plans
+    each step size: one measurement)."""
+    from .config import parse_dtype
+
+    if not isinstance(model, str) or not os.path.isdir(model):
+        return _measure_facts(model, dtype, lora_rank, targets, gbi_path)
+    key = (os.path.abspath(model), parse_dtype(dtype), lora_rank, tuple(targets) if targets else None,
+           _files_signature(model, gbi_path))
+    facts = _FACTS.pop(key, None) or _measure_facts(model, dtype, lora_rank, targets, gbi_path)
+    _FACTS[key] = facts
+    while len(_FACTS) > _FACTS_KEPT:
+        del _FACTS[next(iter(_FACTS))]
+    return facts
+
+
+def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = None,
+                   gbi_path: Optional[str] = None) -> ModelFacts:
     from peft import LoraConfig, get_peft_model
 
     from .config import parse_dtype
