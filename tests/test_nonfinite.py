@@ -153,7 +153,8 @@ def test_a_collapsed_run_stops_and_sets_its_dead_checkpoint_aside(tiny_model, da
     assert rc == 0
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3] and log[-1]["grad_norm"] > 0 and abs(log[-1]["loss"] - math.log(96)) > 0.1
-    assert checkpoints(out) == ["checkpoint-3"]  # the finished run prunes to the limit
+    # the finished run keeps the one before its last: no step has run from checkpoint-3's weights
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-3"]
 
 
 def test_resumed_runs_killed_in_their_second_step_keep_the_checkpoints_bounded(tiny_model, data, tmp_path,
@@ -204,7 +205,25 @@ def test_a_stopped_run_keeps_the_checkpoint_before_its_last(tiny_model, data, tm
     assert checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
     monkeypatch.setattr(LemaTrainer, "train_step", step)
     train(TrainArgs(**args(tiny_model, data, out, steps=4, save_total_limit=1, resume=True)))
-    assert checkpoints(out) == ["checkpoint-4"]
+    assert checkpoints(out) == ["checkpoint-3", "checkpoint-4"]  # 3 proven by step 4; 4 not yet by any step
+
+
+def test_a_finished_run_keeps_the_checkpoint_before_its_last_for_a_collapse_found_later(tiny_model, data,
+                                                                                        tmp_path, capsys):
+    """The reviewer's case: a resumed run at --lr 1000 finishes ("done"): its last update collapsed the weights,
+    which only the next step can show. It used to prune to the limit at the end, so the resumed run that found
+    the collapse had no checkpoint left and said none had been saved."""
+    out = tmp_path / "out"
+    train(TrainArgs(**args(tiny_model, data, out, steps=1, save_total_limit=1)))
+    train(TrainArgs(**args(tiny_model, data, out, steps=2, lr=1000, save_total_limit=1, resume=True)))
+    assert checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
+    capsys.readouterr()
+    rc = main(["train", *flags(args(tiny_model, data, out, steps=3, save_total_limit=1, resume=True))])
+    err = capsys.readouterr().err
+    assert rc == 1 and "the outputs are flat" in err, err
+    assert (f"{out / 'checkpoint-2'} holds those weights: moved to {out / 'collapsed-checkpoint-2'}; the checkpoints "
+            f"are kept, the newest {out / 'checkpoint-1'} (step 1)") in err
+    assert checkpoints(out) == ["checkpoint-1"]
 
 
 def test_with_no_checkpoint_left_beside_a_finished_runs_adapter_the_advice_is_another_output(tmp_path):

@@ -404,7 +404,7 @@ def test_a_resumed_run_names_the_settings_it_changes():
 
     saved = {"settings": {"lr": 1e-3, "weight_decay": 0.0, "max_grad_norm": 1.0, "dtype": "float32"}}
     now = {"settings": {"lr": 1e-3, "weight_decay": 0.5, "max_grad_norm": 1.0, "dtype": "bfloat16"}}
-    assert changed_settings(saved, now) == ["weight_decay 0.0 -> 0.5", "dtype float32 -> bfloat16"]
+    assert changed_settings(saved, now) == ["--weight-decay 0.0 -> 0.5", "--dtype float32 -> bfloat16"]
     assert changed_settings(saved, saved) == [] and changed_settings({}, now) == []
 
 
@@ -446,3 +446,126 @@ def test_zero_copy_reaches_the_engine(tiny_model, data, tmp_path):
         rows[setting] = [line for line in printed.getvalue().splitlines() if line.strip().startswith("ring (")]
     assert rows[False] and all(" cpu " in r and "views" not in r for r in rows[False]), rows[False]
     assert rows[None] and all("views of the mmap" in r for r in rows[None]), rows[None]
+
+
+def test_a_checkpoint_without_its_trainer_state_is_set_aside_not_overwritten(tiny_model, data, tmp_path):
+    """A checkpoint-STEP folder that lost its trainer_state.json was left out of the listing without a word: --resume
+    went on from an older one and the next save replaced the folder; a new run did not see it."""
+    from test_nonfinite import args as run_args
+
+    out = tmp_path / "out"
+    train(TrainArgs(**run_args(tiny_model, data, out, steps=3, save_total_limit=0)))
+    os.remove(out / "checkpoint-3" / "trainer_state.json")
+    assert [s for s, _ in list_checkpoints(str(out))] == [1, 2, 3]
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train(TrainArgs(**run_args(tiny_model, data, out, steps=3)))
+    printed = io.StringIO()
+    train(TrainArgs(**run_args(tiny_model, data, out, steps=3, save_total_limit=0, resume=True)), printed)
+    assert f"warning: {out / 'checkpoint-3'} cannot be read" in printed.getvalue()
+    assert "trainer_state.json" in printed.getvalue() and (out / "damaged-checkpoint-3").is_dir()
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-1", "checkpoint-2", "checkpoint-3",
+                                                                       "damaged-checkpoint-3"]
+
+
+def test_a_trainer_state_that_is_not_json_is_named(tmp_path):
+    path = _saved(tmp_path)
+    with open(os.path.join(path, "trainer_state.json"), "w") as f:
+        f.write('{"step": 3, "sampler": {"epo')
+    opt, sched = _optimizer()
+    with pytest.raises(CheckpointUnreadable, match=r"cannot be read \(trainer_state.json: Unterminated string"):
+        load_checkpoint(path, types.SimpleNamespace(load_adapter=None), opt, sched, {"model": "/m"})
+
+
+def test_the_same_data_at_another_path_resumes(tiny_model, data, tmp_path):
+    """The data is known by its bytes: a copy (a moved project, a link) resumed with the message "other training
+    data" over two equal hashes."""
+    import shutil
+
+    from test_nonfinite import args as run_args
+
+    out = tmp_path / "out"
+    train(TrainArgs(**run_args(tiny_model, data, out, steps=1)))
+    moved = shutil.copy(data, tmp_path / "moved.jsonl")
+    summary = train(TrainArgs(**run_args(tiny_model, moved, out, steps=2, resume=True)))
+    assert summary["steps"] == 2 and not summary["interrupted"]
+
+
+def test_another_batch_size_on_resume_names_the_flag(tiny_model, data, tmp_path):
+    from test_nonfinite import args as run_args
+
+    out = tmp_path / "out"
+    train(TrainArgs(**run_args(tiny_model, data, out, steps=1)))
+    with pytest.raises(CheckpointError, match=r"batch_size was 2 when saved but is 3 now.*\(--batch-size 2\)"):
+        train(TrainArgs(**run_args(tiny_model, data, out, steps=2, batch_size=3, resume=True)))
+    with pytest.raises(CheckpointError, match=r"seed was 0 when saved but is 5 now.*\(--seed 0\)"):
+        train(TrainArgs(**run_args(tiny_model, data, out, steps=2, seed=5, resume=True)))
+
+
+def test_progress_to_a_file_is_lines_not_carriage_returns(tiny_model, data, tmp_path):
+    """Piped to a file, tqdm's redraws made one line of every update; a log to grep or `tail -f` needs lines."""
+    from test_nonfinite import args as run_args
+
+    printed = io.StringIO()
+    train(TrainArgs(**run_args(tiny_model, data, tmp_path / "out", steps=3, save_steps=2, quiet=False)), printed)
+    text = printed.getvalue()
+    steps = [line for line in text.splitlines() if line.startswith("step ")]
+    assert "\r" not in text
+    # the first step, the checkpoint at 2 and the last; each with loss, rate, speed and memory
+    assert [line.split()[1] for line in steps] == ["1/3", "2/3", "3/3"], steps
+    assert all(" loss " in line and " lr " in line and " tok/s " in line and " mem " in line for line in steps)
+
+
+def test_a_run_stopped_by_sigterm_exits_143_naming_its_checkpoint(tiny_model, data, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from lema.cli import main
+    from lema.trainer import LemaTrainer
+    from test_nonfinite import args as run_args, flags
+
+    step = LemaTrainer.train_step
+
+    def terminated(self, *a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(LemaTrainer, "train_step", terminated)
+    out = tmp_path / "out"
+    assert main(["train", *flags(run_args(tiny_model, data, out, steps=4, save_steps=10))]) == 143
+    said = capsys.readouterr()
+    assert "SIGTERM received" in said.err
+    assert f"stopped at step 1; checkpoint {out / 'checkpoint-1'} saved" in said.out
+
+
+def test_a_second_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys):
+    import signal
+
+    from lema.training import _Interrupt
+
+    _saved(tmp_path, step=3)
+    interrupt = _Interrupt(str(tmp_path))
+    interrupt._handle(signal.SIGINT, None)
+    assert interrupt.requested and interrupt.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        interrupt._handle(signal.SIGINT, None)
+    err = capsys.readouterr().err
+    assert f"stopping now, without saving the step in flight; --resume goes on from {tmp_path / 'checkpoint-3'} " \
+           "(step 3)" in err
+
+
+def test_an_output_locked_by_another_run_is_refused_before_the_model_loads(tiny_model, data, tmp_path, monkeypatch):
+    import fcntl
+
+    from lema import training
+    from test_nonfinite import args as run_args
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(training, "load_hf_config", lambda *a: pytest.fail("the model was read first"))
+    other = os.open(out, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(ValueError, match="another `lema train` is writing to"):
+            train(TrainArgs(**run_args(tiny_model, data, out, steps=1)))
+    finally:
+        os.close(other)
+        unlock_output(str(out))

@@ -17,7 +17,8 @@ previous checkpoints or the new one, never half of one. Every file and the folde
 before the rename and before older checkpoints are pruned, so a power cut does not leave a
 "complete" checkpoint with empty files either. Temporary folders left by a killed run start with
 `.tmp-` and are ignored (and cleaned up by the next save); a save that fails (a full disk) removes
-its own and names the checkpoint still intact.
+its own and names the checkpoint still intact. A `checkpoint-STEP` folder that later lost its
+trainer_state.json is still listed: found damaged on resume, refused by a new run, never overwritten.
 
 A checkpoint that cannot be read on resume (a disk error, a file cut short, damaged or edited by hand:
 each file is checked against the sha256 recorded when it was written, so a flipped bit in a tensor is
@@ -62,14 +63,16 @@ class CheckpointUnreadable(CheckpointError):
 
 
 def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints in `out_dir`, oldest first, as (step, path)."""
+    """The checkpoint folders in `out_dir`, oldest first, as (step, path). `save_checkpoint` names a folder so
+    only once complete; one without its trainer_state.json since (a file deleted, a disk error) is listed too:
+    --resume then finds it damaged and sets it aside, a new run refuses the folder, and nothing overwrites it."""
     if not os.path.isdir(out_dir):
         return []
     found = []
     for name in os.listdir(out_dir):
         m = _NAME.match(name)
         path = os.path.join(out_dir, name)
-        if m and os.path.isfile(os.path.join(path, "trainer_state.json")):
+        if m and os.path.isdir(path):
             found.append((int(m.group(1)), path))
     return sorted(found)
 
@@ -172,6 +175,9 @@ RUN_DATA = ("data", "seq_len", "grad_accum")  # since 2026-11-26: checked where 
 # a resumed run may change these (each takes effect from the checkpoint's step on); `changed_settings` names them
 RUN_SETTINGS = ("lr", "weight_decay", "max_grad_norm", "lora_dropout", "dtype", "schedule", "warmup_steps",
                 "total_steps")
+SETTING_FLAGS = {"lr": "--lr", "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm",
+                 "lora_dropout": "--lora-dropout", "dtype": "--dtype", "schedule": "--schedule",
+                 "warmup_steps": "--warmup-steps", "total_steps": "--steps (the run's total)"}
 
 
 def check_run_identity(path: str, saved: dict, run_identity: dict) -> None:
@@ -190,7 +196,8 @@ def check_run_identity(path: str, saved: dict, run_identity: dict) -> None:
                                   f"{saved['model_weights'].split(':')[-1][:12]}..., these "
                                   f"{run_identity['model_weights'].split(':')[-1][:12]}...);"
                                   " resume with that model, or use a new --output")
-        if was == now:
+        if was == now or (key == "data" and isinstance(was, dict) and isinstance(now, dict)
+                          and was.get("sha256") == now.get("sha256")):  # the same bytes, moved or linked: the same data
             continue
         if key == "data":
             raise CheckpointError(f"checkpoint {path!r} was made with other training data: {now['file']!r} has "
@@ -212,7 +219,8 @@ def changed_settings(saved: dict, run_identity: dict) -> list[str]:
     """The RUN_SETTINGS this run changes from the checkpoint's, as "name was -> now" (checkpoints written before
     2026-11-27 record none)."""
     was, now = saved.get("settings") or {}, run_identity.get("settings") or {}
-    return [f"{k} {was[k]} -> {now[k]}" for k in RUN_SETTINGS if k in was and k in now and was[k] != now[k]]
+    return [f"{SETTING_FLAGS[k]} {was[k]} -> {now[k]}" for k in RUN_SETTINGS
+            if k in was and k in now and was[k] != now[k]]
 
 
 def data_identity(path: str) -> dict:
@@ -229,7 +237,10 @@ def load_checkpoint(path: str, model, optimizer, scheduler, run_identity: dict) 
     read before anything is applied: a checkpoint that cannot be read (`CheckpointUnreadable`) changes nothing."""
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
-            state = json.load(f)
+            try:
+                state = json.load(f)
+            except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError: say which file
+                raise ValueError(f"trainer_state.json: {e}") from None
         if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not (
                 isinstance(state.get("sampler"), dict)
                 and all(isinstance(state["sampler"].get(k), int) for k in ("epoch", "position"))):

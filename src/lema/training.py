@@ -75,7 +75,7 @@ class TrainArgs:
     """Write a checkpoint every this many steps (and at the end)."""
     save_total_limit: Optional[int] = 3
     """Keep only the newest this many checkpoints (0: keep them all); one more until a step from the newest's
-    weights has been applied (so a run that collapses there has the one before)."""
+    weights has been applied (so a run that collapses there has the one before), at the end of a run too."""
     eval_data: Optional[str] = None
     """Evaluation data (JSONL, same formats); its mean loss goes to the log."""
     eval_steps: Optional[int] = None
@@ -229,10 +229,13 @@ def _rss_bytes() -> int:
 
 
 class _Interrupt:
-    """Ctrl-C (or SIGTERM) sets a flag; the loop finishes the step, saves a checkpoint and stops."""
+    """Ctrl-C (or SIGTERM) sets a flag; the loop finishes the step, saves a checkpoint and stops. A second one
+    stops at once, saying which checkpoint the run goes on from."""
 
-    def __init__(self):
+    def __init__(self, output: str):
+        self.output = output
         self.requested = False
+        self.signum = None  # the first signal's number (the command's exit status is 128 + it)
         self._old = self._old_term = None
 
     def __enter__(self):
@@ -242,8 +245,13 @@ class _Interrupt:
 
     def _handle(self, signum, frame):
         if self.requested:  # a second Ctrl-C: stop now
+            kept = list_checkpoints(self.output)
+            print(f"\nlema train: stopping now, without saving the step in flight; "
+                  + (f"--resume goes on from {kept[-1][1]} (step {kept[-1][0]})" if kept else
+                     "no checkpoint was saved yet"), file=sys.stderr)
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
         print(f"\nlema train: {what} received, saving a checkpoint after this step "
               "(Ctrl-C again to stop at once)", file=sys.stderr)
@@ -251,6 +259,25 @@ class _Interrupt:
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self._old)
         signal.signal(signal.SIGTERM, self._old_term)
+
+
+class _LineProgress:
+    """Progress where the output is not a terminal (a log file, a pipe): one line at the first step, then at most
+    every `every` seconds and at each checkpoint and the last step. tqdm's carriage-return redraws would pile up
+    there as one endless line."""
+
+    def __init__(self, out, total: int, every: float = 30.0):
+        self.out, self.total, self.every = out, total, every
+        self.t0 = self.last = time.perf_counter()
+        self.first = True
+
+    def step(self, step: int, loss: float, lr: float, tokens_per_s: float, memory: int, force: bool) -> None:
+        now = time.perf_counter()
+        if not (force or self.first or now - self.last >= self.every):
+            return
+        self.first, self.last = False, now
+        print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  tok/s {tokens_per_s:.0f}  "
+              f"mem {human(memory)}  elapsed {now - self.t0:.0f} s", file=self.out, flush=True)
 
 
 def _set_aside_collapsed(output: str, step: int, error: DivergedStepError) -> Optional[tuple[str, str]]:
@@ -273,7 +300,7 @@ def _diverged(args: TrainArgs, step: int, error: DivergedStepError, lr: float,
     collapsed = isinstance(error, CollapsedStepError)
     moved = f"{moved[0]} holds those weights: moved to {moved[1]}; " if moved else ""
     where = moved + (f"the checkpoints are kept, the newest {kept[-1][1]} (step {kept[-1][0]})" if kept else
-                     f"no {'older ' if moved else ''}checkpoint was saved before it")
+                     ("no older checkpoint is kept" if moved else "no checkpoint was saved before it"))
     fixes = f"lower --lr (now {args.lr:g})"
     if not collapsed:  # a collapse comes from the steps' size; a non-finite value may come from the inputs too
         fixes += (", set --max-grad-norm (e.g. 1.0; clipping is off)" if args.max_grad_norm is None else "") + \
@@ -302,8 +329,10 @@ def evaluate(model, dataset, batch_size: int, pad_id: int) -> float:
     return total / max(count, 1)
 
 
-def train(args: TrainArgs, out=sys.stdout) -> dict:
-    """Run the recipe; returns a summary (steps, final loss, paths)."""
+def train(args: TrainArgs, out=None) -> dict:
+    """Run the recipe; returns a summary (steps, final loss, paths). `out`: where it prints (default: sys.stdout
+    when called, so a redirection made after import applies)."""
+    out = sys.stdout if out is None else out
     from . import LemaConfig, LemaModel
     from .batching import BatchSampler, collate
     from .data import TokenizedDataset, dropped_causes, load_jsonl, load_tokenizer
@@ -321,6 +350,9 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     if not args.resume and os.path.isdir(os.path.join(args.output, "adapter")):  # a new run would replace it
         raise CheckpointError(f"{args.output!r} holds the adapter of an earlier run (adapter/) and no checkpoint "
                               "to resume; choose a new --output, or move that adapter away first")
+    locked = os.path.isdir(args.output)
+    if locked:  # another run writing there is named now, not after the model has loaded and the plan printed
+        lock_output(args.output)
     hf_config = load_hf_config(args.model)  # a missing folder or an unknown architecture is named first
     tokenizer = load_tokenizer(args.model)
     dataset = TokenizedDataset(examples, tokenizer, args.seq_len)
@@ -360,8 +392,11 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
         try:
             sampler.load_state_dict(state["sampler"])
         except ValueError as e:  # another --batch-size or --seed (the data's own change is named above)
-            raise CheckpointError(f"checkpoint {resumed!r}: {e}; resume with the run's settings or use "
-                                  "a new --output") from None
+            saved = state["sampler"]
+            flags = [f"{flag} {saved[k]}" for k, flag in (("batch_size", "--batch-size"), ("seed", "--seed"))
+                     if k in saved and saved[k] != getattr(sampler, k)]
+            raise CheckpointError(f"checkpoint {resumed!r}: {e}; resume with the run's settings"
+                                  f"{' (' + ', '.join(flags) + ')' if flags else ''} or use a new --output") from None
         step = state["step"]
         resume_schedule(optimizer, scheduler, args.lr, lambda s: lr_lambda(s, args.warmup_steps, total_steps,
                                                                            args.schedule))
@@ -384,7 +419,8 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
 
     # ---- train -------------------------------------------------------------------------------
     os.makedirs(args.output, exist_ok=True)
-    lock_output(args.output)  # one run writes to a folder at a time
+    if not locked:
+        lock_output(args.output)  # one run writes to a folder at a time
     if list_checkpoints(args.output) != checkpoints:
         raise CheckpointError(f"the checkpoints in {args.output!r} changed while this run was starting (another "
                               "run writing there?); start it again")
@@ -398,15 +434,17 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
     # checkpoint leaves records that no checkpoint holds)
     truncate_log(os.path.join(args.output, "log.jsonl"), step)
     log = open(os.path.join(args.output, "log.jsonl"), "a")
-    bar = None
-    if not args.quiet:
+    bar = lines = None
+    if not args.quiet and getattr(out, "isatty", lambda: False)():
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=out, dynamic_ncols=True)
+    elif not args.quiet:
+        lines = _LineProgress(out, total_steps)
     eval_every = args.eval_steps or args.save_steps
     # pruning waits for a step from the newest checkpoint's weights: a resumed run's first step is one
     last_loss, interrupted, diverged, prune_due = None, False, None, bool(args.resume)
     tokens_total, t_start = 0, time.perf_counter()
-    with _Interrupt() as interrupt:
+    with _Interrupt(args.output) as interrupt:
         while step < total_steps:
             t0, step_loss, step_tokens = time.perf_counter(), 0.0, 0
             micro = [collate([dataset[i] for i in sampler.next_batch()], pad_id) for _ in range(args.grad_accum)]
@@ -445,7 +483,10 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", mem=human(used))
                 bar.update(1)
-            if step % args.save_steps == 0 or step == total_steps or interrupt.requested:
+            save = step % args.save_steps == 0 or step == total_steps or interrupt.requested
+            if lines is not None:
+                lines.step(step, step_loss, record["lr"], record["tokens_per_s"], used, force=save)
+            if save:
                 os.fsync(log.fileno())  # the log holds every step the checkpoint does, power cut or not
                 save_checkpoint(args.output, step, model, optimizer, scheduler, sampler.state_dict(), identity)
                 prune_due = True
@@ -459,18 +500,20 @@ def train(args: TrainArgs, out=sys.stdout) -> dict:
         model.close()
         unlock_output(args.output)
         raise ValueError(diverged)
-    if not interrupted:  # the run ended as it should: its last save stands (a stopped one prunes when resumed)
-        prune_checkpoints(args.output, args.save_total_limit)
+    # no pruning at the end: no step has run from the last checkpoint's weights (a step collapsing them shows only in
+    # the next one), so the one before stays until a resumed run applies a step (prune_due)
     adapter_dir = os.path.join(args.output, "adapter")
     if not interrupted:
         model.save_adapter(adapter_dir)
     model.close()
     unlock_output(args.output)
     elapsed = time.perf_counter() - t_start
-    summary = {"steps": step, "loss": last_loss, "interrupted": interrupted, "adapter": adapter_dir,
+    summary = {"steps": step, "loss": last_loss, "interrupted": interrupted, "signal": interrupt.signum,
+               "adapter": adapter_dir,
                "tokens_per_s": tokens_total / elapsed if elapsed else 0.0}
     if interrupted:
-        print(f"stopped at step {step}; checkpoint saved. Continue with the same command plus --resume.", file=out)
+        print(f"stopped at step {step}; checkpoint {os.path.join(args.output, f'checkpoint-{step}')} saved. Continue "
+              "with the same command plus --resume.", file=out)
     elif last_loss is None:  # resumed at or past the last step: only the final adapter was (re)written
         print(f"nothing to train: {args.output!r} is at step {step} of {total_steps}; adapter in {adapter_dir} "
               "(raise --steps to train further)", file=out)

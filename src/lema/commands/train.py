@@ -140,4 +140,4 @@ def run(args) -> int:
     from ..training import train
 
     summary = train(args_from_namespace(args))
-    return 130 if summary["interrupted"] else 0
+    return 128 + (summary["signal"] or 2) if summary["interrupted"] else 0  # 130 after Ctrl-C, 143 after SIGTERM
