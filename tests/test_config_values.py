@@ -108,3 +108,21 @@ def test_an_option_without_a_value_keeps_a_negative_looking_token_apart():
                                                                                          "--threads=-1"]
     assert _attach_negative_values(parser, ["bench", "--floor", "-1x"]) == ["bench", "--floor", "-1x"]
     assert _attach_negative_values(parser, ["nosuch", "--max-vram", "-1GB"]) == ["nosuch", "--max-vram", "-1GB"]
+
+
+def test_out_of_memory_is_one_line_with_the_settings_to_change(monkeypatch, capsys):
+    from lema import cli
+
+    def exhausted(args):
+        raise RuntimeError("LEMA's CPU allocator: out of memory mapping 67108864 bytes")
+
+    def a_bug(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr("lema.commands.plan.run", exhausted)
+    assert cli.main(["plan", "--shape", "tiny-llama"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory (LEMA's CPU allocator" in err and "--max-vram" in err
+    monkeypatch.setattr("lema.commands.plan.run", a_bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # not a user's error: the traceback stays
+        cli.main(["plan", "--shape", "tiny-llama"])

@@ -164,6 +164,15 @@ def test_lora_targets_that_match_nothing(tiny_dir):
         build(tiny_dir("llama"), lora_target_modules=["q_proj", "nope_proj"])
 
 
+def test_lora_targets_that_are_not_linear_layers_and_a_rank_past_every_width(tiny_dir):
+    """PEFT's own error printed the whole attention module; a rank of 100000 on a 576-wide model built its adapters."""
+    with raises(ValueError, "not linear layers: mlp (LlamaMLP)", "q_proj"):
+        build(tiny_dir("llama"), lora_target_modules=["q_proj", "mlp"])
+    with raises(ValueError, "lora_rank=100000 exceeds", "use --lora-rank 32 or less"):
+        build(tiny_dir("llama"), lora_rank=100000)
+    build(tiny_dir("llama"), lora_rank=32)  # the widest layer's smaller side: kept
+
+
 def test_lora_targets_outside_decoder_layers(tiny_dir):
     with raises(ValueError, "['lm_head']", "outside the decoder layers"):
         build(tiny_dir("llama"), lora_target_modules=["lm_head"])

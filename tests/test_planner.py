@@ -512,6 +512,10 @@ def test_lema_plan_refuses_what_lema_train_refuses(tmp_path, capsys):
              f"seq_len={positions + 1} exceeds the model's {positions} positions; use --seq-len {positions} or less"),
             (["--seq-len", "16", "--lora-target-modules", "lm_head"],
              "lora_target_modules ['lm_head'] lie outside the decoder layers"),
+            (["--seq-len", "16", "--lora-target-modules", "self_attn"],
+             "name modules that are not linear layers: self_attn (LlamaAttention); LoRA adapts linear layers"),
+            (["--seq-len", "16", "--lora-rank", "33"],  # hidden 32, MLP 64: every layer's smaller side is 32
+             "lora_rank=33 exceeds every adapted layer's smaller side (the widest is 32)"),
             (["--seq-len", "16", "--max-vram", "inf"], "max_vram='inf' is not a size"),
             (["--seq-len", "16", "--max-vram", "nan"], "max_vram='nan' is not a size")):
         assert main(base + flags) == 1, flags

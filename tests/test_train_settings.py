@@ -569,3 +569,26 @@ def test_an_output_locked_by_another_run_is_refused_before_the_model_loads(tiny_
     finally:
         os.close(other)
         unlock_output(str(out))
+
+
+def test_the_log_gives_the_rate_each_step_ran_at(tiny_model, data, tmp_path):
+    """It gave the rate of the step after (a 1-step cosine run logged 0 for a step run at the full rate)."""
+    from test_nonfinite import args as run_args
+
+    out = tmp_path / "out"
+    train(TrainArgs(**run_args(tiny_model, data, out, steps=3, lr=1e-2, warmup_steps=1)))
+    logged = [json.loads(line)["lr"] for line in open(out / "log.jsonl")]
+    assert logged == pytest.approx([1e-2 * lr_lambda(s, 1, 3, "cosine") for s in range(3)]) and logged[0] > 0
+
+
+def test_a_run_bigger_than_the_free_memory_is_refused_before_it_starts(tiny_model, data, tmp_path, monkeypatch):
+    """Without --max-vram nothing bounded the run: past the RAM it started, then died in the allocator with a
+    traceback (or by the kernel's OOM killer)."""
+    from lema import planner
+    from lema.planner import PlanError
+    from test_nonfinite import args as run_args
+
+    monkeypatch.setattr(planner, "free_memory_bytes", lambda device: 1000)
+    with pytest.raises(PlanError, match=r"of host memory at its peak .* but 1000 B is free now; .*--lora-rank 4"):
+        train(TrainArgs(**run_args(tiny_model, data, tmp_path / "out", steps=1)))
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,7 @@ Each module in `lema/commands/` exposes `HELP` (one line), `EXAMPLE` (shown in `
 `add_arguments(parser)` and `run(args) -> int`. Modules import torch and Transformers inside
 `run`, so `lema --help` stays fast. A usage error exits with status 2 and a one-line reason;
 an error in the user's input (`ValueError`, `FileNotFoundError`) exits with status 1 and its
-message, without a traceback (set LEMA_DEBUG=1 to see it).
+message, without a traceback (set LEMA_DEBUG=1 to see it), as does running out of memory.
 """
 
 from __future__ import annotations
@@ -125,6 +125,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("lema: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError, LEMA's CPU allocator: named, not a traceback
+        if os.environ.get("LEMA_DEBUG") or not (isinstance(e, MemoryError) or "out of memory" in str(e)):
+            raise
+        print(f"lema {args.command}: error: out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); "
+              "lower --batch-size or --seq-len, or give --max-vram so the plan keeps the run within it",
+              file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, OSError) as e:
         if os.environ.get("LEMA_DEBUG"):
             raise

@@ -62,7 +62,7 @@ class LemaModel(nn.Module):
         shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}  # before PEFT renames them
         prefix, layers = find_decoder_layers(base)
         self.lora_targets = list(config.lora_target_modules or default_lora_targets(layers))
-        check_lora_targets(base, prefix, self.lora_targets)
+        check_lora_targets(base, prefix, self.lora_targets, config.lora_rank)
         self.peft_model = inject_lora(base, config.lora_rank, config.lora_alpha, config.lora_dropout,
                                       self.lora_targets, self.device)
         self.peft_model.peft_config["default"].base_model_name_or_path = config.model_name_or_path

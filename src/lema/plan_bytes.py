@@ -192,6 +192,7 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
 
 def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = None,
                    gbi_path: Optional[str] = None) -> ModelFacts:
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from .config import parse_dtype
@@ -222,9 +223,10 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
     prefix, layers = find_decoder_layers(base)
     mlp_gated = any("gate" in n for n, _ in layers[0].named_parameters()) if len(layers) else True
     targets = list(targets or default_lora_targets(layers))
-    check_lora_targets(base, prefix, targets)  # as LemaModel: a target outside the decoder layers is refused
-    peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
+    check_lora_targets(base, prefix, targets, lora_rank)  # as LemaModel: a target outside the layers is refused
+    with torch.device("meta"):  # the adapters' shapes only: nothing allocated, nothing initialised
+        peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
+                                                     task_type="CAUSAL_LM"))
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
     first = [p for n, p in peft_model.named_parameters() if ".lora_A." in n and f"{prefix}.0." in n]
     n_targets, lora_in_features = len(first), sum(p.shape[-1] for p in first)

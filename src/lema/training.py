@@ -329,6 +329,23 @@ def evaluate(model, dataset, batch_size: int, pad_id: int) -> float:
     return total / max(count, 1)
 
 
+def _check_fits_free_memory(plan, config) -> None:
+    """Without --max-vram nothing bounds the run but the memory there is: a plan whose peak passes the memory free
+    now is refused before anything is allocated (it started, then died of the allocator's out-of-memory error
+    with a traceback, or of the kernel's OOM killer)."""
+    from .planner import PlanError, free_memory_bytes
+
+    free = free_memory_bytes(config.torch_device)
+    if plan.peak_bytes <= free:
+        return
+    device = "host" if config.torch_device.type == "cpu" else str(config.torch_device)
+    adapters = plan.lora_bytes + plan.grad_bytes + plan.optimizer_bytes
+    raise PlanError(f"the run needs {human(plan.peak_bytes)} of {device} memory at its peak ({plan.peak_phase}) but "
+                    f"{human(free)} is free now; LoRA adapters, gradients and optimizer state take {human(adapters)} "
+                    f"(--lora-rank {config.lora_rank}), the activations grow with --batch-size and --seq-len: lower "
+                    "them (`lema plan` shows each part), or free memory")
+
+
 def train(args: TrainArgs, out=None) -> dict:
     """Run the recipe; returns a summary (steps, final loss, paths). `out`: where it prints (default: sys.stdout
     when called, so a redirection made after import applies)."""
@@ -372,6 +389,8 @@ def train(args: TrainArgs, out=None) -> dict:
     # raises before allocating if a budget cannot fit; decides the resident layers when not given
     plan = plan_for_config(config, batch_size=args.batch_size, seq_len=args.seq_len,
                            auto_resident=args.resident_layers is None)
+    if config.max_vram_bytes is None:
+        _check_fits_free_memory(plan, config)
     config = dataclasses.replace(config, resident_layers=plan.resident_layers)
     model = LemaModel(config)
     model.initialize_lora(seed=args.seed)
@@ -462,6 +481,7 @@ def train(args: TrainArgs, out=None) -> dict:
                 moved = _set_aside_collapsed(args.output, step + 1, e)
                 diverged = _diverged(args, step + 1, e, optimizer.param_groups[0]["lr"], moved)
                 break
+            lr_used = optimizer.param_groups[0]["lr"]  # the rate this step ran at (scheduler.step sets the next)
             scheduler.step()
             step += 1
             if prune_due:  # the weights of the newest checkpoint ran a step that was applied: the older ones may go
@@ -472,7 +492,7 @@ def train(args: TrainArgs, out=None) -> dict:
             last_loss = step_loss
             mem = model.memory_stats(optimizer)
             used = mem.get("device_allocated", _rss_bytes())
-            record = {"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
+            record = {"step": step, "loss": round(step_loss, 6), "lr": lr_used,
                       "tokens_per_s": round(step_tokens / dt, 1), "step_s": round(dt, 3),
                       "grad_norm": trainer.last_grad_norm, "memory_bytes": used}
             if eval_set is not None and (step % eval_every == 0 or step == total_steps):

@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -299,21 +300,44 @@ def default_lora_targets(layers: nn.ModuleList) -> list[str]:
     return names
 
 
-def check_lora_targets(model, prefix: str, targets: list[str]) -> None:
-    """Every target must match a module inside the decoder layers, and nothing outside them."""
-    inside, outside = set(), set()
+def _is_linear(module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _in_out(module) -> tuple[int, int]:
+    """A linear layer's (in, out) widths; GPT-2's Conv1D stores its weight transposed."""
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
+
+
+def check_lora_targets(model, prefix: str, targets: list[str], rank: Optional[int] = None) -> None:
+    """Every target must match a linear layer inside the decoder layers, and nothing outside them; `rank` no more
+    than the widest adapted layer's smaller side (a rank beyond every min(in, out) adds parameters, not capacity:
+    --lora-rank 100000 on a 576-wide model built half a terabyte of adapters)."""
+    inside, outside, not_linear, widths = set(), set(), {}, []
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in targets:
             (inside if name.startswith(prefix + ".") else outside).add(leaf)
+            if not _is_linear(module):
+                not_linear.setdefault(leaf, type(module).__name__)
+            elif name.startswith(prefix + "."):
+                widths.append(min(_in_out(module)))
     unmatched = [t for t in targets if t not in inside and t not in outside]
+    linears = lambda: default_lora_targets(find_decoder_layers(model)[1])  # noqa: E731
     if unmatched:
-        _, layers = find_decoder_layers(model)
         raise ValueError(f"lora_target_modules {unmatched} match no module of {type(model).__name__}; the linear "
-                         f"layers inside its decoder layers are {default_lora_targets(layers)}")
+                         f"layers inside its decoder layers are {linears()}")
     if outside - inside:
         raise ValueError(f"lora_target_modules {sorted(outside - inside)} lie outside the decoder layers; LEMA "
                          "adapts modules inside the decoder layers only")
+    if not_linear:
+        named = ", ".join(f"{k} ({v})" for k, v in not_linear.items())
+        raise ValueError(f"lora_target_modules name modules that are not linear layers: {named}; LoRA adapts linear "
+                         f"layers, those inside the decoder layers are {linears()}")
+    if rank is not None and widths and rank > max(widths):
+        raise ValueError(f"lora_rank={rank} exceeds every adapted layer's smaller side (the widest is {max(widths)}): "
+                         f"a rank beyond it adds parameters, not capacity; use --lora-rank {max(widths)} or less")
 
 
 def inject_lora(model, rank: int, alpha: float, dropout: float, targets: list[str], device: torch.device):
