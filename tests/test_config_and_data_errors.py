@@ -178,6 +178,8 @@ def test_convert_and_merge_refuse_a_config_with_fewer_layers_than_the_weights(ti
 
 @pytest.mark.parametrize("damage, fragments", [
     ("truncate", ["model.safetensors' is truncated", "1000 missing"]),
+    ("other-shape", ["tensor 'model.layers.0.mlp.down_proj.weight' has shape (32, 64) in the weights file but "
+                     "config.json implies (32, 80)"]),
     ("fewer-layers", ["the file has 3 decoder layers but config.json's num_hidden_layers is 2"]),
     ("missing-tensor", ["lack 1 tensor(s)", "model.layers.1.mlp.up_proj.weight"]),
 ])
@@ -193,11 +195,14 @@ def test_lema_plan_refuses_weights_lema_train_would_refuse(damage, fragments, ti
         os.truncate(weights, os.path.getsize(weights) - 1000)
     elif damage == "fewer-layers":
         edit_config(path, num_hidden_layers=2)
+    elif damage == "other-shape":  # lema train and generate refused it; the plan passed it
+        edit_config(path, intermediate_size=80)
     else:
         state = load_file(weights)
         del state["model.layers.1.mlp.up_proj.weight"]
         save_file(state, weights, metadata={"format": "pt"})
     argv = ["plan", "--model", path, "--device", "cpu", "--batch-size", "1", "--seq-len", "16"]
+    capsys.readouterr()  # what building the fixtures printed (Transformers' progress bars)
     assert main(argv) == 1
     out = capsys.readouterr()
     assert out.out == "" and out.err.count("\n") == 1 and out.err.startswith("lema plan: error: ")

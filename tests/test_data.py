@@ -283,6 +283,7 @@ def test_load_jsonl_accepts_all_shapes_and_skips_blank_lines(tmp_path):
     "bad, why",
     [
         ('{"text": "unterminated', "invalid JSON"),
+        ('{"text": ' + "[" * 100000 + "]" * 100000 + "}", "JSON nested too deeply"),  # was a RecursionError
         ('["a list"]', "expected a JSON object"),
         ('{"question": "q", "answer": "a"}', "unrecognised keys"),
         ('{"text": 5}', '"text" must be a string'),

@@ -245,7 +245,7 @@ def test_sampling_flags_at_temperature_0_are_said_to_change_nothing(tiny_dir, tm
     rc, out, err = lema(capsys, "generate", "--model", folder, "--prompt", "the cat", "--max-new-tokens", 5,
                         "--top-p", 0.5, "--seed", 3)
     assert rc == 0 and out == greedy
-    assert "note: --top-p and --seed apply to sampling (--temperature > 0); at --temperature 0 decoding is greedy" in err
+    assert "note: --top-p and --seed apply to sampling (--temperature > 0); at --temperature 0 decoding is greedy and they change nothing" in err
 
 
 # ----- bad settings: one line naming the flag at fault -----------------------------------------------------------

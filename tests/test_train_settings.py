@@ -67,6 +67,8 @@ def test_steps_on_the_command_line_replace_the_files_epochs(tmp_path):
     ("lora_alpha", 0, "--lora-alpha=0 must be > 0"),
     ("eval_steps", 0, "--eval-steps=0 must be >= 1"),
     ("weight_decay", -0.1, "--weight-decay=-0.1 must be >= 0"),
+    ("seed", 10**20, r"--seed=100000000000000000000 must be >= 0 and < 2\*\*63"),  # torch said "Overflow when
+    ("seed", -1, r"--seed=-1 must be >= 0"),                                          # unpacking long long"
 ])
 def test_bad_numbers_are_refused_with_the_flag(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -592,3 +594,24 @@ def test_a_run_bigger_than_the_free_memory_is_refused_before_it_starts(tiny_mode
     with pytest.raises(PlanError, match=r"of host memory at its peak .* but 1000 B is free now; .*--lora-rank 4"):
         train(TrainArgs(**run_args(tiny_model, data, tmp_path / "out", steps=1)))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path):
+    """/proc (or a read-only mount): the run loaded its model and printed its plan, then failed on a bare [Errno]."""
+    with pytest.raises(ValueError, match=r"--output '/proc/lema-out': cannot write in '/proc' \(.*\); choose a folder"):
+        TrainArgs(**REQUIRED, output="/proc/lema-out")
+    TrainArgs(**REQUIRED, output=str(tmp_path / "new" / "out"))  # a folder to be made under a writable one
+    assert os.listdir(tmp_path) == []  # the probe left nothing
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1: 2\nfoo: 3\n", r"unknown setting\(s\) \['1', 'foo'\]"),  # sorted() met an int and a str: TypeError
+    (b"model: \xe9\n", r"is not valid YAML \('utf-8' codec"),
+])
+def test_a_config_file_with_odd_keys_or_bytes_is_named(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=message):
+        args_from_namespace(build_parser().parse_args(["train", "--config", str(path)]))
+    with pytest.raises(ValueError, match=r"--config '.*nope.yaml' cannot be read"):
+        args_from_namespace(build_parser().parse_args(["train", "--config", str(tmp_path / "nope.yaml")]))

@@ -139,6 +139,8 @@ def load_jsonl(path: str | Path) -> Examples:
                     if "\x00" in line:
                         raise _utf16(path, lineno) from None
                     raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); {_VALID_SHAPES}") from None
+                except RecursionError:  # Python's parser has a nesting limit; no example nests that deep
+                    raise DataError(f"{path}:{lineno}: JSON nested too deeply to read; {_VALID_SHAPES}") from None
                 problem = _validate(obj) or (_lone_surrogate([obj[k] for k in FORMAT_KEYS if k in obj])
                                              if "\\u" in line else None)  # the metadata beside is never encoded
                 if problem:

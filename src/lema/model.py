@@ -27,7 +27,7 @@ from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fus
 from .engine.streamed_layer import StreamedLayers
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
-from .store.keymap import check_complete, check_unused, map_checkpoint, reader_for
+from .store.keymap import check_complete, check_shapes, check_unused, map_checkpoint, reader_for
 from .stream.layout import UnitLayout, registration_spans
 from .stream.pager import RESERVE_BYTES, PageCachePager
 from .stream.ring import ResidentLayers, WeightRing
@@ -137,17 +137,8 @@ class LemaModel(nn.Module):
         """Every parameter present, with the right shape, and every file tensor used, before any compute."""
         check_complete(base, self.sources, self.config.gbi_path or self.config.model_name_or_path)
         check_unused(base, self.store, unexpected, self.units.layers_prefix, self.units.num_layers)
+        check_shapes(base, self.sources, self.store)
         params = dict(base.named_parameters())
-        for name, src in self.sources.items():
-            if src.key is None or name not in params:
-                continue
-            have, want = self.store.entry(src.key).shape, tuple(params[name].shape)
-            if have != want:
-                raise WeightsFileError(f"tensor {src.key!r} has shape {have} in the weights file but config.json "
-                                       f"implies {want}; the weights do not belong to this config.json")
-            if not self.store.entry(src.key).dtype.is_floating_point:
-                raise WeightsFileError(f"tensor {src.key!r} is {self.store.entry(src.key).dtype}; quantized "
-                                       "checkpoints are not streamed yet, convert to float with `lema convert`")
         # Converted parameters (e.g. Mixtral's fused experts) have no file tensor of their own: build
         # the first layer's and compare. Every load checks again (`_read_checked`), at no cost.
         first = set(self.units.units.get(layer_unit(0), []))

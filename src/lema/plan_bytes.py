@@ -252,7 +252,7 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
     plan is not the first to pass them."""
     from .engine.skeleton import EMBED
     from .store import WeightStore
-    from .store.keymap import check_complete, check_unused, map_checkpoint
+    from .store.keymap import check_complete, check_shapes, check_unused, map_checkpoint
 
     if gbi_path is None and not (glob.glob(os.path.join(folder, "*.safetensors"))
                                  or os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))):
@@ -263,6 +263,7 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
         sources, unexpected = map_checkpoint(meta_model, store)
         check_complete(meta_model, sources, gbi_path or folder)
         check_unused(meta_model, store, unexpected, units.layers_prefix, units.num_layers)
+        check_shapes(meta_model, sources, store)
         layer_dtypes = frozenset(store.entry(k).dtype for n in layer_names if n in sources
                                  for k in sources[n].file_keys)
         # the embedding unit's tensors stored as one each (GPT-2's has two, the token and position tables)

@@ -147,6 +147,9 @@ class TrainArgs:
             above = os.path.dirname(above)
         if not os.path.isdir(above):
             raise ValueError(f"--output {self.output!r} lies under {above!r}, which is a file; give a folder")
+        check_writable(above, f"--output {self.output!r}")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed's range, as a whole number
+            raise ValueError(f"--seed={self.seed} must be >= 0 and < 2**63")
         if os.path.isdir(self.model) and os.path.realpath(self.output) == os.path.realpath(self.model):
             raise ValueError(f"--output {self.output!r} is the model folder; checkpoints and the adapter go in a "
                              "folder of their own: choose another --output")
@@ -222,6 +225,20 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
+def check_writable(folder: str, what: str) -> None:
+    """A file can be made in `folder` (an existing folder), tried with one: a read-only mount, a folder of another
+    user or /proc are named before a run loads its model, not when its first write fails."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lema-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write in {folder!r} ({e.strerror or e}); choose a folder you can "
+                         "write to") from None
+
+
 def _rss_bytes() -> int:
     from .host_memory import proc_bytes
 
@@ -246,7 +263,7 @@ class _Interrupt:
     def _handle(self, signum, frame):
         if self.requested:  # a second Ctrl-C: stop now
             kept = list_checkpoints(self.output)
-            print(f"\nlema train: stopping now, without saving the step in flight; "
+            print("\nlema train: stopping now, without saving the step in flight; "
                   + (f"--resume goes on from {kept[-1][1]} (step {kept[-1][0]})" if kept else
                      "no checkpoint was saved yet"), file=sys.stderr)
             raise KeyboardInterrupt

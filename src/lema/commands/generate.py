@@ -29,10 +29,14 @@ def run(args) -> int:
     from ..generation import check_settings, generate_text, load_for_generation
 
     check_settings(args.max_new_tokens, args.temperature, args.top_p, args.chat, args.system)  # before the model loads
+    if args.seed is not None and not 0 <= args.seed < 2**63:  # torch.manual_seed's range, as a whole number
+        raise ValueError(f"--seed={args.seed} must be >= 0 and < 2**63")
     unused = [flag for flag, given in (("--top-p", args.top_p != 1.0), ("--seed", args.seed is not None)) if given]
     if args.temperature == 0 and unused:  # greedy decoding draws nothing: say so rather than ignore them
-        print(f"note: {' and '.join(unused)} apply to sampling (--temperature > 0); at --temperature 0 decoding is "
-              "greedy and they change nothing", file=sys.stderr)
+        one = len(unused) == 1
+        print(f"note: {' and '.join(unused)} {'applies' if one else 'apply'} to sampling (--temperature > 0); at "
+              f"--temperature 0 decoding is greedy and {'it changes' if one else 'they change'} nothing",
+              file=sys.stderr)
     model, tokenizer = load_for_generation(args.model, args.adapter, args.device, args.dtype, args.strategy)
     generate_text(model, tokenizer, args.prompt, chat=args.chat, system=args.system,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

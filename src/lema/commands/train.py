@@ -109,14 +109,16 @@ def args_from_namespace(ns):
         import yaml
 
         try:
-            with open(ns.config) as f:
+            with open(ns.config, encoding="utf-8") as f:
                 loaded = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ValueError(f"--config {ns.config!r} is not valid YAML ({reason(e)})") from None
+        except OSError as e:
+            raise ValueError(f"--config {ns.config!r} cannot be read ({reason(e)})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {ns.config!r} must hold a mapping of settings")
         known = {f.name for f in dataclasses.fields(TrainArgs)}
-        unknown = sorted(set(loaded) - known)
+        unknown = sorted(map(str, set(loaded) - known))  # YAML keys may be numbers
         if unknown:
             raise ValueError(f"--config {ns.config!r}: unknown setting(s) {unknown}; known: {sorted(known)}")
         hints = typing.get_type_hints(TrainArgs)

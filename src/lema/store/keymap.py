@@ -112,6 +112,23 @@ def check_complete(model, sources: dict, folder: str) -> None:
             f"{missing[:3]}; the weights do not belong to this config.json")
 
 
+def check_shapes(model, sources: dict, store) -> None:
+    """Every parameter stored as one file tensor has the model's shape and a floating dtype (LemaModel and the
+    plan alike; parameters built from several tensors are checked when built)."""
+    params = dict(model.named_parameters())
+    for name, src in sources.items():
+        if src.key is None or name not in params:
+            continue
+        entry = store.entry(src.key)
+        have, want = tuple(entry.shape), tuple(params[name].shape)
+        if have != want:
+            raise WeightsFileError(f"tensor {src.key!r} has shape {have} in the weights file but config.json "
+                                   f"implies {want}; the weights do not belong to this config.json")
+        if not entry.dtype.is_floating_point:
+            raise WeightsFileError(f"tensor {src.key!r} is {entry.dtype}; quantized "
+                                   "checkpoints are not streamed yet, convert to float with `lema convert`")
+
+
 def check_unused(model, store, unexpected: list[str], layers_prefix: str, num_layers: int,
                  where: Optional[str] = None) -> None:
     """Refuse file tensors the model does not use (but those Transformers ignores too): a config.json with fewer
