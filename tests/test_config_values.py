@@ -126,3 +126,21 @@ def test_out_of_memory_is_one_line_with_the_settings_to_change(monkeypatch, caps
     monkeypatch.setattr("lema.commands.plan.run", a_bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # not a user's error: the traceback stays
         cli.main(["plan", "--shape", "tiny-llama"])
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["convert", "MODEL", "/proc/lema-x/out"], "OUT '/proc/lema-x/out': cannot write in '/proc'"),
+    (["bench", "--shape", "tiny-llama", "--profile", "/proc/lema-x/t.json"],
+     "--profile '/proc/lema-x/t.json': cannot write in '/proc/lema-x'"),
+    (["bench", "--shape", "tiny-llama", "--gpu-memory", "16GB"], "--gpu-memory emulates a smaller card"),
+])
+def test_an_output_that_cannot_be_written_is_named_before_the_work(argv, fragment, tiny_dir, capsys):
+    """convert said "not enough disk space ... 0 bytes are free" for /proc and named its temporary folder on a
+    read-only mount; bench profiled every contender and lost the trace with exit status 0."""
+    from lema.cli import main
+
+    argv = [tiny_dir("llama") if a == "MODEL" else a for a in argv]
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1, err

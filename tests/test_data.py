@@ -235,6 +235,16 @@ def test_dataset_drops_examples_whose_only_target_is_the_first_token(tok):
     assert all(any(l != IGNORE_INDEX for l in ds[i]["labels"][1:]) for i in range(len(ds)))
 
 
+def test_a_blank_completion_or_text_is_dropped_and_named(tok):
+    """A prompt with an empty completion trained on the end-of-sequence token alone (teaching an empty answer): it
+    is dropped as the "empty completion" the drop message already had words for; whitespace text too."""
+    examples = [{"prompt": "hi", "completion": ""}, {"prompt": "hi", "completion": "  \n"}, {"text": "   "},
+                {"prompt": "Q", "completion": "A"}]
+    ds = TokenizedDataset(examples, tok, seq_len=16)
+    assert len(ds) == 1 and ds.num_dropped == 3
+    assert ds.dropped == {"empty completion": ["example 1", "example 2"], "empty text": ["example 3"]}
+
+
 def test_messages_opening_with_an_assistant_turn_do_not_supervise_the_system_prompt(tok):
     """SmolLM2's template injects a default system prompt whose words hold the reply's ("helpful"): only the
     reply itself is supervised."""

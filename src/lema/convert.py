@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from .config import parse_dtype
-from .fsutil import make_temp_folder, replace_folder
+from .fsutil import check_writable, make_temp_folder, replace_folder
 from .store import PACKED_FORMAT, WeightStore
 from .store.safetensors_file import DTYPE_NAMES
 from .stream.layout import Placement
@@ -301,6 +301,7 @@ def convert(src: str, out: str, dtype: str = "float32", overwrite: bool = False,
     staging_bytes = sum(p.numel() * 4 for p in model.parameters()) if source.kind == "gguf" else 0
     needed = weight_bytes + staging_bytes + MARGIN
     parent = os.path.dirname(os.path.abspath(out))
+    check_writable(existing_ancestor(parent), f"{words.out} {out!r}")  # a read-only mount, /proc: before the space
     free = free_bytes(existing_ancestor(parent))
     if free < needed:
         raise ConvertError(f"not enough disk space for {out!r}: the conversion needs {needed:,} bytes "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -409,6 +409,14 @@ _NO_TARGET = {
 }
 
 
+def _empty_content(example: dict) -> Optional[str]:
+    """"empty text" or "empty completion" where the part trained on is blank (a _NO_TARGET key), else None."""
+    for key in ("text", "completion"):
+        if isinstance(example.get(key), str) and not example[key].strip():
+            return f"empty {key}"
+    return None
+
+
 def _unsupervised(example: dict, labels: list[int]) -> str:
     """Why an example (whose untruncated `labels` are given) has no target after truncation: a key of _NO_TARGET."""
     if any(l != IGNORE_INDEX for l in labels[1:]):
@@ -471,9 +479,12 @@ class TokenizedDataset(torch.utils.data.Dataset):
             except Exception as e:  # a chat template's raise_exception (jinja2), a tokenizer's ValueError ...
                 raise DataError(f"{where}: this example cannot be tokenized ({reason(e)})") from None
             self.num_truncated += len(ids) > seq_len
-            if all(l == IGNORE_INDEX for l in labels[1:seq_len]):  # the first token is no position's target
+            # nothing to learn but the end of sequence appended to it: dropped as an empty one (it taught the
+            # model to answer with nothing)
+            empty = _empty_content(ex)
+            if empty or all(l == IGNORE_INDEX for l in labels[1:seq_len]):  # the first token is no position's target
                 self.num_dropped += 1
-                dropped.setdefault(_unsupervised(ex, labels), []).append(where)
+                dropped.setdefault(empty or _unsupervised(ex, labels), []).append(where)
                 continue
             self.items.append({"input_ids": ids[:seq_len], "labels": labels[:seq_len]})
         if not self.items:

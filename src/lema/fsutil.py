@@ -12,6 +12,18 @@ def default_cache() -> str:
     return os.environ.get("LEMA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lema")
 
 
+def check_writable(folder: str, what: str) -> None:
+    """A file can be made in `folder` (an existing folder), tried with one: a read-only mount, a folder of another
+    user or /proc are named before a run loads its model, not when its first write fails."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lema-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write in {folder!r} ({e.strerror or e}); choose a folder you can "
+                         "write to") from None
+
+
 def fsync_path(path: str) -> None:
     """A file's or a folder's (its entries') written state to the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -46,7 +58,11 @@ def replace_folder(tmp: str, final: str) -> None:
     old = None
     if os.path.isdir(final):
         old = tempfile.mkdtemp(prefix=".tmp-old-", dir=parent)
-        os.replace(final, os.path.join(old, "folder"))
+        try:
+            os.replace(final, os.path.join(old, "folder"))
+        except OSError:  # a mount point, say: nothing moved; leave no empty folder behind
+            os.rmdir(old)
+            raise
     os.replace(tmp, final)
     fsync_path(parent)
     if old is not None:

@@ -26,6 +26,7 @@ import torch
 from .checkpointing import (CheckpointError, changed_settings, data_identity, list_checkpoints, load_checkpoint,
                             newest_readable, prune_checkpoints, save_checkpoint, set_aside)
 from .engine.skeleton import load_hf_config, model_positions
+from .fsutil import check_writable
 from .plan_table import human
 from .planner import plan_for_config
 from .run_folder import lock_output, truncate_log, unlock_output
@@ -223,20 +224,6 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-
-
-def check_writable(folder: str, what: str) -> None:
-    """A file can be made in `folder` (an existing folder), tried with one: a read-only mount, a folder of another
-    user or /proc are named before a run loads its model, not when its first write fails."""
-    import tempfile
-
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lema-write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"{what}: cannot write in {folder!r} ({e.strerror or e}); choose a folder you can "
-                         "write to") from None
 
 
 def _rss_bytes() -> int:

@@ -102,6 +102,12 @@ def run(args) -> int:
     if args.memory_peak and not cuda:
         raise ValueError("--memory-peak reads CUDA's allocator history; use it with --device cuda (on the CPU, "
                          "--exact-memory makes the peak RssAnon the peak of live tensors)")
+    if args.gpu_memory is not None and not cuda:
+        raise ValueError("--gpu-memory emulates a smaller card with CUDA's memory fraction; use it with --device cuda")
+    if args.profile:  # the trace is written after every timed round: a folder it cannot go to is named now
+        from ..fsutil import check_writable
+
+        check_writable(os.path.dirname(os.path.abspath(args.profile)) or ".", f"--profile {args.profile!r}")
     if cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available here (no GPU, or a CPU-only PyTorch); "
                          "use --device cpu")
