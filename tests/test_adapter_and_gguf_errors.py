@@ -278,3 +278,19 @@ def test_data_that_is_a_folder_is_named(tmp_path):
 
     with pytest.raises(DataError, match=r"is a folder; give the JSONL file itself"):
         load_jsonl(tmp_path)
+
+
+def test_a_run_folder_given_as_adapter_points_at_its_adapter(tmp_path, adapter):
+    """`--adapter OUT` for a `lema train` output: the message says where its adapter is."""
+    import shutil
+
+    from lema.adapter_files import read_adapter
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "adapter")
+    with pytest.raises(FileNotFoundError, match=rf"is not a PEFT adapter folder .*; '{run / 'adapter'}' is one: give that"):
+        read_adapter(str(run))
+    (run / "checkpoint-4").mkdir()
+    shutil.rmtree(run / "adapter")
+    with pytest.raises(FileNotFoundError, match=r"a checkpoint's is in .*checkpoint-STEP/adapter"):
+        read_adapter(str(run))

@@ -92,6 +92,17 @@ def test_data_file_not_utf8_names_file_line_and_fix(encoding, line, fragments, t
         load_jsonl(path)
 
 
+def test_a_stray_nul_byte_or_a_device_as_data_is_named_as_such(tmp_path):
+    """One NUL byte in UTF-8 text was called "probably UTF-16", and iconv from UTF-16 would garble the file;
+    /dev/null was "not found"."""
+    path = tmp_path / "data.jsonl"
+    path.write_bytes((OK_LINE + '{"text": "a\x00b"}\n').encode())
+    with raises(DataError, f"{path}:2: a NUL byte at column 12"):
+        load_jsonl(path)
+    with raises(DataError, "/dev/null is not a regular file (a device or a pipe)"):
+        load_jsonl("/dev/null")
+
+
 def test_data_file_with_utf8_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(OK_LINE.encode("utf-8-sig"))

@@ -253,8 +253,11 @@ def test_resident_layers_count_in_the_peak_spread_through_the_stack():
     budget = base.peak_bytes + 3 * base.slot_bytes + base.slot_bytes // 2
     roomy = plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=budget, keep_activations=0)
     assert roomy.resident_layers_fit == 3 and "3 would fit the budget" in roomy.table()
+    # 4 resident leave 2 layers to stream, and a ring of 2 for them: 3 slots' bytes more, which fit; 5 do not
+    assert plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=budget, keep_activations=0,
+                resident_layers=4).ring_depth == 2
     with pytest.raises(PlanError, match="lower --resident-layers"):
-        plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=budget, keep_activations=0, resident_layers=4)
+        plan(cfg, "float32", batch_size=B, seq_len=T, max_vram_bytes=budget, keep_activations=0, resident_layers=5)
     assert plan(cfg, "float32", batch_size=B, seq_len=T, strategy="resident", resident_layers=2).resident_layers == 0
     every = plan(cfg, "float32", batch_size=B, seq_len=T, resident_layers=6, device_type="cuda")  # no ring then
     assert every.ring_device_bytes == every.ring_host_bytes == 0
@@ -637,3 +640,14 @@ def test_a_folders_facts_are_measured_once_until_its_files_change(tmp_path, monk
         json.dump(config, f)
     with pytest.raises(ValueError, match="3 decoder layers"):  # measured anew: the weights no longer match
         plan_bytes.model_facts(path, "float32", 4)
+
+
+def test_the_ring_has_no_more_slots_than_layers_to_stream(tiny_dir):
+    """--num-buffers 1000 on 3 layers planned (and allocated) a 1000-slot ring."""
+    from lema import LemaConfig, LemaModel
+
+    cfg = make_config("llama")
+    assert plan(cfg, "float32", batch_size=B, seq_len=T, num_buffers=1000).ring_depth == 3
+    assert plan(cfg, "float32", batch_size=B, seq_len=T, num_buffers=3, resident_layers=2).ring_depth == 2
+    with LemaModel(LemaConfig(model_name_or_path=tiny_dir("llama"), num_buffers=1000, zero_copy=False)) as model:
+        assert len(model.source.slots) == 3

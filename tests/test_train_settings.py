@@ -615,3 +615,18 @@ def test_a_config_file_with_odd_keys_or_bytes_is_named(tmp_path, text, message):
         args_from_namespace(build_parser().parse_args(["train", "--config", str(path)]))
     with pytest.raises(ValueError, match=r"--config '.*nope.yaml' cannot be read"):
         args_from_namespace(build_parser().parse_args(["train", "--config", str(tmp_path / "nope.yaml")]))
+
+
+def test_eval_steps_without_eval_data_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"--eval-steps=5 needs --eval-data"):
+        TrainArgs(**REQUIRED, output=str(tmp_path / "o"), eval_steps=5)
+
+
+def test_a_warmup_as_long_as_the_run_is_said(tiny_model, data, tmp_path):
+    """--warmup-steps 1000 --steps 2 trained at 2e-7 of a 1e-4 rate without a word."""
+    from test_nonfinite import args as run_args
+
+    printed = io.StringIO()
+    train(TrainArgs(**run_args(tiny_model, data, tmp_path / "out", steps=2, lr=1e-2, warmup_steps=1000)), printed)
+    assert "note: --warmup-steps 1000 is not shorter than the run's 2 steps: the rate rises to 2e-05 at most, never " \
+           "to --lr 0.01" in printed.getvalue()

@@ -22,8 +22,13 @@ def read_adapter(path: str) -> tuple[dict, str]:
     cfg_path = os.path.join(path, "adapter_config.json")
     weights = os.path.join(path, "adapter_model.safetensors")
     if not (os.path.isfile(cfg_path) and os.path.isfile(weights)):
+        inner = os.path.join(path, "adapter")  # a `lema train` run folder: its final adapter is in adapter/
+        hint = (f"; {inner!r} is one: give that" if os.path.isfile(os.path.join(inner, "adapter_config.json")) else
+                f"; a checkpoint's is in {os.path.join(path, 'checkpoint-STEP', 'adapter')!r}"
+                if any(n.startswith("checkpoint-") for n in (os.listdir(path) if os.path.isdir(path) else ())) else "")
         raise FileNotFoundError(f"adapter {path!r} is not a PEFT adapter folder (it needs adapter_config.json and "
-                                "adapter_model.safetensors, as written by save_adapter or OUT/adapter of lema train)")
+                                "adapter_model.safetensors, as written by save_adapter or OUT/adapter of lema train)"
+                                + hint)
     try:
         with open(cfg_path) as f:
             config = json.load(f)

@@ -125,6 +125,9 @@ def load_jsonl(path: str | Path) -> Examples:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder; give the JSONL file itself (one example per line)")
+    if path.exists() and not path.is_file():  # /dev/null, a pipe (<(...)): read twice (its hash, its lines)
+        raise DataError(f"{path} is not a regular file (a device or a pipe); write the examples to a JSONL file and "
+                        "give that")
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
     examples = Examples(path=str(path))
@@ -137,7 +140,7 @@ def load_jsonl(path: str | Path) -> Examples:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     if "\x00" in line:
-                        raise _utf16(path, lineno) from None
+                        raise _utf16(path, lineno, line) from None
                     raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); {_VALID_SHAPES}") from None
                 except RecursionError:  # Python's parser has a nesting limit; no example nests that deep
                     raise DataError(f"{path}:{lineno}: JSON nested too deeply to read; {_VALID_SHAPES}") from None
@@ -176,7 +179,7 @@ def _not_utf8(path: Path) -> DataError:
         f.seek(0)
         for lineno, raw in enumerate(f, start=1):  # "\n" is never part of a multi-byte UTF-8 character
             if b"\x00" in raw:
-                return _utf16(path, lineno)
+                return _utf16(path, lineno, raw)
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -186,8 +189,13 @@ def _not_utf8(path: Path) -> DataError:
     return DataError(f"{path}: the file is not UTF-8 text; save it as UTF-8")
 
 
-def _utf16(path: Path, lineno: int) -> DataError:
-    # UTF-16 without a byte-order mark: every other byte of ASCII text is 0
+def _utf16(path: Path, lineno: int, line) -> DataError:
+    """The error for a line with NUL bytes: UTF-16 without a byte-order mark (every other byte of ASCII text is 0),
+    or, with a few of them only, a stray NUL byte, named by its column."""
+    nul = "\x00" if isinstance(line, str) else b"\x00"
+    if line.count(nul) * 4 < len(line):
+        return DataError(f"{path}:{lineno}: a NUL byte at column {line.index(nul) + 1}, which JSON text cannot hold; "
+                         "remove it (or write it as \\u0000 inside a string)")
     return DataError(f"{path}:{lineno}: the line holds NUL bytes, so the file is probably UTF-16; save it as UTF-8 "
                      f"(e.g. iconv -f utf-16le -t utf-8 {path.name} > utf8.jsonl)")
 

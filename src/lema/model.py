@@ -103,7 +103,8 @@ class LemaModel(nn.Module):
             try:
                 # the page cache of every path but CUDA zero-copy's (its pages stay locked, and fit the RAM)
                 pager = self._pager(streamed_ids) if host_views is None and config.prefetch else None
-                slots = config.num_buffers if len(resident) < self.units.num_layers else 0  # all resident: no ring
+                streamed = self.units.num_layers - len(resident)  # all resident: no ring; no more slots than layers
+                slots = min(config.num_buffers, max(2, streamed)) if streamed else 0
                 self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
                                          slots, prefetch=config.prefetch, pager=pager, resident=resident,
                                          host_views=host_views)

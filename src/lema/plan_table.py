@@ -147,7 +147,7 @@ class Plan:
                          f"{human(self.max_vram_bytes - self.peak_bytes)}")
         lines.append("")
         lines.append("  decisions:")
-        lines.append(f"    ring depth: {self.ring_depth} (applied: num_buffers)"
+        lines.append(f"    ring depth: {self.ring_depth} (applied: num_buffers, no more than the streamed layers)"
                      + (f"; the budget would allow {self.ring_depth_fit}" if self.ring_depth_fit > self.ring_depth
                         else ""))
         lines.append(f"    boundary activations: "

@@ -253,6 +253,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         room = (usable - peak_of(depth, not offload, keep=keep)[0]) if usable is not None else free_bytes
         if room is not None:
             resident = split_room(room, f, batch_size, seq_len, s, kept_extra, gpu_zero_copy, keep=keep)[0]
+    if strategy == "streaming":  # slots past the streamed layers would hold nothing (LemaModel allocates as many)
+        depth = min(num_buffers, max(2, L - resident))
     peak, ring_dev, frozen, phase = peak_of(depth, not offload, keep=keep)
     p = Plan(model_type=f.model_type, dtype=dtype, device_type=device_type, strategy=strategy,
              batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, max_vram_bytes=max_vram_bytes,

@@ -154,6 +154,8 @@ class TrainArgs:
         if os.path.isdir(self.model) and os.path.realpath(self.output) == os.path.realpath(self.model):
             raise ValueError(f"--output {self.output!r} is the model folder; checkpoints and the adapter go in a "
                              "folder of their own: choose another --output")
+        if self.eval_steps is not None and not self.eval_data:
+            raise ValueError(f"--eval-steps={self.eval_steps} needs --eval-data (the examples to evaluate on)")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"--schedule={self.schedule!r}: use cosine, linear or constant")
         if self.lr <= 0:
@@ -450,6 +452,10 @@ def train(args: TrainArgs, out=None) -> dict:
     for path, why in damaged:
         print(f"warning: {path} cannot be read ({why}); moved to {set_aside(path)}, resuming from {resumed} "
               f"(step {step})", file=out, flush=True)
+    if args.warmup_steps >= total_steps:
+        top = max(lr_lambda(s, args.warmup_steps, total_steps, args.schedule) for s in range(total_steps))
+        print(f"note: --warmup-steps {args.warmup_steps} is not shorter than the run's {total_steps} steps: the rate "
+              f"rises to {args.lr * top:.3g} at most, never to --lr {args.lr:g}", file=out, flush=True)
     if changed:
         print(f"note: resuming {resumed} with settings changed from its run's: {', '.join(changed)} (they apply "
               "from this step on)", file=out, flush=True)
