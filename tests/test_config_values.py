@@ -133,13 +133,15 @@ def test_out_of_memory_is_one_line_with_the_settings_to_change(monkeypatch, caps
     (["bench", "--shape", "tiny-llama", "--profile", "/proc/lema-x/t.json"],
      "--profile '/proc/lema-x/t.json': cannot write in '/proc/lema-x'"),
     (["bench", "--shape", "tiny-llama", "--gpu-memory", "16GB"], "--gpu-memory emulates a smaller card"),
+    (["bench", "--shape", "tiny-llama", "--cache-dir", "FILE"], "a-file' is a file; give a folder"),
 ])
-def test_an_output_that_cannot_be_written_is_named_before_the_work(argv, fragment, tiny_dir, capsys):
+def test_an_output_that_cannot_be_written_is_named_before_the_work(argv, fragment, tiny_dir, tmp_path, capsys):
     """convert said "not enough disk space ... 0 bytes are free" for /proc and named its temporary folder on a
     read-only mount; bench profiled every contender and lost the trace with exit status 0."""
     from lema.cli import main
 
-    argv = [tiny_dir("llama") if a == "MODEL" else a for a in argv]
+    (tmp_path / "a-file").write_text("x")
+    argv = [tiny_dir("llama") if a == "MODEL" else str(tmp_path / "a-file") if a == "FILE" else a for a in argv]
     capsys.readouterr()
     assert main(argv) == 1
     err = capsys.readouterr().err

@@ -363,7 +363,7 @@ def test_non_finite_flags_are_refused_on_the_command_line(tmp_path, argv, messag
 def test_an_infinite_yaml_count_is_named_not_a_traceback(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(f"model: m\ndata: d.jsonl\noutput: {tmp_path / 'o'}\nwarmup_steps: .inf\n")
-    with pytest.raises(ValueError, match="warmup_steps=inf is not a int"):
+    with pytest.raises(ValueError, match="warmup_steps=inf is not a whole number"):
         args_from_namespace(build_parser().parse_args(["train", "--config", str(path)]))
 
 

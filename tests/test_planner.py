@@ -651,3 +651,15 @@ def test_the_ring_has_no_more_slots_than_layers_to_stream(tiny_dir):
     assert plan(cfg, "float32", batch_size=B, seq_len=T, num_buffers=3, resident_layers=2).ring_depth == 2
     with LemaModel(LemaConfig(model_name_or_path=tiny_dir("llama"), num_buffers=1000, zero_copy=False)) as model:
         assert len(model.source.slots) == 3
+
+
+def test_more_kept_or_resident_layers_than_the_model_has_are_said():
+    """--keep-activations 99 and --resident-layers 99 on 3 layers were clamped without a word, and the plan said
+    "page cache: all 0 layers fit"."""
+    p = plan(make_config("llama"), "float32", batch_size=B, seq_len=T, device_type="cpu", keep_activations=99,
+             resident_layers=99, page_cache="off")
+    assert p.kept_layers == 3 and p.resident_layers == 3
+    table = p.table()
+    assert "--keep-activations 99 is more than the model's 3 decoder layers: all 3 apply" in table
+    assert "--resident-layers 99 is more than the model's 3 decoder layers: all 3 apply" in table
+    assert "all 0 layers" not in table

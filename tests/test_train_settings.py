@@ -41,7 +41,7 @@ def test_yaml_values_take_the_flags_types(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("lr: fast", "lr='fast' is not a float"),
+    ("lr: fast", "lr='fast' is not a number"),
     ("batch_size: 2.5", "batch_size=2.5 must be a whole number"),
     ("quiet: maybe", "quiet='maybe' must be one of"),
     ("lr: [1", "is not valid YAML"),

@@ -182,7 +182,9 @@ class Plan:
             lines.append(f"    kept activations: {self.kept_layers} of {self.num_layers} layers skip the recompute (applied)")
         if self.page_cache_layers is not None:
             L, held = self.num_layers - self.resident_layers, self.page_cache_layers
-            if held >= L:
+            if L == 0:
+                lines.append("    page cache: every layer is resident, read from disk once")
+            elif held >= L:
                 lines.append(f"    page cache: all {L} layers fit; read from disk once")
             else:
                 how = (f"the pager holds a window of {'up to ' if self.page_cache_adaptive else ''}{held} layers "

@@ -68,7 +68,7 @@ Peak = frozen (embed + head + ring or all layers) + LoRA + gradients + optimizer
        + max(boundary + kept + head work, boundary + kept + logits kept + layer work,
              logits kept + optimizer step).
 
-Decisions: the ring depth (applied through `num_buffers`); the loss, chunked when the float32
+Decisions: the ring depth (applied through `num_buffers`, no more than the layers streamed); the loss, chunked when the float32
 logits would pass 64 MiB (applied, LemaConfig.chunked_loss); how many layers keep their
 activations: as many as the budget leaves room for (on a GPU less ALLOCATOR_SLACK, 10% of it, left
 to the caching allocator's slack), or, with no budget, half the free memory
@@ -273,6 +273,9 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              if strategy == "streaming" and not cpu and L else None,
              activations_on="host" if offload else "device", embedding_view_bytes=embed_view,
              allocator_cache_bytes=cache, gpu_copies=gpu_copies)
+    for flag, asked in (("--keep-activations", keep_activations), ("--resident-layers", resident_layers)):
+        if asked is not None and asked > L:  # applied as all of them; said, not silently clamped
+            p.advice.append(f"{flag} {asked} is more than the model's {L} decoder layers: all {L} apply")
     stored = sorted((d for d in f.layer_dtypes if d.is_floating_point), key=str) or (
         [f.file_dtype] if f.file_dtype is not None and f.file_dtype.is_floating_point else [])
     if strategy == "streaming" and L and not gpu_zero_copy:  # CUDA zero-copy locks the layers' pages in RAM

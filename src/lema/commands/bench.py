@@ -111,6 +111,8 @@ def run(args) -> int:
     if cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available here (no GPU, or a CPU-only PyTorch); "
                          "use --device cpu")
+    if args.shape and args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        raise ValueError(f"--cache-dir {args.cache_dir!r} is a file; give a folder for the random models")
     if args.shape:
         log(f"model: random weights of shape {args.shape} ({args.dtype}) ...")
         folder = shapes.build_shape(args.shape, args.cache_dir, dtype, log=log, device=args.device)

@@ -91,14 +91,17 @@ def _setting(path: str, name: str, value, kind):
     if base is str and isinstance(value, bool):  # YAML 1.1 reads a bare off / on as a boolean
         return "on" if value else "off"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"--config {path!r}: {name}={value!r} must be a {base.__name__}")
+        raise ValueError(f"--config {path!r}: {name}={value!r} must be {KIND.get(base, base.__name__)}")
     try:
         converted = base(value)
     except (ValueError, OverflowError):  # int(nan), int(inf): YAML's .nan and .inf
-        raise ValueError(f"--config {path!r}: {name}={value!r} is not a {base.__name__}") from None
+        raise ValueError(f"--config {path!r}: {name}={value!r} is not {KIND.get(base, base.__name__)}") from None
     if base is int and isinstance(value, float) and converted != value:
         raise ValueError(f"--config {path!r}: {name}={value!r} must be a whole number")
     return converted
+
+
+KIND = {int: "a whole number", float: "a number", str: "a string"}  # a YAML value's expected type, in words
 
 
 def args_from_namespace(ns):
