@@ -123,6 +123,15 @@ def test_out_of_memory_is_one_line_with_the_settings_to_change(monkeypatch, caps
     assert cli.main(["plan", "--shape", "tiny-llama"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "out of memory (LEMA's CPU allocator" in err and "--max-vram" in err
+    monkeypatch.setattr("lema.commands.plan.run", exhausted)
+    assert cli.main(["plan", "--shape", "tiny-llama", "--max-vram", "4GB"]) == 1  # a budget given: not advised again
+    err = capsys.readouterr().err
+    assert "lower --batch-size or --seq-len;" not in err and err.rstrip().endswith("lower --batch-size or --seq-len")
+    monkeypatch.setattr("lema.commands.merge.run", lambda args: (_ for _ in ()).throw(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")))
+    assert cli.main(["merge", "--model", "m", "--adapter", "a", "--output", "o"]) == 1
+    err = capsys.readouterr().err
+    assert "out of memory (DefaultCPUAllocator" in err and "--batch-size" not in err and "free memory" in err
     monkeypatch.setattr("lema.commands.plan.run", a_bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # not a user's error: the traceback stays
         cli.main(["plan", "--shape", "tiny-llama"])

@@ -649,6 +649,9 @@ def test_the_ring_has_no_more_slots_than_layers_to_stream(tiny_dir):
     cfg = make_config("llama")
     assert plan(cfg, "float32", batch_size=B, seq_len=T, num_buffers=1000).ring_depth == 3
     assert plan(cfg, "float32", batch_size=B, seq_len=T, num_buffers=3, resident_layers=2).ring_depth == 2
+    roomy = plan(cfg, "float32", batch_size=B, seq_len=T, num_buffers=3, resident_layers=1, device_type="cuda",
+                 max_vram_bytes=10**12, keep_activations=0)
+    assert roomy.ring_depth == roomy.ring_depth_fit == 2 and "a ring of" not in roomy.table()  # the engine's cap
     with LemaModel(LemaConfig(model_name_or_path=tiny_dir("llama"), num_buffers=1000, zero_copy=False)) as model:
         assert len(model.source.slots) == 3
 

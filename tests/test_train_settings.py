@@ -630,3 +630,75 @@ def test_a_warmup_as_long_as_the_run_is_said(tiny_model, data, tmp_path):
     train(TrainArgs(**run_args(tiny_model, data, tmp_path / "out", steps=2, lr=1e-2, warmup_steps=1000)), printed)
     assert "note: --warmup-steps 1000 is not shorter than the run's 2 steps: the rate rises to 2e-05 at most, never " \
            "to --lr 0.01" in printed.getvalue()
+
+
+def test_kept_layers_never_take_a_run_past_the_free_memory(tiny_model, data, tmp_path, monkeypatch):
+    """The reviewer's case: half the free memory was given to kept layers on top of the run's own peak, so a run
+    whose peak was 0.75 of the free memory was refused (and would have kept layers past it). Kept layers now have
+    what the run leaves of the free memory, at most half of it."""
+    from lema import LemaConfig, planner
+
+    config = LemaConfig(model_name_or_path=tiny_model, lora_rank=4, device="cpu")
+    base = planner.plan_for_config(config, 2, 32, free_bytes=0).peak_bytes
+    for share in (0.55, 0.75, 0.95):
+        free = int(base / share)
+        p = planner.plan_for_config(config, 2, 32, free_now=free)
+        assert p.peak_bytes <= free, (share, p.peak_bytes, free)
+    roomy = planner.plan_for_config(config, 2, 32, free_now=100 * base)
+    assert roomy.kept_layers == 2  # with room, the layers keep their activations as before
+    from test_nonfinite import args as run_args
+
+    monkeypatch.setattr(planner, "free_memory_bytes", lambda device: int(base / 0.75))
+    summary = train(TrainArgs(**run_args(tiny_model, data, tmp_path / "out", steps=1)))
+    assert summary["steps"] == 1
+
+
+def test_an_existing_output_is_probed_itself_not_its_parent(tmp_path, monkeypatch):
+    """A writable --output inside a folder the user cannot write (a bind mount, a resume) was refused."""
+    from lema import fsutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    probed = []
+    monkeypatch.setattr("lema.training.check_writable", lambda folder, what: probed.append(folder))
+    TrainArgs(**REQUIRED, output=str(out))
+    TrainArgs(**REQUIRED, output=str(tmp_path / "new" / "deeper"))
+    assert probed == [str(out), str(tmp_path)]
+    assert fsutil.check_writable(str(out), "x") is None
+
+
+def test_a_failed_start_lets_go_of_the_output_folder(tiny_model, data, tmp_path):
+    """The early lock stayed after a refusal (here a resume with another batch size): a terminal's `lema train
+    --resume` was then refused as "another run" until the notebook that failed was restarted."""
+    import fcntl
+
+    from test_nonfinite import args as run_args
+
+    out = tmp_path / "out"
+    train(TrainArgs(**run_args(tiny_model, data, out, steps=1)))
+    with pytest.raises(CheckpointError):
+        train(TrainArgs(**run_args(tiny_model, data, out, steps=2, batch_size=3, resume=True)))
+    other = os.open(out, os.O_RDONLY)  # as another process would
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(other)
+
+
+def test_a_warmup_exactly_as_long_as_the_run_reaches_the_rate(tiny_model, data, tmp_path):
+    from test_nonfinite import args as run_args
+
+    printed = io.StringIO()
+    train(TrainArgs(**run_args(tiny_model, data, tmp_path / "out", steps=2, warmup_steps=2)), printed)
+    assert "--warmup-steps" not in printed.getvalue()
+
+
+def test_pruning_counts_and_names_complete_checkpoints_only(tmp_path):
+    """A checkpoint folder without its trainer_state.json (listed for --resume to set aside) is not the newest one
+    pruning keeps, nor one it deletes."""
+    for step in (1, 2, 3):
+        _saved(tmp_path, step=step)
+    os.remove(tmp_path / "checkpoint-3" / "trainer_state.json")
+    prune_checkpoints(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3"]
+    assert [s for s, _ in list_checkpoints(str(tmp_path), complete=True)] == [2]

@@ -62,17 +62,18 @@ class CheckpointUnreadable(CheckpointError):
         self.path, self.why = path, why
 
 
-def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+def list_checkpoints(out_dir: str, complete: bool = False) -> list[tuple[int, str]]:
     """The checkpoint folders in `out_dir`, oldest first, as (step, path). `save_checkpoint` names a folder so
     only once complete; one without its trainer_state.json since (a file deleted, a disk error) is listed too:
-    --resume then finds it damaged and sets it aside, a new run refuses the folder, and nothing overwrites it."""
+    --resume then finds it damaged and sets it aside, a new run refuses the folder, and nothing overwrites it.
+    `complete`: only those with their trainer_state.json (to prune, or to name as the one to go on from)."""
     if not os.path.isdir(out_dir):
         return []
     found = []
     for name in os.listdir(out_dir):
         m = _NAME.match(name)
         path = os.path.join(out_dir, name)
-        if m and os.path.isdir(path):
+        if m and os.path.isdir(path) and (not complete or os.path.isfile(os.path.join(path, "trainer_state.json"))):
             found.append((int(m.group(1)), path))
     return sorted(found)
 
@@ -102,7 +103,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, sample
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: as they were
             raise
-        intact = list_checkpoints(out_dir)
+        intact = list_checkpoints(out_dir, complete=True)
         raise CheckpointError(f"could not write checkpoint-{step} in {out_dir!r} ({reason(e)}); "
                               + (f"{intact[-1][1]} is intact" if intact else "no earlier checkpoint exists")
                               + ": free disk space and continue with --resume") from None
@@ -115,9 +116,9 @@ def prune_checkpoints(out_dir: str, total_limit: Optional[int]) -> None:
     still has the older checkpoint to go back to."""
     if total_limit is None or total_limit <= 0:
         return
-    for _, old in list_checkpoints(out_dir)[:-total_limit]:
+    for _, old in list_checkpoints(out_dir, complete=True)[:-total_limit]:  # a damaged one counts for none
         # renamed out of the listing first: a kill mid-delete leaves a `.tmp-` folder the next save removes,
-        # not a `checkpoint-STEP` without its trainer_state.json that nothing would list or prune again
+        # not a `checkpoint-STEP` without its trainer_state.json (set aside as damaged by the next resume)
         doomed = make_temp_folder(out_dir, ".tmp-pruned-")
         os.replace(old, os.path.join(doomed, "folder"))
         shutil.rmtree(doomed, ignore_errors=True)
@@ -164,7 +165,7 @@ def verify_files(path: str, state: dict) -> None:
 
 def _unreadable(path: str, e: Exception) -> CheckpointUnreadable:
     """A damaged or partly written checkpoint, named, with the older one to resume from."""
-    older = [p for _, p in list_checkpoints(os.path.dirname(path) or ".") if p != path]
+    older = [p for _, p in list_checkpoints(os.path.dirname(path) or ".", complete=True) if p != path]
     return CheckpointUnreadable(f"checkpoint {path!r} cannot be read ({reason(e)}); "
                                 + (f"move it away to resume from {older[-1]!r}" if older else
                                    "no older checkpoint exists: start a new run"), path, reason(e))

@@ -105,6 +105,14 @@ def _attach_negative_values(parser: argparse.ArgumentParser, argv: list[str]) ->
     return out
 
 
+def _out_of_memory_advice(args) -> str:
+    """What to change after running out of memory, in the command's own flags."""
+    if hasattr(args, "batch_size") and hasattr(args, "seq_len"):  # train, plan, bench
+        return "lower --batch-size or --seq-len" + (
+            "" if getattr(args, "max_vram", None) else ", or give --max-vram so the plan keeps the run within it")
+    return "free memory (other programs), or run it where there is more"
+
+
 def main(argv=None) -> int:
     from .host_memory import use_huge_pages_for_tensors
     from .store import weights_bytes
@@ -125,12 +133,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("lema: interrupted", file=sys.stderr)
         return 130
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError, LEMA's CPU allocator: named, not a traceback
-        if os.environ.get("LEMA_DEBUG") or not (isinstance(e, MemoryError) or "out of memory" in str(e)):
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError, the CPU allocators': named, not a traceback
+        text = str(e)
+        if os.environ.get("LEMA_DEBUG") or not (isinstance(e, MemoryError) or "out of memory" in text
+                                                 or "can't allocate memory" in text):
             raise
-        print(f"lema {args.command}: error: out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); "
-              "lower --batch-size or --seq-len, or give --max-vram so the plan keeps the run within it",
-              file=sys.stderr)
+        print(f"lema {args.command}: error: out of memory ({text.splitlines()[0] if text else 'MemoryError'}); "
+              f"{_out_of_memory_advice(args)}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, OSError) as e:
         if os.environ.get("LEMA_DEBUG"):

@@ -154,10 +154,12 @@ class LemaConfig:
     gradient_checkpointing: bool = True
     """Keep only each layer's input in forward and recompute the layer in backward (always on when streaming)."""
     num_buffers: int = 3
-    """Ring depth: how many decoder layers' weights may be in device memory at once (>= 2)."""
+    """Ring depth: how many decoder layers' weights may be in device memory at once (>= 2; no more slots are made
+    than there are layers to stream)."""
     max_vram: Optional[str | int] = None
     """Device memory budget for the planner, e.g. '16GB' or a number of bytes (on the CPU: anonymous memory, and
-    glibc then returns freed tensors of 1 MiB or more to the OS); None: no budget check."""
+    glibc then returns freed tensors of 1 MiB or more to the OS); None: no budget check (`lema train` then refuses
+    a plan whose peak passes the memory free at its start, and keeps layers' activations only within it)."""
     prefetch: bool = True
     """Load the next units in a background thread while the current one computes."""
     zero_copy: Optional[bool] = None

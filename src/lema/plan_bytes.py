@@ -7,6 +7,7 @@ skeleton with PEFT's LoRA in it; no weight is read).
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -149,13 +150,13 @@ class ModelFacts:
 
 _FACTS: dict[tuple, ModelFacts] = {}  # model_facts of folders, newest last
 _FACTS_KEPT = 4
-SMALL_FILE = 1 << 20  # a folder's files up to this size are compared by their bytes
+SMALL_FILE = 1 << 20  # a folder's files up to this size are compared by their bytes' hash
 
 
 def _files_signature(folder: str, gbi_path: Optional[str]) -> tuple:
     """The folder's files and `gbi_path`, each as (path, inode, size, mtime), and the small ones (config.json,
-    an index: edited in place, same size, within the clock's tick) by their bytes: a folder whose files changed
-    is measured anew."""
+    an index: edited in place, same size, within the clock's tick) by a hash of their bytes: a folder whose
+    files changed is measured anew."""
     paths = [e.path for e in os.scandir(folder) if e.is_file()] + ([gbi_path] if gbi_path else [])
     out = []
     for path in sorted(paths):
@@ -163,7 +164,7 @@ def _files_signature(folder: str, gbi_path: Optional[str]) -> tuple:
             st = os.stat(path)
             if st.st_size <= SMALL_FILE:
                 with open(path, "rb") as f:
-                    out.append((path, f.read()))
+                    out.append((path, hashlib.sha1(f.read()).hexdigest()))
                 continue
         except OSError:
             continue

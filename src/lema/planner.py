@@ -378,8 +378,9 @@ def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
     free = budget - p.peak_bytes
     if ring_costs:
         extra = int(free // p.slot_bytes) if p.slot_bytes else 0
-        p.ring_depth_fit = p.ring_depth + min(extra, max(0, L - p.ring_depth))
-        if extra >= 1:
+        cap = max(2, L - p.resident_layers)  # as the engine: no more slots than layers to stream
+        p.ring_depth_fit = p.ring_depth + min(extra, max(0, cap - p.ring_depth))
+        if p.ring_depth_fit > p.ring_depth:
             p.advice.append(f"a ring of {p.ring_depth + 1} would fit; it helps only when single loads are "
                             "uneven (compute-bound runs gain nothing)")
     if streaming and p.slot_bytes:
@@ -437,27 +438,41 @@ def free_memory_bytes(device) -> int:
 
 def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "adamw",
                     facts: Optional[ModelFacts] = None, free_bytes: Optional[int] = None,
-                    auto_resident: bool = False) -> Plan:
+                    auto_resident: bool = False, free_now: Optional[int] = None,
+                    allocated: bool = False) -> Plan:
     """The plan of a `LemaConfig` run (for `lema train` to print before it allocates). Without a budget
-    (max_vram), `free_bytes` (default: half the free memory now) bounds the kept activations, as in the engine.
-    `auto_resident`: the plan decides the resident layers (config.resident_layers ignored; `lema train` then
-    builds the model with the plan's number: it is fixed for the run, unlike the kept layers)."""
-    if free_bytes is None and config.max_vram_bytes is None:
-        free_bytes = free_memory_bytes(config.torch_device) // 2
+    (max_vram), `free_bytes` bounds the kept activations (and, with `auto_resident`, the resident layers) beyond
+    the plan's peak, as in the engine; by default half the memory free now (`free_now`, else measured), and no
+    more than what the run without them leaves of it: kept layers, a speed choice, never take a run past the
+    free memory (`allocated`: `free_now` was measured with the model's weights and adapters already in memory,
+    so they are not taken from it twice). `auto_resident`: the plan decides the resident layers (config.resident_layers ignored; `lema
+    train` then builds the model with the plan's number: it is fixed for the run, unlike the kept layers)."""
     facts = facts or model_facts(config.model_name_or_path, config.torch_dtype, config.lora_rank,
                                  config.lora_target_modules, config.gbi_path)
-    return plan(config.model_name_or_path, config.torch_dtype, config.lora_rank, config.lora_target_modules,
-                optimizer, batch_size, seq_len, config.max_vram_bytes, config.torch_device.type,
-                config.num_buffers, config.strategy,
-                # CPU: views only where the file is in the compute dtype (the engine's rule; None reads it);
-                # CUDA: zero-copy as asked (the engine refuses it where the dtype differs)
-                zero_copy=config.zero_copy if config.torch_device.type != "cpu" or config.zero_copy is False else None,
-                chunked_loss=config.chunked_loss,
-                keep_activations=config.keep_activations, free_bytes=free_bytes,
-                gradient_checkpointing=config.gradient_checkpointing, facts=facts,
-                page_cache="off" if config.page_cache == "off" else config.page_cache_bytes,
-                resident_layers=None if auto_resident else config.resident_layers,
-                offload_activations=config.offload_activations)
+
+    def planned(free_bytes, keep_activations, resident_layers):
+        return plan(config.model_name_or_path, config.torch_dtype, config.lora_rank, config.lora_target_modules,
+                    optimizer, batch_size, seq_len, config.max_vram_bytes, config.torch_device.type,
+                    config.num_buffers, config.strategy,
+                    # CPU: views only where the file is in the compute dtype (the engine's rule; None reads it);
+                    # CUDA: zero-copy as asked (the engine refuses it where the dtype differs)
+                    zero_copy=config.zero_copy if config.torch_device.type != "cpu" or config.zero_copy is False
+                    else None,
+                    chunked_loss=config.chunked_loss,
+                    keep_activations=keep_activations, free_bytes=free_bytes,
+                    gradient_checkpointing=config.gradient_checkpointing, facts=facts,
+                    page_cache="off" if config.page_cache == "off" else config.page_cache_bytes,
+                    resident_layers=resident_layers, offload_activations=config.offload_activations)
+
+    resident = None if auto_resident else config.resident_layers
+    if free_bytes is None and config.max_vram_bytes is None:
+        free_now = free_memory_bytes(config.torch_device) if free_now is None else free_now
+        # the run with no layer kept (nor resident, where the plan would choose them): what it leaves free
+        base = planned(0, 0 if config.keep_activations is None else config.keep_activations,
+                       0 if resident is None else resident)
+        need = base.peak_bytes - (base.frozen_device_bytes + base.lora_bytes if allocated else 0)
+        free_bytes = max(0, min(free_now // 2, free_now - need))
+    return planned(free_bytes, config.keep_activations, resident)
 
 
 class ActivationBudget:
@@ -472,8 +487,9 @@ class ActivationBudget:
         self.config = config
         self.facts = model_facts(config.model_name_or_path, config.torch_dtype, config.lora_rank,
                                  config.lora_target_modules, config.gbi_path)
-        self.free_bytes = free_bytes if free_bytes is not None or config.max_vram_bytes is not None \
-            else free_memory_bytes(config.torch_device) // 2
+        self.free_bytes = free_bytes  # None: half the free memory at construction, less the run's own peak
+        self.free_now = free_memory_bytes(config.torch_device) if free_bytes is None \
+            and config.max_vram_bytes is None else None
         self._cache: dict[tuple, tuple[int, bool, int, int]] = {}
 
     def _decide(self, tokens: int, seq_len: Optional[int]) -> tuple[int, bool, int, int]:
@@ -481,7 +497,8 @@ class ActivationBudget:
         if key not in self._cache:
             batch, seq = (tokens // seq_len, seq_len) if seq_len and tokens % seq_len == 0 else (1, max(1, tokens))
             try:
-                p = plan_for_config(self.config, batch, seq, facts=self.facts, free_bytes=self.free_bytes)
+                p = plan_for_config(self.config, batch, seq, facts=self.facts, free_bytes=self.free_bytes,
+                                    free_now=self.free_now, allocated=True)
                 self._cache[key] = (p.kept_layers, p.activations_on == "host",
                                     max(0, p.peak_bytes - p.frozen_device_bytes - p.lora_bytes),
                                     p.allocator_cache_bytes)

@@ -76,7 +76,8 @@ class TrainArgs:
     """Write a checkpoint every this many steps (and at the end)."""
     save_total_limit: Optional[int] = 3
     """Keep only the newest this many checkpoints (0: keep them all); one more until a step from the newest's
-    weights has been applied (so a run that collapses there has the one before), at the end of a run too."""
+    weights has been applied (so a run that collapses there has the one before): a finished or stopped run keeps
+    N + 1, a resumed run prunes after its first step."""
     eval_data: Optional[str] = None
     """Evaluation data (JSONL, same formats); its mean loss goes to the log."""
     eval_steps: Optional[int] = None
@@ -90,7 +91,7 @@ class TrainArgs:
     dtype: str = "float32"
     """Compute dtype of the frozen weights: float32, bfloat16, float16."""
     num_buffers: int = 3
-    """Ring depth for streaming."""
+    """Ring depth for streaming (no more slots than layers to stream, 2 at least)."""
     max_vram: Optional[str] = None
     """Device memory budget, e.g. 16GB; the run is refused before it starts if the plan does not fit."""
     keep_activations: Optional[int] = None
@@ -115,7 +116,7 @@ class TrainArgs:
     seed: int = 0
     """Seed of LoRA init, data order and dropout."""
     quiet: bool = False
-    """No progress bar (log lines still go to log.jsonl)."""
+    """No progress bar or progress lines (the steps still go to log.jsonl)."""
 
     def __post_init__(self):
         for name in ("model", "data", "output"):
@@ -143,8 +144,8 @@ class TrainArgs:
             raise ValueError(f"--lora-dropout={self.lora_dropout} must be >= 0 and < 1 (a probability)")
         if os.path.exists(self.output) and not os.path.isdir(self.output):
             raise ValueError(f"--output {self.output!r} is a file; give a folder (new or of an earlier run)")
-        above = os.path.dirname(os.path.abspath(self.output))
-        while not os.path.exists(above):  # the nearest folder that exists: the run creates the rest
+        above = os.path.abspath(self.output)
+        while not os.path.exists(above):  # the nearest folder that exists (the output itself): the run makes the rest
             above = os.path.dirname(above)
         if not os.path.isdir(above):
             raise ValueError(f"--output {self.output!r} lies under {above!r}, which is a file; give a folder")
@@ -251,7 +252,10 @@ class _Interrupt:
 
     def _handle(self, signum, frame):
         if self.requested:  # a second Ctrl-C: stop now
-            kept = list_checkpoints(self.output)
+            try:
+                kept = list_checkpoints(self.output, complete=True)
+            except OSError:
+                kept = []
             print("\nlema train: stopping now, without saving the step in flight; "
                   + (f"--resume goes on from {kept[-1][1]} (step {kept[-1][0]})" if kept else
                      "no checkpoint was saved yet"), file=sys.stderr)
@@ -290,7 +294,7 @@ def _set_aside_collapsed(output: str, step: int, error: DivergedStepError) -> Op
     """A collapsed step (flat outputs) says the weights it ran with are dead: a checkpoint of them, saved after the
     step before, is set aside as `collapsed-checkpoint-STEP`, so that --resume takes the one before it. Returns
     (its path, where it went), or None."""
-    kept = list_checkpoints(output)
+    kept = list_checkpoints(output, complete=True)
     if isinstance(error, CollapsedStepError) and kept and kept[-1][0] == step - 1:
         return kept[-1][1], set_aside(kept[-1][1], "collapsed")
     return None
@@ -302,7 +306,7 @@ def _diverged(args: TrainArgs, step: int, error: DivergedStepError, lr: float,
     the collapsed one set aside). Every checkpoint saved came after steps of finite loss and gradients, so its
     weights are finite: AdamW moves a weight by about the learning rate a step: only a rate near float32's limit
     (where torch's AdamW fails) overflows one."""
-    kept = list_checkpoints(args.output)
+    kept = list_checkpoints(args.output, complete=True)
     collapsed = isinstance(error, CollapsedStepError)
     moved = f"{moved[0]} holds those weights: moved to {moved[1]}; " if moved else ""
     where = moved + (f"the checkpoints are kept, the newest {kept[-1][1]} (step {kept[-1][0]})" if kept else
@@ -354,8 +358,16 @@ def _check_fits_free_memory(plan, config) -> None:
 
 def train(args: TrainArgs, out=None) -> dict:
     """Run the recipe; returns a summary (steps, final loss, paths). `out`: where it prints (default: sys.stdout
-    when called, so a redirection made after import applies)."""
-    out = sys.stdout if out is None else out
+    when called, so a redirection made after import applies). However it ends, the output folder's lock goes
+    with it (a notebook's failed run would otherwise hold it against the next one, in any process)."""
+    try:
+        return _train(args, sys.stdout if out is None else out)
+    except BaseException:
+        unlock_output(args.output)
+        raise
+
+
+def _train(args: TrainArgs, out) -> dict:
     from . import LemaConfig, LemaModel
     from .batching import BatchSampler, collate
     from .data import TokenizedDataset, dropped_causes, load_jsonl, load_tokenizer
@@ -452,8 +464,8 @@ def train(args: TrainArgs, out=None) -> dict:
     for path, why in damaged:
         print(f"warning: {path} cannot be read ({why}); moved to {set_aside(path)}, resuming from {resumed} "
               f"(step {step})", file=out, flush=True)
-    if args.warmup_steps >= total_steps:
-        top = max(lr_lambda(s, args.warmup_steps, total_steps, args.schedule) for s in range(total_steps))
+    if args.warmup_steps > total_steps:  # the last step runs at total / warmup of the rate
+        top = total_steps / args.warmup_steps
         print(f"note: --warmup-steps {args.warmup_steps} is not shorter than the run's {total_steps} steps: the rate "
               f"rises to {args.lr * top:.3g} at most, never to --lr {args.lr:g}", file=out, flush=True)
     if changed:
