@@ -294,3 +294,14 @@ def test_a_run_folder_given_as_adapter_points_at_its_adapter(tmp_path, adapter):
     shutil.rmtree(run / "adapter")
     with pytest.raises(FileNotFoundError, match=r"a checkpoint's is in .*checkpoint-STEP/adapter"):
         read_adapter(str(run))
+
+
+def test_a_gguf_with_a_garbled_header_is_not_called_json(capsys, tmp_path):
+    """Transformers' reader, failing on a GGUF header, fell back to saying the file was "not a valid JSON file"."""
+    path = tmp_path / "garbled.gguf"
+    path.write_bytes(bytes.fromhex("474755460300000070871bfe0a86f72884e983f532469e6ab14def18a96092cfe806371e5fd9350fd0"
+                                   "19aeed5abbb820c55d00d50bc757d851ca"))  # GGUF v3, then random bytes
+    out = str(tmp_path / "out")
+    line = refused(capsys, "convert", str(path), out, "--quiet")
+    assert "JSON" not in line and "not a readable GGUF file" in line and "download it again" in line, line
+    assert_nothing_written(out)

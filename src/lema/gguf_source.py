@@ -24,6 +24,8 @@ def gguf_config(source: Source):
         config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
     except (ValueError, NotImplementedError, KeyError, OSError) as e:
         why = reason(e)
+        if "valid JSON file" in why:  # Transformers' fallback wording once its GGUF reader has failed: no JSON here
+            why = "its header cannot be parsed: the file is cut short or damaged"
         arch = gguf_architecture(path)
         if arch is None:
             raise ConvertError(f"{path!r} is not a readable GGUF file ({why}); download it again") from None
