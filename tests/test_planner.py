@@ -10,7 +10,7 @@ import torch
 
 from lema.cli import main
 from lema.plan_bytes import head_work_bytes, layer_work_terms
-from lema.plan_table import spread
+from lema.plan_table import human, spread
 from lema.planner import PlanError, pinned_slot_bytes, plan, plan_for_config
 from tiny_models import make_config, save_tiny
 
@@ -138,6 +138,8 @@ def test_cpu_page_cache_window_and_disk_reads_per_step():
     assert "page cache: 3 of 6 layers fit; the pager holds a window of 3 layers" in three.table()
     tiny = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache=1)
     assert tiny.page_cache_layers == 2  # the pager always holds the layer in use and the next
+    assert f"--page-cache 1 B is less than two layers ({human(2 * layer)}): the pager holds two" in tiny.table()
+    assert "less than two layers" not in three.table()
     off = plan(cfg, "float32", batch_size=B, seq_len=T, device_type="cpu", page_cache="off")
     assert off.page_cache_window == 0
     # a GPU's pinned staging reads the page cache as the CPU's views do; zero-copy locks every page in RAM instead

@@ -349,6 +349,9 @@ def _page_cache(p: Plan, layers_total: int, page_cache: Optional[int | str]) -> 
     per_layer = layers_total / p.num_layers
     streamed = p.num_layers - p.resident_layers  # resident layers are copies, read once
     held = min(streamed, max(2 if pager else 0, int(cache // per_layer)))
+    if pager and page_cache not in (None, "off") and cache < 2 * per_layer and streamed > 2:
+        p.advice.append(f"--page-cache {human(cache)} is less than two layers ({human(2 * per_layer)}): the pager "
+                        "holds two")
     p.page_cache_layers = held
     p.page_cache_window = cache if pager else 0
     p.page_cache_adaptive = pager and page_cache is None
