@@ -305,3 +305,19 @@ def test_a_gguf_with_a_garbled_header_is_not_called_json(capsys, tmp_path):
     line = refused(capsys, "convert", str(path), out, "--quiet")
     assert "JSON" not in line and "not a readable GGUF file" in line and "download it again" in line, line
     assert_nothing_written(out)
+
+
+def test_another_models_tokenizer_beside_the_model_is_named(capsys, tiny_dir, tmp_path):
+    """Its ids past the model's vocabulary were refused with "tokenize with this model's tokenizer", which `lema
+    generate` users never did themselves."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = str(tmp_path / "model")
+    shutil.copytree(tiny_dir("llama"), folder)
+    vocab = {"<s>": 0, "</s>": 1, **{f"w{i}": 100 + i for i in range(50)}}  # ids past the tiny models' 96
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    line = refused(capsys, "generate", "--model", folder, "--prompt", "w3 w4")
+    assert "past the model's vocabulary of 96: the folder's tokenizer files belong to another model" in line, line

@@ -171,6 +171,11 @@ def generate_text(model, tokenizer, prompt: str, chat: bool = False, system: Opt
     generator: `seed` seeds it first, so that the same seed gives the same text."""
     check_settings(max_new_tokens, temperature, top_p, chat, system)
     ids = encode_prompt(tokenizer, prompt, chat, system)
+    vocab = model.base_model.get_input_embeddings().num_embeddings
+    if int(ids.max()) >= vocab:  # the folder's tokenizer is not the model's: say so, not "tokenize with ..."
+        raise ValueError(f"the prompt's token id {int(ids.max())} (from the tokenizer beside the model, "
+                         f"{type(tokenizer).__name__} of {len(tokenizer)} tokens) is past the model's vocabulary of "
+                         f"{vocab}: the folder's tokenizer files belong to another model; put the model's own there")
     max_new_tokens = fit_to_positions(model.hf_config, ids.shape[1], max_new_tokens, chat)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": pad,
