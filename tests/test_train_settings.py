@@ -230,7 +230,10 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
             lock_output(str(tmp_path))
     finally:
         os.close(other)
-    lock_output(str(tmp_path))  # free again once the other lets go; and again after a run here that raised
+    lock_output(str(tmp_path))  # free again once the other lets go
+    with pytest.raises(ValueError, match="another `lema train` in this process is writing to"):
+        lock_output(str(tmp_path))  # a run of this process holds it: refused too (train() lets go however it ends)
+    unlock_output(str(tmp_path))
     lock_output(str(tmp_path))
     unlock_output(str(tmp_path))
 
@@ -590,7 +593,7 @@ def test_a_run_bigger_than_the_free_memory_is_refused_before_it_starts(tiny_mode
     from lema.planner import PlanError
     from test_nonfinite import args as run_args
 
-    monkeypatch.setattr(planner, "free_memory_bytes", lambda device: 1000)
+    monkeypatch.setattr("lema.training.free_memory_bytes", lambda device: 1000)
     with pytest.raises(PlanError, match=r"of host memory at its peak .* but 1000 B is free now; .*--lora-rank 4"):
         train(TrainArgs(**run_args(tiny_model, data, tmp_path / "out", steps=1)))
     assert not (tmp_path / "out").exists()
@@ -628,7 +631,7 @@ def test_a_warmup_as_long_as_the_run_is_said(tiny_model, data, tmp_path):
 
     printed = io.StringIO()
     train(TrainArgs(**run_args(tiny_model, data, tmp_path / "out", steps=2, lr=1e-2, warmup_steps=1000)), printed)
-    assert "note: --warmup-steps 1000 is not shorter than the run's 2 steps: the rate rises to 2e-05 at most, never " \
+    assert "note: --warmup-steps 1000 is longer than the run's 2 steps: the rate rises to 2e-05 at most, never " \
            "to --lr 0.01" in printed.getvalue()
 
 
@@ -648,15 +651,13 @@ def test_kept_layers_never_take_a_run_past_the_free_memory(tiny_model, data, tmp
     assert roomy.kept_layers == 2  # with room, the layers keep their activations as before
     from test_nonfinite import args as run_args
 
-    monkeypatch.setattr(planner, "free_memory_bytes", lambda device: int(base / 0.75))
+    monkeypatch.setattr("lema.training.free_memory_bytes", lambda device: int(base / 0.75))
     summary = train(TrainArgs(**run_args(tiny_model, data, tmp_path / "out", steps=1)))
     assert summary["steps"] == 1
 
 
 def test_an_existing_output_is_probed_itself_not_its_parent(tmp_path, monkeypatch):
     """A writable --output inside a folder the user cannot write (a bind mount, a resume) was refused."""
-    from lema import fsutil
-
     out = tmp_path / "out"
     out.mkdir()
     probed = []
@@ -664,7 +665,6 @@ def test_an_existing_output_is_probed_itself_not_its_parent(tmp_path, monkeypatc
     TrainArgs(**REQUIRED, output=str(out))
     TrainArgs(**REQUIRED, output=str(tmp_path / "new" / "deeper"))
     assert probed == [str(out), str(tmp_path)]
-    assert fsutil.check_writable(str(out), "x") is None
 
 
 def test_a_failed_start_lets_go_of_the_output_folder(tiny_model, data, tmp_path):
@@ -702,3 +702,42 @@ def test_pruning_counts_and_names_complete_checkpoints_only(tmp_path):
     prune_checkpoints(str(tmp_path), 1)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3"]
     assert [s for s, _ in list_checkpoints(str(tmp_path), complete=True)] == [2]
+
+
+def test_a_failed_start_leaves_another_runs_lock_alone(tiny_model, data, tmp_path):
+    """A run of this process holds the folder; a second one that fails before locking (bad data) let go of the
+    first one's lock on its way out, so a third process could write into the live run's folder."""
+    import fcntl
+
+    from test_nonfinite import args as run_args
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock_output(str(out))  # the live run
+    try:
+        with pytest.raises(ValueError):
+            train(TrainArgs(**run_args(tiny_model, str(tmp_path / "missing.jsonl"), out, steps=1)))
+        other = os.open(out, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+        with pytest.raises(ValueError, match="in this process is writing"):
+            train(TrainArgs(**run_args(tiny_model, data, out, steps=1)))
+    finally:
+        unlock_output(str(out))
+
+
+def test_the_free_memory_check_and_the_plan_read_the_memory_once(tiny_model, data, tmp_path, monkeypatch):
+    """The plan filled its room with kept layers to within a layer of the free memory it read; the check read it
+    again and refused the run on any drop between the two readings. Kept layers are decided again at run time."""
+    from lema import LemaConfig, planner
+    from test_nonfinite import args as run_args
+
+    config = LemaConfig(model_name_or_path=tiny_model, lora_rank=4, device="cpu")
+    base = planner.plan_for_config(config, 2, 32, free_bytes=0).peak_bytes
+    readings = iter([int(base * 1.2)] + [int(base * 1.01)] * 100)  # the first for train, then less
+    monkeypatch.setattr("lema.training.free_memory_bytes", lambda device: next(readings))
+    monkeypatch.setattr(planner, "free_memory_bytes", lambda device: next(readings))
+    assert train(TrainArgs(**run_args(tiny_model, data, tmp_path / "out", steps=1)))["steps"] == 1

@@ -185,7 +185,7 @@ class LemaConfig:
     keep_activations: Optional[int] = None
     """How many decoder layers keep their activations from forward to backward instead of being recomputed
     (faster: no second forward; costs their activations' memory). None: as many as the memory budget allows
-    (max_vram; else half the free memory); 0: recompute every layer."""
+    (max_vram; else what the run leaves of the free memory, at most half); 0: recompute every layer."""
     offload_activations: Optional[bool] = None
     """Keep the recomputed layers' inputs (the boundary activations) in pinned host memory between forward
     and backward instead of device memory: a copy each way per layer, on a stream of its own, the next

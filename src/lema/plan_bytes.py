@@ -164,7 +164,7 @@ def _files_signature(folder: str, gbi_path: Optional[str]) -> tuple:
             st = os.stat(path)
             if st.st_size <= SMALL_FILE:
                 with open(path, "rb") as f:
-                    out.append((path, hashlib.sha1(f.read()).hexdigest()))
+                    out.append((path, hashlib.sha1(f.read(), usedforsecurity=False).hexdigest()))
                 continue
         except OSError:
             continue

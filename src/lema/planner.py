@@ -71,7 +71,7 @@ Peak = frozen (embed + head + ring or all layers) + LoRA + gradients + optimizer
 Decisions: the ring depth (applied through `num_buffers`, no more than the layers streamed); the loss, chunked when the float32
 logits would pass 64 MiB (applied, LemaConfig.chunked_loss); how many layers keep their
 activations: as many as the budget leaves room for (on a GPU less ALLOCATOR_SLACK, 10% of it, left
-to the caching allocator's slack), or, with no budget, half the free memory
+to the caching allocator's slack), or, with no budget, what the run leaves of the free memory, at most half
 (applied, LemaConfig.keep_activations; the engine asks `ActivationBudget` at each new step size);
 how many layers stay resident (LemaConfig.resident_layers, applied, spread through the stack; the
 plan says how many more the budget allows; `lema train` lets the plan choose: on a GPU `split_room`
@@ -127,7 +127,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     the engine does it on its own (`cuda_zero_copy`), else staged through pinned host slots.
     `chunked_loss`, `keep_activations`: as in LemaConfig (None: decided here, as the engine decides).
     `free_bytes`: memory the run may take beyond the plan's own peak when no budget is given (the engine
-    passes half the free memory); with neither, no layer keeps its activations.
+    passes what the run leaves of the free memory, at most half: plan_for_config); with neither, no layer keeps
+    its activations.
     `facts`: `model_facts(model, dtype, lora_rank, targets)` computed before (it is the slow part).
     `page_cache` (streaming, but CUDA zero-copy): the pager's window in bytes, 'off', or None (as the engine
     decides it from the memory available now).
@@ -474,7 +475,9 @@ def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "ada
         base = planned(0, 0 if config.keep_activations is None else config.keep_activations,
                        0 if resident is None else resident)
         need = base.peak_bytes - (base.frozen_device_bytes + base.lora_bytes if allocated else 0)
-        free_bytes = max(0, min(free_now // 2, free_now - need))
+        # on a GPU the caching allocator's slack stays free, as under a budget (ALLOCATOR_SLACK)
+        usable = free_now if config.torch_device.type == "cpu" else int(free_now * (1 - ALLOCATOR_SLACK))
+        free_bytes = max(0, min(free_now // 2, usable - need))
     return planned(free_bytes, config.keep_activations, resident)
 
 
@@ -490,7 +493,7 @@ class ActivationBudget:
         self.config = config
         self.facts = model_facts(config.model_name_or_path, config.torch_dtype, config.lora_rank,
                                  config.lora_target_modules, config.gbi_path)
-        self.free_bytes = free_bytes  # None: half the free memory at construction, less the run's own peak
+        self.free_bytes = free_bytes  # None: from the memory free at construction (plan_for_config)
         self.free_now = free_memory_bytes(config.torch_device) if free_bytes is None \
             and config.max_vram_bytes is None else None
         self._cache: dict[tuple, tuple[int, bool, int, int]] = {}

@@ -13,13 +13,14 @@ _LOCKS: dict = {}  # output folder -> the descriptor holding its lock, in this p
 
 def lock_output(folder: str) -> None:
     """An exclusive lock on the output folder (flock: let go when the process ends, however it ends); a second
-    run writing to the same folder, which would prune and overwrite the first one's checkpoints, is refused.
-    A run of this process that ended by an exception and left its lock is not another run: its lock goes."""
+    run writing to the same folder, which would prune and overwrite the first one's checkpoints, is refused,
+    in another process or in this one (`lema.training.train` lets go of its lock however it ends)."""
     import fcntl
 
     key = os.path.realpath(folder)
     if key in _LOCKS:
-        os.close(_LOCKS.pop(key))
+        raise ValueError(f"another `lema train` in this process is writing to {folder!r}; wait for it to end or "
+                         "choose another --output")
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -28,7 +28,7 @@ from .checkpointing import (CheckpointError, changed_settings, data_identity, li
 from .engine.skeleton import load_hf_config, model_positions
 from .fsutil import check_writable
 from .plan_table import human
-from .planner import plan_for_config
+from .planner import free_memory_bytes, plan_for_config
 from .run_folder import lock_output, truncate_log, unlock_output
 from .store import weights_fingerprint
 from .trainer import CollapsedStepError, DivergedStepError
@@ -96,14 +96,15 @@ class TrainArgs:
     """Device memory budget, e.g. 16GB; the run is refused before it starts if the plan does not fit."""
     keep_activations: Optional[int] = None
     """Decoder layers that keep their activations instead of recomputing them in backward (default: as many as
-    --max-vram, or half the free memory, allows; 0: recompute all, least memory)."""
+    --max-vram, or what the run leaves of the free memory (at most half), allows; 0: recompute all, least memory)."""
     page_cache: Optional[str] = None
     """Page cache the streamed layers may hold, read ahead by a thread, e.g. 16GB (default: automatic when
     the weights exceed the available memory; off: leave it to the kernel)."""
     resident_layers: Optional[int] = None
     """Streaming: decoder layers that stay loaded for the run, spread through the stack (default: on a GPU the
-    plan shares the memory --max-vram, or half the free memory, leaves between resident layers and kept
-    activations by the step time each saves; on the CPU 0; the plan printed at the start says which)."""
+    plan shares the memory --max-vram, or what the run leaves of the free memory (at most half), leaves between
+    resident layers and kept activations by the step time each saves; on the CPU 0; the plan printed at the
+    start says which)."""
     offload_activations: Optional[bool] = None
     """GPU: the recomputed layers' inputs in pinned host memory between forward and backward (auto: only when
     --max-vram is not met otherwise)."""
@@ -339,14 +340,14 @@ def evaluate(model, dataset, batch_size: int, pad_id: int) -> float:
     return total / max(count, 1)
 
 
-def _check_fits_free_memory(plan, config) -> None:
+def _check_fits_free_memory(plan, free: int, config) -> None:
     """Without --max-vram nothing bounds the run but the memory there is: a plan whose peak passes the memory free
-    now is refused before anything is allocated (it started, then died of the allocator's out-of-memory error
-    with a traceback, or of the kernel's OOM killer)."""
-    from .planner import PlanError, free_memory_bytes
+    (`free`, measured once for the plan and this check) is refused before anything is allocated (it started, then
+    died of the allocator's out-of-memory error with a traceback, or of the kernel's OOM killer). Kept layers,
+    decided again at run time from the memory free then, do not count."""
+    from .planner import PlanError
 
-    free = free_memory_bytes(config.torch_device)
-    if plan.peak_bytes <= free:
+    if plan.peak_bytes - plan.kept_layers * plan.kept_extra_bytes <= free:
         return
     device = "host" if config.torch_device.type == "cpu" else str(config.torch_device)
     adapters = plan.lora_bytes + plan.grad_bytes + plan.optimizer_bytes
@@ -360,14 +361,16 @@ def train(args: TrainArgs, out=None) -> dict:
     """Run the recipe; returns a summary (steps, final loss, paths). `out`: where it prints (default: sys.stdout
     when called, so a redirection made after import applies). However it ends, the output folder's lock goes
     with it (a notebook's failed run would otherwise hold it against the next one, in any process)."""
+    held = []  # set by _train once it holds the lock: only a lock this run took is let go
     try:
-        return _train(args, sys.stdout if out is None else out)
+        return _train(args, sys.stdout if out is None else out, held)
     except BaseException:
-        unlock_output(args.output)
+        if held:
+            unlock_output(args.output)
         raise
 
 
-def _train(args: TrainArgs, out) -> dict:
+def _train(args: TrainArgs, out, held: list) -> dict:
     from . import LemaConfig, LemaModel
     from .batching import BatchSampler, collate
     from .data import TokenizedDataset, dropped_causes, load_jsonl, load_tokenizer
@@ -388,6 +391,7 @@ def _train(args: TrainArgs, out) -> dict:
     locked = os.path.isdir(args.output)
     if locked:  # another run writing there is named now, not after the model has loaded and the plan printed
         lock_output(args.output)
+        held.append(True)
     hf_config = load_hf_config(args.model)  # a missing folder or an unknown architecture is named first
     tokenizer = load_tokenizer(args.model)
     dataset = TokenizedDataset(examples, tokenizer, args.seq_len)
@@ -405,10 +409,12 @@ def _train(args: TrainArgs, out) -> dict:
                         resident_layers=args.resident_layers or 0, offload_activations=args.offload_activations,
                         zero_copy=args.zero_copy)
     # raises before allocating if a budget cannot fit; decides the resident layers when not given
+    # without a budget, the free memory measured once: the plan's room for kept layers and the check use it alike
+    free_now = free_memory_bytes(config.torch_device) if config.max_vram_bytes is None else None
     plan = plan_for_config(config, batch_size=args.batch_size, seq_len=args.seq_len,
-                           auto_resident=args.resident_layers is None)
-    if config.max_vram_bytes is None:
-        _check_fits_free_memory(plan, config)
+                           auto_resident=args.resident_layers is None, free_now=free_now)
+    if free_now is not None:
+        _check_fits_free_memory(plan, free_now, config)
     config = dataclasses.replace(config, resident_layers=plan.resident_layers)
     model = LemaModel(config)
     model.initialize_lora(seed=args.seed)
@@ -458,6 +464,7 @@ def _train(args: TrainArgs, out) -> dict:
     os.makedirs(args.output, exist_ok=True)
     if not locked:
         lock_output(args.output)  # one run writes to a folder at a time
+        held.append(True)
     if list_checkpoints(args.output) != checkpoints:
         raise CheckpointError(f"the checkpoints in {args.output!r} changed while this run was starting (another "
                               "run writing there?); start it again")
@@ -466,7 +473,7 @@ def _train(args: TrainArgs, out) -> dict:
               f"(step {step})", file=out, flush=True)
     if args.warmup_steps > total_steps:  # the last step runs at total / warmup of the rate
         top = total_steps / args.warmup_steps
-        print(f"note: --warmup-steps {args.warmup_steps} is not shorter than the run's {total_steps} steps: the rate "
+        print(f"note: --warmup-steps {args.warmup_steps} is longer than the run's {total_steps} steps: the rate "
               f"rises to {args.lr * top:.3g} at most, never to --lr {args.lr:g}", file=out, flush=True)
     if changed:
         print(f"note: resuming {resumed} with settings changed from its run's: {', '.join(changed)} (they apply "
