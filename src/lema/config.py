@@ -88,6 +88,12 @@ def parse_bytes(text: str | int | float | None, name: str = "max_vram") -> Optio
     return size
 
 
+def check_seed(seed: int) -> None:
+    """A seed torch.manual_seed takes as a whole number (beyond it: "Overflow when unpacking long long")."""
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed={seed} must be >= 0 and < 2**63")
+
+
 def _integer(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a rank
 

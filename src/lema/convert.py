@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from .config import parse_dtype
-from .fsutil import check_writable, make_temp_folder, replace_folder
+from .fsutil import check_writable, existing_ancestor, make_temp_folder, replace_folder
 from .store import PACKED_FORMAT, WeightStore
 from .store.safetensors_file import DTYPE_NAMES
 from .stream.layout import Placement
@@ -263,13 +263,6 @@ def check_out(out: str, src: str, overwrite: bool, words: Wording = Wording()) -
                            "separate folder")
 
 
-def existing_ancestor(path: str) -> str:
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
-
-
 def convert(src: str, out: str, dtype: str = "float32", overwrite: bool = False, verify: bool = False,
             progress: bool = True, transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
             before_commit: Optional[Callable[[], None]] = None, words: Wording = Wording()) -> str:
@@ -301,8 +294,9 @@ def convert(src: str, out: str, dtype: str = "float32", overwrite: bool = False,
     staging_bytes = sum(p.numel() * 4 for p in model.parameters()) if source.kind == "gguf" else 0
     needed = weight_bytes + staging_bytes + MARGIN
     parent = os.path.dirname(os.path.abspath(out))
-    check_writable(existing_ancestor(parent), f"{words.out} {out!r}")  # a read-only mount, /proc: before the space
-    free = free_bytes(existing_ancestor(parent))
+    above = existing_ancestor(parent)
+    check_writable(above, f"{words.out} {out!r}")  # a read-only mount, /proc: named before the space
+    free = free_bytes(above)
     if free < needed:
         raise ConvertError(f"not enough disk space for {out!r}: the conversion needs {needed:,} bytes "
                            f"({needed / 2**30:.2f} GiB) but {free:,} bytes are free; free space or choose "

@@ -12,6 +12,14 @@ def default_cache() -> str:
     return os.environ.get("LEMA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lema")
 
 
+def existing_ancestor(path: str) -> str:
+    """`path` itself if it exists, else its nearest parent that does (what a run would create its folders in)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def check_writable(folder: str, what: str) -> None:
     """A file can be made in `folder` (an existing folder), tried with one: a read-only mount, a folder of another
     user or /proc are named before a run loads its model, not when its first write fails."""

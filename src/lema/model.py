@@ -88,7 +88,7 @@ class LemaModel(nn.Module):
             # stacked from per-expert ones) would be a new allocation at every load; it goes through the slots
             views_ok = cpu and same_dtype and self._layers_stored_as_used() and config.zero_copy is not False
             zero_copy = self._zero_copy if views_ok else None
-            from .plan_table import spread
+            from .plan_table import ring_depth, spread
 
             # LemaConfig.resident_layers; as many as the layers or more: every one (the plan's auto split may ask so)
             resident_ids = spread(config.resident_layers, self.units.num_layers)
@@ -103,8 +103,7 @@ class LemaModel(nn.Module):
             try:
                 # the page cache of every path but CUDA zero-copy's (its pages stay locked, and fit the RAM)
                 pager = self._pager(streamed_ids) if host_views is None and config.prefetch else None
-                streamed = self.units.num_layers - len(resident)  # all resident: no ring; no more slots than layers
-                slots = min(config.num_buffers, max(2, streamed)) if streamed else 0
+                slots = ring_depth(config.num_buffers, self.units.num_layers - len(resident))
                 self.source = WeightRing(self.layouts, self._fill, zero_copy, self._hint, self.device,
                                          slots, prefetch=config.prefetch, pager=pager, resident=resident,
                                          host_views=host_views)

@@ -214,6 +214,12 @@ def _short(idx: list[int]) -> str:
     return str(idx) if len(idx) <= 8 else f"[{', '.join(map(str, idx[:6]))}, ..., {idx[-1]}] (every ~{idx[1] - idx[0]})"
 
 
+def ring_depth(num_buffers: int, streamed: int) -> int:
+    """Slots of a ring for `streamed` layers: `num_buffers`, no more than the layers (a slot past them would hold
+    nothing), at least 2 (one computes while the next loads); 0 where nothing streams (LemaModel and the plan)."""
+    return min(num_buffers, max(2, streamed)) if streamed > 0 else 0
+
+
 def spread(n: int, L: int) -> list[int]:
     """n layer indices spread evenly through 0..L-1 (not the first n: transfers keep overlapping compute)."""
     if n <= 0:

@@ -88,7 +88,7 @@ import mmap
 from typing import Optional
 
 from .plan_bytes import ModelFacts, chunked_head_work_bytes, head_work_bytes, layer_work_terms, model_facts
-from .plan_table import Plan, human, spread
+from .plan_table import Plan, human, ring_depth, spread
 from .plan_time import split_room, step_time_model
 
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
@@ -254,8 +254,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         room = (usable - peak_of(depth, not offload, keep=keep)[0]) if usable is not None else free_bytes
         if room is not None:
             resident = split_room(room, f, batch_size, seq_len, s, kept_extra, gpu_zero_copy, keep=keep)[0]
-    if strategy == "streaming":  # slots past the streamed layers would hold nothing (LemaModel allocates as many)
-        depth = min(num_buffers, max(2, L - resident))
+    if strategy == "streaming":  # as LemaModel makes the ring (all resident: peak_of counts none)
+        depth = ring_depth(num_buffers, L - resident) or depth
     peak, ring_dev, frozen, phase = peak_of(depth, not offload, keep=keep)
     p = Plan(model_type=f.model_type, dtype=dtype, device_type=device_type, strategy=strategy,
              batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, max_vram_bytes=max_vram_bytes,
@@ -382,7 +382,7 @@ def _decide(p: Plan, peak_of, num_buffers: int, zero_copy: bool) -> None:
     free = budget - p.peak_bytes
     if ring_costs:
         extra = int(free // p.slot_bytes) if p.slot_bytes else 0
-        cap = max(2, L - p.resident_layers)  # as the engine: no more slots than layers to stream
+        cap = ring_depth(L, L - p.resident_layers)  # as the engine: no more slots than layers to stream
         p.ring_depth_fit = p.ring_depth + min(extra, max(0, cap - p.ring_depth))
         if p.ring_depth_fit > p.ring_depth:
             p.advice.append(f"a ring of {p.ring_depth + 1} would fit; it helps only when single loads are "
@@ -449,8 +449,9 @@ def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "ada
     the plan's peak, as in the engine; by default half the memory free now (`free_now`, else measured), and no
     more than what the run without them leaves of it: kept layers, a speed choice, never take a run past the
     free memory (`allocated`: `free_now` was measured with the model's weights and adapters already in memory,
-    so they are not taken from it twice). `auto_resident`: the plan decides the resident layers (config.resident_layers ignored; `lema
-    train` then builds the model with the plan's number: it is fixed for the run, unlike the kept layers)."""
+    so they are not taken from it twice). `auto_resident`: the plan decides the resident layers
+    (config.resident_layers ignored; `lema train` then builds the model with the plan's number: it is fixed for
+    the run, unlike the kept layers)."""
     facts = facts or model_facts(config.model_name_or_path, config.torch_dtype, config.lora_rank,
                                  config.lora_target_modules, config.gbi_path)
 

@@ -25,8 +25,9 @@ import torch
 
 from .checkpointing import (CheckpointError, changed_settings, data_identity, list_checkpoints, load_checkpoint,
                             newest_readable, prune_checkpoints, save_checkpoint, set_aside)
+from .config import check_seed
 from .engine.skeleton import load_hf_config, model_positions
-from .fsutil import check_writable
+from .fsutil import check_writable, existing_ancestor
 from .plan_table import human
 from .planner import free_memory_bytes, plan_for_config
 from .run_folder import lock_output, truncate_log, unlock_output
@@ -145,14 +146,11 @@ class TrainArgs:
             raise ValueError(f"--lora-dropout={self.lora_dropout} must be >= 0 and < 1 (a probability)")
         if os.path.exists(self.output) and not os.path.isdir(self.output):
             raise ValueError(f"--output {self.output!r} is a file; give a folder (new or of an earlier run)")
-        above = os.path.abspath(self.output)
-        while not os.path.exists(above):  # the nearest folder that exists (the output itself): the run makes the rest
-            above = os.path.dirname(above)
+        above = existing_ancestor(self.output)  # the output itself where it exists: the run makes the rest
         if not os.path.isdir(above):
             raise ValueError(f"--output {self.output!r} lies under {above!r}, which is a file; give a folder")
         check_writable(above, f"--output {self.output!r}")
-        if not 0 <= self.seed < 2**63:  # torch.manual_seed's range, as a whole number
-            raise ValueError(f"--seed={self.seed} must be >= 0 and < 2**63")
+        check_seed(self.seed)
         if os.path.isdir(self.model) and os.path.realpath(self.output) == os.path.realpath(self.model):
             raise ValueError(f"--output {self.output!r} is the model folder; checkpoints and the adapter go in a "
                              "folder of their own: choose another --output")

@@ -26,11 +26,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from ..config import check_seed
     from ..generation import check_settings, generate_text, load_for_generation
 
     check_settings(args.max_new_tokens, args.temperature, args.top_p, args.chat, args.system)  # before the model loads
-    if args.seed is not None and not 0 <= args.seed < 2**63:  # torch.manual_seed's range, as a whole number
-        raise ValueError(f"--seed={args.seed} must be >= 0 and < 2**63")
+    if args.seed is not None:
+        check_seed(args.seed)
     unused = [flag for flag, given in (("--top-p", args.top_p != 1.0), ("--seed", args.seed is not None)) if given]
     if args.temperature == 0 and unused:  # greedy decoding draws nothing: say so rather than ignore them
         one = len(unused) == 1
