@@ -110,7 +110,7 @@ def test_an_option_without_a_value_keeps_a_negative_looking_token_apart():
     assert _attach_negative_values(parser, ["nosuch", "--max-vram", "-1GB"]) == ["nosuch", "--max-vram", "-1GB"]
 
 
-def test_out_of_memory_is_one_line_with_the_settings_to_change(monkeypatch, capsys):
+def test_out_of_memory_is_one_line_with_the_settings_to_change(monkeypatch, capsys, tmp_path):
     from lema import cli
 
     def exhausted(args):
@@ -132,6 +132,13 @@ def test_out_of_memory_is_one_line_with_the_settings_to_change(monkeypatch, caps
     assert cli.main(["merge", "--model", "m", "--adapter", "a", "--output", "o"]) == 1
     err = capsys.readouterr().err
     assert "out of memory (DefaultCPUAllocator" in err and "--batch-size" not in err and "free memory" in err
+    monkeypatch.setattr("lema.training.train", lambda args: (_ for _ in ()).throw(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory")))
+    run_yaml = tmp_path / "run.yaml"  # the budget given in --config, not on the command line: not advised again
+    run_yaml.write_text("model: m\ndata: d.jsonl\noutput: o\nmax_vram: 4GB\n")
+    assert cli.main(["train", "--config", str(run_yaml)]) == 1
+    err = capsys.readouterr().err
+    assert "out of memory" in err and err.rstrip().endswith("lower --batch-size or --seq-len")
     monkeypatch.setattr("lema.commands.plan.run", a_bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # not a user's error: the traceback stays
         cli.main(["plan", "--shape", "tiny-llama"])

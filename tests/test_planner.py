@@ -618,8 +618,15 @@ def test_a_folder_without_safetensors_is_planned_with_slots_and_staged(tmp_path)
     for zero_copy in (None, True):
         gpu = plan(folder, "float32", batch_size=B, seq_len=T, device_type="cuda", zero_copy=zero_copy)
         assert gpu.ring_host_bytes > 0 and "no safetensors weights in the folder" in gpu.table()
+    # `lema train` refuses such a folder: the plan says so, naming the command that makes it streamable
+    assert f"holds .bin weights, not safetensors: planned from its config; `lema train` streams them after " \
+           f"`lema convert {folder} OUT`" in cpu.table()
+    os.remove(f"{folder}/pytorch_model.bin")
+    assert "holds no weights: planned from its config alone" in plan(folder, "float32", batch_size=B, seq_len=T,
+                                                                      device_type="cpu").table()
     shape = plan(make_config("llama"), "float32", batch_size=B, seq_len=T, device_type="cpu")
     assert shape.ring_device_bytes == 0 and shape.embedding_view_bytes > 0  # a config alone: as if stored so
+    assert "weights" not in "".join(shape.advice)  # a shape has no folder to name
 
 
 def test_a_folders_facts_are_measured_once_until_its_files_change(tmp_path, monkeypatch):
@@ -668,3 +675,32 @@ def test_more_kept_or_resident_layers_than_the_model_has_are_said():
     assert "--keep-activations 99 is more than the model's 3 decoder layers: all 3 apply" in table
     assert "--resident-layers 99 is more than the model's 3 decoder layers: all 3 apply" in table
     assert "all 0 layers" not in table
+
+
+def test_a_loaded_optimizer_state_is_not_taken_from_the_kept_layers_room_twice(tiny_dir, make_lema, monkeypatch):
+    """On --resume the optimizer's state is loaded before the first step, when the engine reads the free memory:
+    the plan's peak counts that state, so the room for kept layers lost it twice (a resumed run kept fewer layers
+    than a new one). The free memory here is a meter that the state's bytes take from, as an allocation would."""
+    from lema import planner
+    from lema.trainer import optimizer_state_bytes
+
+    path = tiny_dir("llama")
+    opts = []
+    base = plan_for_config(make_lema(path, device="cpu", lora_rank=16).config, B, T, free_bytes=0)
+    need = base.peak_bytes - base.frozen_device_bytes - base.lora_bytes
+    free = need + 3 * base.kept_extra_bytes + base.kept_extra_bytes // 2  # room for all 3 layers, no more
+    monkeypatch.setattr(planner, "free_memory_bytes",
+                        lambda device: free - sum(optimizer_state_bytes(o, torch.device("cpu")) for o in opts))
+    ids = torch.randint(0, 64, (B, T))
+    kept = []
+    state = None
+    for _ in range(2):  # a new run, then one resuming from its optimizer's state
+        model = make_lema(path, device="cpu", lora_rank=16)
+        opts[:] = [torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3)]
+        if state is not None:
+            opts[0].load_state_dict(state)
+            assert optimizer_state_bytes(opts[0], model.device) > base.kept_extra_bytes  # enough to change it
+        model.get_trainer(opts[0]).train_step(ids, labels=ids)
+        kept.append(model.kept_layers(B * T, T))
+        state = opts[0].state_dict()
+    assert kept == [[0, 1, 2], [0, 1, 2]]

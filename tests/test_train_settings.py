@@ -557,6 +557,28 @@ def test_a_second_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys):
            "(step 3)" in err
 
 
+def test_a_second_sigterm_stops_at_once_and_exits_143(tiny_model, data, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from lema.cli import main
+    from lema.trainer import LemaTrainer
+    from test_nonfinite import args as run_args, flags
+
+    step = LemaTrainer.train_step
+
+    def terminated_twice(self, *a, **kw):  # a scheduler that sends SIGTERM again before the step ends
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(LemaTrainer, "train_step", terminated_twice)
+    out = tmp_path / "out"
+    assert main(["train", *flags(run_args(tiny_model, data, out, steps=4, save_steps=10))]) == 143
+    err = capsys.readouterr().err
+    assert "stopping now, without saving the step in flight; no checkpoint was saved yet" in err
+    assert not os.path.exists(out / "checkpoint-1")
+
+
 def test_an_output_locked_by_another_run_is_refused_before_the_model_loads(tiny_model, data, tmp_path, monkeypatch):
     import fcntl
 

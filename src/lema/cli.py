@@ -130,9 +130,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"lema {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # 130 after Ctrl-C; a second SIGTERM stopping `lema train` at once: 143
         print("lema: interrupted", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(e, "signum", 2))
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError, the CPU allocators': named, not a traceback
         text = str(e)
         if os.environ.get("LEMA_DEBUG") or not (isinstance(e, MemoryError) or "out of memory" in text

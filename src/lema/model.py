@@ -405,12 +405,15 @@ class LemaModel(nn.Module):
             return True
         return self.device.type == "cuda" and self._activation_budget().offloads(tokens, seq_len)
 
-    def _activation_budget(self):
+    def _activation_budget(self, held_bytes: int = 0):
+        """The run-time planner, made once (at the first training step). `held_bytes`: memory the plan counts
+        that is already taken when it is made (a resumed optimizer's state; LemaTrainer passes it), added back
+        to the free memory it measures so that it is not counted twice."""
         if self._budget is None:
             from .planner import ActivationBudget
 
             with torch.random.fork_rng(devices=[]):  # building PEFT's meta skeleton must not move the CPU RNG
-                self._budget = ActivationBudget(self.config)
+                self._budget = ActivationBudget(self.config, held_bytes=held_bytes)
         return self._budget
 
     def uses_chunked_loss(self, tokens: int) -> bool:

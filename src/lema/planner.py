@@ -85,6 +85,7 @@ term leaves the device peak, except the kept layers' inputs).
 from __future__ import annotations
 
 import mmap
+import os
 from typing import Optional
 
 from .plan_bytes import ModelFacts, chunked_head_work_bytes, head_work_bytes, layer_work_terms, model_facts
@@ -285,6 +286,15 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         wide = max((d.itemsize for d in stored), default=s)
         _page_cache(p, int(layers_total * wide / s), page_cache)
     _decide(p, lambda d, on_device_acts=not offload: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
+    if folder and f.from_folder and not f.safetensors:  # a config alone plans; train and generate need weights
+        import glob
+
+        held = [kind for kind, pattern in ((".bin", "*.bin"), ("GGUF", "*.gguf"))
+                if glob.glob(os.path.join(folder, pattern))]
+        p.advice.append(f"{folder!r} holds {' and '.join(held)} weights, not safetensors: planned from its config; "
+                        f"`lema train` streams them after `lema convert {folder} OUT`" if held else
+                        f"{folder!r} holds no weights: planned from its config alone; `lema train` needs its "
+                        "safetensors weights beside it")
     if strategy == "streaming" and folder and L > p.resident_layers:
         converted = [] if f.layers_as_stored else ["built on load from several tensors (experts stacked)"]
         if stored and not f.layers_stored_in(dtype):
@@ -490,12 +500,14 @@ class ActivationBudget:
     (`allocator_cache`): the plan's own decisions,
     computed once per step shape."""
 
-    def __init__(self, config, free_bytes: Optional[int] = None):
+    def __init__(self, config, free_bytes: Optional[int] = None, held_bytes: int = 0):
         self.config = config
         self.facts = model_facts(config.model_name_or_path, config.torch_dtype, config.lora_rank,
                                  config.lora_target_modules, config.gbi_path)
         self.free_bytes = free_bytes  # None: from the memory free at construction (plan_for_config)
-        self.free_now = free_memory_bytes(config.torch_device) if free_bytes is None \
+        # with the weights and adapters in memory (`allocated`), and `held_bytes` of what the plan's peak counts
+        # beside them (a loaded optimizer state), which the plan's peak takes from the free memory again
+        self.free_now = free_memory_bytes(config.torch_device) + held_bytes if free_bytes is None \
             and config.max_vram_bytes is None else None
         self._cache: dict[tuple, tuple[int, bool, int, int]] = {}
 

@@ -101,6 +101,9 @@ class LemaTrainer:
         # A micro-batch without a target (every label -100 past the first position) has a NaN mean loss and would
         # make the step's gradients NaN: it contributes nothing instead, as in Transformers' Trainer. Counted where
         # the labels are on the CPU (no host sync); labels already on a GPU are not counted.
+        held = optimizer_state_bytes(self.optimizer, self.model.device) if self.model._budget is None else 0
+        if held:  # a loaded optimizer state, in memory before the run-time planner reads the free memory
+            self.model._activation_budget(held_bytes=held)
         targets = (labels[..., 1:] != -100).sum() if torch.is_tensor(labels) else None
         empty = targets is not None and labels.device.type == "cpu" and not bool(targets)
         was_training = self.model.training
@@ -160,3 +163,10 @@ class LemaTrainer:
             torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm.float())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def optimizer_state_bytes(optimizer, device) -> int:
+    """The bytes of `optimizer`'s state tensors on `device`'s kind (AdamW's moments once it stepped or loaded a
+    state; 0 for a new one)."""
+    return sum(t.numel() * t.element_size() for state in getattr(optimizer, "state", {}).values()
+               for t in state.values() if torch.is_tensor(t) and t.device.type == device.type)

@@ -234,6 +234,14 @@ def _rss_bytes() -> int:
     return proc_bytes("/proc/self/status", "RssAnon")
 
 
+class StopNow(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: the run stops at once; the command exits 128 + `signum`."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum
+
+
 class _Interrupt:
     """Ctrl-C (or SIGTERM) sets a flag; the loop finishes the step, saves a checkpoint and stops. A second one
     stops at once, saying which checkpoint the run goes on from."""
@@ -258,7 +266,7 @@ class _Interrupt:
             print("\nlema train: stopping now, without saving the step in flight; "
                   + (f"--resume goes on from {kept[-1][1]} (step {kept[-1][0]})" if kept else
                      "no checkpoint was saved yet"), file=sys.stderr)
-            raise KeyboardInterrupt
+            raise StopNow(signum)
         self.requested = True
         self.signum = signum
         what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name

@@ -144,5 +144,7 @@ def args_from_namespace(ns):
 def run(args) -> int:
     from ..training import train
 
-    summary = train(args_from_namespace(args))
+    train_args = args_from_namespace(args)
+    args.max_vram = train_args.max_vram  # the run's budget, --config's included, for the out-of-memory advice
+    summary = train(train_args)
     return 128 + (summary["signal"] or 2) if summary["interrupted"] else 0  # 130 after Ctrl-C, 143 after SIGTERM
