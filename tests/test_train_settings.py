@@ -520,6 +520,14 @@ def test_progress_to_a_file_is_lines_not_carriage_returns(tiny_model, data, tmp_
     assert all(" loss " in line and " lr " in line and " tok/s " in line and " mem " in line for line in steps)
 
 
+def test_a_notebooks_output_gets_the_bar_a_file_gets_lines():
+    """Jupyter's output stream is not a TTY but renders tqdm's redraws: a notebook got a line every 30 s."""
+    from lema.training import redraws
+
+    OutStream = type("OutStream", (io.TextIOBase,), {"__module__": "ipykernel.iostream"})  # Jupyter's class
+    assert redraws(OutStream()) and not redraws(io.StringIO())
+
+
 def test_a_run_stopped_by_sigterm_exits_143_naming_its_checkpoint(tiny_model, data, tmp_path, monkeypatch, capsys):
     import signal
 

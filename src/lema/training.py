@@ -278,6 +278,12 @@ class _Interrupt:
         signal.signal(signal.SIGTERM, self._old_term)
 
 
+def redraws(out) -> bool:
+    """Whether `out` shows a progress bar redrawn in place (tqdm's `\\r`): a terminal, or a Jupyter notebook's
+    output stream, which renders the redraws too; elsewhere (a file, a pipe) progress prints as lines."""
+    return getattr(out, "isatty", lambda: False)() or type(out).__module__.startswith("ipykernel")
+
+
 class _LineProgress:
     """Progress where the output is not a terminal (a log file, a pipe): one line at the first step, then at most
     every `every` seconds and at each checkpoint and the last step. tqdm's carriage-return redraws would pile up
@@ -489,7 +495,7 @@ def _train(args: TrainArgs, out, held: list) -> dict:
     truncate_log(os.path.join(args.output, "log.jsonl"), step)
     log = open(os.path.join(args.output, "log.jsonl"), "a")
     bar = lines = None
-    if not args.quiet and getattr(out, "isatty", lambda: False)():
+    if not args.quiet and redraws(out):
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=out, dynamic_ncols=True)
     elif not args.quiet:
