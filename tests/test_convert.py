@@ -28,8 +28,9 @@ def model_tensors(folder: str) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def assert_packed(out: str) -> None:
-    """Units in step order, each one contiguous range holding exactly its tensors' bytes, back to back."""
+def assert_packed(out: str, buffers: frozenset = frozenset()) -> None:
+    """Units in step order, each one contiguous range holding exactly its tensors' bytes, back to back; the
+    persistent `buffers` the model stores in no unit, before the first or after the last."""
     path = os.path.join(out, "model.safetensors")
     f = SafetensorsFile(path)
     assert f.metadata["lema.format"] == PACKED_FORMAT
@@ -41,7 +42,11 @@ def assert_packed(out: str) -> None:
     assert entries[0].start == f.data_start and entries[-1].end == f.size
     with open(path, "rb") as raw:
         data = raw.read()
-    previous_end = f.data_start
+    first = min(start for start, _ in units.values())
+    stray = [e for e in entries if not any(start <= e.start < end for start, end in units.values())]
+    assert {e.key for e in stray} == set(buffers)
+    lead, trail = [e for e in stray if e.start < first], [e for e in stray if e.start >= first]
+    previous_end = lead[-1].end if lead else f.data_start
     for unit, (start, end) in units.items():
         assert start == previous_end, f"{unit} does not follow the previous unit"
         inside = [e for e in entries if start <= e.start < end]
@@ -51,7 +56,8 @@ def assert_packed(out: str) -> None:
         if unit.startswith("layer."):
             assert all(f".{unit.split('.')[1]}." in e.key for e in inside)
         previous_end = end
-    assert previous_end == f.size
+    assert previous_end == (trail[0].start if trail else f.size)
+    assert all(e.start % e.dtype.itemsize == 0 for e in stray)
     assert set(WeightStore(out).units) == set(units)
     f.close()
 
@@ -96,10 +102,11 @@ def read_all(folder: str) -> dict[str, torch.Tensor]:
 def test_converted_loads_in_transformers_with_same_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    for arch in ("llama-tied", "gpt2"):
+    for arch in ("llama-tied", "gpt2", "deepseek_v3"):  # DeepSeek-V3: a persistent buffer, written too
         src = save_tiny(arch, str(tmp_path / arch))
         out = convert(src, str(tmp_path / (arch + "-out")), progress=False)
-        assert_packed(out)
+        assert_packed(out, frozenset(f"model.layers.{i}.mlp.gate.e_score_correction_bias" for i in (1, 2)
+                                     if arch == "deepseek_v3"))
         ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
         got, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -108,6 +115,11 @@ def test_converted_loads_in_transformers_with_same_logits(tmp_path):
             torch.testing.assert_close(got(ids).logits, ref(ids).logits, rtol=0, atol=0)
         if arch == "llama-tied":  # the tied lm_head is written once, as the embedding
             assert "lm_head.weight" not in SafetensorsFile(out + "/model.safetensors").entries
+        if arch == "deepseek_v3":  # the router's bias was dropped (from_pretrained kept __init__'s zeros)
+            from lema import LemaConfig, LemaModel
+
+            with LemaModel(LemaConfig(model_name_or_path=out, lora_rank=4)) as model, torch.no_grad():
+                torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
         with open(os.path.join(out, "config.json")) as f:
             assert json.load(f)["dtype"] == "float32"
 

@@ -95,11 +95,23 @@ def test_adamw_step_matches_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
-@pytest.mark.parametrize("arch", ["opt", "gemma2"])
+@pytest.mark.parametrize("arch", ["opt", "gemma2", "deepseek_v3", "phimoe"])
 def test_more_architectures_match_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
     """OPT: dropout 0.1 inside the base layers, which the recompute must draw again (seeded alike);
-    Gemma 2: no SDPA attention in Transformers, so the skeleton falls back to eager attention."""
-    check_adamw_step(tiny_dir(arch), strategy, make_lema, tmp_path, keep_activations=0)
+    Gemma 2: no SDPA attention in Transformers, so the skeleton falls back to eager attention;
+    DeepSeek-V3: its routers' `e_score_correction_bias`, a persistent buffer the checkpoint holds (it kept its
+    __init__ zeros), and PEFT's LoRA on the fused experts' parameters (ParamWrapper, as `down_proj` is a default
+    target: it parametrizes the bound weight for each forward, and the second forward failed);
+    PhiMoE: its router, an nn.Linear subclass returning a tuple, is no default LoRA target (LoRA's sum failed)."""
+    model = check_adamw_step(tiny_dir(arch), strategy, make_lema, tmp_path, keep_activations=0)
+    if arch == "deepseek_v3":
+        bias = model.base_model.model.layers[1].mlp.gate.e_score_correction_bias
+        assert float(bias.abs().max()) > 0  # the file's values (tiny_models draws them), not __init__'s zeros
+        ids = batch()
+        with torch.no_grad():  # the bound weights are let go of after each forward: a second one runs the same
+            torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)
+    if arch == "phimoe":
+        assert "router" not in model.lora_targets and "q_proj" in model.lora_targets
 
 
 def test_eval_mode_outside_train_steps(tiny_dir, make_lema):
@@ -727,6 +739,22 @@ def test_chunked_loss_is_automatic_for_large_logits(tiny_dir, make_lema, monkeyp
     assert model.get_trainer(opt).train_step(large)[0] is None
     off = make_lema(tiny_dir("llama"), chunked_loss=False)
     assert off.uses_chunked_loss(10**6) is False
+
+
+def test_a_head_that_transforms_the_logits_takes_the_full_logits(tiny_dir, make_lema):
+    """RecurrentGemma caps its logits by a setting of its own (`logits_soft_cap`), which the chunks do not apply:
+    read from its forward's code, the chunked loss is declined (it was taken, and the loss was off), also when
+    asked for, so the loss is Transformers'."""
+    path = tiny_dir("recurrent_gemma")
+    model = make_lema(path, lora_seed=None, chunked_loss=True)  # LoRA's B = 0: the base model's loss
+    assert model.chunked_loss_unsupported == ("RecurrentGemmaForCausalLM.forward transforms the logits "
+                                              "(`logits = nn.functional.tanh(logits / cap) * cap`)")
+    assert not model.uses_chunked_loss(10**6)
+    ids = batch()
+    with torch.no_grad():
+        got = model(ids, labels=ids).loss
+        want = reference(path)(input_ids=ids, labels=ids, use_cache=False).loss
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
 
 
 def test_all_labels_ignored_gives_nan_like_transformers(tiny_dir, make_lema):

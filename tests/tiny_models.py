@@ -35,6 +35,23 @@ def make_config(arch: str, num_layers: Optional[int] = None):
                          num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64)
     if arch == "gemma2":  # no SDPA attention in Transformers (soft-capping): runs with eager attention
         return Gemma2Config(**common, head_dim=8)
+    if arch == "deepseek_v3":  # a stored buffer (the router's e_score_correction_bias); LoRA on fused experts
+        from transformers import DeepseekV3Config
+
+        return DeepseekV3Config(**dict(common, num_key_value_heads=4), moe_intermediate_size=16, n_shared_experts=1,
+                                n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, kv_lora_rank=16,
+                                q_lora_rank=16, qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=4,
+                                first_k_dense_replace=1)
+    if arch == "recurrent_gemma":  # its own logit soft-cap (logits_soft_cap) in the head
+        from transformers import RecurrentGemmaConfig
+
+        return RecurrentGemmaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=common["num_hidden_layers"], num_attention_heads=4,
+                                    num_key_value_heads=1, lru_width=32, attention_window_size=4)
+    if arch == "phimoe":  # its router is an nn.Linear subclass returning a tuple
+        from transformers import PhimoeConfig
+
+        return PhimoeConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     raise KeyError(arch)
 
 
@@ -51,6 +68,10 @@ def save_tiny(arch: str, folder: str, seed: int = 0, dtype=torch.float32, num_la
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.2)
+        stored = set(model.state_dict())
+        for name, b in model.named_buffers():  # persistent float buffers are trained values in real checkpoints
+            if name in stored and b.is_floating_point():
+                b.normal_(0, 0.5)
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder, **save_kwargs)
     return folder

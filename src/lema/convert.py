@@ -154,12 +154,26 @@ class Planned(Placement):
     unit: str = ""
 
 
-def plan_tensors(units: dict[str, list[str]], model, dtype: torch.dtype
+def plan_tensors(units: dict[str, list[str]], model, dtype: torch.dtype, buffers: tuple[str, ...] = ()
                  ) -> tuple[list[Planned], dict[str, tuple[int, int]]]:
     """Every unit's tensors back to back in step order, floating ones in `dtype` (even those a model class
-    keeps in float32); returns the tensors and each unit's range relative to the data section."""
+    keeps in float32); returns the tensors and each unit's range relative to the data section. `buffers`: the
+    model's persistent buffers the source holds (DeepSeek-V3's router correction biases), in the dtype the model
+    holds them, in no unit (LemaModel loads them once): those at least as wide as `dtype` before the first unit,
+    the narrower ones after the last, each group widest first, so that every tensor starts aligned to its dtype
+    (safetensors allows no padding)."""
     params = dict(model.named_parameters())
+    held = dict(model.named_buffers())
+    order = sorted(buffers, key=lambda n: -held[n].dtype.itemsize)
     planned, ranges, offset = [], {}, 0
+
+    def place(names):
+        nonlocal offset
+        for name in names:
+            planned.append(Planned(name, held[name].dtype, tuple(held[name].shape), offset, ""))
+            offset += planned[-1].nbytes
+
+    place([n for n in order if held[n].dtype.itemsize >= dtype.itemsize])
     for unit, names in units.items():
         start = offset
         for name in names:
@@ -168,6 +182,7 @@ def plan_tensors(units: dict[str, list[str]], model, dtype: torch.dtype
             planned.append(Planned(name, out_dtype, tuple(p.shape), offset, unit))
             offset += planned[-1].nbytes
         ranges[unit] = (start, offset)
+    place([n for n in order if held[n].dtype.itemsize < dtype.itemsize])
     return planned, ranges
 
 
@@ -225,7 +240,7 @@ def verify_packed(folder: str, planned: list[Planned], read, store) -> None:
     """Re-read every written tensor and compare with the source (exact after casting to the output dtype)."""
     out = WeightStore(folder)
     try:
-        missing = [p.unit for p in planned if p.unit not in out.units]
+        missing = [p.unit for p in planned if p.unit and p.unit not in out.units]  # buffers: in no unit
         if missing:
             raise ConvertError(f"verify: the written file lists no byte range for unit(s) {sorted(set(missing))}")
         for p in planned:
@@ -314,7 +329,9 @@ def convert(src: str, out: str, dtype: str = "float32", overwrite: bool = False,
             store = BinStore(source.folder)
         else:
             store = WeightStore(source.folder)
-        read = map_sources(model, store, unit_info, source)
+        read, buffers = map_sources(model, store, unit_info, source)
+        if buffers:  # a few bytes more than the space check counted (MARGIN covers them)
+            planned, ranges = plan_tensors(units, model, torch_dtype, buffers)
         if transform is not None:
             read = _transformed(read, transform)
         header = packed_header(planned, ranges, {"lema.dtype": str(torch_dtype).replace("torch.", ""),
@@ -348,10 +365,11 @@ def _transformed(read, transform):
 
 
 def map_sources(model, store, units: UnitMap, source: Source):
-    """name -> source tensor reader, after checking every parameter of every unit has a source, and that every
-    tensor of a checkpoint folder has a place in the model (as `lema train` checks it: a config.json with fewer
-    layers than the weights would otherwise convert, or merge, into a smaller model)."""
-    from .store.keymap import check_unused, map_checkpoint, reader_for
+    """(name -> source tensor reader, the persistent buffers the source holds), after checking every parameter
+    of every unit has a source, and that every tensor of a checkpoint folder has a place in the model (as
+    `lema train` checks it: a config.json with fewer layers than the weights would otherwise convert, or merge,
+    into a smaller model)."""
+    from .store.keymap import check_unused, map_checkpoint, reader_for, stored_buffers
 
     sources, unexpected = map_checkpoint(model, store)
     if source.kind != "gguf":  # refused but those Transformers drops on load too (old rotary inv_freq buffers)
@@ -365,7 +383,7 @@ def map_sources(model, store, units: UnitMap, source: Source):
         raise ConvertError(f"{source.name!r}: the weights lack {len(missing)} tensor(s) that "
                            f"{type(model).__name__} needs, e.g. {missing[:3]}; the weights do not match "
                            "config.json (or the architecture's GGUF tensor names are not known)")
-    return reader_for(sources, store, model)
+    return reader_for(sources, store, model), tuple(stored_buffers(model, sources))
 
 
 def write_sidecars(source: Source, model, dtype: torch.dtype, use_cache: bool, folder: str) -> None:

@@ -27,7 +27,7 @@ from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fus
 from .engine.streamed_layer import StreamedLayers
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
-from .store.keymap import check_complete, check_shapes, check_unused, map_checkpoint, reader_for
+from .store.keymap import check_complete, check_shapes, check_unused, map_checkpoint, reader_for, stored_buffers
 from .stream.layout import UnitLayout, registration_spans
 from .stream.pager import RESERVE_BYTES, PageCachePager
 from .stream.ring import ResidentLayers, WeightRing
@@ -58,6 +58,7 @@ class LemaModel(nn.Module):
         self.sources, unexpected = map_checkpoint(base, self.store)
         self._read = reader_for(self.sources, self.store, base)
         self._check_checkpoint(base, unexpected)
+        self._load_stored_buffers(base)
 
         shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}  # before PEFT renames them
         prefix, layers = find_decoder_layers(base)
@@ -180,6 +181,19 @@ class LemaModel(nn.Module):
                 for alias in aliases:
                     owner, attr = alias.rsplit(".", 1)
                     base.get_submodule(owner)._parameters[attr] = param
+
+    def _load_stored_buffers(self, base) -> None:
+        """The persistent buffers the weights hold (keymap.stored_buffers), copied into the skeleton's once, in
+        the dtype it holds them (as from_pretrained casts them); a few bytes each, resident with the layer."""
+        held = dict(base.named_buffers())
+        for name in stored_buffers(base, self.sources):
+            value = self._read(name)
+            if tuple(value.shape) != tuple(held[name].shape):
+                raise WeightsFileError(f"tensor {name!r} has shape {tuple(value.shape)} in "
+                                       f"{self.config.model_name_or_path!r} but config.json implies "
+                                       f"{tuple(held[name].shape)}; the weights do not belong to this config.json")
+            with torch.no_grad():
+                held[name].copy_(value)
 
     def _move_buffers(self, base) -> None:
         for name, buf in list(base.named_buffers()):

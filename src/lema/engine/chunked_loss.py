@@ -53,11 +53,67 @@ def fused_head_supported(model: nn.Module) -> Optional[str]:
         return f"the output head is {type(head).__name__}, not a plain Linear"
     if any(p.requires_grad for p in head.parameters()):
         return "the output head is trained"
-    for attr in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
+    for attr in SCALES:
         if getattr(c, attr, None) not in (None, 1, 1.0):
             return f"config.{attr} scales the logits"
     if getattr(c, "output_router_logits", False):
         return "config.output_router_logits adds an auxiliary loss"
+    return head_transform(model, final_softcap(model.config))
+
+
+SCALES = ("logit_scale", "logits_scaling", "output_multiplier_scale")  # neutral at 1 (checked above)
+
+
+def head_transform(model: nn.Module, softcap: Optional[float]) -> Optional[str]:
+    """Why the chunks would not reproduce `model.forward`'s logits: a statement that changes them past the head's
+    product (`logits = self.lm_head(...)`, with `.float()` or `.contiguous()`) other than those the chunks apply
+    (the final soft-capping, a neutral scale); None where there is none. A head module around the output
+    Linear (RoBERTa's dense + norm + decoder) is such a statement too. Read from the forward's source, so
+    that a model's own transform (RecurrentGemma's `logits_soft_cap`, Falcon-H1's `lm_head_multiplier`) is
+    declined without a list of their names."""
+    import ast
+    import inspect
+    import textwrap
+
+    cls = type(model)
+    head = model.get_output_embeddings()
+    heads = {name for name, child in model.named_children() if child is head}
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return f"{cls.__name__}.forward's source cannot be read to check its head"
+
+    def head_product(value) -> bool:  # self.<head>(...), possibly .float() / .contiguous()
+        while (isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute)
+               and value.func.attr in ("float", "contiguous") and not value.args):
+            value = value.func.value
+        return (isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute)
+                and isinstance(value.func.value, ast.Name) and value.func.value.id == "self"
+                and value.func.attr in heads)
+
+    def calls_head(node) -> bool:
+        return any(isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
+                   and n.attr in heads for n in ast.walk(node))
+
+    softcapping = set()  # statements under `if ...final_logit_softcapping...`: the soft-capping, applied in the
+    for node in ast.walk(tree):  # chunks exactly when the config sets it (final_softcap)
+        if isinstance(node, ast.If) and "final_logit_softcapping" in ast.unparse(node.test):
+            softcapping.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    assigns = [n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign))]
+    targets = {n: [t.id for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)]
+               for n in assigns}
+    logits = {"logits"} | {name for n in assigns if calls_head(n.value) for name in targets[n]}
+    for n in sorted(assigns, key=lambda n: n.lineno):
+        if not logits & set(targets[n]):
+            continue
+        text = ast.unparse(n)
+        if isinstance(n, ast.Assign) and head_product(n.value):
+            continue
+        if any(attr in text for attr in SCALES):  # its setting is neutral here, or refused above
+            continue
+        if id(n) in softcapping or (softcap and "final_logit_softcapping" in text):
+            continue
+        return f"{cls.__name__}.forward transforms the logits (`{text}`)"
     return None
 
 

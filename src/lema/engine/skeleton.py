@@ -290,10 +290,12 @@ def unit_map(model) -> UnitMap:
 
 
 def default_lora_targets(layers: nn.ModuleList) -> list[str]:
-    """Leaf names of every linear layer inside a decoder layer (nn.Linear, or GPT-2's Conv1D)."""
+    """Leaf names of every linear layer inside a decoder layer (nn.Linear, or GPT-2's Conv1D); not a subclass
+    with a forward of its own (PhiMoE's router returns a tuple: LoRA's sum with it fails)."""
     names: list[str] = []
     for name, module in layers[0].named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        if (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward) \
+                or type(module).__name__ == "Conv1D":
             leaf = name.rsplit(".", 1)[-1]
             if leaf not in names:
                 names.append(leaf)

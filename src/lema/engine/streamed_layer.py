@@ -167,6 +167,10 @@ class LayerBinder:
 
     def unbind(self, meta: dict[str, torch.Tensor]) -> None:
         for module, attr, plain in self.targets:
+            # PEFT's LoRA on a parameter (ParamWrapper: fused MoE experts) parametrizes it for each forward; taking
+            # the parametrization off registers the bound tensor, not a Parameter, as a buffer of that name, which
+            # would hold the slot and refuse the next parametrization
+            module._buffers.pop(attr, None)
             module._parameters[attr] = meta[plain]
 
 

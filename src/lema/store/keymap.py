@@ -112,6 +112,14 @@ def check_complete(model, sources: dict, folder: str) -> None:
             f"{missing[:3]}; the weights do not belong to this config.json")
 
 
+def stored_buffers(model, sources: dict) -> list[str]:
+    """The model's persistent buffers that the weights hold (DeepSeek-V3's router `e_score_correction_bias`,
+    trained; Gemma 4's `layer_scalar`): from_pretrained loads them, so LEMA must too (the skeleton built them
+    with their __init__ values). Rotary `inv_freq` and masks are not persistent, so not in `sources`."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return [name for name, _ in model.named_buffers() if name in sources and name not in params]
+
+
 def check_shapes(model, sources: dict, store) -> None:
     """Every parameter stored as one file tensor has the model's shape and a floating dtype (LemaModel and the
     plan alike; parameters built from several tensors are checked when built)."""
