@@ -336,6 +336,53 @@ def test_kept_layer_terms_match_what_autograd_saves(arch, dtype, tmp_path, make_
     assert per_layer == pytest.approx(p.kept_extra_bytes, rel=0.05)
 
 
+def _layers_apart(arch, **over):
+    """Tiny configs whose decoder layers are not all alike: Gemma 4 (its full-attention layers' head_dim, a
+    per-layer config), Gemma 3n (intermediate_size, a list per layer), Mamba (no attention heads)."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    attention = dict(common, num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                     sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                     vocab_size_per_layer_input=96, num_kv_shared_layers=0)
+    kw = {"gemma4_text": dict(attention, intermediate_size=64, global_head_dim=16, hidden_size_per_layer_input=0,
+                              final_logit_softcapping=None),
+          "gemma3n_text": dict(attention, intermediate_size=[64, 128, 64], hidden_size_per_layer_input=8,
+                               laurel_rank=4, activation_sparsity_pattern=[0.0] * 3),
+          "mamba": dict(common, state_size=4, expand=2, conv_kernel=4)}[arch]
+    return AutoConfig.for_model(arch, **dict(kw, **over))
+
+
+def test_layers_that_differ_are_planned_at_the_largest_and_no_heads_no_attention(tmp_path, make_lema):
+    """The layer terms are the largest layer's where layers differ (each term as for a model of that layer's
+    settings throughout), a model without attention heads has no attention terms (but its mixer's, counted
+    conservatively), and a training step runs: LemaModel plans at the first one (ActivationBudget), where these
+    configs raised (Gemma 4's global config refuses to give a head_dim, Gemma 3n's is a list, Mamba has none)."""
+    from transformers import AutoModelForCausalLM
+
+    a, seq = B * T, T
+    largest = {"gemma4_text": _layers_apart("gemma4_text", head_dim=16),
+               "gemma3n_text": _layers_apart("gemma3n_text", intermediate_size=[128] * 3)}
+    for arch, wide in largest.items():
+        cfg = _layers_apart(arch)
+        assert arch != "gemma4_text" or ("head_dim" in cfg.per_layer_attributes and not wide.per_layer_attributes)
+        for s in (4, 2):
+            terms = layer_work_terms(cfg, a, s, 4, 7, 512, seq, "cpu")
+            assert terms == layer_work_terms(wide, a, s, 4, 7, 512, seq, "cpu"), (arch, s)
+        assert plan(cfg, "float32", lora_rank=4, batch_size=B, seq_len=T, device_type="cpu").layer_work_bytes > 0
+    mamba = _layers_apart("mamba")
+    terms = layer_work_terms(mamba, a, 4, 4, 2, 96, seq, "cpu", mlp_gated=False)
+    assert terms["attention in"] == terms["attention out"] == 0 and terms["mlp"] > 0 and terms["recurrence"] > 0
+    for arch, targets in (("gemma4_text", None), ("mamba", ["in_proj", "x_proj"])):  # PEFT refuses Mamba's out_proj
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(_layers_apart(arch)).save_pretrained(tmp_path / arch)
+        model = make_lema(str(tmp_path / arch), keep_activations=0, lora_target_modules=targets)
+        ids = torch.randint(0, 96, (B, T), generator=torch.Generator().manual_seed(0))
+        trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3))
+        _, loss = trainer.train_step(ids, labels=ids)
+        assert torch.isfinite(loss), arch
+
+
 def test_pinned_slots_take_their_size_in_whole_pages():
     """The ring's pinned slots are page-locked at their exact size (host_memory.PinnedBuffer), not through torch's
     pinned allocator, which rounds a 7B bf16 layer's 386 MiB up to 512 MiB (three slots: 1.5 GiB, not 1.13)."""

@@ -39,6 +39,23 @@ def _text_config(hf_config):
 UNGATED_MLP_SAVED = {"relu": 1, "gelu_new": 5, "quick_gelu": 3}
 
 
+def _layer_configs(hf_config) -> list:
+    """The text config as each decoder layer sees it: Transformers' per-layer configs where the layers differ
+    (`per_layer_config`: Gemma 4's full-attention layers have their own head_dim and kv heads; the global config
+    then refuses to answer for them), else the one config for every layer."""
+    c = _text_config(hf_config)
+    L = getattr(c, "num_hidden_layers", None) or 1
+    return [c.per_layer_config[i] for i in range(L)] if getattr(c, "is_heterogeneous", False) else [c] * L
+
+
+def _of_layer(value, i: int, L: int):
+    """A setting as layer i of L has it: a list holds one per layer (Gemma 3n's intermediate_size), or, of
+    another length, its largest is taken."""
+    if isinstance(value, (list, tuple)):
+        return value[i] if len(value) == L else max(value, default=None)
+    return value
+
+
 def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
                      lora_in_features: Optional[int] = None, seq_len: Optional[int] = None,
                      device_type: str = "cuda", mlp_gated: bool = True,
@@ -46,14 +63,33 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
     """Bytes of one layer's recompute + backward working set, term by term (see planner.py's module docstring).
     `lora_in_features`: the adapted linears' input widths, summed over one layer (default: Llama's seven,
     6 H + I). `mlp_gated` False: an MLP without a gate projection (GPT-2's fc -> act -> proj). `seq_len` and
-    `device_type`: where attention has dropout, the CPU's SDPA saves the T x T probabilities (its math path)."""
-    c = _text_config(hf_config)
+    `device_type`: where attention has dropout, the CPU's SDPA saves the T x T probabilities (its math path).
+    Where the layers differ (heads, head_dim or MLP width set per layer), each term is its largest over the
+    layers: the peak is the largest layer's recompute, and a kept layer is counted as the largest (a bound)."""
+    configs = _layer_configs(hf_config)
+    terms: dict[str, int] = {}
+    for i, c in enumerate(configs):
+        one = _one_layer_terms(c, i, len(configs), a, s, lora_rank, n_targets, lora_in_features, seq_len,
+                               device_type, mlp_gated, experts_adapted, mlp_adapted)
+        for name, b in one.items():
+            terms[name] = max(terms.get(name, 0), b)
+    return terms
+
+
+def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_targets: int,
+                     lora_in_features: Optional[int], seq_len: Optional[int], device_type: str, mlp_gated: bool,
+                     experts_adapted: bool, mlp_adapted: bool) -> dict[str, int]:
+    """layer_work_terms of layer i of L, whose config is `c`."""
+    def get(*names):  # the first of the settings `names` this layer has
+        return next((v for v in (_of_layer(getattr(c, n, None), i, L) for n in names) if v), None)
+
     H = c.hidden_size
-    nh = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
-    nkv = getattr(c, "num_key_value_heads", None) or nh
-    d = getattr(c, "head_dim", None) or H // nh
-    I = (getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or getattr(c, "ffn_dim", None)
-         or 4 * H)
+    nh = get("num_attention_heads", "n_head") or 0  # 0: no attention (Mamba, RWKV): no attention terms
+    nkv = get("num_key_value_heads") or nh
+    d = get("head_dim") or (H // nh if nh else 0)
+    I = get("intermediate_size", "n_inner", "ffn_dim") or 4 * H
+    if getattr(c, "use_double_wide_mlp", False) and getattr(c, "num_kv_shared_layers", 0):
+        I *= 2  # Gemma 4: the kv-shared layers' MLP is twice as wide
     k = getattr(c, "num_experts_per_tok", None)
     if k:  # MoE: the routed experts' intermediates
         I *= k
@@ -70,7 +106,7 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
         act = getattr(c, "hidden_act", None) or getattr(c, "activation_function", None)
         mlp = UNGATED_MLP_SAVED.get(act, 2) - (1 if cast and act != "relu" else 0)
     dropout = getattr(c, "attn_pdrop", None) or getattr(c, "attention_dropout", None) or 0.0
-    math_path = device_type == "cpu" and dropout > 0 and seq_len is not None  # no fused CPU kernel with dropout
+    math_path = device_type == "cpu" and dropout > 0 and seq_len is not None and nh > 0  # no fused CPU kernel
     terms = {
         "norms": a * (H * f32 * (2 if cast else 1) + 2 * f32),
         "attention in": a * (f32 if math_path else s) * (nh * d + 2 * nkv * d),
@@ -82,6 +118,19 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
     if math_path:  # the probabilities, their dropped copy and the bmm's input: B x nh x T x T each, and like
         # q, k, v in float32 (the CPU's math path upcasts bf16/fp16)
         terms["attention probs"] = 3 * a * nh * seq_len * f32
+    if not nh:
+        # no attention: a recurrent mixer the terms above do not describe. A conservative estimate of what it
+        # saves, float32 per token, as measured on Transformers' PyTorch paths (the CPU's; a fused CUDA kernel
+        # saves less), counted on top of the terms above: Mamba's scan (N = state_size: the discretised A, B x u
+        # and the scanned states) 3.1-3.5 N I + 6-8 I, counted 4 N I + 8 I; RWKV's time loop 16-20 H, counted 24
+        N = get("state_size")
+        terms["recurrence"] = a * f32 * ((4 * N + 8) * I if N else 24 * (get("attention_hidden_size") or H))
+    n_streams = getattr(c, "altup_num_inputs", None)
+    if n_streams:
+        # Gemma 3n's layer (AltUp's n streams of the hidden state, LAuReL, its per-layer input, more norms) saves
+        # 20-25 H float32 per token beyond the terms above (12-15 in bf16; tiny configs, H 32-128): counted
+        # conservatively as the stacked streams twice and 22 H
+        terms["altup"] = a * f32 * H * (2 * n_streams + 22)
     resid = getattr(c, "resid_pdrop", None) or getattr(c, "hidden_dropout", None) or getattr(c, "dropout", None)
     if isinstance(resid, float) and resid > 0:
         # dropout on each sublayer's output (GPT-2's and OPT's two): the CPU keeps a mask in the dtype, CUDA bytes
@@ -229,8 +278,15 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
         peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
                                                      task_type="CAUSAL_LM"))
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
-    first = [p for n, p in peft_model.named_parameters() if ".lora_A." in n and f"{prefix}.0." in n]
-    n_targets, lora_in_features = len(first), sum(p.shape[-1] for p in first)
+    # the adapted linears of each layer (their count and input widths), the largest layer's counted: the layers
+    # may differ (Gemma 4's full-attention layers: a wider o_proj input)
+    widths: dict[int, list[int]] = {}
+    for n, p in peft_model.named_parameters():
+        found = re.search(rf"{re.escape(prefix)}\.(\d+)\.", n) if ".lora_A." in n else None
+        if found:
+            widths.setdefault(int(found.group(1)), []).append(p.shape[-1])
+    n_targets = max(map(len, widths.values()), default=0)
+    lora_in_features = max(map(sum, widths.values()), default=0)
     adapted = [n for n, _ in peft_model.named_parameters() if ".lora_" in n and f"{prefix}.0." in n]
     experts_adapted = any("expert" in n for n in adapted)
     mlp_adapted = any(not re.search(r"\.(self_attn|attn|attention)\.", n) for n in adapted)

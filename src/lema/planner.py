@@ -52,6 +52,12 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                                    (Σ in_t x 4/s)         s != 4, PEFT's float32 cast of it, one per
                                                           adapted linear (Σ in_t = 6 H + I for Llama)
                      backward      2 H + 3 I              gradients alive at once in the MLP backward
+                     recurrence    (4 N + 8) I x 4/s      no attention heads: the recurrent mixer's saved
+                                   24 H x 4/s             tensors, a conservative bound measured on the PyTorch
+                                                          paths (Mamba's scan, N = state_size; RWKV's loop)
+                     altup         (2 n + 22) H x 4/s     Gemma 3n (n AltUp streams, LAuReL, more norms): ditto
+                   where the layers differ (per-layer configs: Gemma 4's head_dim; per-layer lists: Gemma 3n's
+                   intermediate_size), each term is its largest over the layers
                    (the saved terms checked against autograd's saved tensors of a real layer: Llama in
                    fp32 and bf16, GPT-2 in fp32 and bf16, OPT, Mixtral, tests/test_planner.py; rotary
                    cos/sin and the mask are shared)
