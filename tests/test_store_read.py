@@ -58,3 +58,23 @@ def test_register_with_cuda_reports_why_it_cannot_instead_of_raising(tmp_path):
     why = f.register_with_cuda(f.entries["w"].start, f.entries["w"].end)
     assert isinstance(why, str) and why and f._registered == []
     f.close()
+
+
+def test_a_private_mapping_takes_an_in_place_write_without_changing_the_file(tmp_path):
+    """A model that writes a weight in place (Gemma 3n's AltUp clamps its coefficients each forward) got a
+    read-only view of the file on the CPU, and the process died of SIGSEGV. The CPU's views are copy-on-write:
+    the write lands in the process's own copy of the page, never in the file. Run in a child process, so
+    that the old behaviour fails this test instead of ending the test run."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "w.safetensors")
+    save_file({"w": torch.arange(8, dtype=torch.float32)}, path)
+    child = ("import torch; from lema.store import SafetensorsFile\n"
+             f"f = SafetensorsFile({path!r}, private=True)\n"
+             "w = f.view('w'); w.clamp_(max=3.0); assert w.tolist() == [0, 1, 2, 3, 3, 3, 3, 3], w\n")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    f = SafetensorsFile(path)
+    assert f.view("w").tolist() == list(range(8))  # the file is as it was
+    f.close()

@@ -48,6 +48,14 @@ def make_config(arch: str, num_layers: Optional[int] = None):
         return RecurrentGemmaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=common["num_hidden_layers"], num_attention_heads=4,
                                     num_key_value_heads=1, lru_width=32, attention_window_size=4)
+    if arch == "gemma3n_text":  # writes a weight in place each forward (AltUp's coefficient clamp); lists per layer
+        from transformers import Gemma3nTextConfig
+
+        L = common["num_hidden_layers"]
+        return Gemma3nTextConfig(**dict(common, intermediate_size=[64] * L), head_dim=8, sliding_window=4,
+                                 layer_types=(["sliding_attention", "full_attention"] * L)[:L],
+                                 hidden_size_per_layer_input=8, vocab_size_per_layer_input=96,
+                                 num_kv_shared_layers=0, laurel_rank=4, activation_sparsity_pattern=[0.0] * L)
     if arch == "phimoe":  # its router is an nn.Linear subclass returning a tuple
         from transformers import PhimoeConfig
 

@@ -54,7 +54,9 @@ class LemaModel(nn.Module):
         self.hf_config = load_hf_config(config.model_name_or_path)
         base = build_meta_model(self.hf_config, self.dtype)
         self.units = unit_map(base)
-        self.store = WeightStore(config.model_name_or_path, config.gbi_path)
+        # on the CPU the layers compute on views of the file's pages: copy-on-write, so a model writing a weight in
+        # place (Gemma 3n) writes its own copy (SafetensorsFile)
+        self.store = WeightStore(config.model_name_or_path, config.gbi_path, private=self.device.type == "cpu")
         self.sources, unexpected = map_checkpoint(base, self.store)
         self._read = reader_for(self.sources, self.store, base)
         self._check_checkpoint(base, unexpected)

@@ -29,13 +29,13 @@ class WeightStore:
     contiguous byte range holding that unit's tensors, so a unit moves with one read.
     """
 
-    def __init__(self, folder: str, gbi_path: Optional[str] = None):
+    def __init__(self, folder: str, gbi_path: Optional[str] = None, private: bool = False):
         self.folder = folder
         self.files: list[SafetensorsFile] = []
         self.where: dict[str, tuple[SafetensorsFile, TensorEntry]] = {}
         self.units: dict[str, tuple[SafetensorsFile, int, int]] = {}
         for path in weight_files(folder, gbi_path):
-            f = SafetensorsFile(path)
+            f = SafetensorsFile(path, private)  # copy-on-write views (SafetensorsFile)
             self.files.append(f)
             for key, entry in f.entries.items():
                 self.where[key] = (f, entry)

@@ -68,7 +68,7 @@ class TensorEntry:
 class SafetensorsFile:
     """A memory-mapped safetensors file. `view(key)` is a zero-copy CPU tensor over the mmap."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, private: bool = False):
         self.path = path
         if not os.path.isfile(path):
             raise WeightsFileError(f"weights file {path!r} does not exist")
@@ -111,9 +111,14 @@ class SafetensorsFile:
             raise WeightsFileError(f"{path!r} is truncated: its header needs {needed} bytes but the file has "
                                    f"{self.size} ({needed - self.size} missing); fetch or convert it again")
         self._file = open(path, "rb")
-        self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+        # `private` (the CPU's views, which a layer computes with): copy-on-write, so that a model writing a weight
+        # in place (Gemma 3n's AltUp clamps its coefficients each forward) changes its own copy of those pages,
+        # never the file, where a read-only mapping ended the process with SIGSEGV. Pages nobody writes stay
+        # the page cache's, as with ACCESS_READ. Not for CUDA: page-locking a private mapping could copy it.
+        access = mmap.ACCESS_COPY if private else mmap.ACCESS_READ
+        self._mmap = mmap.mmap(self._file.fileno(), 0, access=access) if self.size else None
         # A read-only mmap cannot be wrapped by torch.frombuffer without a warning about writability;
-        # the views we hand out are never written (frozen weights), which the engine guarantees.
+        # the views we hand out are frozen weights (written, if at all, only on a private mapping).
         self._buffer = memoryview(self._mmap) if self._mmap is not None else None
         self._address = self.bytes_view(0, 1).data_ptr() if self._mmap is not None else 0  # the mapping's start
         self._registered: list[int] = []  # addresses page-locked for CUDA (register_with_cuda)
