@@ -296,7 +296,8 @@ def test_boundary_goes_to_host_memory_when_only_that_fits():
 
 
 @pytest.mark.parametrize("arch, dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32),
-                                         ("gpt2", torch.bfloat16), ("opt", torch.float32), ("mixtral", torch.float32)])
+                                         ("gpt2", torch.bfloat16), ("opt", torch.float32), ("mixtral", torch.float32),
+                                         ("gemma2", torch.float32), ("gemma2", torch.bfloat16)])
 def test_kept_layer_terms_match_what_autograd_saves(arch, dtype, tmp_path, make_lema):
     """The plan's per-layer saved terms against the bytes a kept layer's saved tensors hold in a real step
     (LEMA's kept-layer hooks count them, weights excluded): in bf16 PEFT saves a float32 copy of each
@@ -305,10 +306,14 @@ def test_kept_layer_terms_match_what_autograd_saves(arch, dtype, tmp_path, make_
     CPU's attention takes SDPA's math path and keeps the T x T probabilities) saved 1.8x the Llama terms; OPT
     (ReLU, whose backward needs its output alone, and dropout 0.1 on each sublayer's output) 0.77x the terms
     of an ungated MLP; Mixtral (attention adapted only, frozen experts: no input saved for a weight gradient)
-    0.89x the Llama terms."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MixtralConfig, OPTConfig
+    0.89x the Llama terms; Gemma 2 (eager attention for its soft-capping: the T x T softmax, its cast and the
+    tanh kept, k and v repeated to every head; four norms a layer) 1.65x the Llama terms."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MixtralConfig, OPTConfig
 
-    if arch == "mixtral":
+    if arch == "gemma2":
+        cfg = Gemma2Config(vocab_size=96, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                           num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=256)
+    elif arch == "mixtral":
         cfg = MixtralConfig(vocab_size=96, hidden_size=256, intermediate_size=352, num_hidden_layers=2,
                             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
                             num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)

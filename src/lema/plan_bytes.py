@@ -59,18 +59,21 @@ def _of_layer(value, i: int, L: int):
 def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
                      lora_in_features: Optional[int] = None, seq_len: Optional[int] = None,
                      device_type: str = "cuda", mlp_gated: bool = True,
-                     experts_adapted: bool = False, mlp_adapted: bool = True) -> dict[str, int]:
+                     experts_adapted: bool = False, mlp_adapted: bool = True, norms: int = 2,
+                     eager_attention: bool = False) -> dict[str, int]:
     """Bytes of one layer's recompute + backward working set, term by term (see planner.py's module docstring).
     `lora_in_features`: the adapted linears' input widths, summed over one layer (default: Llama's seven,
     6 H + I). `mlp_gated` False: an MLP without a gate projection (GPT-2's fc -> act -> proj). `seq_len` and
     `device_type`: where attention has dropout, the CPU's SDPA saves the T x T probabilities (its math path).
+    `norms`: hidden-width norms per layer (2 in the formulas). `eager_attention`: Transformers' eager attention
+    (Gemma 2, for its soft-capping), which keeps the T x T scores and k, v repeated to every head.
     Where the layers differ (heads, head_dim or MLP width set per layer), each term is its largest over the
     layers: the peak is the largest layer's recompute, and a kept layer is counted as the largest (a bound)."""
     configs = _layer_configs(hf_config)
     terms: dict[str, int] = {}
     for i, c in enumerate(configs):
         one = _one_layer_terms(c, i, len(configs), a, s, lora_rank, n_targets, lora_in_features, seq_len,
-                               device_type, mlp_gated, experts_adapted, mlp_adapted)
+                               device_type, mlp_gated, experts_adapted, mlp_adapted, norms, eager_attention)
         for name, b in one.items():
             terms[name] = max(terms.get(name, 0), b)
     return terms
@@ -78,7 +81,8 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
 
 def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_targets: int,
                      lora_in_features: Optional[int], seq_len: Optional[int], device_type: str, mlp_gated: bool,
-                     experts_adapted: bool, mlp_adapted: bool) -> dict[str, int]:
+                     experts_adapted: bool, mlp_adapted: bool, norms: int = 2,
+                     eager_attention: bool = False) -> dict[str, int]:
     """layer_work_terms of layer i of L, whose config is `c`."""
     def get(*names):  # the first of the settings `names` this layer has
         return next((v for v in (_of_layer(getattr(c, n, None), i, L) for n in names) if v), None)
@@ -108,7 +112,7 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
     dropout = getattr(c, "attn_pdrop", None) or getattr(c, "attention_dropout", None) or 0.0
     math_path = device_type == "cpu" and dropout > 0 and seq_len is not None and nh > 0  # no fused CPU kernel
     terms = {
-        "norms": a * (H * f32 * (2 if cast else 1) + 2 * f32),
+        "norms": a * (H * f32 * (2 if cast else 1) + 2 * f32) * norms // 2,
         "attention in": a * (f32 if math_path else s) * (nh * d + 2 * nkv * d),
         "attention out": a * (s * nh * d + nh * f32),
         "mlp": int(a * s * I * mlp),
@@ -118,6 +122,13 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
     if math_path:  # the probabilities, their dropped copy and the bmm's input: B x nh x T x T each, and like
         # q, k, v in float32 (the CPU's math path upcasts bf16/fp16)
         terms["attention probs"] = 3 * a * nh * seq_len * f32
+    elif eager_attention and nh and seq_len:
+        # eager attention: the float32 softmax, its cast to the dtype (the second bmm's input), the soft-capping's
+        # tanh; k and v repeated to all nh heads; in backward, the scores' gradients (two T x T in float32)
+        cap = bool(getattr(c, "attn_logit_softcapping", None))
+        terms["attention probs"] = a * nh * seq_len * (f32 + (s if s != f32 else 0) + (s if cap else 0))
+        terms["attention in"] += 2 * a * (nh - nkv) * d * s
+        terms["backward"] += 2 * a * nh * seq_len * f32
     if not nh:
         # no attention: a recurrent mixer the terms above do not describe. A conservative estimate of what it
         # saves, float32 per token, as measured on Transformers' PyTorch paths (the CPU's; a fused CUDA kernel
@@ -138,10 +149,11 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
     return terms
 
 
-def head_work_bytes(a: int, V: int, s: int) -> int:
-    """Transformers' head + loss over the full logits (see planner.py's module docstring)."""
+def head_work_bytes(a: int, V: int, s: int, softcap: bool = False) -> int:
+    """Transformers' head + loss over the full logits (see planner.py's module docstring); the final logit
+    soft-capping (Gemma 2) keeps its tanh, one a x V more."""
     extra = a * V * (4 + s) if s != 4 else 0
-    return a * V * (s + 12) + extra
+    return a * V * (s + 12) + extra + (a * V * s if softcap else 0)
 
 
 def chunked_head_work_bytes(a: int, V: int, H: int, s: int, rows: int, softcap: bool = False) -> int:
@@ -173,6 +185,8 @@ class ModelFacts:
     mlp_gated: bool = True  # the decoder layer's MLP has a gate projection (Llama's); GPT-2's has none
     experts_adapted: bool = False  # MoE: LoRA on the experts (by default only attention is adapted)
     mlp_adapted: bool = True  # LoRA on some linear outside attention (the MLP's), whose input it then keeps
+    norms: int = 2  # hidden-width norms per decoder layer
+    eager_attention: bool = False  # the skeleton's attention is eager (Gemma 2's soft-capping): T x T kept
     layers_as_stored: bool = True  # the folder's layer tensors are the model's, none built on load from several
     file_dtype: Optional[torch.dtype] = None  # the folder's first floating tensor's dtype (None: a config, no file)
     layer_dtypes: frozenset = frozenset()  # the dtypes of the file's layer tensors (empty: a config, no file)
@@ -247,8 +261,9 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
 
     from .config import parse_dtype
     from .engine.chunked_loss import final_softcap, fused_head_supported
-    from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets, default_lora_targets,
-                                  find_decoder_layers, load_hf_config, parameter_aliases, unit_map)
+    from .engine.skeleton import (EMBED, HEAD, attention_implementation, build_meta_model, check_lora_targets,
+                                  default_lora_targets, find_decoder_layers, load_hf_config, parameter_aliases,
+                                  unit_map)
 
     dtype = parse_dtype(dtype)
     hf_config = load_hf_config(model) if isinstance(model, str) else model
@@ -272,6 +287,11 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
     chunk_ok = fused_head_supported(base) is None
     prefix, layers = find_decoder_layers(base)
     mlp_gated = any("gate" in n for n, _ in layers[0].named_parameters()) if len(layers) else True
+    # the hidden-width norms of a layer (Llama's two; Gemma 2's four: pre and post each sublayer), not the
+    # per-head q/k norms some models add
+    H = _text_config(hf_config).hidden_size
+    norms = sum(1 for m in layers[0].modules() if "norm" in type(m).__name__.lower()
+                and tuple(getattr(getattr(m, "weight", None), "shape", ())) == (H,)) if len(layers) else 2
     targets = list(targets or default_lora_targets(layers))
     check_lora_targets(base, prefix, targets, lora_rank)  # as LemaModel: a target outside the layers is refused
     with torch.device("meta"):  # the adapters' shapes only: nothing allocated, nothing initialised
@@ -294,7 +314,8 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
     return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, lora_in_features,
                       units.num_layers,
                       c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied,
-                      mlp_gated, experts_adapted, mlp_adapted, **folder)
+                      mlp_gated, experts_adapted, mlp_adapted, norms=norms or 2,
+                      eager_attention=attention_implementation(hf_config) == "eager", **folder)
 
 
 def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
