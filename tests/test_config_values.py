@@ -88,15 +88,33 @@ def test_good_value_is_kept(field, value, derived, expected):
 @pytest.mark.parametrize("argv, fragment", [
     (["plan", "--shape", "tiny-llama", "--max-vram", "-1GB"], "max_vram='-1GB' must be positive"),
     (["plan", "--shape", "tiny-llama", "--max-vram", "-.5GB"], "max_vram='-.5GB' must be positive"),
-    (["plan", "--shape", "tiny-llama", "--batch-size", "-1"], "batch_size=-1 must be a positive integer"),
+    (["plan", "--shape", "tiny-llama", "--batch-size", "-1"], "argument --batch-size: '-1' is not a whole number >= 1"),
 ])
 def test_a_negative_value_on_the_command_line_reaches_its_check(argv, fragment, capsys):
     """argparse read `--max-vram -1GB` as two options and said only "expected one argument"."""
     from lema.cli import main
 
-    assert main(argv) in (1, 2)
+    try:
+        rc = main(argv)
+    except SystemExit as stop:  # argparse's own usage error (a flag's type)
+        rc = stop.code
+    assert rc in (1, 2)
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--num-buffers", "1"], "argument --num-buffers: 1 must be an integer >= 2"),
+    (["--lora-rank", "0"], "argument --lora-rank: 0 must be a positive integer"),
+    (["--seq-len", "0"], "argument --seq-len: '0' is not a whole number >= 1"),
+])
+def test_lema_plan_names_the_flag_of_a_bad_value(argv, fragment, capsys):
+    """The planner's own checks named the Python parameter ("num_buffers=1 must be >= 2")."""
+    from lema.cli import main
+
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error
+        main(["plan", "--shape", "tiny-llama", *argv])
+    assert stop.value.code == 2 and fragment in capsys.readouterr().err
 
 
 def test_an_option_without_a_value_keeps_a_negative_looking_token_apart():

@@ -141,7 +141,9 @@ class Plan:
         for r in self.rows():
             lines.append(f"  {r.item:<{w}}  {r.where:<10}  {r.nbytes:>15,}  {human(r.nbytes):>10}  {r.note}")
         lines.append("")
-        lines.append(f"  predicted peak: {human(self.peak_bytes)} ({self.peak_bytes:,} B), at {self.peak_phase}")
+        lines.append(f"  predicted peak: {human(self.peak_bytes)} ({self.peak_bytes:,} B), at {self.peak_phase}"
+                     + ("; plus the layers that keep their activations, decided at run time from the free memory "
+                        "(--keep-activations N or --max-vram fixes them here)" if self.keep_decided_at_run_time else ""))
         if self.max_vram_bytes is not None:
             lines.append(f"  budget:         {human(self.max_vram_bytes)}, headroom "
                          f"{human(self.max_vram_bytes - self.peak_bytes)}")

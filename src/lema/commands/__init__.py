@@ -22,6 +22,37 @@ def count_or_auto(text: str):
     return int(text)
 
 
+def config_int(name: str):
+    """argparse type of an integer flag that a LemaConfig field checks (`name`): refused by argparse with the
+    flag and LemaConfig's reason ("argument --num-buffers: must be an integer >= 2: ..."), not by the planner
+    with the Python name."""
+    import argparse
+
+    def parse(text: str) -> int:
+        from ..config import _CHECKS  # at parse time: building the parser imports no torch
+
+        accepts, why = _CHECKS[name]
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"{value} {why}")
+        return value
+
+    parse.__name__ = name  # argparse names a type by it
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (--batch-size, --seq-len)."""
+    import argparse
+
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def add_layer_placement_flags(parser) -> None:
     """--offload-activations, --resident-layers and --zero-copy, as `lema plan` and `lema bench` take them
     (`lema train` makes its flags from TrainArgs, whose zero_copy docstring says the same)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_layer_placement_flags, count_or_auto, tristate
+from . import add_layer_placement_flags, config_int, count_or_auto, positive_int, tristate
 
 HELP = "print the memory plan of a training run (what goes where, the predicted peak) without training"
 EXAMPLE = "lema plan --shape llama-2-7b --max-vram 16GB --batch-size 8 --seq-len 512 --dtype bfloat16"
@@ -18,15 +18,15 @@ def add_arguments(parser) -> None:
     src.add_argument("--shape", choices=[s for s in SHAPES], help="a known model shape (config only, no weights)")
     parser.add_argument("--max-vram", default=None, metavar="SIZE",
                         help="device memory budget, e.g. 16GB or 12GiB; a plan over it is refused")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: 512)")
-    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (default: 16)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step (default: 8)")
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence (default: 512)")
+    parser.add_argument("--lora-rank", type=config_int("lora_rank"), default=16, help="LoRA rank r (default: 16)")
     parser.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
                         help="modules to adapt (default: every linear layer inside the decoder layers)")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype of the frozen weights (default: bfloat16)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="where the step would run (default: cuda; no GPU is needed to plan)")
-    parser.add_argument("--num-buffers", type=int, default=3, help="ring depth (default: 3)")
+    parser.add_argument("--num-buffers", type=config_int("num_buffers"), default=3, help="ring depth (default: 3)")
     parser.add_argument("--strategy", default="streaming", choices=["streaming", "resident"],
                         help="streaming (default) or resident")
     parser.add_argument("--optimizer", default="adamw", help="adamw (default), adam, sgd or sgd-momentum")
