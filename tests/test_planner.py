@@ -756,3 +756,40 @@ def test_a_loaded_optimizer_state_is_not_taken_from_the_kept_layers_room_twice(t
         kept.append(model.kept_layers(B * T, T))
         state = opts[0].state_dict()
     assert kept == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_the_full_logits_head_on_the_cpu_holds_what_the_plan_says(tmp_path):
+    """Transformers' head + causal-LM loss, forward and backward, measured by LEMA's CPU allocator (the most it
+    had in use, in a fresh process): in bf16 it holds 14 a V bytes (the plan had 20: the GPU's float32 upcast,
+    which the CPU does not keep; bf16 CPU plans were 1.14-1.2x their runs), in float32 16 a V."""
+    import json
+    import subprocess
+    import sys
+
+    from lema.plan_bytes import head_work_bytes
+
+    a, H, V = 1024, 64, 8192
+    child = f"""
+import json, torch, torch.nn.functional as F
+from transformers.loss.loss_utils import ForCausalLMLoss
+from lema import cpu_allocator
+assert cpu_allocator.install(0)
+out = {{}}
+for name in ("bfloat16", "float32"):
+    dt = getattr(torch, name)
+    hidden = torch.randn(1, {a}, {H}, dtype=dt, requires_grad=True)
+    weight, labels = torch.randn({V}, {H}, dtype=dt), torch.randint(0, {V}, (1, {a}))
+    before = cpu_allocator.stats()
+    logits = F.linear(hidden, weight)  # kept, as the model's output holds them until the step returns
+    ForCausalLMLoss(logits, labels, vocab_size={V}).backward()
+    out[name] = cpu_allocator.stats().high_water_bytes - before.in_use_bytes
+    assert before.high_water_bytes == before.in_use_bytes or name != "bfloat16"  # the first: nothing before
+    del hidden, weight, labels, logits
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    held = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, s in (("bfloat16", 2), ("float32", 4)):
+        assert held[name] == pytest.approx(head_work_bytes(a, V, s, device_type="cpu"), rel=0.05), (name, held)
+    assert head_work_bytes(a, V, 2, device_type="cpu") == 14 * a * V

@@ -200,7 +200,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         head_work = chunked_head_work_bytes(a, V, H, s, chunk_rows(V), f.softcap)
     else:
         logits = a * V * s
-        head_work = head_work_bytes(a, V, s, f.softcap)
+        head_work = head_work_bytes(a, V, s, f.softcap, device_type)
     terms = layer_work_terms(hf_config, a, s, lora_rank, f.n_targets, f.lora_in_features, seq_len, device_type,
                              f.mlp_gated, f.experts_adapted, f.mlp_adapted, f.norms, f.eager_attention)
     layer_work = sum(terms.values())
