@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +49,10 @@ def _read_pool(threads: int) -> "ThreadPoolExecutor":
 
 class WeightsFileError(ValueError):
     """A weights file that is missing, truncated or malformed; the message names the file and the fix."""
+
+
+# Linux's value (Python's mmap module names it from 3.12 only); elsewhere none, and a big file maps read-only
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,8 @@ class SafetensorsFile:
         # in place (Gemma 3n's AltUp clamps its coefficients each forward) changes its own copy of those pages,
         # never the file, where a read-only mapping ended the process with SIGSEGV. Pages nobody writes stay
         # the page cache's, as with ACCESS_READ. Not for CUDA: page-locking a private mapping could copy it.
-        access = mmap.ACCESS_COPY if private else mmap.ACCESS_READ
-        self._mmap = mmap.mmap(self._file.fileno(), 0, access=access) if self.size else None
+        self._mmap = (self._map_private() if private else
+                      mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)) if self.size else None
         # A read-only mmap cannot be wrapped by torch.frombuffer without a warning about writability;
         # the views we hand out are frozen weights (written, if at all, only on a private mapping).
         self._buffer = memoryview(self._mmap) if self._mmap is not None else None
@@ -126,6 +131,17 @@ class SafetensorsFile:
         # resident() against close(): its own lock, so the compute thread's check never waits for a populate
         # (which holds the advice lock while it reads a layer from the disk, a second or more)
         self._resident_lock = threading.Lock()
+
+    def _map_private(self):
+        """The file mapped copy-on-write without reserving memory for it (MAP_NORESERVE): a private writable
+        mapping is otherwise charged whole against RAM + swap, and a file bigger than that (a 7B model in float32
+        on a 24 GiB machine) is refused (ENOMEM). Where the kernel charges it anyway (strict overcommit), read-only,
+        as before: a model that writes a weight in place is then the one that fails."""
+        try:
+            return mmap.mmap(self._file.fileno(), 0, flags=mmap.MAP_PRIVATE | MAP_NORESERVE,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            return mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
 
     def bytes_view(self, start: int, end: int) -> torch.Tensor:
         """uint8 CPU tensor over file bytes [start, end), zero-copy."""
