@@ -365,3 +365,21 @@ def test_merge_refuses_adapters_it_would_fold_wrong(tmp_path, config, key, messa
               str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=message):
         lora_deltas(str(tmp_path))
+
+
+def test_a_buffer_transformers_keeps_in_float32_stays_float32(tmp_path):
+    """DeepSeek-V3's router bias picks the experts; from_pretrained keeps it in float32 in a bf16 model
+    (`_keep_in_fp32_modules_strict`). LEMA held it in bf16, and `lema convert --dtype bfloat16` wrote it so."""
+    from transformers import AutoModelForCausalLM
+
+    from lema import LemaConfig, LemaModel
+
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    src = save_tiny("deepseek_v3", str(tmp_path / "ds3"))
+    out = convert(src, str(tmp_path / "ds3-bf16"), dtype="bfloat16", progress=False)
+    assert SafetensorsFile(out + "/model.safetensors").entries[name].dtype == torch.float32
+    want = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).get_buffer(name)
+    assert want.dtype == torch.float32
+    for folder in (src, out):
+        with LemaModel(LemaConfig(model_name_or_path=folder, dtype="bfloat16", lora_rank=4)) as model:
+            torch.testing.assert_close(model.base_model.get_buffer(name), want, rtol=0, atol=0)

@@ -674,8 +674,12 @@ def test_a_folder_without_safetensors_is_planned_with_slots_and_staged(tmp_path)
     assert f"holds .bin weights, not safetensors: planned from its config; `lema train` streams them after " \
            f"`lema convert {folder} OUT`" in cpu.table()
     os.remove(f"{folder}/pytorch_model.bin")
+    open(f"{folder}/training_args.bin", "wb").close()  # not weights: convert reads pytorch_model*.bin only
     assert "holds no weights: planned from its config alone" in plan(folder, "float32", batch_size=B, seq_len=T,
                                                                       device_type="cpu").table()
+    open(f"{folder}/model-Q8_0.gguf", "wb").close()  # beside a config.json convert takes a .gguf by its name
+    assert f"after `lema convert {folder}/model-Q8_0.gguf OUT`" in plan(folder, "float32", batch_size=B, seq_len=T,
+                                                                         device_type="cpu").table()
     shape = plan(make_config("llama"), "float32", batch_size=B, seq_len=T, device_type="cpu")
     assert shape.ring_device_bytes == 0 and shape.embedding_view_bytes > 0  # a config alone: as if stored so
     assert "weights" not in "".join(shape.advice)  # a shape has no folder to name

@@ -159,21 +159,26 @@ def plan_tensors(units: dict[str, list[str]], model, dtype: torch.dtype, buffers
     """Every unit's tensors back to back in step order, floating ones in `dtype` (even those a model class
     keeps in float32); returns the tensors and each unit's range relative to the data section. `buffers`: the
     model's persistent buffers the source holds (DeepSeek-V3's router correction biases), in the dtype the model
-    holds them, in no unit (LemaModel loads them once): those at least as wide as `dtype` before the first unit,
-    the narrower ones after the last, each group widest first, so that every tensor starts aligned to its dtype
+    holds them (float32 where from_pretrained keeps them so), in no unit (LemaModel loads them once): those at
+    least as wide as `dtype` before the first unit, the narrower ones after the last, each group widest first, so
+    that every tensor starts aligned to its dtype
     (safetensors allows no padding)."""
+    from .store.keymap import kept_in_float32
+
     params = dict(model.named_parameters())
     held = dict(model.named_buffers())
-    order = sorted(buffers, key=lambda n: -held[n].dtype.itemsize)
+    float32 = kept_in_float32(model, dtype)  # as from_pretrained keeps them (DeepSeek-V3's router bias)
+    kind = {n: torch.float32 if float32(n) else held[n].dtype for n in buffers}
+    order = sorted(buffers, key=lambda n: -kind[n].itemsize)
     planned, ranges, offset = [], {}, 0
 
     def place(names):
         nonlocal offset
         for name in names:
-            planned.append(Planned(name, held[name].dtype, tuple(held[name].shape), offset, ""))
+            planned.append(Planned(name, kind[name], tuple(held[name].shape), offset, ""))
             offset += planned[-1].nbytes
 
-    place([n for n in order if held[n].dtype.itemsize >= dtype.itemsize])
+    place([n for n in order if kind[n].itemsize >= dtype.itemsize])
     for unit, names in units.items():
         start = offset
         for name in names:
@@ -182,7 +187,7 @@ def plan_tensors(units: dict[str, list[str]], model, dtype: torch.dtype, buffers
             planned.append(Planned(name, out_dtype, tuple(p.shape), offset, unit))
             offset += planned[-1].nbytes
         ranges[unit] = (start, offset)
-    place([n for n in order if held[n].dtype.itemsize < dtype.itemsize])
+    place([n for n in order if kind[n].itemsize < dtype.itemsize])
     return planned, ranges
 
 

@@ -27,7 +27,8 @@ from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fus
 from .engine.streamed_layer import StreamedLayers
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
-from .store.keymap import check_complete, check_shapes, check_unused, map_checkpoint, reader_for, stored_buffers
+from .store.keymap import (check_complete, check_shapes, check_unused, kept_in_float32, map_checkpoint,
+                           reader_for, stored_buffers)
 from .stream.layout import UnitLayout, registration_spans
 from .stream.pager import RESERVE_BYTES, PageCachePager
 from .stream.ring import ResidentLayers, WeightRing
@@ -186,14 +187,20 @@ class LemaModel(nn.Module):
 
     def _load_stored_buffers(self, base) -> None:
         """The persistent buffers the weights hold (keymap.stored_buffers), copied into the skeleton's once, in
-        the dtype it holds them (as from_pretrained casts them); a few bytes each, resident with the layer."""
+        the dtype it holds them, or float32 where from_pretrained keeps them so (keymap.kept_in_float32); a few
+        bytes each, resident with the layer."""
         held = dict(base.named_buffers())
+        float32 = kept_in_float32(base, self.dtype)
         for name in stored_buffers(base, self.sources):
             value = self._read(name)
             if tuple(value.shape) != tuple(held[name].shape):
                 raise WeightsFileError(f"tensor {name!r} has shape {tuple(value.shape)} in "
                                        f"{self.config.model_name_or_path!r} but config.json implies "
                                        f"{tuple(held[name].shape)}; the weights do not belong to this config.json")
+            if float32(name):  # as from_pretrained: kept in float32 whatever the compute dtype
+                owner, attr = name.rsplit(".", 1)
+                base.get_submodule(owner)._buffers[attr] = value.to(torch.float32, copy=True)
+                continue
             with torch.no_grad():
                 held[name].copy_(value)
 

@@ -263,9 +263,8 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
 
     from .config import parse_dtype
     from .engine.chunked_loss import final_softcap, fused_head_supported
-    from .engine.skeleton import (EMBED, HEAD, attention_implementation, build_meta_model, check_lora_targets,
-                                  default_lora_targets, find_decoder_layers, load_hf_config, parameter_aliases,
-                                  unit_map)
+    from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets, default_lora_targets,
+                                  find_decoder_layers, load_hf_config, parameter_aliases, unit_map)
 
     dtype = parse_dtype(dtype)
     hf_config = load_hf_config(model) if isinstance(model, str) else model
@@ -317,7 +316,8 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
                       units.num_layers,
                       c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied,
                       mlp_gated, experts_adapted, mlp_adapted, norms=norms or 2,
-                      eager_attention=attention_implementation(hf_config) == "eager", **folder)
+                      # as the skeleton runs it: eager for soft-capping, and where an architecture has no SDPA
+                      eager_attention=getattr(base.config, "_attn_implementation", None) == "eager", **folder)
 
 
 def _folder_facts(folder: str, meta_model, units, layer_names: list[str],

@@ -295,12 +295,18 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     if folder and f.from_folder and not f.safetensors:  # a config alone plans; train and generate need weights
         import glob
 
-        held = [kind for kind, pattern in ((".bin", "*.bin"), ("GGUF", "*.gguf"))
-                if glob.glob(os.path.join(folder, pattern))]
-        p.advice.append(f"{folder!r} holds {' and '.join(held)} weights, not safetensors: planned from its config; "
-                        f"`lema train` streams them after `lema convert {folder} OUT`" if held else
-                        f"{folder!r} holds no weights: planned from its config alone; `lema train` needs its "
-                        "safetensors weights beside it")
+        # the sources `lema convert` takes from a folder with a config.json: its .bin shards, or a .gguf by name
+        bins = glob.glob(os.path.join(folder, "pytorch_model*.bin"))
+        ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+        if bins:
+            p.advice.append(f"{folder!r} holds .bin weights, not safetensors: planned from its config; `lema train` "
+                            f"streams them after `lema convert {folder} OUT`")
+        elif ggufs:
+            p.advice.append(f"{folder!r} holds GGUF weights, not safetensors: planned from its config; `lema train` "
+                            f"streams them after `lema convert {ggufs[0]} OUT`")
+        else:
+            p.advice.append(f"{folder!r} holds no weights: planned from its config alone; `lema train` needs its "
+                            "safetensors weights beside it")
     if strategy == "streaming" and folder and L > p.resident_layers:
         converted = [] if f.layers_as_stored else ["built on load from several tensors (experts stacked)"]
         if stored and not f.layers_stored_in(dtype):

@@ -120,6 +120,16 @@ def stored_buffers(model, sources: dict) -> list[str]:
     return [name for name, _ in model.named_buffers() if name in sources and name not in params]
 
 
+def kept_in_float32(model, dtype: torch.dtype) -> Callable[[str], bool]:
+    """Whether from_pretrained keeps the tensor `name` in float32 at `dtype` (the class's
+    `_keep_in_fp32_modules_strict` in bf16 and fp16, `_keep_in_fp32_modules` in fp16: DeepSeek-V3's router
+    `e_score_correction_bias`, which picks the experts)."""
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    found = [re.compile(r"(^|\.)" + re.escape(k).replace(r"\*", r"[^.]+") + r"($|\.)") for k, d in plan.items()
+             if d == torch.float32]
+    return lambda name: any(p.search(name) for p in found)
+
+
 def check_shapes(model, sources: dict, store) -> None:
     """Every parameter stored as one file tensor has the model's shape and a floating dtype (LemaModel and the
     plan alike; parameters built from several tensors are checked when built)."""
