@@ -7,6 +7,9 @@ The output file is plain safetensors, so Transformers loads the folder as it is:
                    data section starts   order, tensors back to back (safetensors forbids holes
                    at a multiple of 4096 between tensors, so units are not padded)
 
+- Persistent buffers the source holds (DeepSeek-V3's router biases) are written too, in no unit: those at
+  least as wide as the dtype before `embed`, narrower ones after `head` (plan_tensors), so that every tensor
+  stays aligned to its dtype; LemaModel loads them once.
 - Tensors carry the MODEL's parameter names, as `store.keymap.map_checkpoint` gives them (so
   Mixtral's per-expert legacy tensors come out fused, as Transformers 5 models hold them), in the
   chosen dtype. A tied lm_head is written once, as the embedding.
