@@ -101,8 +101,12 @@ class LemaTrainer:
         # A micro-batch without a target (every label -100 past the first position) has a NaN mean loss and would
         # make the step's gradients NaN: it contributes nothing instead, as in Transformers' Trainer. Counted where
         # the labels are on the CPU (no host sync); labels already on a GPU are not counted.
-        held = optimizer_state_bytes(self.optimizer, self.model.device) if self.model._budget is None else 0
-        if held:  # a loaded optimizer state, in memory before the run-time planner reads the free memory
+        # the first call of a trainer whose optimizer holds a loaded state (a resume): the run-time planner, not
+        # made yet, would read the free memory with it taken. Only then: a fresh run's state appears after its
+        # first step, and the planner is made where a step needs it
+        held = optimizer_state_bytes(self.optimizer, self.model.device) \
+            if self.micro_step == 0 and self.model._budget is None else 0
+        if held:
             self.model._activation_budget(held_bytes=held)
         targets = (labels[..., 1:] != -100).sum() if torch.is_tensor(labels) else None
         empty = targets is not None and labels.device.type == "cpu" and not bool(targets)
