@@ -98,9 +98,6 @@ class LemaTrainer:
         if num_items_in_batch is not None and num_items_in_batch < 1:
             raise ValueError(f"num_items_in_batch={num_items_in_batch} must be >= 1: the supervised targets "
                              "(labels[:, 1:] != -100) of the optimizer step's micro-batches")
-        # A micro-batch without a target (every label -100 past the first position) has a NaN mean loss and would
-        # make the step's gradients NaN: it contributes nothing instead, as in Transformers' Trainer. Counted where
-        # the labels are on the CPU (no host sync); labels already on a GPU are not counted.
         # the first call of a trainer whose optimizer holds a loaded state (a resume): the run-time planner, not
         # made yet, would read the free memory with it taken. Only then: a fresh run's state appears after its
         # first step, and the planner is made where a step needs it
@@ -108,6 +105,9 @@ class LemaTrainer:
             if self.micro_step == 0 and self.model._budget is None else 0
         if held:
             self.model._activation_budget(held_bytes=held)
+        # A micro-batch without a target (every label -100 past the first position) has a NaN mean loss and would
+        # make the step's gradients NaN: it contributes nothing instead, as in Transformers' Trainer. Counted where
+        # the labels are on the CPU (no host sync); labels already on a GPU are not counted.
         targets = (labels[..., 1:] != -100).sum() if torch.is_tensor(labels) else None
         empty = targets is not None and labels.device.type == "cpu" and not bool(targets)
         was_training = self.model.training
