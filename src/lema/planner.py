@@ -295,10 +295,14 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     if folder and f.from_folder and not f.safetensors:  # a config alone plans; train and generate need weights
         import glob
 
-        # the sources `lema convert` takes from a folder with a config.json: its .bin shards, or a .gguf by name
-        bins = glob.glob(os.path.join(folder, "pytorch_model*.bin"))
-        ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
-        if bins:
+        from .convert import ConvertError, resolve_source
+
+        try:  # the source `lema convert` takes the folder as (its .bin shards)
+            kind = resolve_source(folder).kind
+        except ConvertError:
+            kind = None
+        ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))  # beside a config.json convert takes one by name
+        if kind == "bin":
             p.advice.append(f"{folder!r} holds .bin weights, not safetensors: planned from its config; `lema train` "
                             f"streams them after `lema convert {folder} OUT`")
         elif ggufs:
