@@ -383,3 +383,44 @@ def test_a_buffer_transformers_keeps_in_float32_stays_float32(tmp_path):
     for folder in (src, out):
         with LemaModel(LemaConfig(model_name_or_path=folder, dtype="bfloat16", lora_rank=4)) as model:
             torch.testing.assert_close(model.base_model.get_buffer(name), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["resident", "streaming"])
+def test_parameters_transformers_keeps_in_float32_stay_float32(strategy, tmp_path):
+    """Ernie 4.5's router weight and its correction bias are parameters that from_pretrained keeps in float32 in a
+    bf16 model (`_keep_in_fp32_modules_strict`). LEMA held them in bf16, which picked other experts (logits 0.38
+    apart). Both folders hold them in float32 now: the source (float32) and `lema convert --dtype bfloat16`'s file,
+    where the layer is still one packed read and the plan counts the float32 bytes."""
+    from transformers import AutoModelForCausalLM
+
+    from lema import MemoryStrategy
+    from lema.planner import model_facts
+
+    router = "model.layers.1.mlp.gate"
+    kept = (f"{router}.weight", f"{router}.moe_statics.e_score_correction_bias")
+    src = save_tiny("ernie4_5_moe", str(tmp_path / "ernie"))
+    out = convert(src, str(tmp_path / "ernie-bf16"), dtype="bfloat16", progress=False)
+    entries = SafetensorsFile(out + "/model.safetensors").entries
+    assert all(entries[n].dtype == torch.float32 for n in kept)
+    assert entries["model.layers.1.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    assert all(ref.get_parameter(n).dtype == torch.float32 for n in kept)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids, use_cache=False).logits.float()
+    for folder in (src, out):
+        with LemaModel(LemaConfig(model_name_or_path=folder, dtype="bfloat16", lora_rank=4,
+                                  strategy=MemoryStrategy(strategy))) as model:
+            seen = []
+            gate = model.base_model.get_submodule(router)
+            gate.register_forward_pre_hook(lambda m, _: seen.append((m.weight.dtype,
+                                                                    m.moe_statics.e_score_correction_bias.dtype)))
+            with torch.no_grad():
+                got = model(ids).logits.float()
+            assert seen and set(seen) == {(torch.float32, torch.float32)}
+            torch.testing.assert_close(got, want, atol=0.02, rtol=0.02)
+            if folder == out:
+                assert model.layouts[1].packed is not None  # one read per layer, float32 tensors aligned in it
+                facts = model_facts(out, "bfloat16", 4)
+                assert facts.unit_bytes["layer.1"] == model.layouts[1].nbytes
+                assert facts.layers_stored_as_held()

@@ -60,6 +60,11 @@ def make_config(arch: str, num_layers: Optional[int] = None):
         from transformers import PhimoeConfig
 
         return PhimoeConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "ernie4_5_moe":  # its router's weight and correction bias are parameters kept in float32 in bf16
+        from transformers import Ernie4_5_MoeConfig
+
+        return Ernie4_5_MoeConfig(**common, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
+                                  moe_layer_start_index=1, moe_num_shared_experts=1)
     raise KeyError(arch)
 
 

@@ -159,16 +159,20 @@ class Planned(Placement):
 
 def plan_tensors(units: dict[str, list[str]], model, dtype: torch.dtype, buffers: tuple[str, ...] = ()
                  ) -> tuple[list[Planned], dict[str, tuple[int, int]]]:
-    """Every unit's tensors back to back in step order, floating ones in `dtype` (even those a model class
-    keeps in float32); returns the tensors and each unit's range relative to the data section. `buffers`: the
+    """Every unit's tensors back to back in step order, floating ones in `dtype`, or in float32 where
+    from_pretrained keeps them so (Ernie 4.5's router weight; keymap.held_dtype), each unit's widest first (so
+    that they stay aligned: a unit's other tensors are whole multiples of their itemsize; where a unit ends off
+    float32's alignment the next unit's float32 tensor loads tensor by tensor, UnitLayout.build); returns the
+    tensors and each unit's range relative to the data section. `buffers`: the
     model's persistent buffers the source holds (DeepSeek-V3's router correction biases), in the dtype the model
     holds them (float32 where from_pretrained keeps them so), in no unit (LemaModel loads them once): those at
     least as wide as `dtype` before the first unit, the narrower ones after the last, each group widest first, so
     that every tensor starts aligned to its dtype
     (safetensors allows no padding)."""
-    from .store.keymap import kept_in_float32
+    from .store.keymap import held_dtype, kept_in_float32
 
     params = dict(model.named_parameters())
+    held_as = held_dtype(model, dtype)
     held = dict(model.named_buffers())
     float32 = kept_in_float32(model, dtype)  # as from_pretrained keeps them (DeepSeek-V3's router bias)
     kind = {n: torch.float32 if float32(n) else held[n].dtype for n in buffers}
@@ -184,10 +188,10 @@ def plan_tensors(units: dict[str, list[str]], model, dtype: torch.dtype, buffers
     place([n for n in order if kind[n].itemsize >= dtype.itemsize])
     for unit, names in units.items():
         start = offset
-        for name in names:
+        out = {n: held_as(n) if params[n].dtype.is_floating_point else params[n].dtype for n in names}
+        for name in sorted(names, key=lambda n: -out[n].itemsize):  # stable: step order within a width
             p = params[name]
-            out_dtype = dtype if p.dtype.is_floating_point else p.dtype
-            planned.append(Planned(name, out_dtype, tuple(p.shape), offset, unit))
+            planned.append(Planned(name, out[name], tuple(p.shape), offset, unit))
             offset += planned[-1].nbytes
         ranges[unit] = (start, offset)
     place([n for n in order if kind[n].itemsize < dtype.itemsize])

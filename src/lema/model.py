@@ -27,7 +27,7 @@ from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fus
 from .engine.streamed_layer import StreamedLayers
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
-from .store.keymap import (check_complete, check_shapes, check_unused, kept_in_float32, map_checkpoint,
+from .store.keymap import (check_complete, check_shapes, check_unused, held_dtype, kept_in_float32, map_checkpoint,
                            reader_for, stored_buffers)
 from .stream.layout import UnitLayout, registration_spans
 from .stream.pager import RESERVE_BYTES, PageCachePager
@@ -61,6 +61,9 @@ class LemaModel(nn.Module):
         self.sources, unexpected = map_checkpoint(base, self.store)
         self._read = reader_for(self.sources, self.store, base)
         self._check_checkpoint(base, unexpected)
+        # the dtype each parameter is held in: the compute dtype, or float32 where from_pretrained keeps it so
+        # (Ernie 4.5's router); a stored buffer's alike (_load_stored_buffers)
+        self.dtype_of = held_dtype(base, self.dtype)
         self._load_stored_buffers(base)
 
         shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}  # before PEFT renames them
@@ -80,7 +83,7 @@ class LemaModel(nn.Module):
         direct = {n: s.key for n, s in self.sources.items()}
         built_from = {n: [k for k, _ in s.group.sources] for n, s in self.sources.items() if s.group is not None}
         layer_names = [self.units.units[layer_unit(i)] for i in range(self.units.num_layers)]
-        self.layouts = [UnitLayout.build(layer_unit(i), names, shapes, self.dtype, self.store, direct, built_from)
+        self.layouts = [UnitLayout.build(layer_unit(i), names, shapes, self.dtype_of, self.store, direct, built_from)
                         for i, names in enumerate(layer_names)]
         # Reader threads per slot fill: on a GPU the host cores are free while the layers compute, and one
         # thread's copy out of the page cache (a few GB/s) is slower than the link it feeds.
@@ -176,10 +179,10 @@ class LemaModel(nn.Module):
                 tensor = self._read(name)
                 aliases = by_id[id(base.get_parameter(name))]
                 if (views_ok and unit == EMBED and len(aliases) == 1 and self.sources[name].key is not None
-                        and tensor.dtype == self.dtype):
+                        and tensor.dtype == self.dtype_of(name)):
                     self.embedding_view_bytes += tensor.numel() * tensor.element_size()
                 else:
-                    tensor = tensor.to(device=self.device, dtype=self.dtype, copy=True)
+                    tensor = tensor.to(device=self.device, dtype=self.dtype_of(name), copy=True)
                 param = nn.Parameter(tensor, requires_grad=False)
                 for alias in aliases:
                     owner, attr = alias.rsplit(".", 1)
@@ -190,7 +193,7 @@ class LemaModel(nn.Module):
         the dtype it holds them, or float32 where from_pretrained keeps them so (keymap.kept_in_float32); a few
         bytes each, resident with the layer."""
         held = dict(base.named_buffers())
-        float32 = kept_in_float32(base, self.dtype)
+        float32 = kept_in_float32(base, self.dtype)  # held_dtype's rule, for buffers: held in their own dtype else
         for name in stored_buffers(base, self.sources):
             value = self._read(name)
             if tuple(value.shape) != tuple(held[name].shape):
@@ -216,11 +219,10 @@ class LemaModel(nn.Module):
 
     def _file_dtype_is_compute_dtype(self, layer_names: list[list[str]]) -> bool:
         """The ring serves the file's bytes as they are (CPU mmap views, CUDA copies from the page cache)
-        only when no layer tensor needs a dtype conversion; otherwise it converts into its preallocated
-        slot buffers (no allocation per layer load)."""
-        sources = [self.sources[n] for names in layer_names for n in names]
-        keys = [k for src in sources for k in src.file_keys]
-        return all(self.store.entry(k).dtype == self.dtype for k in keys)
+        only when no layer tensor needs a dtype conversion (each stored in the dtype it is held in: dtype_of);
+        otherwise it converts into its preallocated slot buffers (no allocation per layer load)."""
+        return all(self.store.entry(k).dtype == self.dtype_of(n)
+                   for names in layer_names for n in names for k in self.sources[n].file_keys)
 
     def _layers_stored_as_used(self) -> bool:
         """Every layer tensor lies in the file as one range (no tensor built on load from several)."""
@@ -280,7 +282,7 @@ class LemaModel(nn.Module):
         return pieces
 
     def _zero_copy(self, layout: UnitLayout) -> dict:
-        return {p.name: self._read_checked(p.name, p.shape).to(self.dtype) for p in layout.placements}
+        return {p.name: self._read_checked(p.name, p.shape).to(p.dtype) for p in layout.placements}
 
     def _pager(self, streamed: list[int]) -> Optional[PageCachePager]:
         """The page-cache pager (stream/pager.py) when the streamed layers' file bytes do not all fit in the
@@ -299,7 +301,7 @@ class LemaModel(nn.Module):
             f.advise_willneed(start, end)
 
     def _load_resident(self, layout: UnitLayout) -> dict:
-        return {p.name: self._read_checked(p.name, p.shape).to(device=self.device, dtype=self.dtype, copy=True)
+        return {p.name: self._read_checked(p.name, p.shape).to(device=self.device, dtype=p.dtype, copy=True)
                 for p in layout.placements}
 
     def _begin_pass(self, module, args) -> None:

@@ -192,16 +192,19 @@ class ModelFacts:
     layers_as_stored: bool = True  # the folder's layer tensors are the model's, none built on load from several
     file_dtype: Optional[torch.dtype] = None  # the folder's first floating tensor's dtype (None: a config, no file)
     layer_dtypes: frozenset = frozenset()  # the dtypes of the file's layer tensors (empty: a config, no file)
+    layers_as_held: bool = False  # ... each the dtype LemaModel holds it in (keymap.held_dtype)
+    layer_file_bytes: int = 0  # the file's bytes of the layer tensors (0: a config, no file)
     embed_view_bytes: int = 0  # of the embedding, what the file holds as LemaModel maps it on the CPU: tensors
     #                            not tied to the head, each one tensor of the file, in the compute dtype
     from_folder: bool = False  # planned from a folder (not a config alone)
     safetensors: bool = False  # ... whose safetensors weights were read for these facts
 
-    def layers_stored_in(self, dtype) -> bool:
-        """The file holds every layer tensor in `dtype` (LemaModel's test for serving them as they are: CPU
-        views, CUDA zero-copy); True for a config alone, as the engine's own file would be; False for a folder
-        without safetensors weights (.bin, GGUF: `lema convert` makes them)."""
-        return (self.safetensors and self.layer_dtypes == {dtype}) if self.from_folder else True
+    def layers_stored_as_held(self) -> bool:
+        """The file holds every layer tensor in the dtype LemaModel holds it in, the compute dtype or float32 where
+        Transformers keeps it so (LemaModel's test for serving them as they are: CPU views, CUDA zero-copy); True
+        for a config alone, as the engine's own file would be; False for a folder without safetensors weights
+        (.bin, GGUF: `lema convert` makes them)."""
+        return (self.safetensors and self.layers_as_held) if self.from_folder else True
 
     def embedding_view(self) -> int:
         """Bytes of the embedding a CPU run maps from the file rather than copying (LemaModel._load_resident_units):
@@ -265,24 +268,26 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
     from .engine.chunked_loss import final_softcap, fused_head_supported
     from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets, default_lora_targets,
                                   find_decoder_layers, load_hf_config, parameter_aliases, unit_map)
+    from .store.keymap import held_dtype
 
     dtype = parse_dtype(dtype)
     hf_config = load_hf_config(model) if isinstance(model, str) else model
     base = build_meta_model(hf_config, dtype)
     units = unit_map(base)
     params = dict(base.named_parameters())
-    s = dtype.itemsize
-    unit_bytes = {u: sum(params[n].numel() for n in names) * s for u, names in units.units.items()}
+    held = held_dtype(base, dtype)  # the compute dtype, or float32 where from_pretrained keeps a tensor so
+    size = {n: p.numel() * held(n).itemsize for n, p in params.items()}
+    unit_bytes = {u: sum(size[n] for n in names) for u, names in units.units.items()}
     aliases = parameter_aliases(base)
     folder = {}
-    embed_untied = sum(params[n].numel() for n in units.units[EMBED] if len(aliases[id(params[n])]) == 1) * s
+    embed_untied = sum(size[n] for n in units.units[EMBED] if len(aliases[id(params[n])]) == 1)
     if isinstance(model, str):  # Mixtral's experts, stacked from per-expert tensors at each load, are not views
         folder = _folder_facts(model, base, units, [n for u, names in units.units.items()
-                                                    if u not in (EMBED, HEAD) for n in names], gbi_path)
+                                                    if u not in (EMBED, HEAD) for n in names], held, gbi_path)
         keyed = folder.pop("embed_dtypes", {})  # as LemaModel decides an embedding tensor's view, one by one
-        folder["embed_view_bytes"] = sum(params[n].numel() * s for n in units.units[EMBED]
-                                         if len(aliases[id(params[n])]) == 1 and keyed.get(n) == dtype)
-    slot_bytes = max((sum(_aligned(params[n].numel() * s) for n in names)
+        folder["embed_view_bytes"] = sum(size[n] for n in units.units[EMBED]
+                                         if len(aliases[id(params[n])]) == 1 and keyed.get(n) == held(n))
+    slot_bytes = max((sum(_aligned(size[n]) for n in names)
                       for u, names in units.units.items() if u not in (EMBED, HEAD)), default=0)
     base.requires_grad_(False)  # as LemaModel: only LoRA trains, the head is frozen
     chunk_ok = fused_head_supported(base) is None
@@ -320,13 +325,14 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
                       eager_attention=getattr(base.config, "_attn_implementation", None) == "eager", **folder)
 
 
-def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
+def _folder_facts(folder: str, meta_model, units, layer_names: list[str], held,
                   gbi_path: Optional[str] = None) -> dict:
     """From the folder's weights-file headers (one read), ModelFacts' fields: the dtype of its first floating
     tensor (file_dtype), whether every layer parameter of `meta_model` is one tensor of the file
     (layers_as_stored: LemaModel serves only those as views of the mmap on the CPU), the dtypes its layer tensors
-    are stored in (layer_dtypes) and those of the embedding's tensors that are one tensor of the file
-    (embed_dtypes, by name). A folder without safetensors weights (a config to plan from, or .bin or GGUF
+    are stored in (layer_dtypes), whether each is in the dtype `held` (name -> dtype) says LemaModel holds it in
+    (layers_as_held), their bytes in the file (layer_file_bytes), and the dtypes of the embedding's tensors that
+    are one tensor of the file (embed_dtypes, by name). A folder without safetensors weights (a config to plan from, or .bin or GGUF
     weights that `lema convert` makes streamable) gives no dtype; weights that are there but that the model would refuse
     (a truncated file, a missing shard, tensors missing or of another model) raise its WeightsFileError, so a
     plan is not the first to pass them."""
@@ -344,8 +350,10 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
         check_complete(meta_model, sources, gbi_path or folder)
         check_unused(meta_model, store, unexpected, units.layers_prefix, units.num_layers)
         check_shapes(meta_model, sources, store)
-        layer_dtypes = frozenset(store.entry(k).dtype for n in layer_names if n in sources
-                                 for k in sources[n].file_keys)
+        layer_keys = {k: n for n in layer_names if n in sources for k in sources[n].file_keys}
+        layer_dtypes = frozenset(store.entry(k).dtype for k in layer_keys)
+        layers_as_held = all(store.entry(k).dtype == held(n) for k, n in layer_keys.items())
+        layer_file_bytes = sum(store.entry(k).nbytes for k in layer_keys)
         # the embedding unit's tensors stored as one each (GPT-2's has two, the token and position tables)
         embed_dtypes = {n: store.entry(sources[n].key).dtype for n in units.units[EMBED] if n in sources
                         and sources[n].key is not None}
@@ -353,4 +361,5 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str],
         store.close()
     return dict(file_dtype=file_dtype, layers_as_stored=all(sources[n].key is not None for n in layer_names
                                                             if n in sources),
-                layer_dtypes=layer_dtypes, embed_dtypes=embed_dtypes, from_folder=True, safetensors=True)
+                layer_dtypes=layer_dtypes, layers_as_held=layers_as_held, layer_file_bytes=layer_file_bytes,
+                embed_dtypes=embed_dtypes, from_folder=True, safetensors=True)

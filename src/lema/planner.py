@@ -181,7 +181,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     # the CPU's views, as LemaModel decides them (True is no more than auto there): the layers where the file holds
     # every layer tensor in the compute dtype, as used; of the embedding, its untied tensors stored so
     embed_views = zero_copy is not False
-    zero_copy = zero_copy is not False and f.layers_stored_in(dtype) and f.layers_as_stored
+    zero_copy = zero_copy is not False and f.layers_stored_as_held() and f.layers_as_stored
     hf_config, unit_bytes, slot_bytes, L, V, H = f.hf_config, f.unit_bytes, f.slot_bytes, f.L, f.V, f.H
     lora_params = f.lora_params
     s = dtype.itemsize
@@ -288,9 +288,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         [f.file_dtype] if f.file_dtype is not None and f.file_dtype.is_floating_point else [])
     if strategy == "streaming" and L and not gpu_zero_copy:  # CUDA zero-copy locks the layers' pages in RAM
         # the page cache holds the file's bytes: another dtype's size where the layers are converted on load
-        # (with two, the wider one's: the window is not sized on bytes it does not have)
-        wide = max((d.itemsize for d in stored), default=s)
-        _page_cache(p, int(layers_total * wide / s), page_cache)
+        _page_cache(p, f.layer_file_bytes or layers_total, page_cache)
     _decide(p, lambda d, on_device_acts=not offload: peak_of(d, on_device_acts, keep), num_buffers, zero_copy)
     if folder and f.from_folder and not f.safetensors:  # a config alone plans; train and generate need weights
         import glob
@@ -313,7 +311,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
                             "safetensors weights beside it")
     if strategy == "streaming" and folder and L > p.resident_layers:
         converted = [] if f.layers_as_stored else ["built on load from several tensors (experts stacked)"]
-        if stored and not f.layers_stored_in(dtype):
+        if stored and not f.layers_stored_as_held():
             converted.insert(0, "stored in " + " and ".join(str(d).split(".")[-1] for d in stored))
         if converted:
             name = str(dtype).split(".")[-1]
@@ -342,7 +340,7 @@ def cuda_zero_copy(f: ModelFacts, dtype, folder: Optional[str], zero_copy: Optio
         why = "layer tensors built on load (experts stacked)"
     elif folder and not f.safetensors:  # LemaModel refuses them, naming `lema convert`: no zero-copy error first
         return "staged: no safetensors weights in the folder (`lema convert` makes them)"
-    elif folder and not f.layers_stored_in(dtype):
+    elif folder and not f.layers_stored_as_held():
         held = ", ".join(sorted(str(d).split(".")[-1] for d in f.layer_dtypes))
         why = f"the file holds the layers in {held}, converted on the way"
     if why is not None and zero_copy:  # asked for: LemaModel refuses it, and so does the plan

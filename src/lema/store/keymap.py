@@ -130,6 +130,13 @@ def kept_in_float32(model, dtype: torch.dtype) -> Callable[[str], bool]:
     return lambda name: any(p.search(name) for p in found)
 
 
+def held_dtype(model, dtype: torch.dtype) -> Callable[[str], torch.dtype]:
+    """The dtype LemaModel holds the floating parameter `name` in: `dtype`, or float32 where from_pretrained keeps
+    it so (kept_in_float32: Ernie 4.5's router weight and correction bias in a bf16 model)."""
+    float32 = kept_in_float32(model, dtype)
+    return lambda name: torch.float32 if float32(name) else dtype
+
+
 def check_shapes(model, sources: dict, store) -> None:
     """Every parameter stored as one file tensor has the model's shape and a floating dtype (LemaModel and the
     plan alike; parameters built from several tensors are checked when built)."""

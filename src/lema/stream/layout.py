@@ -58,23 +58,25 @@ class UnitLayout:
         self.stored_as_used = packed is not None or stored_as_used
 
     @classmethod
-    def build(cls, unit: str, names: list[str], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-              store: WeightStore, direct_keys: dict[str, Optional[str]],
+    def build(cls, unit: str, names: list[str], shapes: dict[str, tuple[int, ...]],
+              dtype_of: Callable[[str], torch.dtype], store: WeightStore, direct_keys: dict[str, Optional[str]],
               built_from: Optional[dict[str, list[str]]] = None) -> "UnitLayout":
-        """`direct_keys`: each parameter's file key where it is stored as one tensor (else None); `built_from`:
+        """`dtype_of`: the dtype each tensor is held in (the compute dtype; float32 for those Transformers keeps
+        so); `direct_keys`: each parameter's file key where it is stored as one tensor (else None); `built_from`:
         the file keys a tensor built on load is made from (its bytes are paged like the others')."""
         packed = store.units.get(unit)
         if packed is not None and all(direct_keys.get(n) for n in names):
             f, start, end = packed
             entries = [store.entry(direct_keys[n]) for n in names]
-            inside = all(start <= e.start and e.end <= end and e.dtype == dtype and store.file_of(e.key) is f
-                         for e in entries)
+            # each tensor in its held dtype, aligned to it in the slot (a view of another dtype needs that)
+            inside = all(start <= e.start and e.end <= end and e.dtype == dtype_of(n) and store.file_of(e.key) is f
+                         and (e.start - start) % e.dtype.itemsize == 0 for n, e in zip(names, entries))
             if inside:
-                placements = [Placement(n, dtype, shapes[n], e.start - start) for n, e in zip(names, entries)]
+                placements = [Placement(n, e.dtype, shapes[n], e.start - start) for n, e in zip(names, entries)]
                 return cls(unit, placements, end - start, packed)
         offset, placements, ranges, seen = 0, [], [], set()
         for n in names:
-            p = Placement(n, dtype, tuple(shapes[n]), offset)
+            p = Placement(n, dtype_of(n), tuple(shapes[n]), offset)
             placements.append(p)
             offset += -(-p.nbytes // ALIGN) * ALIGN
             if direct_keys.get(n):
