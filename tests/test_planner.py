@@ -388,6 +388,22 @@ def test_layers_that_differ_are_planned_at_the_largest_and_no_heads_no_attention
         assert torch.isfinite(loss), arch
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3n_text"])
+def test_the_boundary_is_what_a_step_keeps_of_each_layer_input(arch, tiny_dir, make_lema):
+    """The boundary term against the layer inputs a step keeps for the recompute: Gemma 3n's layers take its four
+    AltUp streams stacked (4 x B x T x H), which the plan counted as one hidden state (a quarter of the bytes)."""
+    path = tiny_dir(arch)
+    model = make_lema(path, keep_activations=0, lora_target_modules=["q_proj", "v_proj"])
+    ids = torch.randint(0, 96, (B, T), generator=torch.Generator().manual_seed(0))
+    model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3)).train_step(ids, labels=ids)
+    p = plan(path, "float32", lora_rank=4, targets=["q_proj", "v_proj"], batch_size=B, seq_len=T,
+             device_type="cpu", keep_activations=0)
+    assert p.boundary_bytes == model.streamed.boundary_bytes > 0
+    streams = 4 if arch == "gemma3n_text" else 1
+    assert p.boundary_bytes == p.num_layers * B * T * model.hf_config.hidden_size * 4 * streams
+    assert (f"x {streams} streams" in p.table()) == (streams > 1)
+
+
 def test_pinned_slots_take_their_size_in_whole_pages():
     """The ring's pinned slots are page-locked at their exact size (host_memory.PinnedBuffer), not through torch's
     pinned allocator, which rounds a 7B bf16 layer's 386 MiB up to 512 MiB (three slots: 1.5 GiB, not 1.13)."""

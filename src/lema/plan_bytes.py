@@ -34,6 +34,12 @@ def _text_config(hf_config):
     return text_config(hf_config)
 
 
+def hidden_streams(hf_config) -> int:
+    """How many H-wide hidden states a decoder layer takes and returns per token: 1, or Gemma 3n's AltUp
+    streams (altup_num_inputs), stacked into each layer's input (its boundary activation)."""
+    return getattr(_text_config(hf_config), "altup_num_inputs", None) or 1
+
+
 # An MLP without a gate (fc -> act -> proj): per token, the I-wide tensors it saves: the activation's input and
 # output (F.gelu, silu); ReLU keeps its output alone; gelu_new (GPT-2's) is five ops saving three more
 UNGATED_MLP_SAVED = {"relu": 1, "gelu_new": 5, "quick_gelu": 3}

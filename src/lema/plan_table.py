@@ -73,6 +73,7 @@ class Plan:
     disk_read_bytes: int = 0
     embedding_view_bytes: int = 0  # CPU, file in the compute dtype: the untied embedding stays a view of the mmap
     allocator_cache_bytes: int = 0  # CPU: what LEMA's CPU allocator may hold above the live peak
+    hidden_streams: int = 1  # H-wide hidden states stacked in a layer's input (Gemma 3n's AltUp: 4)
 
     @property
     def layer_bytes(self) -> int:
@@ -113,7 +114,8 @@ class Plan:
             Row("LoRA gradients", dev, self.grad_bytes, "fp32"),
             Row("optimizer state", dev, self.optimizer_bytes, "AdamW: 2 x LoRA, fp32"),
             Row("boundary activations", dev if self.activations_on == "device" else "host", self.boundary_bytes,
-                f"{L} x B{self.batch_size} x T{self.seq_len} x H x {self.dtype.itemsize} B"),
+                f"{L} x B{self.batch_size} x T{self.seq_len} x H x {self.dtype.itemsize} B"
+                + (f" x {self.hidden_streams} streams" if self.hidden_streams > 1 else "")),
             Row(f"kept activations ({self.kept_layers} layers)", dev, self.kept_layers * self.kept_extra_bytes,
                 f"saved for backward, no recompute: {human(self.kept_extra_bytes)} per layer"),
             Row("logits kept", dev, self.logits_bytes,

@@ -21,7 +21,8 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
     gradients      = LoRA bytes (float32)
     optimizer      AdamW/Adam: 2 x LoRA bytes (exp_avg, exp_avg_sq, float32); SGD: 0
     optimizer step AdamW/Adam: + 1 x LoRA bytes while `step()` runs (foreach sqrt(exp_avg_sq))
-    boundary       L x a x H x s: each layer's input, kept by the checkpoint for the recompute
+    boundary       L x a x H x s: each layer's input, kept by the checkpoint for the recompute (x n for a
+                   layer input of n stacked hidden states: Gemma 3n's AltUp streams)
     logits kept    a x V x s: the output's logits, alive until the step returns
     head work      a x V x (s + 12) [+ a x V x (4 + s) when s != 4]: the logits; log-softmax output
                    (fp32, saved for backward), the NLL gradient and the log-softmax gradient (fp32)
@@ -94,7 +95,8 @@ import mmap
 import os
 from typing import Optional
 
-from .plan_bytes import ModelFacts, chunked_head_work_bytes, head_work_bytes, layer_work_terms, model_facts
+from .plan_bytes import (ModelFacts, chunked_head_work_bytes, head_work_bytes, hidden_streams, layer_work_terms,
+                         model_facts)
 from .plan_table import Plan, human, ring_depth, spread
 from .plan_time import split_room, step_time_model
 
@@ -193,7 +195,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     from .engine.chunked_loss import CHUNK_BYTES, chunk_rows
 
     a = batch_size * seq_len
-    boundary = L * a * H * s
+    layer_input = a * H * s * hidden_streams(hf_config)  # a layer's input, which the recompute keeps
+    boundary = L * layer_input
     chunked = f.chunk_ok and chunked_loss is not False and (bool(chunked_loss) or a * V * 4 > CHUNK_BYTES)
     if chunked:
         logits = 0
@@ -224,8 +227,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
             ring_dev = 0 if (cpu and zero_copy) or resident >= L else depth * slot_bytes  # all resident: no ring
             frozen = embed + unit_bytes[HEAD] + ring_dev + resident * slot_bytes
         fixed = frozen + lora_bytes + grad_bytes + optimizer_bytes + cache
-        static = fixed + (boundary if on_device_acts else keep * a * H * s) + keep * kept_extra
-        prefetched = 0 if on_device_acts else a * H * s  # offloaded: the next layer's input copied back early
+        static = fixed + (boundary if on_device_acts else keep * layer_input) + keep * kept_extra
+        prefetched = 0 if on_device_acts else layer_input  # offloaded: the next layer's input copied back early
         phases = {"the loss (head forward/backward)": static + head_work,
                   "the first layer's recompute in backward": static + logits + layer_work + prefetched,
                   "the optimizer step": fixed + logits + optimizer_temp}
@@ -268,7 +271,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, max_vram_bytes=max_vram_bytes,
              num_layers=L, unit_bytes=unit_bytes, slot_bytes=slot_bytes, lora_params=lora_params,
              lora_bytes=lora_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
-             boundary_bytes=boundary, logits_bytes=logits, head_work_bytes=head_work,
+             boundary_bytes=boundary, hidden_streams=hidden_streams(hf_config), logits_bytes=logits,
+             head_work_bytes=head_work,
              layer_work_bytes=layer_work, layer_saved_bytes=layer_saved, ring_depth=depth,
              ring_device_bytes=ring_dev,
              ring_host_bytes=depth * pinned_slot_bytes(slot_bytes) if host_slots and resident < L else 0,
