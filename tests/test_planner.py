@@ -297,7 +297,8 @@ def test_boundary_goes_to_host_memory_when_only_that_fits():
 
 @pytest.mark.parametrize("arch, dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32),
                                          ("gpt2", torch.bfloat16), ("opt", torch.float32), ("mixtral", torch.float32),
-                                         ("gemma2", torch.float32), ("gemma2", torch.bfloat16)])
+                                         ("gemma2", torch.float32), ("gemma2", torch.bfloat16), ("qwen3", torch.float32),
+                                         ("qwen3", torch.bfloat16), ("gemma4_text", torch.float32)])
 def test_kept_layer_terms_match_what_autograd_saves(arch, dtype, tmp_path, make_lema):
     """The plan's per-layer saved terms against the bytes a kept layer's saved tensors hold in a real step
     (LEMA's kept-layer hooks count them, weights excluded): in bf16 PEFT saves a float32 copy of each
@@ -307,10 +308,20 @@ def test_kept_layer_terms_match_what_autograd_saves(arch, dtype, tmp_path, make_
     (ReLU, whose backward needs its output alone, and dropout 0.1 on each sublayer's output) 0.77x the terms
     of an ungated MLP; Mixtral (attention adapted only, frozen experts: no input saved for a weight gradient)
     0.89x the Llama terms; Gemma 2 (eager attention for its soft-capping: the T x T softmax, its cast and the
-    tanh kept, k and v repeated to every head; four norms a layer) 1.65x the Llama terms."""
-    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MixtralConfig, OPTConfig
+    tanh kept, k and v repeated to every head; four norms a layer) 1.65x the Llama terms; Qwen3 (q_norm and
+    k_norm keep the float32 q and k) 1.08x, Gemma 4 (v_norm too; its full-attention layers' head_dim twice the
+    sliding ones') 1.16x the terms without them."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MixtralConfig,
+                              OPTConfig)
 
-    if arch == "gemma2":
+    if arch in ("qwen3", "gemma4_text"):
+        more = dict(global_head_dim=64, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                    hidden_size_per_layer_input=0, num_kv_shared_layers=0, final_logit_softcapping=None,
+                    pad_token_id=0) if arch == "gemma4_text" else {}
+        cfg = AutoConfig.for_model(arch, vocab_size=96, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                                   max_position_embeddings=256, **more)
+    elif arch == "gemma2":
         cfg = Gemma2Config(vocab_size=96, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                            num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=256)
     elif arch == "mixtral":

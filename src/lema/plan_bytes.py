@@ -66,13 +66,15 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
                      lora_in_features: Optional[int] = None, seq_len: Optional[int] = None,
                      device_type: str = "cuda", mlp_gated: bool = True,
                      experts_adapted: bool = False, mlp_adapted: bool = True, norms: int = 2,
-                     eager_attention: bool = False) -> dict[str, int]:
+                     eager_attention: bool = False, head_norms: int = 0) -> dict[str, int]:
     """Bytes of one layer's recompute + backward working set, term by term (see planner.py's module docstring).
     `lora_in_features`: the adapted linears' input widths, summed over one layer (default: Llama's seven,
     6 H + I). `mlp_gated` False: an MLP without a gate projection (GPT-2's fc -> act -> proj). `seq_len` and
     `device_type`: where attention has dropout, the CPU's SDPA saves the T x T probabilities (its math path).
     `norms`: hidden-width norms per layer (2 in the formulas). `eager_attention`: Transformers' eager attention
-    (Gemma 2, for its soft-capping), which keeps the T x T scores and k, v repeated to every head.
+    (Gemma 2, for its soft-capping), which keeps the T x T scores and k, v repeated to every head. `head_norms`:
+    the widths, summed, of the projections that attention normalises before use (Qwen3's and Gemma 3's q_norm
+    and k_norm, Gemma 4's v_norm too; ModelFacts.head_norms), whose float32 input each norm keeps.
     Where the layers differ (heads, head_dim or MLP width set per layer), each term is its largest over the
     layers: the peak is the largest layer's recompute, and a kept layer is counted as the largest (a bound)."""
     configs = _layer_configs(hf_config)
@@ -82,6 +84,8 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
                                device_type, mlp_gated, experts_adapted, mlp_adapted, norms, eager_attention)
         for name, b in one.items():
             terms[name] = max(terms.get(name, 0), b)
+    if head_norms:
+        terms["head norms"] = a * 4 * head_norms  # the input in float32 (upcast in 16 bits, itself in fp32)
     return terms
 
 
@@ -194,6 +198,7 @@ class ModelFacts:
     experts_adapted: bool = False  # MoE: LoRA on the experts (by default only attention is adapted)
     mlp_adapted: bool = True  # LoRA on some linear outside attention (the MLP's), whose input it then keeps
     norms: int = 2  # hidden-width norms per decoder layer
+    head_norms: int = 0  # widths of the projections attention normalises (q_norm, k_norm), the largest layer's
     eager_attention: bool = False  # the skeleton's attention is eager (Gemma 2's soft-capping): T x T kept
     layers_as_stored: bool = True  # the folder's layer tensors are the model's, none built on load from several
     file_dtype: Optional[torch.dtype] = None  # the folder's first floating tensor's dtype (None: a config, no file)
@@ -304,6 +309,7 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
     H = _text_config(hf_config).hidden_size
     norms = sum(1 for m in layers[0].modules() if "norm" in type(m).__name__.lower()
                 and tuple(getattr(getattr(m, "weight", None), "shape", ())) == (H,)) if len(layers) else 2
+    head_norms = max((_normalised_projections(layer) for layer in layers), default=0)
     targets = list(targets or default_lora_targets(layers))
     check_lora_targets(base, prefix, targets, lora_rank)  # as LemaModel: a target outside the layers is refused
     with torch.device("meta"):  # the adapters' shapes only: nothing allocated, nothing initialised
@@ -326,9 +332,23 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
     return ModelFacts(hf_config, c.model_type, unit_bytes, slot_bytes, lora_params, n_targets, lora_in_features,
                       units.num_layers,
                       c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied,
-                      mlp_gated, experts_adapted, mlp_adapted, norms=norms or 2,
+                      mlp_gated, experts_adapted, mlp_adapted, norms=norms or 2, head_norms=head_norms,
                       # as the skeleton runs it: eager for soft-capping, and where an architecture has no SDPA
                       eager_attention=getattr(base.config, "_attn_implementation", None) == "eager", **folder)
+
+
+def _normalised_projections(layer) -> int:
+    """The output widths, summed, of a layer's projections that a norm named after them follows (`q_norm` after
+    `q_proj`: Qwen3, OLMo 2, Gemma 3 and 4, Cohere with use_qk_norm): each norm keeps its input, the full q, k or v
+    (the hidden-width norms are ModelFacts.norms)."""
+    width = 0
+    for module in layer.modules():
+        for name, child in module.named_children():
+            proj = getattr(module, name[: -len("_norm")] + "_proj", None) if name.endswith("_norm") else None
+            out = getattr(getattr(proj, "base_layer", proj), "out_features", None)
+            if isinstance(out, int) and "norm" in type(child).__name__.lower():
+                width += out
+    return width
 
 
 def _folder_facts(folder: str, meta_model, units, layer_names: list[str], held,

@@ -57,10 +57,14 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                                    24 H x 4/s             tensors, a conservative bound measured on the PyTorch
                                                           paths (Mamba's scan, N = state_size; RWKV's loop)
                      altup         (2 n + 22) H x 4/s     Gemma 3n (n AltUp streams, LAuReL, more norms): ditto
+                     head norms    Σ w x 4/s              q_norm, k_norm [, v_norm] after their projection (Qwen3,
+                                                          OLMo 2, Gemma 3, 4): each keeps its float32 input, w
+                                                          wide (nh d for q, nkv d for k and v)
                    where the layers differ (per-layer configs: Gemma 4's head_dim; per-layer lists: Gemma 3n's
                    intermediate_size), each term is its largest over the layers
                    (the saved terms checked against autograd's saved tensors of a real layer: Llama in
-                   fp32 and bf16, GPT-2 in fp32 and bf16, OPT, Mixtral, tests/test_planner.py; rotary
+                   fp32 and bf16, GPT-2 in fp32 and bf16, OPT, Mixtral, Gemma 2, Qwen3, Gemma 4,
+                   tests/test_planner.py; rotary
                    cos/sin and the mask are shared)
 
     allocator      CPU (LEMA): layer work bytes, how far above the step's peak of live tensors LEMA's
@@ -205,7 +209,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         logits = a * V * s
         head_work = head_work_bytes(a, V, s, f.softcap, device_type)
     terms = layer_work_terms(hf_config, a, s, lora_rank, f.n_targets, f.lora_in_features, seq_len, device_type,
-                             f.mlp_gated, f.experts_adapted, f.mlp_adapted, f.norms, f.eager_attention)
+                             f.mlp_gated, f.experts_adapted, f.mlp_adapted, f.norms, f.eager_attention, f.head_norms)
     layer_work = sum(terms.values())
     layer_saved = layer_work - terms["backward"]
     kept_extra = layer_saved  # what a kept layer saves beyond its input (the input is in the boundary)
