@@ -95,7 +95,7 @@ def test_adamw_step_matches_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
-@pytest.mark.parametrize("arch", ["opt", "gemma2", "deepseek_v3", "phimoe", "gemma3n_text"])
+@pytest.mark.parametrize("arch", ["opt", "gemma2", "deepseek_v3", "phimoe", "gemma3n_text", "falcon"])
 def test_more_architectures_match_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
     """OPT: dropout 0.1 inside the base layers, which the recompute must draw again (seeded alike);
     Gemma 2: no SDPA attention in Transformers, so the skeleton falls back to eager attention;
@@ -103,6 +103,7 @@ def test_more_architectures_match_peft(arch, strategy, tiny_dir, make_lema, tmp_
     __init__ zeros), and PEFT's LoRA on the fused experts' parameters (ParamWrapper, as `down_proj` is a default
     target: it parametrizes the bound weight for each forward, and the second forward failed);
     PhiMoE: its router, an nn.Linear subclass returning a tuple, is no default LoRA target (LoRA's sum failed);
+    Falcon: FalconLinear, an nn.Linear subclass whose forward is a linear's, is one (no target was left);
     Gemma 3n: clamps a weight in place in each training forward, which on the CPU's read-only views of the file
     ended the process (SIGSEGV; the views are copy-on-write now), and plans per-layer MLP widths."""
     # Gemma 3n's AltUp and per-layer-input linears get no gradient from one step in PEFT either: Llama's seven
@@ -118,6 +119,46 @@ def test_more_architectures_match_peft(arch, strategy, tiny_dir, make_lema, tmp_
             torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)
     if arch == "phimoe":
         assert "router" not in model.lora_targets and "q_proj" in model.lora_targets
+    if arch == "falcon":
+        assert {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"} <= set(model.lora_targets)
+
+
+@pytest.mark.parametrize("arch", ["gptj", "olmo_hybrid"])
+def test_half_precision_holds_what_transformers_holds(arch, tiny_dir, make_lema):
+    """In bf16, as from_pretrained: GPT-J's sinusoidal positions (a buffer its __init__ computes) in float32,
+    where the skeleton built them in bf16 (logits 0.03 apart; at position 2048 the sines were 0.86 off);
+    OLMo-Hybrid's A_log, a parameter its __init__ makes in float32, held in float32, where LEMA held and streamed
+    it in bf16 (logits 0.07 apart)."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_dir(arch)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        want = ref(batch(), use_cache=False).logits
+    for strategy in STRATEGIES:
+        model = make_lema(path, lora_seed=None, strategy=strategy, dtype="bfloat16")  # B = 0: the base model
+        with torch.no_grad():
+            torch.testing.assert_close(model(batch()).logits, want, atol=0, rtol=0)
+        for name, buf in ref.named_buffers():
+            assert model.base_model.get_buffer(name).dtype == buf.dtype, name
+        if arch == "olmo_hybrid":
+            assert model.dtype_of("model.layers.0.linear_attn.A_log") == torch.float32
+
+
+def test_a_float32_residual_stream_meets_a_bf16_head_in_the_chunked_loss(tiny_dir, make_lema):
+    """Mamba keeps its residual stream in float32; its forward casts the hidden states to the head's dtype, and the
+    chunked loss (LEMA's default once the float32 logits pass 64 MiB) did not: a bf16 step raised."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_dir("mamba")
+    targets = ["in_proj", "x_proj", "dt_proj"]  # PEFT refuses Mamba's out_proj and conv1d as LoRA targets
+    model = make_lema(path, lora_seed=None, dtype="bfloat16", chunked_loss=True, lora_target_modules=targets)
+    ids = batch()
+    _, loss = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=LR)).train_step(ids)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = ref(ids, labels=ids, use_cache=False).loss
+    torch.testing.assert_close(loss.float(), want.float(), atol=1e-3, rtol=1e-3)
 
 
 def test_eval_mode_outside_train_steps(tiny_dir, make_lema):

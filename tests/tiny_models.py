@@ -65,6 +65,30 @@ def make_config(arch: str, num_layers: Optional[int] = None):
 
         return Ernie4_5_MoeConfig(**common, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
                                   moe_layer_start_index=1, moe_num_shared_experts=1)
+    if arch == "falcon":  # FalconLinear: an nn.Linear subclass with its own forward, a default LoRA target
+        from transformers import FalconConfig
+
+        return FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=common["num_hidden_layers"],
+                            num_attention_heads=4, max_position_embeddings=64, multi_query=True, parallel_attn=True,
+                            bias=False)
+    if arch == "gptj":  # sinusoidal positions, a buffer computed in __init__
+        from transformers import GPTJConfig
+
+        return GPTJConfig(vocab_size=96, n_embd=32, n_layer=common["num_hidden_layers"], n_head=4, n_positions=64,
+                          rotary_dim=4, n_inner=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                          eos_token_id=1)
+    if arch == "olmo_hybrid":  # linear attention's A_log, a parameter its __init__ makes in float32
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model("olmo_hybrid", **common, linear_num_key_heads=2, linear_num_value_heads=2,
+                                    linear_key_head_dim=8, linear_value_head_dim=16,
+                                    layer_types=["linear_attention", "full_attention", "linear_attention"],
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "mamba":  # its residual stream stays float32 in bf16 (residual_in_fp32)
+        from transformers import MambaConfig
+
+        return MambaConfig(vocab_size=96, hidden_size=32, state_size=4, num_hidden_layers=common["num_hidden_layers"],
+                           expand=2, conv_kernel=4)
     raise KeyError(arch)
 
 

@@ -400,7 +400,9 @@ class LemaModel(nn.Module):
                 and not kwargs.get("use_cache"):
             # engine/chunked_loss.py: the head and the loss chunk by chunk; the full logits are never built
             hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-            loss = causal_lm_loss(hidden, self.base_model.get_output_embeddings(), labels, self._softcap,
+            head = self.base_model.get_output_embeddings()
+            # in the head's dtype, as Transformers' forward casts it (Mamba keeps its residual stream in float32)
+            loss = causal_lm_loss(hidden.to(head.weight.dtype), head, labels, self._softcap,
                                   orientations=self.linear_orientations)
             return CausalLMOutputWithPast(loss=loss, logits=None)
         return self.peft_model(input_ids=input_ids, labels=labels, attention_mask=attention_mask, **kwargs)

@@ -226,6 +226,13 @@ def build_meta_model(hf_config, dtype: torch.dtype):
         raise ArchitectureError(f"architecture {getattr(hf_config, 'architectures', None) or hf_config.model_type!r} "
                                 f"has no causal-LM class in Transformers ({reason(e)}); LEMA streams "
                                 "models shaped embedding -> decoder layers -> norm -> lm_head") from None
+    # The buffers as from_pretrained leaves them: it initialises them again after loading, outside the dtype context
+    # that from_config built them in (GPT-J's and CodeGen's sinusoidal positions, computed in bf16 there: 0.86 off
+    # at position 2048). post_init marked every module initialised; the parameters, on meta, stay as they are.
+    for module in model.modules():
+        module.__dict__.pop("_is_hf_initialized", None)
+    with torch.random.fork_rng(devices=[]):
+        model.initialize_weights()
     model.config.use_cache = False
     if getattr(model.config, "tie_word_embeddings", False) or getattr(
             model.config.get_text_config(), "tie_word_embeddings", False):
@@ -290,16 +297,30 @@ def unit_map(model) -> UnitMap:
 
 
 def default_lora_targets(layers: nn.ModuleList) -> list[str]:
-    """Leaf names of every linear layer inside a decoder layer (nn.Linear, or GPT-2's Conv1D); not a subclass
-    with a forward of its own (PhiMoE's router returns a tuple: LoRA's sum with it fails)."""
+    """Leaf names of every linear layer inside a decoder layer (nn.Linear, or GPT-2's Conv1D); a subclass with a
+    forward of its own only where that forward returns one tensor as wide as its output (Falcon's FalconLinear
+    does; PhiMoE's router returns a tuple, and LoRA's sum with it fails)."""
     names: list[str] = []
     for name, module in layers[0].named_modules():
-        if (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward) \
-                or type(module).__name__ == "Conv1D":
+        if (isinstance(module, nn.Linear) and _acts_as_linear(module)) or type(module).__name__ == "Conv1D":
             leaf = name.rsplit(".", 1)[-1]
             if leaf not in names:
                 names.append(leaf)
     return names
+
+
+def _acts_as_linear(module: nn.Linear) -> bool:
+    """nn.Linear's forward, or one that maps a (1, in) input to one (1, out) tensor (run where its weight is: the
+    skeleton's meta device, no compute)."""
+    if type(module).forward is nn.Linear.forward:
+        return True
+    w = module.weight
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, module.in_features, device=w.device, dtype=w.dtype))
+    except Exception:  # a forward that needs more than an input: not a plain linear
+        return False
+    return torch.is_tensor(out) and tuple(out.shape) == (1, module.out_features)
 
 
 def _is_linear(module) -> bool:

@@ -131,10 +131,13 @@ def kept_in_float32(model, dtype: torch.dtype) -> Callable[[str], bool]:
 
 
 def held_dtype(model, dtype: torch.dtype) -> Callable[[str], torch.dtype]:
-    """The dtype LemaModel holds the floating parameter `name` in: `dtype`, or float32 where from_pretrained keeps
-    it so (kept_in_float32: Ernie 4.5's router weight and correction bias in a bf16 model)."""
+    """The dtype LemaModel holds the floating parameter `name` in, as from_pretrained does: float32 where the class
+    keeps it so (kept_in_float32: Ernie 4.5's router weight and correction bias in a bf16 model); else the dtype the
+    skeleton (`model`, built in `dtype`) made it in where its __init__ chose one (OLMo-Hybrid's and Zamba's
+    float32 `A_log`); else `dtype`."""
     float32 = kept_in_float32(model, dtype)
-    return lambda name: torch.float32 if float32(name) else dtype
+    own = {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != dtype}
+    return lambda name: torch.float32 if float32(name) else own.get(name, dtype)
 
 
 def check_shapes(model, sources: dict, store) -> None:
