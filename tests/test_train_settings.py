@@ -520,6 +520,14 @@ def test_progress_to_a_file_is_lines_not_carriage_returns(tiny_model, data, tmp_
     assert all(" loss " in line and " lr " in line and " tok/s " in line and " mem " in line for line in steps)
 
 
+def test_progress_shows_a_slow_rate_in_significant_digits():
+    """A 7B step on the CPU runs ~4 tokens/s and a 70B's well under 1: whole numbers showed 4 or 0."""
+    from lema.training import rate
+
+    assert [rate(x) for x in (0.0432, 0.96, 4.414, 99.94, 213.4, 12345.4)] == \
+        ["0.0432", "0.96", "4.41", "99.9", "213", "12345"]
+
+
 def test_a_notebooks_output_gets_the_bar_a_file_gets_lines():
     """Jupyter's output stream is not a TTY but renders tqdm's redraws: a notebook got a line every 30 s."""
     from lema.training import redraws

@@ -284,6 +284,12 @@ def redraws(out) -> bool:
     return getattr(out, "isatty", lambda: False)() or type(out).__module__.startswith("ipykernel")
 
 
+def rate(x: float) -> str:
+    """A rate as progress shows it: whole numbers from 100 up, three significant digits below (a 7B step on a CPU
+    runs ~4 tokens/s, which rounding to a whole number showed as 4 or 0)."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 class _LineProgress:
     """Progress where the output is not a terminal (a log file, a pipe): one line at the first step, then at most
     every `every` seconds and at each checkpoint and the last step. tqdm's carriage-return redraws would pile up
@@ -299,7 +305,7 @@ class _LineProgress:
         if not (force or self.first or now - self.last >= self.every):
             return
         self.first, self.last = False, now
-        print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  tok/s {tokens_per_s:.0f}  "
+        print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  tok/s {rate(tokens_per_s)}  "
               f"mem {human(memory)}  elapsed {now - self.t0:.0f} s", file=self.out, flush=True)
 
 
@@ -534,7 +540,7 @@ def _train(args: TrainArgs, out, held: list) -> dict:
             mem = model.memory_stats(optimizer)
             used = mem.get("device_allocated", _rss_bytes())
             record = {"step": step, "loss": round(step_loss, 6), "lr": lr_used,
-                      "tokens_per_s": round(step_tokens / dt, 1), "step_s": round(dt, 3),
+                      "tokens_per_s": float(rate(step_tokens / dt)), "step_s": round(dt, 3),
                       "grad_norm": trainer.last_grad_norm, "memory_bytes": used}
             if eval_set is not None and (step % eval_every == 0 or step == total_steps):
                 record["eval_loss"] = round(evaluate(model, eval_set, args.batch_size, pad_id), 6)
@@ -542,7 +548,7 @@ def _train(args: TrainArgs, out, held: list) -> dict:
             log.flush()
             if bar is not None:
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}", mem=human(used))
+                                tok_s=rate(record["tokens_per_s"]), mem=human(used))
                 bar.update(1)
             save = step % args.save_steps == 0 or step == total_steps or interrupt.requested
             if lines is not None:
