@@ -415,6 +415,17 @@ def test_the_boundary_is_what_a_step_keeps_of_each_layer_input(arch, tiny_dir, m
     assert (f"x {streams} streams" in p.table()) == (streams > 1)
 
 
+def test_planning_gpt2_warns_of_nothing(tiny_dir):
+    """The plan's PEFT model says fan_in_fan_out for GPT-2's Conv1D linears, as LemaModel's does: PEFT warned on
+    every `lema plan` of a GPT-2 folder that it set it itself."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan(tiny_dir("gpt2"), "float32", batch_size=B, seq_len=T, device_type="cpu")
+    assert not [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)]
+
+
 def test_pinned_slots_take_their_size_in_whole_pages():
     """The ring's pinned slots are page-locked at their exact size (host_memory.PinnedBuffer), not through torch's
     pinned allocator, which rounds a 7B bf16 layer's 386 MiB up to 512 MiB (three slots: 1.5 GiB, not 1.13)."""

@@ -278,7 +278,7 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
     from .config import parse_dtype
     from .engine.chunked_loss import final_softcap, fused_head_supported
     from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets, default_lora_targets,
-                                  find_decoder_layers, load_hf_config, parameter_aliases, unit_map)
+                                  find_decoder_layers, load_hf_config, parameter_aliases, unit_map, uses_conv1d)
     from .store.keymap import held_dtype
 
     dtype = parse_dtype(dtype)
@@ -314,7 +314,7 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
     check_lora_targets(base, prefix, targets, lora_rank)  # as LemaModel: a target outside the layers is refused
     with torch.device("meta"):  # the adapters' shapes only: nothing allocated, nothing initialised
         peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
-                                                     task_type="CAUSAL_LM"))
+                                                     task_type="CAUSAL_LM", fan_in_fan_out=uses_conv1d(base)))
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
     # the adapted linears of each layer (their count and input widths), the largest layer's counted: the layers
     # may differ (Gemma 4's full-attention layers: a wider o_proj input)

@@ -363,13 +363,17 @@ def check_lora_targets(model, prefix: str, targets: list[str], rank: Optional[in
                          f"a rank beyond it adds parameters, not capacity; use --lora-rank {max(widths)} or less")
 
 
+def uses_conv1d(model) -> bool:
+    """GPT-2's Conv1D linears store their weight transposed: PEFT's LoRA needs fan_in_fan_out for them."""
+    return any(type(m).__name__ == "Conv1D" for m in model.modules())
+
+
 def inject_lora(model, rank: int, alpha: float, dropout: float, targets: list[str], device: torch.device):
     """PEFT's LoRA into the meta skeleton; the LoRA modules alone are materialised (float32) on `device`."""
     from peft import LoraConfig, get_peft_model
 
-    is_conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
     lora_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                             bias="none", task_type="CAUSAL_LM", fan_in_fan_out=is_conv1d)
+                             bias="none", task_type="CAUSAL_LM", fan_in_fan_out=uses_conv1d(model))
     with warnings.catch_warnings():  # PEFT asks the model about a deprecated gradient-checkpointing flag
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, lora_config)
