@@ -95,7 +95,7 @@ def test_adamw_step_matches_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
-@pytest.mark.parametrize("arch", ["opt", "gemma2", "deepseek_v3", "phimoe", "gemma3n_text", "falcon"])
+@pytest.mark.parametrize("arch", ["opt", "gemma2", "deepseek_v3", "phimoe", "gemma3n_text", "falcon", "zamba"])
 def test_more_architectures_match_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
     """OPT: dropout 0.1 inside the base layers, which the recompute must draw again (seeded alike);
     Gemma 2: no SDPA attention in Transformers, so the skeleton falls back to eager attention;
@@ -104,6 +104,8 @@ def test_more_architectures_match_peft(arch, strategy, tiny_dir, make_lema, tmp_
     target: it parametrizes the bound weight for each forward, and the second forward failed);
     PhiMoE: its router, an nn.Linear subclass returning a tuple, is no default LoRA target (LoRA's sum failed);
     Falcon: FalconLinear, an nn.Linear subclass whose forward is a linear's, is one (no target was left);
+    Zamba: one transformer block shared by two layers, whose weights the first layer's unbinding took from the
+    second ("not on the expected device meta"): resident, in no layer's unit;
     Gemma 3n: clamps a weight in place in each training forward, which on the CPU's read-only views of the file
     ended the process (SIGSEGV; the views are copy-on-write now), and plans per-layer MLP widths."""
     # Gemma 3n's AltUp and per-layer-input linears get no gradient from one step in PEFT either: Llama's seven

@@ -89,6 +89,14 @@ def make_config(arch: str, num_layers: Optional[int] = None):
 
         return MambaConfig(vocab_size=96, hidden_size=32, state_size=4, num_hidden_layers=common["num_hidden_layers"],
                            expand=2, conv_kernel=4)
+    if arch == "zamba":  # one transformer block shared by layers 2 and 5 (attn_layer_period 3)
+        from transformers import ZambaConfig
+
+        return ZambaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=4, n_mamba_heads=2, mamba_d_state=8,
+                           mamba_expand=2, mamba_dt_rank=4, attn_layer_period=3, attn_layer_offset=2,
+                           use_mamba_kernels=False, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2)
     raise KeyError(arch)
 
 

@@ -278,16 +278,20 @@ class UnitMap:
 
 
 def unit_map(model) -> UnitMap:
-    """Partition the model's (deduplicated, so tied weights count once) parameters into units."""
+    """Partition the model's (deduplicated, so tied weights count once) parameters into units. A parameter that
+    several decoder layers share (Zamba's one transformer block, run by every sixth layer) is in no layer's unit:
+    it is resident with the head, loaded once (a layer's unbinding would take it from the others)."""
     prefix, layers = find_decoder_layers(model)
     units: dict[str, list[str]] = {EMBED: []}
     units.update({layer_unit(i): [] for i in range(len(layers))})
     units[HEAD] = []
     embedding_modules = {name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    for name, _ in model.named_parameters():
+    aliases = parameter_aliases(model)
+    for name, p in model.named_parameters():
         m = pattern.match(name)
-        if m:
+        shared = len({found.group(1) for found in map(pattern.match, aliases[id(p)]) if found}) > 1
+        if m and not shared:
             units[layer_unit(int(m.group(1)))].append(name)
         elif name.rsplit(".", 1)[0] in embedding_modules:
             units[EMBED].append(name)
