@@ -73,11 +73,10 @@ class _Contender:
     def _build_peft(self):
         import torch
 
-        from peft import LoraConfig, get_peft_model
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from .config import parse_dtype
-        from .engine.skeleton import attention_implementation, default_lora_targets, find_decoder_layers
+        from .engine.skeleton import attention_implementation, default_lora_targets, find_decoder_layers, with_lora
 
         spec = self.spec
         model = AutoModelForCausalLM.from_pretrained(
@@ -86,8 +85,7 @@ class _Contender:
         model.config.use_cache = False
         model.to(spec.device)
         targets = spec.targets or default_lora_targets(find_decoder_layers(model)[1])
-        model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
-                                                 lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"))
+        model = with_lora(model, spec.lora_rank, 2 * spec.lora_rank, targets)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         for n, p in model.named_parameters():  # LoRA in float32, as LEMA keeps it
@@ -157,12 +155,11 @@ class _Contender:
         Transformers + PEFT with the same LoRA; with checkpointing (a recomputed layer) or without (a kept
         layer). Run in the rounds beside the other contenders, so it sees the same machine."""
         import torch
-        from peft import LoraConfig, get_peft_model
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from .config import parse_dtype
         from .engine import cpu_linear
-        from .engine.skeleton import attention_implementation, default_lora_targets, find_decoder_layers
+        from .engine.skeleton import attention_implementation, default_lora_targets, find_decoder_layers, with_lora
 
         spec = self.spec
         cfg = AutoConfig.from_pretrained(spec.model)
@@ -174,7 +171,7 @@ class _Contender:
         m.to(spec.device)
         layers = find_decoder_layers(m)[1]
         targets = spec.targets or default_lora_targets(layers)
-        m = get_peft_model(m, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules=targets))
+        m = with_lora(m, spec.lora_rank, 2 * spec.lora_rank, targets)
         if spec.device == "cpu":  # the frozen linears' products as LEMA's layers run them (engine/cpu_linear.py)
             self.orientations = cpu_linear.Orientations()
             cpu_linear.install(self.orientations, layers, m.get_output_embeddings())  # and the head, as LemaModel

@@ -162,7 +162,7 @@ def plan_tensors(units: dict[str, list[str]], model, dtype: torch.dtype, buffers
     """Every unit's tensors back to back in step order, floating ones in `dtype`, or in float32 where
     from_pretrained keeps them so (Ernie 4.5's router weight; keymap.held_dtype), each unit's widest first (so
     that they stay aligned: a unit's other tensors are whole multiples of their itemsize; where a unit ends off
-    float32's alignment the next unit's float32 tensor loads tensor by tensor, UnitLayout.build); returns the
+    float32's alignment the next unit is filled tensor by tensor, UnitLayout.build); returns the
     tensors and each unit's range relative to the data section. `buffers`: the
     model's persistent buffers the source holds (DeepSeek-V3's router correction biases), in the dtype the model
     holds them (float32 where from_pretrained keeps them so), in no unit (LemaModel loads them once): those at

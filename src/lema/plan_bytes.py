@@ -273,12 +273,11 @@ def model_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = Non
 def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = None,
                    gbi_path: Optional[str] = None) -> ModelFacts:
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from .config import parse_dtype
     from .engine.chunked_loss import final_softcap, fused_head_supported
     from .engine.skeleton import (EMBED, HEAD, build_meta_model, check_lora_targets, default_lora_targets,
-                                  find_decoder_layers, load_hf_config, parameter_aliases, unit_map, uses_conv1d)
+                                  find_decoder_layers, load_hf_config, parameter_aliases, unit_map, with_lora)
     from .store.keymap import held_dtype
 
     dtype = parse_dtype(dtype)
@@ -313,8 +312,7 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
     targets = list(targets or default_lora_targets(layers))
     check_lora_targets(base, prefix, targets, lora_rank)  # as LemaModel: a target outside the layers is refused
     with torch.device("meta"):  # the adapters' shapes only: nothing allocated, nothing initialised
-        peft_model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
-                                                     task_type="CAUSAL_LM", fan_in_fan_out=uses_conv1d(base)))
+        peft_model = with_lora(base, lora_rank, 2 * lora_rank, targets)
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
     # the adapted linears of each layer (their count and input widths), the largest layer's counted: the layers
     # may differ (Gemma 4's full-attention layers: a wider o_proj input)
@@ -343,8 +341,8 @@ def _normalised_projections(layer) -> int:
     (the hidden-width norms are ModelFacts.norms)."""
     width = 0
     for module in layer.modules():
-        for name, child in module.named_children():
-            proj = getattr(module, name[: -len("_norm")] + "_proj", None) if name.endswith("_norm") else None
+        for name, child in module.named_children():  # o_norm (OLMo-Hybrid's) comes before its projection: not one
+            proj = getattr(module, name[0] + "_proj", None) if name in ("q_norm", "k_norm", "v_norm") else None
             out = getattr(getattr(proj, "base_layer", proj), "out_features", None)
             if isinstance(out, int) and "norm" in type(child).__name__.lower():
                 width += out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .plan_bytes import ModelFacts, _text_config
+from .plan_bytes import ModelFacts, _text_config, hidden_streams
 
 # CUDA, to share the room a budget leaves between resident layers and kept activations (`split_room`): the time
 # model of a step, from the H200 measurements of session 6 (BENCHMARKS.md). Streaming through pinned slots, both
@@ -38,7 +38,8 @@ def step_time_model(f: ModelFacts, batch: int, seq: int, s: int, resident: int, 
     per_layer = layer_bytes / GPU_STREAM_BYTES_S["zero_copy" if zero_copy else "staged"] + GPU_STREAM_LAYER_S
     stream_s = 2 * (f.L - resident) * per_layer
     if offload:
-        stream_s += 2 * (f.L - keep) * batch * seq * c.hidden_size * s / GPU_STREAM_BYTES_S["zero_copy"]
+        stream_s += (2 * (f.L - keep) * batch * seq * c.hidden_size * s * hidden_streams(f.hf_config)
+                     / GPU_STREAM_BYTES_S["zero_copy"])
     return stream_s, (3 * f.L - keep) * fwd_s
 
 

@@ -372,15 +372,26 @@ def uses_conv1d(model) -> bool:
     return any(type(m).__name__ == "Conv1D" for m in model.modules())
 
 
-def inject_lora(model, rank: int, alpha: float, dropout: float, targets: list[str], device: torch.device):
-    """PEFT's LoRA into the meta skeleton; the LoRA modules alone are materialised (float32) on `device`."""
+def with_lora(model, rank: int, alpha: float, targets: list[str], dropout: float = 0.0):
+    """PEFT's get_peft_model with LEMA's LoRA settings (every caller: the engine, the plan, the bench's
+    contenders), fan_in_fan_out for GPT-2's Conv1D, and two of PEFT's warnings that say nothing here silenced for
+    this call only: the deprecated gradient-checkpointing flag it asks the model about, and the rank_pattern it
+    makes for targets Transformers 5 fuses (gate_proj + up_proj -> an MoE's experts.gate_up_proj parameter: 2 r),
+    which it then says "matched no module" (it matched the parameter, and the rank applies)."""
     from peft import LoraConfig, get_peft_model
 
-    lora_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                             bias="none", task_type="CAUSAL_LM", fan_in_fan_out=uses_conv1d(model))
-    with warnings.catch_warnings():  # PEFT asks the model about a deprecated gradient-checkpointing flag
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM", fan_in_fan_out=uses_conv1d(model))
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(model, lora_config)
+        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match any "
+                                "targeted module", category=RuntimeWarning)
+        return get_peft_model(model, config)
+
+
+def inject_lora(model, rank: int, alpha: float, dropout: float, targets: list[str], device: torch.device):
+    """PEFT's LoRA into the meta skeleton; the LoRA modules alone are materialised (float32) on `device`."""
+    peft_model = with_lora(model, rank, alpha, targets, dropout)
     for module in lora_modules(peft_model):
         for container in (module.lora_A, module.lora_B):
             for sub in container.values():

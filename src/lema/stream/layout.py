@@ -68,9 +68,11 @@ class UnitLayout:
         if packed is not None and all(direct_keys.get(n) for n in names):
             f, start, end = packed
             entries = [store.entry(direct_keys[n]) for n in names]
-            # each tensor in its held dtype, aligned to it in the slot (a view of another dtype needs that)
+            # each tensor in its held dtype, aligned to it in the slot and in the file (the CPU's views of the
+            # mapping: a unit after one that ends off float32's alignment is filled tensor by tensor instead)
             inside = all(start <= e.start and e.end <= end and e.dtype == dtype_of(n) and store.file_of(e.key) is f
-                         and (e.start - start) % e.dtype.itemsize == 0 for n, e in zip(names, entries))
+                         and (e.start - start) % e.dtype.itemsize == 0 and e.start % e.dtype.itemsize == 0
+                         for n, e in zip(names, entries))
             if inside:
                 placements = [Placement(n, e.dtype, shapes[n], e.start - start) for n, e in zip(names, entries)]
                 return cls(unit, placements, end - start, packed)
