@@ -424,3 +424,24 @@ def test_parameters_transformers_keeps_in_float32_stay_float32(strategy, tmp_pat
                 facts = model_facts(out, "bfloat16", 4)
                 assert facts.unit_bytes["layer.1"] == model.layouts[1].nbytes
                 assert facts.layers_stored_as_held()
+
+
+def test_a_file_storing_a_float32_kept_tensor_in_bf16_is_named_in_the_advice(tmp_path):
+    """A bf16 file whose router Transformers holds in float32: LEMA upcasts it at each load, as from_pretrained does
+    once, and the plan says which tensor is not stored as held (it said "stored in bfloat16" of a bf16 run)."""
+    from transformers import AutoModelForCausalLM
+
+    from lema.planner import plan
+
+    src = save_tiny("ernie4_5_moe", str(tmp_path / "ernie"))
+    folder = str(tmp_path / "ernie-allbf16")
+    AutoModelForCausalLM.from_pretrained(src).to(torch.bfloat16).save_pretrained(folder)
+    name = "model.layers.1.mlp.gate.weight"
+    assert SafetensorsFile(folder + "/model.safetensors").entries[name].dtype == torch.bfloat16
+    p = plan(folder, "bfloat16", batch_size=2, seq_len=12, device_type="cpu")
+    assert any(f"not as held ({name}: bfloat16 in the file, held in float32)" in a for a in p.advice), p.advice
+    want = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert want.get_parameter(name).dtype == torch.float32
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), LemaModel(LemaConfig(model_name_or_path=folder, dtype="bfloat16", lora_rank=4)) as model:
+        torch.testing.assert_close(model(ids).logits, want(ids, use_cache=False).logits, atol=0, rtol=0)

@@ -415,6 +415,16 @@ def test_the_boundary_is_what_a_step_keeps_of_each_layer_input(arch, tiny_dir, m
     assert (f"x {streams} streams" in p.table()) == (streams > 1)
 
 
+def test_a_block_layers_share_is_planned_resident_in_a_row_of_its_own(tiny_dir):
+    """Zamba's one transformer block, run by layers 2 and 5, is loaded once with the head (in no layer's unit); the
+    table named it "head (norm + lm_head)"."""
+    p = plan(tiny_dir("zamba"), "float32", batch_size=B, seq_len=T, device_type="cpu")
+    shared = [r for r in p.rows() if r.item == "blocks shared by layers"]
+    assert shared and shared[0].nbytes == p.shared_layer_bytes > 0
+    head = [r for r in p.rows() if r.item.startswith("head (")][0]
+    assert head.nbytes == p.unit_bytes["head"] - p.shared_layer_bytes and "tied to the embedding" in head.note
+
+
 def test_planning_gpt2_warns_of_nothing(tmp_path):
     """The plan's PEFT model says fan_in_fan_out for GPT-2's Conv1D linears, as LemaModel's does: PEFT warned on
     every `lema plan` of a GPT-2 folder that it set it itself (a folder of its own: a folder planned before with

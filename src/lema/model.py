@@ -27,8 +27,8 @@ from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fus
 from .engine.streamed_layer import StreamedLayers
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
-from .store.keymap import (check_complete, check_shapes, check_unused, held_dtype, kept_in_float32, map_checkpoint,
-                           reader_for, stored_buffers)
+from .store.keymap import (check_complete, check_shapes, check_unused, first_not_held, held_dtype, kept_in_float32,
+                           map_checkpoint, reader_for, stored_buffers)
 from .stream.layout import UnitLayout, registration_spans
 from .stream.pager import RESERVE_BYTES, PageCachePager
 from .stream.ring import ResidentLayers, WeightRing
@@ -237,7 +237,13 @@ class LemaModel(nn.Module):
         pinned staging)."""
         why = None
         if not same_dtype:
-            why = f"the layer weights are not stored in {self.dtype} (the copy engine cannot convert)"
+            pairs = [(p.name, k) for layout in self.layouts for p in layout.placements
+                     for k in self.sources[p.name].file_keys]
+            # in the compute dtype, yet not as held: a tensor Transformers holds in float32 (Ernie 4.5's router)
+            held = all(self.store.entry(k).dtype == self.dtype for _, k in pairs)
+            why = (f"the layer weights are not stored in {self.dtype}" if not held else
+                   f"the layer weights are not stored as held ({first_not_held(pairs, self.store, self.dtype_of)})")
+            why += " (the copy engine cannot convert)"
         elif not self._layers_stored_as_used():
             why = "some layer weights are built on load (converted tensors such as fused experts)"
         else:

@@ -199,11 +199,13 @@ class ModelFacts:
     mlp_adapted: bool = True  # LoRA on some linear outside attention (the MLP's), whose input it then keeps
     norms: int = 2  # hidden-width norms per decoder layer
     head_norms: int = 0  # widths of the projections attention normalises (q_norm, k_norm), the largest layer's
+    shared_layer_bytes: int = 0  # of the head unit's bytes, the blocks several decoder layers share (Zamba's)
     eager_attention: bool = False  # the skeleton's attention is eager (Gemma 2's soft-capping): T x T kept
     layers_as_stored: bool = True  # the folder's layer tensors are the model's, none built on load from several
     file_dtype: Optional[torch.dtype] = None  # the folder's first floating tensor's dtype (None: a config, no file)
     layer_dtypes: frozenset = frozenset()  # the dtypes of the file's layer tensors (empty: a config, no file)
     layers_as_held: bool = False  # ... each the dtype LemaModel holds it in (keymap.held_dtype)
+    not_held: Optional[str] = None  # else the first that is not, said (keymap.first_not_held)
     layer_file_bytes: int = 0  # the file's bytes of the layer tensors (0: a config, no file)
     embed_view_bytes: int = 0  # of the embedding, what the file holds as LemaModel maps it on the CPU: tensors
     #                            not tied to the head, each one tensor of the file, in the compute dtype
@@ -331,6 +333,7 @@ def _measure_facts(model, dtype, lora_rank: int, targets: Optional[list[str]] = 
                       units.num_layers,
                       c.vocab_size, c.hidden_size, chunk_ok, final_softcap(hf_config) is not None, embed_untied,
                       mlp_gated, experts_adapted, mlp_adapted, norms=norms or 2, head_norms=head_norms,
+                      shared_layer_bytes=sum(size[n] for n in units.units[HEAD] if n.startswith(prefix + ".")),
                       # as the skeleton runs it: eager for soft-capping, and where an architecture has no SDPA
                       eager_attention=getattr(base.config, "_attn_implementation", None) == "eager", **folder)
 
@@ -362,7 +365,7 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str], held,
     plan is not the first to pass them."""
     from .engine.skeleton import EMBED
     from .store import WeightStore
-    from .store.keymap import check_complete, check_shapes, check_unused, map_checkpoint
+    from .store.keymap import check_complete, check_shapes, check_unused, first_not_held, map_checkpoint
 
     if gbi_path is None and not (glob.glob(os.path.join(folder, "*.safetensors"))
                                  or os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))):
@@ -376,7 +379,7 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str], held,
         check_shapes(meta_model, sources, store)
         layer_keys = {k: n for n in layer_names if n in sources for k in sources[n].file_keys}
         layer_dtypes = frozenset(store.entry(k).dtype for k in layer_keys)
-        layers_as_held = all(store.entry(k).dtype == held(n) for k, n in layer_keys.items())
+        not_held = first_not_held(((n, k) for k, n in layer_keys.items()), store, held)
         layer_file_bytes = sum(store.entry(k).nbytes for k in layer_keys)
         # the embedding unit's tensors stored as one each (GPT-2's has two, the token and position tables)
         embed_dtypes = {n: store.entry(sources[n].key).dtype for n in units.units[EMBED] if n in sources
@@ -385,5 +388,6 @@ def _folder_facts(folder: str, meta_model, units, layer_names: list[str], held,
         store.close()
     return dict(file_dtype=file_dtype, layers_as_stored=all(sources[n].key is not None for n in layer_names
                                                             if n in sources),
-                layer_dtypes=layer_dtypes, layers_as_held=layers_as_held, layer_file_bytes=layer_file_bytes,
+                layer_dtypes=layer_dtypes, layers_as_held=not_held is None, not_held=not_held,
+                layer_file_bytes=layer_file_bytes,
                 embed_dtypes=embed_dtypes, from_folder=True, safetensors=True)

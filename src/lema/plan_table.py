@@ -74,6 +74,7 @@ class Plan:
     embedding_view_bytes: int = 0  # CPU, file in the compute dtype: the untied embedding stays a view of the mmap
     allocator_cache_bytes: int = 0  # CPU: what LEMA's CPU allocator may hold above the live peak
     hidden_streams: int = 1  # H-wide hidden states stacked in a layer's input (Gemma 3n's AltUp: 4)
+    shared_layer_bytes: int = 0  # of the head unit, the blocks several decoder layers share (Zamba's), resident
 
     @property
     def layer_bytes(self) -> int:
@@ -104,10 +105,14 @@ class Plan:
         resident = ([Row(f"resident layers ({self.resident_layers})", dev, self.resident_layers * self.slot_bytes,
                          f"loaded once: layers {_short(self.resident_layer_indices)}")]
                     if self.strategy == "streaming" and self.resident_layers else [])
+        head = self.unit_bytes["head"] - self.shared_layer_bytes
+        shared = [Row("blocks shared by layers", dev, self.shared_layer_bytes, "frozen, resident: run by several "
+                      "decoder layers")] if self.shared_layer_bytes else []
         rows = [
             self._embedding_row(),
-            Row("head (norm + lm_head)", dev, self.unit_bytes["head"],
-                "frozen, resident" + (" (tied to the embedding)" if self.unit_bytes["head"] < 1024 else "")),
+            Row("head (norm + lm_head)", dev, head,
+                "frozen, resident" + (" (tied to the embedding)" if head < 1024 else "")),
+            *shared,
             ring,
             *resident,
             Row("LoRA adapters", dev, self.lora_bytes, f"{self.lora_params:,} params, r={self.lora_rank}, fp32"),

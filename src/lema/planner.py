@@ -276,6 +276,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
              num_layers=L, unit_bytes=unit_bytes, slot_bytes=slot_bytes, lora_params=lora_params,
              lora_bytes=lora_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
              boundary_bytes=boundary, hidden_streams=hidden_streams(hf_config), logits_bytes=logits,
+             shared_layer_bytes=f.shared_layer_bytes,
              head_work_bytes=head_work,
              layer_work_bytes=layer_work, layer_saved_bytes=layer_saved, ring_depth=depth,
              ring_device_bytes=ring_dev,
@@ -320,7 +321,9 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     if strategy == "streaming" and folder and L > p.resident_layers:
         converted = [] if f.layers_as_stored else ["built on load from several tensors (experts stacked)"]
         if stored and not f.layers_stored_as_held():
-            converted.insert(0, "stored in " + " and ".join(str(d).split(".")[-1] for d in stored))
+            # all in the compute dtype, yet not as held: tensors Transformers holds in float32 (Ernie 4.5's router)
+            converted.insert(0, "stored in " + " and ".join(str(d).split(".")[-1] for d in stored)
+                             + (f", not as held ({f.not_held})" if set(stored) == {dtype} else ""))
         if converted:
             name = str(dtype).split(".")[-1]
             p.advice.append(f"the layers are {' and '.join(converted)}: every load converts them, in the loader "
@@ -350,7 +353,8 @@ def cuda_zero_copy(f: ModelFacts, dtype, folder: Optional[str], zero_copy: Optio
         return "staged: no safetensors weights in the folder (`lema convert` makes them)"
     elif folder and not f.layers_stored_as_held():
         held = ", ".join(sorted(str(d).split(".")[-1] for d in f.layer_dtypes))
-        why = f"the file holds the layers in {held}, converted on the way"
+        why = f"the file holds the layers in {held}, converted on the way" + (
+            f" ({f.not_held})" if f.layer_dtypes == {dtype} else "")
     if why is not None and zero_copy:  # asked for: LemaModel refuses it, and so does the plan
         raise ValueError(f"zero_copy=True on cuda: {why}; use --zero-copy auto to stage each layer through pinned "
                          "host slots")

@@ -140,6 +140,16 @@ def held_dtype(model, dtype: torch.dtype) -> Callable[[str], torch.dtype]:
     return lambda name: torch.float32 if float32(name) else own.get(name, dtype)
 
 
+def first_not_held(pairs, store, held: Callable[[str], torch.dtype]) -> Optional[str]:
+    """Of (parameter name, file key) `pairs`, the first tensor the file stores in another dtype than `held` holds
+    it in, said as "NAME: bfloat16 in the file, held in float32" (None: every one as held)."""
+    for name, key in pairs:
+        stored, want = store.entry(key).dtype, held(name)
+        if stored != want:
+            return f"{name}: {str(stored).split('.')[-1]} in the file, held in {str(want).split('.')[-1]}"
+    return None
+
+
 def check_shapes(model, sources: dict, store) -> None:
     """Every parameter stored as one file tensor has the model's shape and a floating dtype (LemaModel and the
     plan alike; parameters built from several tensors are checked when built)."""
