@@ -169,13 +169,12 @@ def plan_tensors(units: dict[str, list[str]], model, dtype: torch.dtype, buffers
     least as wide as `dtype` before the first unit, the narrower ones after the last, each group widest first, so
     that every tensor starts aligned to its dtype
     (safetensors allows no padding)."""
-    from .store.keymap import held_dtype, kept_in_float32
+    from .store.keymap import held_dtype
 
     params = dict(model.named_parameters())
-    held_as = held_dtype(model, dtype)
+    held_as = held_dtype(model, dtype)  # as from_pretrained holds them (DeepSeek-V3's router bias in float32)
     held = dict(model.named_buffers())
-    float32 = kept_in_float32(model, dtype)  # as from_pretrained keeps them (DeepSeek-V3's router bias)
-    kind = {n: torch.float32 if float32(n) else held[n].dtype for n in buffers}
+    kind = {n: held_as(n) for n in buffers}
     order = sorted(buffers, key=lambda n: -kind[n].itemsize)
     planned, ranges, offset = [], {}, 0
 
@@ -188,7 +187,7 @@ def plan_tensors(units: dict[str, list[str]], model, dtype: torch.dtype, buffers
     place([n for n in order if kind[n].itemsize >= dtype.itemsize])
     for unit, names in units.items():
         start = offset
-        out = {n: held_as(n) if params[n].dtype.is_floating_point else params[n].dtype for n in names}
+        out = {n: held_as(n) for n in names}
         for name in sorted(names, key=lambda n: -out[n].itemsize):  # stable: step order within a width
             p = params[name]
             planned.append(Planned(name, out[name], tuple(p.shape), offset, unit))

@@ -27,8 +27,8 @@ from .engine.chunked_loss import CHUNK_BYTES, causal_lm_loss, final_softcap, fus
 from .engine.streamed_layer import StreamedLayers
 from .host_memory import memory_available, return_freed_memory_to_os, trim_heap
 from .store import WeightStore, WeightsFileError
-from .store.keymap import (check_complete, check_shapes, check_unused, first_not_held, held_dtype, kept_in_float32,
-                           map_checkpoint, reader_for, stored_buffers)
+from .store.keymap import (check_complete, check_shapes, check_unused, first_not_held, held_dtype, map_checkpoint,
+                           reader_for, stored_buffers)
 from .stream.layout import UnitLayout, registration_spans
 from .stream.pager import RESERVE_BYTES, PageCachePager
 from .stream.ring import ResidentLayers, WeightRing
@@ -61,8 +61,7 @@ class LemaModel(nn.Module):
         self.sources, unexpected = map_checkpoint(base, self.store)
         self._read = reader_for(self.sources, self.store, base)
         self._check_checkpoint(base, unexpected)
-        # the dtype each parameter is held in: the compute dtype, or float32 where from_pretrained keeps it so
-        # (Ernie 4.5's router); a stored buffer's alike (_load_stored_buffers)
+        # the dtype each parameter and stored buffer is held in, as from_pretrained holds it (keymap.held_dtype)
         self.dtype_of = held_dtype(base, self.dtype)
         self._load_stored_buffers(base)
 
@@ -89,7 +88,8 @@ class LemaModel(nn.Module):
         # thread's copy out of the page cache (a few GB/s) is slower than the link it feeds.
         self._fill_threads = min(FILL_THREADS, os.cpu_count() or 1) if self.device.type == "cuda" else 1
         if config.strategy == MemoryStrategy.STREAMING:
-            same_dtype = self._file_dtype_is_compute_dtype(layer_names)
+            not_held = first_not_held(self._layer_file_keys(), self.store, self.dtype_of)
+            same_dtype = not_held is None
             cpu = self.device.type == "cpu"
             # views only of tensors stored as the model uses them: a tensor built on load (Mixtral's experts,
             # stacked from per-expert ones) would be a new allocation at every load; it goes through the slots
@@ -105,7 +105,7 @@ class LemaModel(nn.Module):
             resident = {i: self._load_resident(self.layouts[i]) for i in resident_ids}
             # CUDA zero-copy: asked for, or (auto) wherever it applies, unless a page-cache size asks for the pager
             auto = config.zero_copy is None and config.page_cache_bytes is None
-            host_views = (self._register_page_cache(same_dtype, streamed_ids, required=config.zero_copy is True)
+            host_views = (self._register_page_cache(not_held, streamed_ids, required=config.zero_copy is True)
                           if not cpu and (config.zero_copy or auto) else None)
             try:
                 # the page cache of every path but CUDA zero-copy's (its pages stay locked, and fit the RAM)
@@ -190,19 +190,18 @@ class LemaModel(nn.Module):
 
     def _load_stored_buffers(self, base) -> None:
         """The persistent buffers the weights hold (keymap.stored_buffers), copied into the skeleton's once, in
-        the dtype it holds them, or float32 where from_pretrained keeps them so (keymap.kept_in_float32); a few
-        bytes each, resident with the layer."""
+        the dtype from_pretrained holds them in (dtype_of: their own, or float32 where the class keeps them so); a
+        few bytes each, resident with the layer."""
         held = dict(base.named_buffers())
-        float32 = kept_in_float32(base, self.dtype)  # held_dtype's rule, for buffers: held in their own dtype else
         for name in stored_buffers(base, self.sources):
             value = self._read(name)
             if tuple(value.shape) != tuple(held[name].shape):
                 raise WeightsFileError(f"tensor {name!r} has shape {tuple(value.shape)} in "
                                        f"{self.config.model_name_or_path!r} but config.json implies "
                                        f"{tuple(held[name].shape)}; the weights do not belong to this config.json")
-            if float32(name):  # as from_pretrained: kept in float32 whatever the compute dtype
+            if self.dtype_of(name) != held[name].dtype:  # kept in float32 whatever the compute dtype
                 owner, attr = name.rsplit(".", 1)
-                base.get_submodule(owner)._buffers[attr] = value.to(torch.float32, copy=True)
+                base.get_submodule(owner)._buffers[attr] = value.to(self.dtype_of(name), copy=True)
                 continue
             with torch.no_grad():
                 held[name].copy_(value)
@@ -217,33 +216,31 @@ class LemaModel(nn.Module):
     def _fill(self, layout: UnitLayout, dst: torch.Tensor) -> None:
         layout.fill(dst, self._read, self.store, self._fill_threads)
 
-    def _file_dtype_is_compute_dtype(self, layer_names: list[list[str]]) -> bool:
-        """The ring serves the file's bytes as they are (CPU mmap views, CUDA copies from the page cache)
-        only when no layer tensor needs a dtype conversion (each stored in the dtype it is held in: dtype_of);
-        otherwise it converts into its preallocated slot buffers (no allocation per layer load)."""
-        return all(self.store.entry(k).dtype == self.dtype_of(n)
-                   for names in layer_names for n in names for k in self.sources[n].file_keys)
+    def _layer_file_keys(self) -> list[tuple[str, str]]:
+        """(parameter name, file key) of every layer tensor. The ring serves the file's bytes as they are (CPU mmap
+        views, CUDA copies from the page cache) only where each is stored in the dtype it is held in (dtype_of,
+        keymap.first_not_held); otherwise it converts into its preallocated slot buffers (no allocation per layer
+        load)."""
+        return [(p.name, k) for layout in self.layouts for p in layout.placements
+                for k in self.sources[p.name].file_keys]
 
     def _layers_stored_as_used(self) -> bool:
         """Every layer tensor lies in the file as one range (no tensor built on load from several)."""
         return all(l.stored_as_used for l in self.layouts)
 
-    def _register_page_cache(self, same_dtype: bool, streamed: list[int], required: bool):
+    def _register_page_cache(self, not_held: Optional[str], streamed: list[int], required: bool):
         """CUDA zero-copy (LemaConfig.zero_copy True or None): page-lock the streamed layers' file ranges for the
         copy engine (SafetensorsFile.register_with_cuda), so each layer's host-to-device copy reads the page cache
         itself, with no pinned staging slot and no host copy; returns the ring's `host_views`. Resident layers
         (read once, at load) are left pageable. Where it cannot apply (another dtype in the file, tensors built
         on load, the layers past the RAM, a failed registration): refused when `required`, else None (the
-        pinned staging)."""
+        pinned staging). `not_held`: the first layer tensor stored in another dtype than held, said (None: none)."""
         why = None
-        if not same_dtype:
-            pairs = [(p.name, k) for layout in self.layouts for p in layout.placements
-                     for k in self.sources[p.name].file_keys]
+        if not_held is not None:
             # in the compute dtype, yet not as held: a tensor Transformers holds in float32 (Ernie 4.5's router)
-            held = all(self.store.entry(k).dtype == self.dtype for _, k in pairs)
-            why = (f"the layer weights are not stored in {self.dtype}" if not held else
-                   f"the layer weights are not stored as held ({first_not_held(pairs, self.store, self.dtype_of)})")
-            why += " (the copy engine cannot convert)"
+            in_dtype = all(self.store.entry(k).dtype == self.dtype for _, k in self._layer_file_keys())
+            why = (f"the layer weights are not stored as held ({not_held})" if in_dtype else
+                   f"the layer weights are not stored in {self.dtype}") + " (the copy engine cannot convert)"
         elif not self._layers_stored_as_used():
             why = "some layer weights are built on load (converted tensors such as fused experts)"
         else:

@@ -131,12 +131,12 @@ def kept_in_float32(model, dtype: torch.dtype) -> Callable[[str], bool]:
 
 
 def held_dtype(model, dtype: torch.dtype) -> Callable[[str], torch.dtype]:
-    """The dtype LemaModel holds the floating parameter `name` in, as from_pretrained does: float32 where the class
-    keeps it so (kept_in_float32: Ernie 4.5's router weight and correction bias in a bf16 model); else the dtype the
-    skeleton (`model`, built in `dtype`) made it in where its __init__ chose one (OLMo-Hybrid's and Zamba's
-    float32 `A_log`); else `dtype`."""
+    """The dtype LemaModel holds the parameter or stored buffer `name` in, as from_pretrained does: float32 where
+    the class keeps it so (kept_in_float32: Ernie 4.5's router weight, DeepSeek-V3's router bias buffer, in a bf16
+    model); else the dtype the skeleton (`model`, built in `dtype`) made it in where its __init__ chose one
+    (OLMo-Hybrid's and Zamba's float32 `A_log`, an integer buffer); else `dtype`."""
     float32 = kept_in_float32(model, dtype)
-    own = {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != dtype}
+    own = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()] if t.dtype != dtype}
     return lambda name: torch.float32 if float32(name) else own.get(name, dtype)
 
 
