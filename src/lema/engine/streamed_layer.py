@@ -302,7 +302,11 @@ class StreamedLayers:
                          and storage.nbytes() >= KEPT_COPY_MIN_BYTES else None)
         placed = seen[ptr][1]
         if placed is None:
-            return t
+            # Not `t` itself: a tensor the node saves of its own outputs (exp, sigmoid) has that node as its
+            # grad_fn, and handing it back makes node -> packed tensor -> node, a cycle only backward breaks
+            # (by running the node). A node no backward runs (RWKV's last state update, which no output
+            # uses) then kept the layer's graph forever. Unpacking restores the grad_fn from the node.
+            return t.detach()
         chunk, offset = placed
         return torch.empty(0, dtype=t.dtype).set_(chunk, offset // t.element_size() + t.storage_offset(),
                                                   t.size(), t.stride())
