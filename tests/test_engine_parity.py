@@ -780,6 +780,33 @@ def test_keep_activations_none_follows_the_budget(tiny_dir, make_lema):
     assert model.streamed.keep == frozenset(), "nothing is kept without grad"
 
 
+def test_a_padded_step_plans_attention_s_mask(tiny_dir, make_lema):
+    """Padding makes attention take a mask: Transformers then repeats k and v to every head (the tiny Llama has 4
+    heads, 2 kv heads) and SDPA saves the mask in each layer, so each layer holds more (planner.plan's `padded`;
+    the kept layers had 1.13x the plan in float32 at 8 heads / 2). The engine plans each step as padded or not:
+    under a budget with room for 2.05 unpadded layers, a padded step keeps fewer."""
+    from lema.planner import plan_for_config
+
+    path = tiny_dir("llama", num_layers=5)
+    probe = make_lema(path, keep_activations=0)
+    ids = batch()
+    B, T = ids.shape
+    a, nh, nkv, d = B * T, 4, 2, 8
+    plain, padded = (plan_for_config(probe.config, B, T, free_bytes=0, padded=p) for p in (False, True))
+    assert padded.layer_terms["attention in"] - plain.layer_terms["attention in"] == 2 * a * (nh - nkv) * d * 4
+    assert padded.layer_terms["attention mask"] == a * T * 4 and "attention mask" not in plain.layer_terms
+    budget = plain.peak_bytes + 2 * plain.kept_extra_bytes + plain.kept_extra_bytes // 20
+    model = make_lema(path, max_vram=str(budget))
+    trainer = model.get_trainer(torch.optim.SGD(model.get_trainable_parameters(), lr=0.0))
+    mask = torch.ones_like(ids)
+    trainer.train_step(ids, attention_mask=mask)  # no padding: Transformers drops the mask
+    assert len(model.streamed.keep) == 2
+    mask[0, -3:] = 0
+    trainer.train_step(ids, attention_mask=mask)
+    want = plan_for_config(model.config, B, T, padded=True).kept_layers
+    assert len(model.streamed.keep) == want < 2
+
+
 # ------------------------------------------------------------------------------ chunked loss
 @pytest.mark.parametrize("linear", ["auto", "transposed"])
 @pytest.mark.parametrize("arch", ARCHS + ["llama-tied", "opt", "gemma2"])

@@ -352,6 +352,37 @@ def test_kept_layer_terms_match_what_autograd_saves(arch, dtype, tmp_path, make_
     assert per_layer == pytest.approx(p.kept_extra_bytes, rel=0.05)
 
 
+@pytest.mark.parametrize("arch, dtype, pad", [("llama", torch.float32, 5), ("llama", torch.bfloat16, 5),
+                                              ("gemma3_text", torch.float32, 0), ("gemma3_text", torch.bfloat16, 0)])
+def test_a_masked_attention_s_saved_tensors_are_planned(arch, dtype, pad, tmp_path, make_lema):
+    """Attention given a mask: Transformers repeats k and v to every head (use_gqa_in_sdpa: only without one)
+    and SDPA keeps the mask, as a bias in the dtype, in each layer. A padded batch masks every layer (Llama,
+    8 heads / 2: a kept layer saved 1.13x the plan in float32, 1.07x in bf16); Gemma 3's sliding-window layer
+    masks once the sequence reaches its window (1.12x in float32). Within 5% now, as the other terms."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    more = dict(sliding_window=64, layer_types=["sliding_attention", "full_attention"], pad_token_id=0) \
+        if arch == "gemma3_text" else {}
+    cfg = AutoConfig.for_model(arch, vocab_size=96, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                               num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                               tie_word_embeddings=False, **more)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    batch, seq = 2, 128
+    model = make_lema(str(tmp_path / "m"), dtype=str(dtype).split(".")[-1], keep_activations=2, lora_rank=8)
+    ids = torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, seq - pad:] = 0
+    model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3)).train_step(
+        ids, attention_mask=mask)
+    p = plan(cfg, dtype, lora_rank=8, batch_size=batch, seq_len=seq, keep_activations=2, device_type="cpu",
+             padded=bool(pad))
+    a, s = batch * seq, dtype.itemsize
+    assert p.layer_terms["attention mask"] == a * seq * s
+    per_layer = model.streamed.kept_bytes / 2 - (a * cfg.hidden_size * s if s == 4 else 0)
+    assert per_layer == pytest.approx(p.kept_extra_bytes, rel=0.05)
+
+
 def _layers_apart(arch, **over):
     """Tiny configs whose decoder layers are not all alike: Gemma 4 (its full-attention layers' head_dim, a
     per-layer config), Gemma 3n (intermediate_size, a list per layer), Mamba (no attention heads)."""
@@ -377,10 +408,11 @@ def test_layers_that_differ_are_planned_at_the_largest_and_no_heads_no_attention
     from transformers import AutoModelForCausalLM
 
     a, seq = B * T, T
-    largest = {"gemma4_text": _layers_apart("gemma4_text", head_dim=16),
-               "gemma3n_text": _layers_apart("gemma3n_text", intermediate_size=[128] * 3)}
+    unmasked = dict(sliding_window=64)  # no window the sequence reaches: a masked layer has more terms of its own
+    largest = {"gemma4_text": _layers_apart("gemma4_text", head_dim=16, **unmasked),
+               "gemma3n_text": _layers_apart("gemma3n_text", intermediate_size=[128] * 3, **unmasked)}
     for arch, wide in largest.items():
-        cfg = _layers_apart(arch)
+        cfg = _layers_apart(arch, **unmasked)
         assert arch != "gemma4_text" or ("head_dim" in cfg.per_layer_attributes and not wide.per_layer_attributes)
         for s in (4, 2):
             terms = layer_work_terms(cfg, a, s, 4, 7, 512, seq, "cpu")

@@ -767,6 +767,22 @@ def test_a_failed_start_leaves_another_runs_lock_alone(tiny_model, data, tmp_pat
         unlock_output(str(out))
 
 
+@pytest.mark.parametrize("batch_size, padded", [(2, True), (1, False)])
+def test_the_plan_of_rows_of_different_lengths_is_padded(batch_size, padded, tiny_model, data, tmp_path,
+                                                         monkeypatch):
+    """Rows of different lengths in a batch of several are right-padded, so attention takes a mask and each layer
+    keeps more (planner.plan's `padded`): the plan `lema train` prints is made so; one row a batch has no padding."""
+    from lema import training
+    from test_nonfinite import args as run_args
+
+    asked = []
+    plan_for_config = training.plan_for_config
+    monkeypatch.setattr(training, "plan_for_config", lambda *a, **kw: asked.append(kw["padded"]) or
+                        plan_for_config(*a, **kw))
+    train(TrainArgs(**run_args(tiny_model, data, tmp_path / "out", steps=1, batch_size=batch_size)))
+    assert asked == [padded]
+
+
 def test_the_free_memory_check_and_the_plan_read_the_memory_once(tiny_model, data, tmp_path, monkeypatch):
     """The plan filled its room with kept layers to within a layer of the free memory it read; the check read it
     again and refused the run on any drop between the two readings. Kept layers are decided again at run time."""

@@ -392,13 +392,16 @@ class LemaModel(nn.Module):
         input_ids, labels, attention_mask = self._check_inputs(input_ids, labels, attention_mask)
         kwargs.setdefault("use_cache", False)
         tokens, seq_len = input_ids.numel(), input_ids.shape[1]
-        self.streamed.keep = frozenset(self.kept_layers(tokens, seq_len)) if torch.is_grad_enabled() else frozenset()
-        self.streamed.offload = torch.is_grad_enabled() and self.offloads_activations(tokens, seq_len)
+        # padding: attention takes a mask, and a layer saves more (planner.plan's `padded`); host sync, as above
+        padded = attention_mask is not None and torch.is_grad_enabled() and not bool(attention_mask.all())
+        self.streamed.keep = frozenset(self.kept_layers(tokens, seq_len, padded)) if torch.is_grad_enabled() \
+            else frozenset()
+        self.streamed.offload = torch.is_grad_enabled() and self.offloads_activations(tokens, seq_len, padded)
         pager = getattr(self.source, "pager", None)
         if pager is not None and torch.is_grad_enabled() and self.streamed.recompute:
-            pager.expect_step(self._activation_budget().step_growth(tokens, seq_len))
+            pager.expect_step(self._activation_budget().step_growth(tokens, seq_len, padded))
         if getattr(self, "host_allocator_cached", False) and torch.is_grad_enabled():
-            cpu_allocator.install(self._activation_budget().allocator_cache(tokens, seq_len))
+            cpu_allocator.install(self._activation_budget().allocator_cache(tokens, seq_len, padded))
         if labels is not None and self.uses_chunked_loss(labels.numel()) and set(kwargs) <= {"use_cache"} \
                 and not kwargs.get("use_cache"):
             # engine/chunked_loss.py: the head and the loss chunk by chunk; the full logits are never built
@@ -410,9 +413,9 @@ class LemaModel(nn.Module):
             return CausalLMOutputWithPast(loss=loss, logits=None)
         return self.peft_model(input_ids=input_ids, labels=labels, attention_mask=attention_mask, **kwargs)
 
-    def kept_layers(self, tokens: int, seq_len: Optional[int] = None) -> list[int]:
+    def kept_layers(self, tokens: int, seq_len: Optional[int] = None, padded: bool = False) -> list[int]:
         """The decoder layers that keep their activations (no recompute) in a training step of `tokens` tokens
-        (rows of `seq_len`, where known).
+        (rows of `seq_len`, where known; `padded`: with padding, which attention masks).
 
         LemaConfig.keep_activations, or (None) as many as fit the budget beside the step's planned peak
         (planner.ActivationBudget.keepable_layers), spread through the stack."""
@@ -423,17 +426,17 @@ class LemaModel(nn.Module):
             return []
         n = self.config.keep_activations
         if n is None:
-            n = self._activation_budget().keepable_layers(tokens, seq_len)
+            n = self._activation_budget().keepable_layers(tokens, seq_len, padded)
         return spread(min(n, L), L)
 
-    def offloads_activations(self, tokens: int, seq_len: Optional[int] = None) -> bool:
+    def offloads_activations(self, tokens: int, seq_len: Optional[int] = None, padded: bool = False) -> bool:
         """Whether a training step of `tokens` tokens keeps the recomputed layers' inputs in host memory
         (LemaConfig.offload_activations; None: the plan's decision, on a GPU when the budget needs it)."""
         if not self.streamed.recompute or self.config.offload_activations is False:
             return False
         if self.config.offload_activations:
             return True
-        return self.device.type == "cuda" and self._activation_budget().offloads(tokens, seq_len)
+        return self.device.type == "cuda" and self._activation_budget().offloads(tokens, seq_len, padded)
 
     def _activation_budget(self, held_bytes: int = 0):
         """The run-time planner, made once (at the first training step). `held_bytes`: memory the plan counts

@@ -66,7 +66,7 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
                      lora_in_features: Optional[int] = None, seq_len: Optional[int] = None,
                      device_type: str = "cuda", mlp_gated: bool = True,
                      experts_adapted: bool = False, mlp_adapted: bool = True, norms: int = 2,
-                     eager_attention: bool = False, head_norms: int = 0) -> dict[str, int]:
+                     eager_attention: bool = False, head_norms: int = 0, padded: bool = False) -> dict[str, int]:
     """Bytes of one layer's recompute + backward working set, term by term (see planner.py's module docstring).
     `lora_in_features`: the adapted linears' input widths, summed over one layer (default: Llama's seven,
     6 H + I). `mlp_gated` False: an MLP without a gate projection (GPT-2's fc -> act -> proj). `seq_len` and
@@ -74,14 +74,16 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
     `norms`: hidden-width norms per layer (2 in the formulas). `eager_attention`: Transformers' eager attention
     (Gemma 2, for its soft-capping), which keeps the T x T scores and k, v repeated to every head. `head_norms`:
     the widths, summed, of the projections that attention normalises before use (Qwen3's and Gemma 3's q_norm
-    and k_norm, Gemma 4's v_norm too; ModelFacts.head_norms), whose float32 input each norm keeps.
+    and k_norm, Gemma 4's v_norm too; ModelFacts.head_norms), whose float32 input each norm keeps. `padded`: the
+    batch's rows are right-padded (an attention mask with zeros), so every layer's attention takes a mask, as a
+    sliding-window layer does once the sequence reaches its window.
     Where the layers differ (heads, head_dim or MLP width set per layer), each term is its largest over the
     layers: the peak is the largest layer's recompute, and a kept layer is counted as the largest (a bound)."""
     configs = _layer_configs(hf_config)
     terms: dict[str, int] = {}
     for i, c in enumerate(configs):
         one = _one_layer_terms(c, i, len(configs), a, s, lora_rank, n_targets, lora_in_features, seq_len,
-                               device_type, mlp_gated, experts_adapted, mlp_adapted, norms, eager_attention)
+                               device_type, mlp_gated, experts_adapted, mlp_adapted, norms, eager_attention, padded)
         for name, b in one.items():
             terms[name] = max(terms.get(name, 0), b)
     if head_norms:
@@ -92,7 +94,7 @@ def layer_work_terms(hf_config, a: int, s: int, lora_rank: int, n_targets: int,
 def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_targets: int,
                      lora_in_features: Optional[int], seq_len: Optional[int], device_type: str, mlp_gated: bool,
                      experts_adapted: bool, mlp_adapted: bool, norms: int = 2,
-                     eager_attention: bool = False) -> dict[str, int]:
+                     eager_attention: bool = False, padded: bool = False) -> dict[str, int]:
     """layer_work_terms of layer i of L, whose config is `c`."""
     def get(*names):  # the first of the settings `names` this layer has
         return next((v for v in (_of_layer(getattr(c, n, None), i, L) for n in names) if v), None)
@@ -139,6 +141,12 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
         terms["attention probs"] = a * nh * seq_len * (f32 + (s if s != f32 else 0) + (s if cap else 0))
         terms["attention in"] += 2 * a * (nh - nkv) * d * s
         terms["backward"] += 2 * a * nh * seq_len * f32
+    elif nh and seq_len and (padded or _sliding_window_reached(c, i, L, seq_len)):
+        # SDPA given a mask (padding, or a sliding window the sequence reaches): Transformers repeats k and v to
+        # every head (use_gqa_in_sdpa: only without a mask), and SDPA saves the mask as a bias in the dtype,
+        # B x T x T, in each layer (measured on the CPU, GQA 8/2: 2 (nh - nkv) d + T elements a token)
+        terms["attention in"] += 2 * a * (nh - nkv) * d * s
+        terms["attention mask"] = a * seq_len * s
     if not nh:
         # no attention: a recurrent mixer the terms above do not describe. A conservative estimate of what it
         # saves, float32 per token, as measured on Transformers' PyTorch paths (the CPU's; a fused CUDA kernel
@@ -157,6 +165,15 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
         # dropout on each sublayer's output (GPT-2's and OPT's two): the CPU keeps a mask in the dtype, CUDA bytes
         terms["dropout masks"] = 2 * a * H * (s if device_type == "cpu" else 1)
     return terms
+
+
+def _sliding_window_reached(c, i: int, L: int, seq_len: int) -> bool:
+    """Whether layer i attends through a sliding window that a sequence of `seq_len` reaches (Transformers then
+    builds a mask; below the window it lets SDPA mask causally): layer_types says which layers slide (Gemma 2/3,
+    gpt-oss); without it a sliding_window applies to every layer (Mistral)."""
+    window = getattr(c, "sliding_window", None)
+    kind = _of_layer(getattr(c, "layer_types", None), i, L)
+    return bool(window) and seq_len >= window and (kind == "sliding_attention" if kind is not None else True)
 
 
 def head_work_bytes(a: int, V: int, s: int, softcap: bool = False, device_type: str = "cuda") -> int:

@@ -60,12 +60,16 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                      head norms    Σ w x 4/s              q_norm, k_norm [, v_norm] after their projection (Qwen3,
                                                           OLMo 2, Gemma 3, 4): each keeps its float32 input, w
                                                           wide (nh d for q, nkv d for k and v)
+                     attention     + 2 (nh - nkv) d       attention given a mask (`padded` batches; a sliding-
+                     (masked)      mask T                 window layer once T reaches the window): Transformers
+                                                          repeats k, v to every head, SDPA keeps the mask as a
+                                                          bias in the dtype (B x T x T a layer)
                    where the layers differ (per-layer configs: Gemma 4's head_dim; per-layer lists: Gemma 3n's
                    intermediate_size), each term is its largest over the layers
                    (the saved terms checked against autograd's saved tensors of a real layer: Llama in
-                   fp32 and bf16, GPT-2 in fp32 and bf16, OPT, Mixtral, Gemma 2, Qwen3, Gemma 4,
-                   tests/test_planner.py; rotary
-                   cos/sin and the mask are shared)
+                   fp32 and bf16, GPT-2 in fp32 and bf16, OPT, Mixtral, Gemma 2, Qwen3, Gemma 4, padded
+                   Llama, Gemma 3's window, tests/test_planner.py; rotary cos/sin and the boolean mask
+                   Transformers builds are shared, SDPA's bias made from it is not)
 
     allocator      CPU (LEMA): layer work bytes, how far above the step's peak of live tensors LEMA's
     cache          CPU allocator may hold freed blocks of 64 KiB or more for the next tensors of their sizes
@@ -130,7 +134,7 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
          gradient_checkpointing: bool = True, facts: Optional["ModelFacts"] = None,
          page_cache: Optional[int | str] = None, resident_layers: Optional[int] = 0,
          offload_activations: Optional[bool] = None, weights_mapped: bool = False,
-         host_allocator: Optional[bool] = None) -> Plan:
+         host_allocator: Optional[bool] = None, padded: bool = False) -> Plan:
     """Plan one training step of `model` (a Transformers config, or a checkpoint folder).
 
     `zero_copy`: on the CPU, False reads the layers into slots; None or True (no more than auto there, as in
@@ -157,6 +161,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
     Transformers + PEFT contender; LEMA RESIDENT copies them).
     `host_allocator` (CPU): LEMA's caching CPU allocator runs and its cache counts (None: unless
     $LEMA_CPU_ALLOCATOR is "0"; lema bench's Transformers + PEFT contender: False).
+    `padded`: the batches' rows are right-padded to the longest (`lema train` on rows of different lengths), so
+    attention takes a mask: Transformers then repeats k and v to every head and SDPA saves the mask in each layer.
     Raises PlanError when `max_vram_bytes` is given and the predicted peak exceeds it.
     """
     from . import cpu_allocator
@@ -209,7 +215,8 @@ def plan(model, dtype="float32", lora_rank: int = 16, targets: Optional[list[str
         logits = a * V * s
         head_work = head_work_bytes(a, V, s, f.softcap, device_type)
     terms = layer_work_terms(hf_config, a, s, lora_rank, f.n_targets, f.lora_in_features, seq_len, device_type,
-                             f.mlp_gated, f.experts_adapted, f.mlp_adapted, f.norms, f.eager_attention, f.head_norms)
+                             f.mlp_gated, f.experts_adapted, f.mlp_adapted, f.norms, f.eager_attention, f.head_norms,
+                             padded)
     layer_work = sum(terms.values())
     layer_saved = layer_work - terms["backward"]
     kept_extra = layer_saved  # what a kept layer saves beyond its input (the input is in the boundary)
@@ -479,7 +486,7 @@ def free_memory_bytes(device) -> int:
 def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "adamw",
                     facts: Optional[ModelFacts] = None, free_bytes: Optional[int] = None,
                     auto_resident: bool = False, free_now: Optional[int] = None,
-                    allocated: bool = False) -> Plan:
+                    allocated: bool = False, padded: bool = False) -> Plan:
     """The plan of a `LemaConfig` run (for `lema train` to print before it allocates). Without a budget
     (max_vram), `free_bytes` bounds the kept activations (and, with `auto_resident`, the resident layers) beyond
     the plan's peak, as in the engine; by default half the memory free now (`free_now`, else measured), and no
@@ -487,7 +494,7 @@ def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "ada
     free memory (`allocated`: `free_now` was measured with the model's weights and adapters already in memory,
     so they are not taken from it twice). `auto_resident`: the plan decides the resident layers
     (config.resident_layers ignored; `lema train` then builds the model with the plan's number: it is fixed for
-    the run, unlike the kept layers)."""
+    the run, unlike the kept layers). `padded`: as in `plan`."""
     facts = facts or model_facts(config.model_name_or_path, config.torch_dtype, config.lora_rank,
                                  config.lora_target_modules, config.gbi_path)
 
@@ -503,7 +510,8 @@ def plan_for_config(config, batch_size: int, seq_len: int, optimizer: str = "ada
                     keep_activations=keep_activations, free_bytes=free_bytes,
                     gradient_checkpointing=config.gradient_checkpointing, facts=facts,
                     page_cache="off" if config.page_cache == "off" else config.page_cache_bytes,
-                    resident_layers=resident_layers, offload_activations=config.offload_activations)
+                    resident_layers=resident_layers, offload_activations=config.offload_activations,
+                    padded=padded)
 
     resident = None if auto_resident else config.resident_layers
     if free_bytes is None and config.max_vram_bytes is None:
@@ -524,7 +532,7 @@ class ActivationBudget:
     goes to host memory (LemaModel.offloads_activations) and how much memory the step will still take beyond
     the weights and adapters (`step_growth`, for the CPU's page-cache pager) and the CPU allocator's cache
     (`allocator_cache`): the plan's own decisions,
-    computed once per step shape."""
+    computed once per step shape (`padded`: a batch with padding, whose attention takes a mask; plan's)."""
 
     def __init__(self, config, free_bytes: Optional[int] = None, held_bytes: int = 0):
         self.config = config
@@ -537,13 +545,13 @@ class ActivationBudget:
             and config.max_vram_bytes is None else None
         self._cache: dict[tuple, tuple[int, bool, int, int]] = {}
 
-    def _decide(self, tokens: int, seq_len: Optional[int]) -> tuple[int, bool, int, int]:
-        key = (tokens, seq_len)
+    def _decide(self, tokens: int, seq_len: Optional[int], padded: bool) -> tuple[int, bool, int, int]:
+        key = (tokens, seq_len, padded)
         if key not in self._cache:
             batch, seq = (tokens // seq_len, seq_len) if seq_len and tokens % seq_len == 0 else (1, max(1, tokens))
             try:
                 p = plan_for_config(self.config, batch, seq, facts=self.facts, free_bytes=self.free_bytes,
-                                    free_now=self.free_now, allocated=True)
+                                    free_now=self.free_now, allocated=True, padded=padded)
                 self._cache[key] = (p.kept_layers, p.activations_on == "host",
                                     max(0, p.peak_bytes - p.frozen_device_bytes - p.lora_bytes),
                                     p.allocator_cache_bytes)
@@ -552,15 +560,15 @@ class ActivationBudget:
                                     and self.config.offload_activations is not False, 0, 0)
         return self._cache[key]
 
-    def keepable_layers(self, tokens: int, seq_len: Optional[int] = None) -> int:
-        return self._decide(tokens, seq_len)[0]
+    def keepable_layers(self, tokens: int, seq_len: Optional[int] = None, padded: bool = False) -> int:
+        return self._decide(tokens, seq_len, padded)[0]
 
-    def offloads(self, tokens: int, seq_len: Optional[int] = None) -> bool:
-        return self._decide(tokens, seq_len)[1]
+    def offloads(self, tokens: int, seq_len: Optional[int] = None, padded: bool = False) -> bool:
+        return self._decide(tokens, seq_len, padded)[1]
 
-    def step_growth(self, tokens: int, seq_len: Optional[int] = None) -> int:
-        return self._decide(tokens, seq_len)[2]
+    def step_growth(self, tokens: int, seq_len: Optional[int] = None, padded: bool = False) -> int:
+        return self._decide(tokens, seq_len, padded)[2]
 
-    def allocator_cache(self, tokens: int, seq_len: Optional[int] = None) -> int:
+    def allocator_cache(self, tokens: int, seq_len: Optional[int] = None, padded: bool = False) -> int:
         """The most freed memory LEMA's CPU allocator may keep in a step of this size (the plan's row)."""
-        return self._decide(tokens, seq_len)[3]
+        return self._decide(tokens, seq_len, padded)[3]

@@ -429,8 +429,10 @@ def _train(args: TrainArgs, out, held: list) -> dict:
     # raises before allocating if a budget cannot fit; decides the resident layers when not given
     # without a budget, the free memory measured once: the plan's room for kept layers and the check use it alike
     free_now = free_memory_bytes(config.torch_device) if config.max_vram_bytes is None else None
+    # rows of different lengths in a batch of several are right-padded: attention then takes a mask (planner.plan)
+    padded = args.batch_size > 1 and len({len(it["input_ids"]) for it in dataset.items}) > 1
     plan = plan_for_config(config, batch_size=args.batch_size, seq_len=args.seq_len,
-                           auto_resident=args.resident_layers is None, free_now=free_now)
+                           auto_resident=args.resident_layers is None, free_now=free_now, padded=padded)
     if free_now is not None:
         _check_fits_free_memory(plan, free_now, config)
     config = dataclasses.replace(config, resident_layers=plan.resident_layers)

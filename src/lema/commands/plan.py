@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--page-cache", default=None, metavar="auto|off|SIZE",
                         help="streaming (but CUDA zero-copy): the pager's page-cache window (default auto: the "
                              "memory available now less 2 GiB, when the layers' file bytes exceed it)")
+    parser.add_argument("--padded", action="store_true",
+                        help="plan for batches right-padded to their longest row, as `lema train` pads rows of "
+                             "different lengths: attention then takes a mask, and each layer keeps more")
     add_layer_placement_flags(parser)
 
 
@@ -64,6 +67,6 @@ def run(args) -> int:
              num_buffers=args.num_buffers, strategy=args.strategy, keep_activations=args.keep_activations,
              chunked_loss=args.chunked_loss, page_cache=page_cache(args.page_cache),
              resident_layers=args.resident_layers, offload_activations=args.offload_activations,
-             zero_copy=args.zero_copy)
+             zero_copy=args.zero_copy, padded=args.padded)
     print(p.table())
     return 0
