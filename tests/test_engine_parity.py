@@ -95,7 +95,8 @@ def test_adamw_step_matches_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
-@pytest.mark.parametrize("arch", ["opt", "gemma2", "deepseek_v3", "phimoe", "gemma3n_text", "falcon", "zamba"])
+@pytest.mark.parametrize("arch", ["opt", "gemma2", "deepseek_v3", "phimoe", "gemma3n_text", "falcon", "zamba",
+                                  "recurrent_gemma", "rwkv"])
 def test_more_architectures_match_peft(arch, strategy, tiny_dir, make_lema, tmp_path):
     """OPT: dropout 0.1 inside the base layers, which the recompute must draw again (seeded alike);
     Gemma 2: no SDPA attention in Transformers, so the skeleton falls back to eager attention;
@@ -107,7 +108,9 @@ def test_more_architectures_match_peft(arch, strategy, tiny_dir, make_lema, tmp_
     Zamba: one transformer block shared by two layers, whose weights the first layer's unbinding took from the
     second ("not on the expected device meta"): resident, in no layer's unit;
     Gemma 3n: clamps a weight in place in each training forward, which on the CPU's read-only views of the file
-    ended the process (SIGSEGV; the views are copy-on-write now), and plans per-layer MLP widths."""
+    ended the process (SIGSEGV; the views are copy-on-write now), and plans per-layer MLP widths;
+    RecurrentGemma: a state its RG-LRU keeps on itself, detached after each layer (test_graph_kept_on_a_module_*);
+    RWKV: a time loop in Python, eval mode not rescaled (test_rwkv_evaluates_with_its_train_mode_forward)."""
     # Gemma 3n's AltUp and per-layer-input linears get no gradient from one step in PEFT either: Llama's seven
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] \
         if arch == "gemma3n_text" else None
@@ -210,6 +213,48 @@ def test_eval_mode_outside_train_steps(tiny_dir, make_lema):
     model.train()  # a caller's own mode is kept too
     trainer.train_step(ids)
     assert model.training
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
+def test_rwkv_evaluates_with_its_train_mode_forward(strategy, tiny_dir, make_lema):
+    """RWKV in eval mode divides two weights of each block in place by 2^(block // rescale_every) and halves the
+    hidden states as often: on LEMA's meta parameters the division did nothing, the halving still happened (logits
+    1.6 off at 8 layers, greedy generation another text, the validation loss 5.199 for 5.176). Eval runs the
+    train-mode forward now: Transformers' own, rescaled, is within rounding of it with no adapter."""
+    path = tiny_dir("rwkv")
+    model = make_lema(path, strategy=strategy, lora_seed=None)
+    ref = reference(path)
+    ids = batch()
+    with torch.no_grad():
+        got = model(ids).logits
+        want = ref(input_ids=ids, use_cache=False).logits  # eval mode: rescaled
+        ref.train()
+        trained = ref(input_ids=ids, use_cache=False).logits
+        ref.eval()
+    torch.testing.assert_close(got, trained, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    prompt = ids[:1, :4]
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert model.generate(prompt, **kwargs).tolist() == ref.generate(prompt, **kwargs).tolist()
+
+
+@pytest.mark.parametrize("keep", [0, 99], ids=["recomputed", "kept"])
+def test_graph_kept_on_a_module_is_let_go(keep, tiny_dir, make_lema):
+    """RecurrentGemma's RG-LRU keeps its final scan state on itself (recurrent_states) and starts its next call
+    from it (times 0 at position 0). The recompute in backward so linked its graph, which no backward runs, to
+    the state, and each layer's recompute outlived its backward until the layer's next forward (the step's peak
+    15.5 MiB instead of 7.5 at b2 x 128 with 4 recurrent layers). After each layer's call the state is detached:
+    the same values, no graph, and the step still equals Transformers + PEFT's."""
+    path = tiny_dir("recurrent_gemma")
+    model = make_lema(path, keep_activations=keep)
+    trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3))
+    ids = batch()
+    trainer.train_step(ids, labels=ids)
+    held = [(type(m).__name__, k) for m in model.base_model.modules() for k, v in vars(m).items()
+            if torch.is_tensor(v) and v.grad_fn is not None]
+    states = [m.recurrent_states for m in model.base_model.modules() if hasattr(m, "recurrent_states")]
+    assert states and all(torch.is_tensor(s) for s in states)  # it keeps them, detached
+    assert held == []
 
 
 @pytest.mark.parametrize("variant", ["llama-tied", "sharded"])

@@ -97,12 +97,13 @@ def make_config(arch: str, num_layers: Optional[int] = None):
                            mamba_expand=2, mamba_dt_rank=4, attn_layer_period=3, attn_layer_offset=2,
                            use_mamba_kernels=False, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
                            eos_token_id=2)
-    if arch == "rwkv":  # a recurrence in a Python loop whose last state update no output uses (a dead branch)
+    if arch == "rwkv":  # a recurrence in a Python loop whose last state update no output uses (a dead branch);
+        # eval mode rescales every rescale_every blocks (here from the third)
         from transformers import RwkvConfig
 
         return RwkvConfig(vocab_size=96, hidden_size=32, num_hidden_layers=common["num_hidden_layers"],
-                          attention_hidden_size=32, intermediate_size=64, context_length=64, pad_token_id=0,
-                          bos_token_id=1, eos_token_id=2)
+                          attention_hidden_size=32, intermediate_size=64, context_length=64, rescale_every=2,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     raise KeyError(arch)
 
 

@@ -237,6 +237,14 @@ def build_meta_model(hf_config, dtype: torch.dtype):
     if getattr(model.config, "tie_word_embeddings", False) or getattr(
             model.config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()  # not always done on meta; makes lm_head.weight *be* the embedding
+    for module in model.modules():
+        if callable(getattr(module, "_rescale_layers", None)) and hasattr(module, "layers_are_rescaled"):
+            # RWKV in eval mode divides two weights of each block in place by 2^(block // rescale_every) and halves
+            # the hidden states as often. The division lands on meta parameters (the weights bound at run time are
+            # the file's), the halving does not: eval logits were 1.6 off with 8 layers. Not rescaled, eval runs
+            # the train-mode forward, the function the adapters are trained in (Transformers' own rescaled eval is
+            # within 4e-5 of it in float32 with no adapter; with one it divides W but not the LoRA delta).
+            module._rescale_layers = lambda: None
     return model
 
 

@@ -267,7 +267,7 @@ class StreamedLayers:
         for i, layer in enumerate(layers):
             binder = LayerBinder(layer, f"{prefix}.{i}.", names_per_layer[i])
             meta = {plain: module._parameters[attr] for module, attr, plain in binder.targets}
-            layer.forward = self._make_forward(i, layer.forward, binder, meta)
+            layer.forward = self._make_forward(i, layer.forward, binder, meta, layer)
 
     def release_backward_holds(self) -> None:
         self.backward_weights.clear()
@@ -338,7 +338,27 @@ class StreamedLayers:
             return w.as_strided(x.size, x.stride, w.storage_offset() + x.offset)
         return x
 
-    def _make_forward(self, index: int, original, binder: LayerBinder, meta):
+    def _make_forward(self, index: int, original, binder: LayerBinder, meta, layer: nn.Module):
+        state: Optional[list] = None  # (module, attribute): the graph's tensors the layer's modules keep
+
+        def let_go_of_the_graph() -> None:
+            """Detach what the layer's modules keep of the graph on themselves past the call (found at the first
+            forward under grad; in a `finally`: the recompute stops early, by an exception, once it has what
+            backward needs). RecurrentGemma's RG-LRU keeps its final scan state (self.recurrent_states)
+            and starts the next call from it, times 0 at position 0: the recompute in backward then linked its
+            graph, which no backward runs, to that state, and each layer's recompute (with every tensor it saved)
+            outlived its backward until the layer's next forward: the step's peak 15.5 MiB instead of 7.5 at
+            b2 x 128 (Transformers + PEFT with gradient checkpointing hold the same). The values stay."""
+            nonlocal state
+            if torch.is_grad_enabled():
+                if state is None:
+                    state = [(m, k) for m in layer.modules() for k, v in vars(m).items()
+                             if torch.is_tensor(v) and v.grad_fn is not None]
+                for module, name in state:
+                    value = vars(module).get(name)
+                    if torch.is_tensor(value) and value.grad_fn is not None:
+                        vars(module)[name] = value.detach()
+
         def run(*args, **kwargs):
             backward = _in_backward()
             if backward:
@@ -350,6 +370,7 @@ class StreamedLayers:
             try:
                 return original(*args, **kwargs)
             finally:
+                let_go_of_the_graph()
                 binder.unbind(meta)
                 self.bound_now -= 1
                 if backward:
@@ -369,6 +390,7 @@ class StreamedLayers:
                 with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
                     return original(*args, **kwargs)
             finally:
+                let_go_of_the_graph()
                 seen.clear()  # the originals of what was copied may go now
                 binder.unbind(meta)
                 self.bound_now -= 1
