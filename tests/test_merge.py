@@ -150,6 +150,8 @@ def test_half_precision_output_is_peft_merge_rounded_once(arch, dtype, tiny_dir,
      "ties to its input embedding"),  # was: "adapts weights this model does not have ... made for another model"
     ("llama", {"target_modules": ["q_proj"], "lora_bias": True}, {},
      "has no bias to fold lora_B's bias into"),  # Llama's q_proj has no bias; was: "... made for another model"
+    ("zamba", {"target_modules": ["q_proj"]}, {},  # one block shared by layers 2 and 5, PEFT's LoRA at each
+     "which the model shares with 'model.layers.2.shared_transf.self_attn.q_proj.weight'"),  # was: "another model"
 ])
 def test_what_merge_cannot_fold_is_refused_in_one_line(arch, lora, save, words, tiny_dir, tmp_path, capsys):
     from lema.cli import main

@@ -92,7 +92,28 @@ def lora_deltas(adapter: str) -> Callable[[str, torch.Tensor], torch.Tensor]:
 
     transform.finish = finish
     transform.adapted = frozenset(pairs) | frozenset(biases)
+    transform.unused = unused  # the adapted names no tensor of the model was written under (so far)
     return transform
+
+
+def _shared_weight_error(adapter: str, model: str, unused: set) -> ValueError | None:
+    """Where the adapted names the model's file does not hold are other names of a weight the model ties (Zamba's
+    transformer block, shared by several decoder layers: one weight, a LoRA update of its own at each layer), the
+    error that says so; None where they are not."""
+    from .engine.skeleton import build_meta_model, load_hf_config, parameter_aliases
+
+    try:
+        names = parameter_aliases(build_meta_model(load_hf_config(model), torch.float32)).values()
+    except (OSError, ValueError, KeyError):  # no config to build it from: the plain message stands
+        return None
+    for name in sorted(unused):
+        others = next((n for n in names if name in n and len(n) > 1), None)
+        if others is not None:
+            first = next(n for n in others if n != name)
+            return ValueError(f"adapter {adapter!r} adapts {name!r}, which the model shares with {first!r} (one weight "
+                              "run by several decoder layers), with another LoRA update at each: no single merged "
+                              "weight gives both; use the adapter unmerged (lema generate --adapter, or PEFT)")
+    return None
 
 
 def _tied_head(adapter: str) -> ValueError:
@@ -117,5 +138,12 @@ def merge(model: str, adapter: str, out: str, dtype: str = "float32", overwrite:
         if getattr(config, "tie_word_embeddings", False) or getattr(text_config(config), "tie_word_embeddings", False):
             raise _tied_head(adapter)
     words = Wording(src="--model", out="--output", overwrite="--overwrite", verb="merge", result="merged model")
+
+    def finish() -> None:
+        try:
+            transform.finish()
+        except ValueError as e:
+            raise (_shared_weight_error(adapter, model, transform.unused) or e) from None
+
     return convert(model, out, dtype=dtype, overwrite=overwrite, progress=progress, transform=transform,
-                   before_commit=transform.finish, words=words)
+                   before_commit=finish, words=words)
