@@ -389,11 +389,13 @@ class LemaModel(nn.Module):
         With labels, when `uses_chunked_loss` (LemaConfig.chunked_loss: by default when the float32
         logits would exceed 64 MiB), the head and the loss run chunk by chunk (engine/chunked_loss.py)
         and `.logits` is None: the full logits are never built."""
+        given_mask = attention_mask
         input_ids, labels, attention_mask = self._check_inputs(input_ids, labels, attention_mask)
         kwargs.setdefault("use_cache", False)
         tokens, seq_len = input_ids.numel(), input_ids.shape[1]
-        # padding: attention takes a mask, and a layer saves more (planner.plan's `padded`); host sync, as above
-        padded = attention_mask is not None and torch.is_grad_enabled() and not bool(attention_mask.all())
+        # padding: attention takes a mask, and a layer saves more (planner.plan's `padded`); read from the mask as
+        # given (on the host, as a trainer's batches come: no wait on the device, which the copy would be)
+        padded = given_mask is not None and torch.is_grad_enabled() and not bool(given_mask.all())
         self.streamed.keep = frozenset(self.kept_layers(tokens, seq_len, padded)) if torch.is_grad_enabled() \
             else frozenset()
         self.streamed.offload = torch.is_grad_enabled() and self.offloads_activations(tokens, seq_len, padded)
