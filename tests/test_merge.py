@@ -158,6 +158,7 @@ def test_what_merge_cannot_fold_is_refused_in_one_line(arch, lora, save, words, 
 
     base_dir = tiny_dir(arch)
     adapter = peft_adapter(base_dir, str(tmp_path / "adapter"), save, randomize=False, **lora)
+    capsys.readouterr()  # what building the tiny model printed (Transformers' notes), not the command's
     out = tmp_path / "merged"
     rc = main(["merge", "--model", base_dir, "--adapter", adapter, "--output", str(out)])
     err = capsys.readouterr().err

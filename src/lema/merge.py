@@ -100,12 +100,18 @@ def _shared_weight_error(adapter: str, model: str, unused: set) -> ValueError | 
     """Where the adapted names the model's file does not hold are other names of a weight the model ties (Zamba's
     transformer block, shared by several decoder layers: one weight, a LoRA update of its own at each layer), the
     error that says so; None where they are not."""
+    from transformers.utils import logging as hf_logging
+
     from .engine.skeleton import build_meta_model, load_hf_config, parameter_aliases
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the error is the message: not Transformers' notes on building the model
     try:
         names = parameter_aliases(build_meta_model(load_hf_config(model), torch.float32)).values()
     except (OSError, ValueError, KeyError):  # no config to build it from: the plain message stands
         return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     for name in sorted(unused):
         others = next((n for n in names if name in n and len(n) > 1), None)
         if others is not None:

@@ -394,7 +394,7 @@ class LemaModel(nn.Module):
         kwargs.setdefault("use_cache", False)
         tokens, seq_len = input_ids.numel(), input_ids.shape[1]
         # padding: attention takes a mask, and a layer saves more (planner.plan's `padded`); read from the mask as
-        # given (on the host, as a trainer's batches come: no wait on the device, which the copy would be)
+        # given: a host sync only where a caller passes it on the GPU (a trainer's batches come on the host)
         padded = given_mask is not None and torch.is_grad_enabled() and not bool(given_mask.all())
         self.streamed.keep = frozenset(self.kept_layers(tokens, seq_len, padded)) if torch.is_grad_enabled() \
             else frozenset()

@@ -141,12 +141,16 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
         terms["attention probs"] = a * nh * seq_len * (f32 + (s if s != f32 else 0) + (s if cap else 0))
         terms["attention in"] += 2 * a * (nh - nkv) * d * s
         terms["backward"] += 2 * a * nh * seq_len * f32
-    elif nh and seq_len and (padded or _sliding_window_reached(c, i, L, seq_len)):
-        # SDPA given a mask (padding, or a sliding window the sequence reaches): Transformers repeats k and v to
-        # every head (use_gqa_in_sdpa: only without a mask), and SDPA saves the mask as a bias in the dtype,
-        # B x T x T, in each layer (measured on the CPU, GQA 8/2: 2 (nh - nkv) d + T elements a token)
-        terms["attention in"] += 2 * a * (nh - nkv) * d * s
-        terms["attention mask"] = a * seq_len * s
+    elif nh and seq_len:
+        # SDPA given a mask (padding, or a sliding window or attention chunk the sequence reaches): Transformers
+        # repeats k and v to every head (use_gqa_in_sdpa: only without a mask, and head_dim <= 256: Gemma 4's
+        # global layers repeat them always), and SDPA saves the mask as a bias in the dtype, B x T x T, in each
+        # layer (measured on the CPU, GQA 8/2: 2 (nh - nkv) d + T elements a token)
+        masked = padded or _window_reached(c, i, L, seq_len)
+        if masked or d > 256:
+            terms["attention in"] += 2 * a * (nh - nkv) * d * s
+        if masked:
+            terms["attention mask"] = a * seq_len * s
     if not nh:
         # no attention: a recurrent mixer the terms above do not describe. A conservative estimate of what it
         # saves, float32 per token, as measured on Transformers' PyTorch paths (the CPU's; a fused CUDA kernel
@@ -167,12 +171,16 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
     return terms
 
 
-def _sliding_window_reached(c, i: int, L: int, seq_len: int) -> bool:
-    """Whether layer i attends through a sliding window that a sequence of `seq_len` reaches (Transformers then
-    builds a mask; below the window it lets SDPA mask causally): layer_types says which layers slide (Gemma 2/3,
-    gpt-oss); without it a sliding_window applies to every layer (Mistral)."""
-    window = getattr(c, "sliding_window", None)
+def _window_reached(c, i: int, L: int, seq_len: int) -> bool:
+    """Whether layer i attends through a sliding window, or in chunks, that a sequence of `seq_len` reaches
+    (Transformers then builds a mask; below it lets SDPA mask causally): layer_types says which layers slide
+    (Gemma 2/3, gpt-oss) or chunk (Llama 4's attention_chunk_size); without it a sliding_window applies to every
+    layer (Mistral)."""
     kind = _of_layer(getattr(c, "layer_types", None), i, L)
+    if kind == "chunked_attention":
+        chunk = getattr(c, "attention_chunk_size", None)
+        return bool(chunk) and seq_len >= chunk
+    window = getattr(c, "sliding_window", None)
     return bool(window) and seq_len >= window and (kind == "sliding_attention" if kind is not None else True)
 
 

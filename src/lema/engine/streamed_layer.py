@@ -344,11 +344,11 @@ class StreamedLayers:
         def let_go_of_the_graph() -> None:
             """Detach what the layer's modules keep of the graph on themselves past the call (found at the first
             forward under grad; in a `finally`: the recompute stops early, by an exception, once it has what
-            backward needs). RecurrentGemma's RG-LRU keeps its final scan state (self.recurrent_states)
-            and starts the next call from it, times 0 at position 0: the recompute in backward then linked its
-            graph, which no backward runs, to that state, and each layer's recompute (with every tensor it saved)
-            outlived its backward until the layer's next forward: the step's peak 15.5 MiB instead of 7.5 at
-            b2 x 128 (Transformers + PEFT with gradient checkpointing hold the same). The values stay."""
+            backward needs). RecurrentGemma's RG-LRU keeps its final scan state (self.recurrent_states) until
+            its block's next call resets it: after the recompute in backward, that is the recompute's state, whose
+            graph no backward runs, and each layer's recompute (with every tensor it saved) outlived its backward
+            until the layer's next forward: the step's peak 15.5 MiB instead of 7.5 at b2 x 128 (Transformers +
+            PEFT with gradient checkpointing hold the same). The values stay."""
             nonlocal state
             if torch.is_grad_enabled():
                 if state is None:
