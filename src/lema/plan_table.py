@@ -129,7 +129,7 @@ class Plan:
                 "transient: one chunk's logits + grads" if self.chunked_loss
                 else "transient: log-softmax + grads, fp32"),
             Row("one layer's recompute", dev, self.layer_work_bytes, "transient: saved + backward tensors"
-                + ("; attention masked (padding or a sliding window): k, v per head, SDPA's mask"
+                + ("; attention masked (padding, a sliding window or chunk): k, v per head, SDPA's mask"
                    if "attention mask" in self.layer_terms else "")),
         ]
         if self.allocator_cache_bytes:
