@@ -311,8 +311,7 @@ def test_kept_layer_terms_match_what_autograd_saves(arch, dtype, tmp_path, make_
     tanh kept, k and v repeated to every head; four norms a layer) 1.65x the Llama terms; Qwen3 (q_norm and
     k_norm keep the float32 q and k) 1.08x, Gemma 4 (v_norm too; its full-attention layers' head_dim twice the
     sliding ones') 1.16x the terms without them."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MixtralConfig,
-                              OPTConfig)
+    from transformers import AutoConfig, Gemma2Config, GPT2Config, LlamaConfig, MixtralConfig, OPTConfig
 
     if arch in ("qwen3", "gemma4_text"):
         more = dict(global_head_dim=64, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
@@ -338,18 +337,30 @@ def test_kept_layer_terms_match_what_autograd_saves(arch, dtype, tmp_path, make_
         cfg = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                           num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
                           tie_word_embeddings=False)
+    model, p, per_layer = _kept_layer_against_plan(cfg, dtype, tmp_path, make_lema)
+    assert p.kept_layers == 2 and model.streamed.keep == frozenset({0, 1})
+    assert per_layer == pytest.approx(p.kept_extra_bytes, rel=0.05)
+
+
+def _kept_layer_against_plan(cfg, dtype, tmp_path, make_lema, pad: int = 0):
+    """One AdamW step of a random `cfg` model (b2 x 128, LoRA r8, both layers kept; `pad` tokens of padding in
+    its second row): (the model, its plan, the bytes a kept layer saved beyond its input)."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
     batch, seq = 2, 128
     model = make_lema(str(tmp_path / "m"), dtype=str(dtype).split(".")[-1], keep_activations=2, lora_rank=8)
     ids = torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(0))
-    model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3)).train_step(ids, labels=ids)
-    p = plan(cfg, dtype, lora_rank=8, batch_size=batch, seq_len=seq, keep_activations=2, device_type="cpu")
-    assert p.kept_layers == 2 and model.streamed.keep == frozenset({0, 1})
+    mask = torch.ones_like(ids)
+    mask[1, seq - pad:] = 0 if pad else 1
+    model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3)).train_step(
+        ids, attention_mask=mask)
+    p = plan(cfg, dtype, lora_rank=8, batch_size=batch, seq_len=seq, keep_activations=2, device_type="cpu",
+             padded=bool(pad))
     a, s = batch * seq, dtype.itemsize
     # in float32 the first norm saves the layer's input itself (the boundary's term); in bf16 its fp32 upcast
-    per_layer = model.streamed.kept_bytes / 2 - (a * cfg.hidden_size * s if s == 4 else 0)
-    assert per_layer == pytest.approx(p.kept_extra_bytes, rel=0.05)
+    return model, p, model.streamed.kept_bytes / 2 - (a * cfg.hidden_size * s if s == 4 else 0)
 
 
 @pytest.mark.parametrize("arch, dtype, pad, head_dim", [
@@ -361,27 +372,16 @@ def test_a_masked_attention_s_saved_tensors_are_planned(arch, dtype, pad, head_d
     8 heads / 2: a kept layer saved 1.13x the plan in float32, 1.07x in bf16); Gemma 3's sliding-window layer
     masks once the sequence reaches its window (1.12x in float32). A head_dim over 256 (Gemma 4's global layers)
     has k and v repeated without a mask too (1.42x in float32). Within 5% now, as the other terms."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     more = dict(sliding_window=64, layer_types=["sliding_attention", "full_attention"], pad_token_id=0) \
         if arch == "gemma3_text" else {}
     cfg = AutoConfig.for_model(arch, vocab_size=96, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                                num_attention_heads=8, num_key_value_heads=2, head_dim=head_dim,
                                max_position_embeddings=256, tie_word_embeddings=False, **more)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
-    batch, seq = 2, 128
-    model = make_lema(str(tmp_path / "m"), dtype=str(dtype).split(".")[-1], keep_activations=2, lora_rank=8)
-    ids = torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, seq - pad:] = 0
-    model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3)).train_step(
-        ids, attention_mask=mask)
-    p = plan(cfg, dtype, lora_rank=8, batch_size=batch, seq_len=seq, keep_activations=2, device_type="cpu",
-             padded=bool(pad))
-    a, s = batch * seq, dtype.itemsize
+    _, p, per_layer = _kept_layer_against_plan(cfg, dtype, tmp_path, make_lema, pad)
+    a, seq, s = 2 * 128, 128, dtype.itemsize
     assert p.layer_terms.get("attention mask") == (a * seq * s if head_dim <= 256 else None)
-    per_layer = model.streamed.kept_bytes / 2 - (a * cfg.hidden_size * s if s == 4 else 0)
     assert per_layer == pytest.approx(p.kept_extra_bytes, rel=0.05)
 
 
