@@ -129,18 +129,25 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
         "attention out": a * (s * nh * d + nh * f32),
         "mlp": int(a * s * I * mlp),
         "lora": a * (n_targets * lora_rank * f32 + (lora_in * f32 if cast else (2 if mlp_adapted else 1) * H * s)),
-        "backward": a * s * (2 * H + 3 * I + (2 * nh * seq_len if math_path else 0)),
+        # gradients alive at once in the MLP's backward: two hidden-width and two I-wide, those in float32 where
+        # the MLP's linears are adapted (PEFT's float32 path); routed experts: as many bytes as in float32 in any
+        # dtype (their outputs are scaled by the router's float32 weights; measured, Mixtral bf16 and fp32).
+        # Attention's T x T ones come once the MLP's saved tensors are freed (below)
+        "backward": a * (2 * H * (f32 if k else s) + 2 * I * (f32 if mlp_adapted or k else s)),
     }
     if math_path:  # the probabilities, their dropped copy and the bmm's input: B x nh x T x T each, and like
-        # q, k, v in float32 (the CPU's math path upcasts bf16/fp16)
+        # q, k, v in float32 (the CPU's math path upcasts bf16/fp16). In backward, once the MLP's saved tensors
+        # are freed, one T x T gradient at a time (each node frees what it saved as it runs)
         terms["attention probs"] = 3 * a * nh * seq_len * f32
+        terms["backward"] = max(terms["backward"], a * nh * seq_len * f32 - terms["mlp"])
     elif eager_attention and nh and seq_len:
         # eager attention: the float32 softmax, its cast to the dtype (the second bmm's input), the soft-capping's
-        # tanh; k and v repeated to all nh heads; in backward, the scores' gradients (two T x T in float32)
+        # tanh; k and v repeated to all nh heads. In backward, once the MLP's saved tensors are freed, the
+        # softmax's gradient in float32 and the scores' in the dtype (B x nh x T x T each)
         cap = bool(getattr(c, "attn_logit_softcapping", None))
         terms["attention probs"] = a * nh * seq_len * (f32 + (s if s != f32 else 0) + (s if cap else 0))
         terms["attention in"] += 2 * a * (nh - nkv) * d * s
-        terms["backward"] += 2 * a * nh * seq_len * f32
+        terms["backward"] = max(terms["backward"], a * nh * seq_len * (f32 + s) - terms["mlp"])
     elif nh and seq_len:
         # SDPA given a mask (padding, or a sliding window or attention chunk the sequence reaches): Transformers
         # repeats k and v to every head (use_gqa_in_sdpa: only without a mask, and head_dim <= 256: Gemma 4's

@@ -45,14 +45,19 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                      attention     3 nh T x 4/s           on the CPU with attention dropout (GPT-2's 0.1 when
                      probs                                training), SDPA takes its math path, in float32: the
                                                           B nh T T probabilities, their dropped copy, the bmm's
-                                                          input (q, k, v float32 too; 2 nh T more in `backward`)
+                                                          input (q, k, v float32 too; see `backward`)
                      dropout masks 2 H (x 1/s on CUDA)    sublayer-output dropout (GPT-2's resid_pdrop)
                      lora          n_t x r x 4/s          each adapted linear's A output (fp32), and its
                                    + 2 H                  input: the two norms' outputs when s = 4 (one when
                                                           only attention is adapted, Mixtral's default); when
                                    (Σ in_t x 4/s)         s != 4, PEFT's float32 cast of it, one per
                                                           adapted linear (Σ in_t = 6 H + I for Llama)
-                     backward      2 H + 3 I              gradients alive at once in the MLP backward
+                     backward      2 H + 2 I              gradients alive at once in the MLP backward (the I-wide
+                                                          ones x 4/s where PEFT adapts the MLP; all x 4/s for
+                                                          routed experts, scaled by float32 router weights), or,
+                                                          where larger, attention's T x T gradients less the
+                                                          MLP's saved bytes (freed by then): nh T x 4/s on the
+                                                          CPU's math path, nh T (4 + s)/s with eager attention
                      recurrence    (4 N + 8) I x 4/s      no attention heads: the recurrent mixer's saved
                                    24 H x 4/s             tensors, a conservative bound measured on the PyTorch
                                                           paths (Mamba's scan, N = state_size; RWKV's loop)
