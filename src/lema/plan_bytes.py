@@ -121,6 +121,10 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
     else:
         act = getattr(c, "hidden_act", None) or getattr(c, "activation_function", None)
         mlp = UNGATED_MLP_SAVED.get(act, 2) - (1 if cast and act != "relu" else 0)
+    # I-wide gradients alive at once in the MLP's backward: 2 (Llama's gated MLP, GPT-2's gelu_new, OPT's ReLU,
+    # GELU: measured); 4 where the config names no activation (Bloom's own GeLU function: 3.5 measured)
+    mlp_grads = 2 if k or mlp_gated or getattr(c, "hidden_act", None) or getattr(c, "activation_function", None) \
+        else 4
     dropout = getattr(c, "attn_pdrop", None) or getattr(c, "attention_dropout", None) or 0.0
     math_path = device_type == "cpu" and dropout > 0 and seq_len is not None and nh > 0  # no fused CPU kernel
     terms = {
@@ -129,11 +133,11 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
         "attention out": a * (s * nh * d + nh * f32),
         "mlp": int(a * s * I * mlp),
         "lora": a * (n_targets * lora_rank * f32 + (lora_in * f32 if cast else (2 if mlp_adapted else 1) * H * s)),
-        # gradients alive at once in the MLP's backward: two hidden-width and two I-wide, those in float32 where
-        # the MLP's linears are adapted (PEFT's float32 path); routed experts: as many bytes as in float32 in any
-        # dtype (their outputs are scaled by the router's float32 weights; measured, Mixtral bf16 and fp32).
+        # gradients alive at once in the MLP's backward: two hidden-width and `mlp_grads` I-wide, those in float32
+        # where the MLP's linears are adapted (PEFT's float32 path); routed experts: as many bytes as in float32 in
+        # any dtype (measured, Mixtral bf16 and fp32: their outputs are scaled by the router's float32 weights).
         # Attention's T x T ones come once the MLP's saved tensors are freed (below)
-        "backward": a * (2 * H * (f32 if k else s) + 2 * I * (f32 if mlp_adapted or k else s)),
+        "backward": a * (2 * H * (f32 if k else s) + mlp_grads * I * (f32 if mlp_adapted or k else s)),
     }
     if math_path:  # the probabilities, their dropped copy and the bmm's input: B x nh x T x T each, and like
         # q, k, v in float32 (the CPU's math path upcasts bf16/fp16). In backward, once the MLP's saved tensors

@@ -54,7 +54,8 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                                                           adapted linear (Σ in_t = 6 H + I for Llama)
                      backward      2 H + 2 I              gradients alive at once in the MLP backward (the I-wide
                                                           ones x 4/s where PEFT adapts the MLP; all x 4/s for
-                                                          routed experts, scaled by float32 router weights), or,
+                                                          routed experts, scaled by float32 router weights; 4 I
+                                                          where the config names no activation: Bloom's GeLU), or,
                                                           where larger, attention's T x T gradients less the
                                                           MLP's saved bytes (freed by then): nh T x 4/s on the
                                                           CPU's math path, nh T (4 + s)/s with eager attention
