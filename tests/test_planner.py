@@ -855,15 +855,18 @@ def test_a_loaded_optimizer_state_is_not_taken_from_the_kept_layers_room_twice(t
                                          num_attention_heads=8, num_key_value_heads=2, num_local_experts=4,
                                          num_experts_per_tok=2)),
     ("llama", "float32", 8, 128, dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                                      num_attention_heads=8, num_key_value_heads=2))])
+                                      num_attention_heads=8, num_key_value_heads=2)),
+    ("falcon", "float32", 1, 1024, dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8,
+                                        ffn_hidden_size=704, new_decoder_architecture=True, num_kv_heads=2))])
 def test_a_recomputed_step_s_peak_is_planned(arch, dtype, batch, seq, more, tmp_path):
     """A step that recomputes every layer, measured by LEMA's CPU allocator (the most it had in use over two AdamW
     steps above what the first step started with, in a fresh process), against the plan's boundary + one layer's
     work + the logits. The plan counted the attention's T x T gradients on top of the MLP's (GPT-2's math path at
     1 x 1024: 1.48x the measured peak; Gemma 2's eager attention in bf16 1.24x), though autograd frees the MLP's
     saved tensors before attention's backward runs, and the gated MLP's backward as 3 I (Llama fp32 1.16x);
-    Mixtral's routed experts hold as many bytes in bf16 as in float32 (0.85x). The ring's slots are taken when
-    the model is built, before the count starts."""
+    Mixtral's routed experts hold as many bytes in bf16 as in float32 (0.85x). Falcon's MLP width is
+    `ffn_hidden_size`, its activation `activation`, and it always hands SDPA a mask (1.23x). The ring's slots are
+    taken when the model is built, before the count starts."""
     import json
     import subprocess
     import sys

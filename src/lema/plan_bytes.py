@@ -43,6 +43,7 @@ def hidden_streams(hf_config) -> int:
 # An MLP without a gate (fc -> act -> proj): per token, the I-wide tensors it saves: the activation's input and
 # output (F.gelu, silu); ReLU keeps its output alone; gelu_new (GPT-2's) is five ops saving three more
 UNGATED_MLP_SAVED = {"relu": 1, "gelu_new": 5, "quick_gelu": 3}
+ALWAYS_MASKED = {"falcon"}  # models that always hand SDPA a materialised mask (Falcon's, for its ALiBi variant)
 
 
 def _layer_configs(hf_config) -> list:
@@ -101,9 +102,9 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
 
     H = c.hidden_size
     nh = get("num_attention_heads", "n_head") or 0  # 0: no attention (Mamba, RWKV): no attention terms
-    nkv = get("num_key_value_heads") or nh
+    nkv = get("num_key_value_heads") or nh  # Falcon's new architecture repeats its num_kv_heads to all
     d = get("head_dim") or (H // nh if nh else 0)
-    I = get("intermediate_size", "n_inner", "ffn_dim") or 4 * H
+    I = get("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size") or 4 * H
     if getattr(c, "use_double_wide_mlp", False) and getattr(c, "num_kv_shared_layers", 0):
         I *= 2  # Gemma 4: the kv-shared layers' MLP is twice as wide
     k = getattr(c, "num_experts_per_tok", None)
@@ -119,12 +120,11 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
     elif mlp_gated:
         mlp = 3 if cast else 4
     else:
-        act = getattr(c, "hidden_act", None) or getattr(c, "activation_function", None)
+        act = _activation(c)
         mlp = UNGATED_MLP_SAVED.get(act, 2) - (1 if cast and act != "relu" else 0)
     # I-wide gradients alive at once in the MLP's backward: 2 (Llama's gated MLP, GPT-2's gelu_new, OPT's ReLU,
     # GELU: measured); 4 where the config names no activation (Bloom's own GeLU function: 3.5 measured)
-    mlp_grads = 2 if k or mlp_gated or getattr(c, "hidden_act", None) or getattr(c, "activation_function", None) \
-        else 4
+    mlp_grads = 2 if k or mlp_gated or _activation(c) else 4
     dropout = getattr(c, "attn_pdrop", None) or getattr(c, "attention_dropout", None) or 0.0
     math_path = device_type == "cpu" and dropout > 0 and seq_len is not None and nh > 0  # no fused CPU kernel
     terms = {
@@ -157,7 +157,7 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
         # repeats k and v to every head (use_gqa_in_sdpa: only without a mask, and head_dim <= 256: Gemma 4's
         # global layers repeat them always), and SDPA saves the mask as a bias in the dtype, B x T x T, in each
         # layer (measured on the CPU, GQA 8/2: 2 (nh - nkv) d + T elements a token)
-        masked = padded or _window_reached(c, i, L, seq_len)
+        masked = padded or _window_reached(c, i, L, seq_len) or getattr(c, "model_type", None) in ALWAYS_MASKED
         if masked or d > 256:
             terms["attention in"] += 2 * a * (nh - nkv) * d * s
         if masked:
@@ -180,6 +180,11 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
         # dropout on each sublayer's output (GPT-2's and OPT's two): the CPU keeps a mask in the dtype, CUDA bytes
         terms["dropout masks"] = 2 * a * H * (s if device_type == "cpu" else 1)
     return terms
+
+
+def _activation(c) -> Optional[str]:
+    """The MLP's activation as the config names it (Falcon's `activation`), or None (Bloom's own GeLU)."""
+    return getattr(c, "hidden_act", None) or getattr(c, "activation_function", None) or getattr(c, "activation", None)
 
 
 def _window_reached(c, i: int, L: int, seq_len: int) -> bool:

@@ -67,7 +67,8 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                                                           OLMo 2, Gemma 3, 4): each keeps its float32 input, w
                                                           wide (nh d for q, nkv d for k and v)
                      attention     + 2 (nh - nkv) d       attention given a mask (`padded` batches; a sliding-
-                     (masked)      mask T                 window layer once T reaches the window): Transformers
+                     (masked)      mask T                 window layer once T reaches the window; Falcon, which
+                                                          always materialises its mask): Transformers
                                                           repeats k, v to every head, SDPA keeps the mask as a
                                                           bias in the dtype (B x T x T a layer)
                    where the layers differ (per-layer configs: Gemma 4's head_dim; per-layer lists: Gemma 3n's
