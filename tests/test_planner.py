@@ -859,43 +859,51 @@ def test_a_loaded_optimizer_state_is_not_taken_from_the_kept_layers_room_twice(t
     ("falcon", "float32", 1, 1024, dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8,
                                         ffn_hidden_size=704, new_decoder_architecture=True, num_kv_heads=2))])
 def test_a_recomputed_step_s_peak_is_planned(arch, dtype, batch, seq, more, tmp_path):
-    """A step that recomputes every layer, measured by LEMA's CPU allocator (the most it had in use over two AdamW
-    steps above what the first step started with, in a fresh process), against the plan's boundary + one layer's
-    work + the logits. The plan counted the attention's T x T gradients on top of the MLP's (GPT-2's math path at
-    1 x 1024: 1.48x the measured peak; Gemma 2's eager attention in bf16 1.24x), though autograd frees the MLP's
-    saved tensors before attention's backward runs, and the gated MLP's backward as 3 I (Llama fp32 1.16x);
-    Mixtral's routed experts hold as many bytes in bf16 as in float32 (0.85x). Falcon's MLP width is
-    `ffn_hidden_size`, its activation `activation`, and it always hands SDPA a mask (1.23x). The ring's slots are
-    taken when the model is built, before the count starts."""
+    """A step that recomputes every layer, measured by LEMA's CPU allocator in a fresh process (the most it had in
+    use over two AdamW steps, above what it held before the first: the model built, its ring's slots taken; the
+    allocator sees tensors of 64 KiB or more, so not this size's LoRA gradients and AdamW state), against the plan's
+    boundary + one layer's work + the logits. The plan counted attention's T x T gradients on top of the MLP's
+    (GPT-2's math path at 1 x 1024 and Gemma 2's eager attention in bf16: far over), though autograd frees the MLP's
+    saved tensors before attention's backward runs, and the gated MLP's backward as 3 I (Llama fp32: over);
+    Mixtral's routed experts hold as many bytes in bf16 as in float32 (under); Falcon's MLP width is
+    `ffn_hidden_size`, its activation `activation`, and it always hands SDPA a mask (over). BENCHMARKS.md, session
+    23, has the ratios."""
     import json
     import subprocess
     import sys
 
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(arch, vocab_size=96, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                               pad_token_id=0, **more)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    folder = str(tmp_path / "m")
     child = f"""
-import json, torch
+import json, sys, torch
 torch.set_num_threads(1)
 from lema import cpu_allocator
-assert cpu_allocator.install(0)
-from transformers import AutoConfig, AutoModelForCausalLM
+if not cpu_allocator.install(0):
+    sys.exit(3)  # no allocator to count with ($LEMA_CPU_ALLOCATOR=0, or it could not be built)
 from lema import LemaConfig, LemaModel
 from lema.planner import plan
-cfg = AutoConfig.for_model({arch!r}, vocab_size=96, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
-                           pad_token_id=0, **{more!r})
-torch.manual_seed(0)
-AutoModelForCausalLM.from_config(cfg).save_pretrained("{tmp_path}/m")
-model = LemaModel(LemaConfig(model_name_or_path="{tmp_path}/m", dtype={dtype!r}, device="cpu", keep_activations=0,
+model = LemaModel(LemaConfig(model_name_or_path={folder!r}, dtype={dtype!r}, device="cpu", keep_activations=0,
                              lora_rank=8))
 trainer = model.get_trainer(torch.optim.AdamW(model.get_trainable_parameters(), lr=1e-3))
 ids = torch.randint(0, 96, ({batch}, {seq}), generator=torch.Generator().manual_seed(0))
 before = cpu_allocator.stats()
 for _ in range(2):
     trainer.train_step(ids)
-held = cpu_allocator.stats().high_water_bytes - before.in_use_bytes
-p = plan("{tmp_path}/m", getattr(torch, {dtype!r}), lora_rank=8, batch_size={batch}, seq_len={seq},
-         keep_activations=0, device_type="cpu")
-print(json.dumps([held, p.boundary_bytes + p.layer_work_bytes + p.logits_bytes]))
+after = cpu_allocator.stats()
+assert after.high_water_bytes > before.high_water_bytes  # the peak is the steps', not the build's
+p = plan({folder!r}, getattr(torch, {dtype!r}), lora_rank=8, batch_size={batch}, seq_len={seq}, keep_activations=0,
+         device_type="cpu")
+print(json.dumps([after.high_water_bytes - before.in_use_bytes,
+                  p.boundary_bytes + p.layer_work_bytes + p.logits_bytes]))
 """
-    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    if done.returncode == 3:
+        pytest.skip("LEMA's CPU allocator is not available here")
     assert done.returncode == 0, done.stderr[-2000:]
     held, planned = json.loads(done.stdout.strip().splitlines()[-1])
     assert planned == pytest.approx(held, rel=0.08), (held, planned)

@@ -43,7 +43,10 @@ def hidden_streams(hf_config) -> int:
 # An MLP without a gate (fc -> act -> proj): per token, the I-wide tensors it saves: the activation's input and
 # output (F.gelu, silu); ReLU keeps its output alone; gelu_new (GPT-2's) is five ops saving three more
 UNGATED_MLP_SAVED = {"relu": 1, "gelu_new": 5, "quick_gelu": 3}
-ALWAYS_MASKED = {"falcon"}  # models that always hand SDPA a materialised mask (Falcon's, for its ALiBi variant)
+ALWAYS_MASKED = {"falcon"}  # models that always hand SDPA a materialised mask (Falcon's, for its ALiBi variant:
+# `create_causal_mask(..., allow_is_causal_skip=False)` in Transformers 5.23)
+OWN_ATTENTION = {"bloom"}  # its own attention (baddbmm with ALiBi, float32 softmax, dropout) and GeLU function:
+# in backward one float32 B x nh x T x T more than eager attention, and 4 I-wide gradients (3.5 measured), not 2
 
 
 def _layer_configs(hf_config) -> list:
@@ -102,7 +105,9 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
 
     H = c.hidden_size
     nh = get("num_attention_heads", "n_head") or 0  # 0: no attention (Mamba, RWKV): no attention terms
-    nkv = get("num_key_value_heads") or nh  # Falcon's new architecture repeats its num_kv_heads to all
+    # Falcon names no num_key_value_heads: its new architecture repeats its num_kv_heads to every head before
+    # attention (nh is right); multi-query Falcon-7B keeps one, over-counted here by 2 (nh - 1) d
+    nkv = get("num_key_value_heads") or nh
     d = get("head_dim") or (H // nh if nh else 0)
     I = get("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size") or 4 * H
     if getattr(c, "use_double_wide_mlp", False) and getattr(c, "num_kv_shared_layers", 0):
@@ -123,8 +128,9 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
         act = _activation(c)
         mlp = UNGATED_MLP_SAVED.get(act, 2) - (1 if cast and act != "relu" else 0)
     # I-wide gradients alive at once in the MLP's backward: 2 (Llama's gated MLP, GPT-2's gelu_new, OPT's ReLU,
-    # GELU: measured); 4 where the config names no activation (Bloom's own GeLU function: 3.5 measured)
-    mlp_grads = 2 if k or mlp_gated or _activation(c) else 4
+    # GELU, Falcon, routed experts: measured); Bloom's own GeLU function 4 (3.5 measured)
+    own = getattr(c, "model_type", None) in OWN_ATTENTION
+    mlp_grads = 4 if own else 2
     dropout = getattr(c, "attn_pdrop", None) or getattr(c, "attention_dropout", None) or 0.0
     math_path = device_type == "cpu" and dropout > 0 and seq_len is not None and nh > 0  # no fused CPU kernel
     terms = {
@@ -133,10 +139,10 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
         "attention out": a * (s * nh * d + nh * f32),
         "mlp": int(a * s * I * mlp),
         "lora": a * (n_targets * lora_rank * f32 + (lora_in * f32 if cast else (2 if mlp_adapted else 1) * H * s)),
-        # gradients alive at once in the MLP's backward: two hidden-width and `mlp_grads` I-wide, those in float32
-        # where the MLP's linears are adapted (PEFT's float32 path); routed experts: as many bytes as in float32 in
-        # any dtype (measured, Mixtral bf16 and fp32: their outputs are scaled by the router's float32 weights).
-        # Attention's T x T ones come once the MLP's saved tensors are freed (below)
+        # gradients alive at once in the MLP's backward: two hidden-width and `mlp_grads` I-wide, the I-wide ones
+        # in float32 where the MLP's linears are adapted (PEFT's float32 path); routed experts: as many bytes as in
+        # float32 in any dtype (measured, Mixtral bf16 and fp32: their outputs are scaled by the router's float32
+        # weights). Attention's T x T ones come once the MLP's saved tensors are freed (below, on the CPU)
         "backward": a * (2 * H * (f32 if k else s) + mlp_grads * I * (f32 if mlp_adapted or k else s)),
     }
     if math_path:  # the probabilities, their dropped copy and the bmm's input: B x nh x T x T each, and like
@@ -151,7 +157,11 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
         cap = bool(getattr(c, "attn_logit_softcapping", None))
         terms["attention probs"] = a * nh * seq_len * (f32 + (s if s != f32 else 0) + (s if cap else 0))
         terms["attention in"] += 2 * a * (nh - nkv) * d * s
-        terms["backward"] = max(terms["backward"], a * nh * seq_len * (f32 + s) - terms["mlp"])
+        grads = a * nh * seq_len * (f32 + s + (f32 if own else 0))
+        # on the CPU (measured: Gemma 2, Bloom); a GPU keeps the former sum, two float32 T x T on top, until
+        # measured there (its caching allocator may not hand the MLP's freed blocks to the T x T gradients)
+        terms["backward"] = max(terms["backward"], grads - terms["mlp"]) if device_type == "cpu" \
+            else terms["backward"] + 2 * a * nh * seq_len * f32
     elif nh and seq_len:
         # SDPA given a mask (padding, or a sliding window or attention chunk the sequence reaches): Transformers
         # repeats k and v to every head (use_gqa_in_sdpa: only without a mask, and head_dim <= 256: Gemma 4's

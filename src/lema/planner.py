@@ -55,10 +55,11 @@ s bytes per element of the compute dtype (4 fp32, 2 bf16/fp16), k ring depth (nu
                      backward      2 H + 2 I              gradients alive at once in the MLP backward (the I-wide
                                                           ones x 4/s where PEFT adapts the MLP; all x 4/s for
                                                           routed experts, scaled by float32 router weights; 4 I
-                                                          where the config names no activation: Bloom's GeLU), or,
-                                                          where larger, attention's T x T gradients less the
-                                                          MLP's saved bytes (freed by then): nh T x 4/s on the
-                                                          CPU's math path, nh T (4 + s)/s with eager attention
+                                                          for Bloom's own GeLU), or, where larger, attention's
+                                                          T x T gradients less the MLP's saved bytes (freed by
+                                                          then): nh T x 4/s on the CPU's math path, nh T (4 + s)/s
+                                                          with eager attention on the CPU (Bloom's nh T (8 + s)/s);
+                                                          on a GPU eager attention adds 2 nh T x 4/s (unmeasured)
                      recurrence    (4 N + 8) I x 4/s      no attention heads: the recurrent mixer's saved
                                    24 H x 4/s             tensors, a conservative bound measured on the PyTorch
                                                           paths (Mamba's scan, N = state_size; RWKV's loop)
