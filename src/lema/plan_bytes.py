@@ -133,6 +133,7 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
     mlp_grads = 4 if own else 2
     dropout = getattr(c, "attn_pdrop", None) or getattr(c, "attention_dropout", None) or 0.0
     math_path = device_type == "cpu" and dropout > 0 and seq_len is not None and nh > 0  # no fused CPU kernel
+    attention_grads = 0  # attention's T x T gradients in backward, once the MLP's saved tensors are freed
     terms = {
         "norms": a * (H * f32 * (2 if cast else 1) + 2 * f32) * norms // 2,
         "attention in": a * (f32 if math_path else s) * (nh * d + 2 * nkv * d),
@@ -149,7 +150,7 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
         # q, k, v in float32 (the CPU's math path upcasts bf16/fp16). In backward, once the MLP's saved tensors
         # are freed, one T x T gradient at a time (each node frees what it saved as it runs)
         terms["attention probs"] = 3 * a * nh * seq_len * f32
-        terms["backward"] = max(terms["backward"], a * nh * seq_len * f32 - terms["mlp"])
+        attention_grads = a * nh * seq_len * f32
     elif eager_attention and nh and seq_len:
         # eager attention: the float32 softmax, its cast to the dtype (the second bmm's input), the soft-capping's
         # tanh; k and v repeated to all nh heads. In backward, once the MLP's saved tensors are freed, the
@@ -157,11 +158,11 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
         cap = bool(getattr(c, "attn_logit_softcapping", None))
         terms["attention probs"] = a * nh * seq_len * (f32 + (s if s != f32 else 0) + (s if cap else 0))
         terms["attention in"] += 2 * a * (nh - nkv) * d * s
-        grads = a * nh * seq_len * (f32 + s + (f32 if own else 0))
-        # on the CPU (measured: Gemma 2, Bloom); a GPU keeps the former sum, two float32 T x T on top, until
-        # measured there (its caching allocator may not hand the MLP's freed blocks to the T x T gradients)
-        terms["backward"] = max(terms["backward"], grads - terms["mlp"]) if device_type == "cpu" \
-            else terms["backward"] + 2 * a * nh * seq_len * f32
+        if device_type == "cpu":  # measured: Gemma 2, Bloom
+            attention_grads = a * nh * seq_len * (f32 + s + (f32 if own else 0))
+        else:  # the former sum, two float32 T x T on top, until measured on a GPU (its caching allocator may not
+            # hand the MLP's freed blocks to the T x T gradients)
+            terms["backward"] += 2 * a * nh * seq_len * f32
     elif nh and seq_len:
         # SDPA given a mask (padding, or a sliding window or attention chunk the sequence reaches): Transformers
         # repeats k and v to every head (use_gqa_in_sdpa: only without a mask, and head_dim <= 256: Gemma 4's
@@ -172,6 +173,7 @@ def _one_layer_terms(c, i: int, L: int, a: int, s: int, lora_rank: int, n_target
             terms["attention in"] += 2 * a * (nh - nkv) * d * s
         if masked:
             terms["attention mask"] = a * seq_len * s
+    terms["backward"] = max(terms["backward"], attention_grads - terms["mlp"])
     if not nh:
         # no attention: a recurrent mixer the terms above do not describe. A conservative estimate of what it
         # saves, float32 per token, as measured on Transformers' PyTorch paths (the CPU's; a fused CUDA kernel
